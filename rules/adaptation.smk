@@ -1,0 +1,1 @@
+# rules for adaptation (to be written)

@@ -1,0 +1,2 @@
+# rules for analysis (to be written)
+ANALYSIS_OUTPUTS: list[str] = []

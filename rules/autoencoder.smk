@@ -1,0 +1,1 @@
+# rules for autoencoder (to be written)

@@ -1,0 +1,1 @@
+# rules for data (to be written)

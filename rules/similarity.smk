@@ -1,0 +1,1 @@
+# rules for similarity (to be written)

@@ -1,0 +1,1 @@
+# rules for super_resolution (to be written)

@@ -1,0 +1,1 @@
+"""Loss-network attributes, correlations, Pareto fronts, figures."""

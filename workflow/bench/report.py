@@ -1,0 +1,49 @@
+"""Writing one benchmark's section of BENCHMARKS.md without touching the others."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from workflow.results import write_text
+
+HEADER = (
+    "# Benchmarks\n\n"
+    "Figures written by `python -m workflow bench NAME` (one section per command; rerun a\n"
+    "command to refresh its section). Every speed is a ratio against a baseline measured\n"
+    "in the same run on the same device.\n"
+)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def update_section(name: str, markdown: str, path: str | Path = "BENCHMARKS.md") -> Path:
+    """Replace (or append) the section ``<!-- bench:name -->...<!-- /bench:name -->``."""
+    path = Path(path)
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "w") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else HEADER
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+        write_text(text, path)
+    return path

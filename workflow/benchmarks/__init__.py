@@ -1,0 +1,1 @@
+"""One module per benchmark: wires data, model, loss network, harness and metrics together."""

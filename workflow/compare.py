@@ -1,0 +1,152 @@
+"""Comparison methods over tap dicts: every variant from one set of features.
+
+Conventions (one place, used by every score in this project)
+------------------------------------------------------------
+For each tap (layer) ``l`` with features ``z`` of shape ``[N, C, H, W]``:
+
+1. *transform*: ``spatial`` keeps ``z`` (H*W positions); ``mean`` averages over
+   H, W (1 position); ``sort`` sorts each channel's H*W values independently
+   (ascending; H*W "positions" in sorted order).
+2. *channel normalisation* (optional): at every position divide the C-vector
+   by ``sqrt(sum_c z_c^2) + 1e-10`` (LPIPS's ``normalize_tensor``). As in the
+   flaws study it is applied AFTER the mean / sort transform.
+3. *per-channel difference*: ``D[n, c] = mean over positions of (t_x - t_y)^2``.
+4. *distance*: ``d[n] = sum over taps of sum over c of w_c * D[n, c]`` with
+   ``w_c = 1`` unless per-channel weights are given.
+
+That is the BAPPS / LPIPS convention (sum over channels, mean over positions,
+sum over layers); ``spatial`` with channel normalisation on the LPIPS layer
+sets equals ``lpips.LPIPS(lpips=False)``, and with the package's linear weights
+as ``w`` equals ``lpips.LPIPS(lpips=True)``. The papers' formulas carry a 1/C
+(and, for ``sort``, no 1/(H*W)): per layer these are constant factors, so a
+single-layer 2AFC / JND score is unchanged, but across several layers they
+re-weight the layers; ``channel_reduction="mean"`` gives the 1/C form.
+Combined methods (``spatial+mean``, ``spatial+sort``) add the two per-channel
+differences, so one weight per channel multiplies both terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BASE_METHODS = ("spatial", "mean", "sort")
+METHODS = ("spatial", "mean", "sort", "spatial+mean", "spatial+sort")
+EPS = 1e-10
+
+
+@dataclass(frozen=True, order=True)
+class Variant:
+    """A comparison method with or without channel normalisation."""
+
+    method: str
+    channel_norm: bool
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown comparison {self.method!r}; known: {', '.join(METHODS)}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}{'-norm' if self.channel_norm else ''}"
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.method.split("+"))
+
+
+def all_variants(methods: Iterable[str] = METHODS, channel_norm: Iterable[bool] = (True, False)) -> list[Variant]:
+    return [Variant(m, bool(n)) for m in methods for n in channel_norm]
+
+
+def channel_normalize(t: Tensor, eps: float = EPS) -> Tensor:
+    """Unit L2 norm over channels (dim 1) at every position."""
+    return t / (torch.sqrt(torch.sum(t * t, dim=1, keepdim=True)) + eps)
+
+
+def transform(z: Tensor, base: str) -> Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, P]``: the positions compared by ``base``."""
+    z = z.flatten(2)
+    if base == "spatial":
+        return z
+    if base == "mean":
+        return z.mean(dim=2, keepdim=True)
+    if base == "sort":
+        return torch.sort(z, dim=2).values
+    raise ValueError(f"unknown base method {base!r}")
+
+
+def per_channel_diffs(
+    fx: Mapping[int, Tensor],
+    fy: Mapping[int, Tensor],
+    variants: Iterable[Variant],
+    taps: Iterable[int] | None = None,
+) -> dict[Variant, dict[int, Tensor]]:
+    """``D[variant][tap]`` of shape ``[N, C]`` (float32), each transform computed once.
+
+    ``fy`` may have batch size 1 (one reference against many) or ``N``.
+    """
+    variants = list(dict.fromkeys(variants))
+    taps = list(fx) if taps is None else list(taps)
+    needed = {(p, v.channel_norm) for v in variants for p in v.parts}
+    out: dict[Variant, dict[int, Tensor]] = {v: {} for v in variants}
+    for tap in taps:
+        zx, zy = fx[tap].float(), fy[tap].float()
+        base_diffs: dict[tuple[str, bool], Tensor] = {}
+        for base in BASE_METHODS:
+            norms = [n for (p, n) in needed if p == base]
+            if not norms:
+                continue
+            tx, ty = transform(zx, base), transform(zy, base)
+            for norm in norms:
+                ax, ay = (channel_normalize(tx), channel_normalize(ty)) if norm else (tx, ty)
+                base_diffs[(base, norm)] = ((ax - ay) ** 2).mean(dim=2)
+        for v in variants:
+            d = base_diffs[(v.parts[0], v.channel_norm)]
+            for p in v.parts[1:]:
+                d = d + base_diffs[(p, v.channel_norm)]
+            out[v][tap] = d
+    return out
+
+
+def reduce_channels(
+    diffs: Mapping[int, Tensor],
+    weights: Mapping[int, Tensor] | None = None,
+    channel_reduction: str = "sum",
+) -> Tensor:
+    """Distance from per-channel differences: ``[N]``, or ``[N, K]`` for ``[K, C]`` weights.
+
+    ``weights[tap]`` is ``[C]`` (one metric) or ``[K, C]`` (K metrics that share
+    the features, e.g. all rankings of the adaptation study at once).
+    """
+    total = None
+    for tap, d in diffs.items():
+        if weights is None:
+            r = d.sum(dim=1)
+        else:
+            w = weights[tap].to(d.dtype)
+            r = d @ w if w.dim() == 1 else d @ w.t()
+        if channel_reduction == "mean":
+            r = r / d.shape[1]
+        elif channel_reduction != "sum":
+            raise ValueError(f"channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
+        total = r if total is None else total + r
+    if total is None:
+        raise ValueError("no taps to compare")
+    return total
+
+
+def distances(
+    fx: Mapping[int, Tensor],
+    fy: Mapping[int, Tensor],
+    variants: Iterable[Variant],
+    taps: Iterable[int] | None = None,
+    weights: Mapping[int, Tensor] | None = None,
+    channel_reduction: str = "sum",
+) -> dict[Variant, Tensor]:
+    """Distance per variant, ``[N]`` (or ``[N, K]`` with ``[K, C]`` weights)."""
+    diffs = per_channel_diffs(fx, fy, variants, taps)
+    return {v: reduce_channels(d, weights, channel_reduction) for v, d in diffs.items()}

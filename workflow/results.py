@@ -1,0 +1,170 @@
+"""The Parquet schemas and the one atomic writer.
+
+Every benchmark job writes its *summary rows* in the tidy scores schema below
+(``SCORE_COLUMNS``) and, separately, whatever per-sample table it likes; the
+``gather`` rule concatenates the summaries into ``results/scores.parquet``.
+
+Columns of the scores table
+---------------------------
+benchmark    similarity | super_resolution | delineation | autoencoder | adaptation | probes
+dataset      e.g. bapps-2afc, bapps-jnd, set5, roads, svhn
+split        e.g. val, test, or a BAPPS subset such as traditional / pooled / mean
+arch, layer  the loss network ("alexnet", "2" / "lpips"); "" for a pixel baseline
+comparison   spatial | mean | sort | spatial+mean | spatial+sort | "" (n/a)
+channel_norm True / False / <NA>
+variant      benchmark-specific (e.g. "x4/standard", "K2/relaxed", "baseline", "adapted")
+ranking      adaptation ranking index, <NA> elsewhere
+run          seed index, <NA> where not repeated
+metric       2afc | jnd_ap | psnr | ssim | quality | accuracy | correct | ...
+value, n     the score and how many samples it averages
+provenance   config_hash, code_version, weights_id, device, precision, wall_time_s
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCORE_COLUMNS: dict[str, str] = {
+    "benchmark": "string",
+    "dataset": "string",
+    "split": "string",
+    "arch": "string",
+    "layer": "string",
+    "comparison": "string",
+    "channel_norm": "boolean",
+    "variant": "string",
+    "ranking": "Int64",
+    "run": "Int64",
+    "metric": "string",
+    "value": "float64",
+    "n": "Int64",
+    "config_hash": "string",
+    "code_version": "string",
+    "weights_id": "string",
+    "device": "string",
+    "precision": "string",
+    "wall_time_s": "float64",
+}
+PROVENANCE = ("config_hash", "code_version", "weights_id", "device", "precision", "wall_time_s")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``df`` atomically (temp name, then rename)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    return write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+
+
+def config_hash(section: Any) -> str:
+    """A short stable hash of a config subsection (for the provenance columns)."""
+    blob = json.dumps(section, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """``git describe`` of the checkout, with ``-dirty`` when it has changes; else the package version."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        try:
+            _CODE_VERSION = subprocess.run(
+                ["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                cwd=Path(__file__).resolve().parent, timeout=10, check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                _CODE_VERSION = version("lossnet-bench")
+            except PackageNotFoundError:
+                _CODE_VERSION = "unknown"
+    return _CODE_VERSION
+
+
+def score_frame(rows: Iterable[Mapping[str, Any]], **common: Any) -> pd.DataFrame:
+    """Rows (dicts) -> a DataFrame in the scores schema.
+
+    ``common`` fills columns shared by every row (e.g. benchmark, provenance).
+    Missing columns become <NA>; unknown columns are an error (a typo would
+    otherwise silently vanish).
+    """
+    records = [{**common, **r} for r in rows]
+    unknown = {k for r in records for k in r} - set(SCORE_COLUMNS)
+    if unknown:
+        raise KeyError(f"not columns of the scores table: {sorted(unknown)}")
+    df = pd.DataFrame.from_records(records, columns=list(SCORE_COLUMNS))
+    if "code_version" in df and df["code_version"].isna().all():
+        df["code_version"] = code_version()
+    return df.astype(SCORE_COLUMNS)
+
+
+def validate_scores(df: pd.DataFrame, source: str = "scores") -> pd.DataFrame:
+    missing = [c for c in SCORE_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source}: missing scores columns {missing}")
+    return df[list(SCORE_COLUMNS)].astype(SCORE_COLUMNS)
+
+
+def gather_scores(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
+    """Concatenate per-job summary files into one tidy table (atomically written)."""
+    frames = [validate_scores(pd.read_parquet(p), str(p)) for p in paths]
+    df = (pd.concat(frames, ignore_index=True) if frames
+          else pd.DataFrame(columns=list(SCORE_COLUMNS)).astype(SCORE_COLUMNS))
+    write_parquet(df, out)
+    return df
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workflow results gather --out scores.parquet a.parquet b.parquet ...``"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m workflow results")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gather", help="concatenate summary files into the scores table")
+    g.add_argument("--out", required=True)
+    g.add_argument("inputs", nargs="*")
+    args = ap.parse_args(argv)
+    df = gather_scores(args.inputs, args.out)
+    print(f"{args.out}: {len(df)} rows from {len(args.inputs)} files")
+    return 0
