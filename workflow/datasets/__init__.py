@@ -27,3 +27,16 @@ class RemoteFile:
     @property
     def name(self) -> str:
         return self.filename or self.url.rsplit("/", 1)[-1]
+
+
+def mark_ready(raw_dir, info: dict | None = None) -> None:
+    """Write ``raw_dir/READY`` (JSON) last, once the raw tree is complete.
+
+    Rules depend on this marker, never on the folder, so a half-downloaded or
+    half-synthesized tree is never taken as done.
+    """
+    from pathlib import Path
+
+    from workflow.results import write_json
+
+    write_json(info or {}, Path(raw_dir) / "READY")
