@@ -13,6 +13,9 @@ from workflow.config import as_json, common, lossnet_params, select_lossnets
 
 min_version("9.0")
 
+# For `--sdm conda` users; the uv environment (uv.lock) is the primary one.
+conda: "envs/workflow.yaml"
+
 
 configfile: "config.yaml"
 

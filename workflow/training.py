@@ -1,0 +1,628 @@
+"""The one training loop every benchmark uses.
+
+The harness owns everything around a step: device placement, bf16 autocast,
+channels_last, cudnn autotuning, optional ``torch.compile``, seeding, the
+optimizer/scheduler step, a NaN/Inf guard, the progress bar, the metrics log,
+model selection, early stopping and atomic, resumable checkpoints. A benchmark
+only says how to compute one step's loss and how to evaluate.
+
+Usage::
+
+    from workflow.training import Trainer, TrainConfig
+
+    net = SRNet(scale=4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def step_fn(step: int):
+        idx = torch.randint(0, n_train, (4,), device=trainer.device)  # global RNG: checkpointed
+        lr, hr = batch(idx)
+        loss = feature_loss(extractor, taps, net(lr), hr)          # runs under the harness's autocast
+        return loss, 4                                             # (loss, items) or just loss
+
+    def eval_fn(step: int) -> dict[str, float]:                   # no_grad, modules in eval mode
+        return {"psnr": validation_psnr(net)}
+
+    trainer = Trainer(
+        "results/sr/alexnet/2/x4/run0", modules={"model": net}, optimizer=opt,
+        step_fn=step_fn, eval_fn=eval_fn, aux_modules={"lossnet": extractor},
+        config=TrainConfig(max_steps=200_000, eval_every=10_000, checkpoint_every=1_000,
+                           select_metric="psnr", select_mode="max", seed=0),
+    )
+    result = trainer.fit()   # resumes from workdir/last.pt when one exists
+    result.best_checkpoint   # workdir/best.pt; load it with load_checkpoint(path, {"model": net})
+
+Semantics
+---------
+* ``step`` passed to ``step_fn`` is the 0-based index of the step being computed;
+  ``trainer.step`` counts completed optimizer steps. The harness zeroes the grads,
+  calls ``step_fn`` under autocast, runs backward, clips (``grad_clip_norm``), steps
+  the optimizer and then the scheduler (once per step), then calls
+  ``post_step(step_count)`` under ``no_grad`` (e.g. clamp weights >= 0).
+* Randomness inside ``step_fn`` must come from the global RNGs (python, numpy,
+  torch CPU/CUDA) or from a ``torch.Generator`` passed as ``generators=``: all of
+  them are checkpointed, so a resumed run is bit-identical on CPU (same thread
+  count). ``eval_fn`` runs with those RNGs forked, so evaluating never changes the
+  training trajectory.
+* Evaluation: every ``eval_every`` steps and after the last step, under
+  ``torch.no_grad()`` with every module in eval mode (back to train mode after).
+  ``eval_fn`` is not wrapped in autocast (use ``trainer.autocast()`` to opt in).
+* Model selection: ``select_metric`` / ``select_mode`` ("max" | "min") keep
+  ``best.pt`` (module weights only) for the best evaluation. Without a
+  ``select_metric``, ``best.pt`` holds the final weights, so downstream rules can
+  always read ``best.pt``. ``patience`` stops after that many evaluations without an
+  improvement larger than ``min_delta``. With ``restore_best`` (default) the
+  modules hold the best weights when ``fit`` returns.
+* Checkpoints: ``workdir/last.pt`` every ``checkpoint_every`` steps, at the end, and
+  on SIGTERM / SIGUSR1 (SLURM preemption, ``--signal=USR1@120``). It holds every
+  module's state, the optimizer, scheduler, GradScaler (if one is passed), the step,
+  best-metric info, early-stopping counters, the metrics history and every RNG state.
+  All writes are atomic (temp name + rename). ``fingerprint=`` (e.g. a hash of the
+  rule's params) guards against resuming from a checkpoint of a different
+  configuration: a mismatching ``last.pt`` is discarded with a message.
+* Signals: the handlers only set a flag; at the next step boundary the harness
+  writes ``last.pt`` and raises ``Preempted`` (a ``SystemExit``) with exit code
+  ``PREEMPTED_EXIT_CODE`` = 75 (EX_TEMPFAIL, "try again"), so Snakemake's
+  ``--retries`` / a SLURM requeue reruns the job, which resumes from ``last.pt``.
+* NaN guard: losses stay on the device (no per-step sync) and are checked at every
+  log / eval / checkpoint boundary *before* anything is written; a non-finite loss
+  raises ``NonFiniteLossError`` naming the first bad step and its value, and
+  ``last.pt`` stays the last good state.
+* Metrics log: ``workdir/metrics.csv`` (rewritten atomically), one row per log or
+  eval step: ``step, loss`` (mean over the window), ``lr, items_per_s, steps_per_s,
+  wall_s`` and ``eval_<name>`` columns.
+* Precision: ``"auto"`` is bf16 autocast on CUDA and fp32 on CPU
+  (``workflow.runtime``); ``"fp32"`` reproduces the reference numerics (TF32 off).
+  ``channels_last`` (default on CUDA only) converts the modules' 4-D weights;
+  ``compile`` calls ``Module.compile()`` on modules and aux modules in place (state
+  dict keys are unchanged, so checkpoints stay portable).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from workflow import runtime
+from workflow.results import atomic_path
+
+PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: the job was stopped by a signal; rerun to resume
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step produced a NaN or Inf loss."""
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint written on SIGTERM/SIGUSR1; exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (all plain values, so a rule param can fill them)."""
+
+    max_steps: int
+    eval_every: int | None = None  # steps between evaluations; None/0: only after the last step
+    checkpoint_every: int | None = 1000  # steps between last.pt writes; None/0: only at the end
+    precision: str = "auto"  # auto | bf16 | fp32
+    compile: bool = False
+    seed: int = 0
+    select_metric: str | None = None  # key of eval_fn's dict used for best.pt / early stopping
+    select_mode: str = "max"  # max | min
+    patience: int | None = None  # evaluations without improvement before stopping
+    min_delta: float = 0.0  # an improvement must exceed this
+    device: str = "auto"
+    log_every: int = 100
+    channels_last: bool | None = None  # None: on for CUDA, off for CPU
+    grad_clip_norm: float | None = None
+    restore_best: bool = True
+    progress: bool = True
+    threads: int | None = None  # torch threads; None leaves the current setting
+
+    def __post_init__(self) -> None:
+        if int(self.max_steps) < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.select_mode not in ("max", "min"):
+            raise ValueError(f"select_mode must be 'max' or 'min', got {self.select_mode!r}")
+        if self.patience is not None and int(self.patience) < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if int(self.log_every) < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise KeyError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path | None
+    best_metric: float | None
+    best_step: int | None
+    steps: int
+    history: pd.DataFrame
+    stop_reason: str  # max_steps | early_stop | already_done
+    last_checkpoint: Path
+    wall_time_s: float
+    resumed_from: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason == "early_stop"
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def _rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator]) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        if k not in state["generators"]:
+            raise KeyError(f"checkpoint has no state for generator {k!r}")
+        g.set_state(state["generators"][k])
+
+
+def _tuplify(x: Any) -> Any:
+    # random.setstate needs tuples; a round trip through some loaders yields lists
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+@contextmanager
+def _forked_rng(device: torch.device):
+    """Run a block without disturbing any global RNG (python, numpy, torch, CUDA)."""
+    py, npst = random.getstate(), np.random.get_state()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npst)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module],
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load the module weights of ``best.pt`` / ``last.pt`` into ``modules``; return the checkpoint.
+
+    Every name in ``modules`` must be in the file (a typo would otherwise leave random weights).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} (has its training job run?)")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    saved = ckpt.get("modules", {})
+    missing = [k for k in modules if k not in saved]
+    if missing:
+        raise KeyError(f"{path} holds modules {sorted(saved)}, not {missing}")
+    for name, m in modules.items():
+        m.load_state_dict(saved[name])
+    return ckpt
+
+
+def _is_better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+StepOutput = Tensor | tuple[Tensor, int | float | Tensor]
+
+
+class Trainer:
+    """One training run in ``workdir``; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        step_fn: Callable[[int], StepOutput],
+        config: TrainConfig,
+        scheduler: Any | None = None,
+        eval_fn: Callable[[int], Mapping[str, float]] | None = None,
+        post_step: Callable[[int], None] | None = None,
+        *,
+        aux_modules: Mapping[str, nn.Module] | None = None,
+        generators: Mapping[str, torch.Generator] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        fingerprint: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        if not modules:
+            raise ValueError("Trainer needs at least one module to train (modules={'model': net})")
+        self.workdir = Path(workdir)
+        self.modules = dict(modules)
+        self.aux_modules = dict(aux_modules or {})
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.step_fn = step_fn
+        self.eval_fn = eval_fn
+        self.post_step = post_step
+        self.cfg = config
+        self.generators = dict(generators or {})
+        self.scaler = scaler
+        self.fingerprint = fingerprint
+        self.description = description or self.workdir.name
+        if config.select_metric is not None and eval_fn is None:
+            raise ValueError(f"select_metric={config.select_metric!r} needs an eval_fn")
+        if config.patience is not None and config.select_metric is None:
+            raise ValueError("patience (early stopping) needs a select_metric")
+
+        self.device = runtime.pick_device(config.device)
+        self.precision = runtime.resolve_precision(config.precision, self.device)
+        runtime.configure(self.device, self.precision, config.threads)
+        self.channels_last = (self.device.type == "cuda" if config.channels_last is None
+                              else bool(config.channels_last))
+        for m in [*self.modules.values(), *self.aux_modules.values()]:
+            # Module.to keeps the Parameter objects, so an optimizer built before stays valid
+            m.to(self.device)
+            if self.channels_last:
+                m.to(memory_format=torch.channels_last)
+        if config.compile:
+            for m in [*self.modules.values(), *self.aux_modules.values()]:
+                m.compile()
+
+        self.step = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.finished: str | None = None
+        self.history: dict[int, dict[str, float]] = {}
+        self._stop_signal: int | None = None
+        self._pending: list[tuple[int, Tensor]] = []  # (step, detached loss) awaiting the NaN check
+        self._items = 0.0
+        self._t_window = time.perf_counter()
+        self._steps_window = 0
+
+    # ------------------------------------------------------------------ paths and helpers
+
+    @property
+    def last_path(self) -> Path:
+        return self.workdir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.workdir / "best.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.workdir / "metrics.csv"
+
+    def autocast(self):
+        """The harness's autocast context (bf16 on CUDA by default, no-op in fp32)."""
+        return runtime.autocast(self.device, self.precision)
+
+    def to_device(self, x: Tensor) -> Tensor:
+        """Move a batch to the device, channels_last for 4-D tensors when enabled."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _say(self, msg: str) -> None:
+        print(f"[train {self.description}] {msg}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "config": asdict(self.cfg),
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "best": {"metric": self.best_metric, "step": self.best_step,
+                     "path": str(self.best_path) if self.best_step is not None else None},
+            "early_stopping": {"bad_evals": self.bad_evals},
+            "finished": self.finished,
+            "history": [{"step": s, **row} for s, row in sorted(self.history.items())],
+            "rng": _rng_state(self.generators),
+        }
+
+    def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
+        for k, m in self.modules.items():
+            if k not in ckpt["modules"]:
+                raise KeyError(f"{self.last_path} has no module {k!r} (holds {sorted(ckpt['modules'])})")
+            m.load_state_dict(ckpt["modules"][k])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt["scaler"] is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.best_metric = ckpt["best"]["metric"]
+        self.best_step = ckpt["best"]["step"]
+        self.bad_evals = int(ckpt["early_stopping"]["bad_evals"])
+        self.finished = ckpt["finished"]
+        self.history = {int(r["step"]): {k: v for k, v in r.items() if k != "step"}
+                        for r in ckpt["history"]}
+        _set_rng_state(ckpt["rng"], self.generators)
+
+    def save_checkpoint(self) -> Path:
+        state = self.state_dict()
+        with atomic_path(self.last_path) as tmp:
+            torch.save(state, tmp)
+        return self.last_path
+
+    def _save_best(self, metric: float | None) -> None:
+        state = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
+                 "metric": metric, "select_metric": self.cfg.select_metric,
+                 "modules": {k: m.state_dict() for k, m in self.modules.items()}}
+        with atomic_path(self.best_path) as tmp:
+            torch.save(state, tmp)
+
+    def _try_resume(self) -> int | None:
+        if not self.last_path.exists():
+            return None
+        try:
+            ckpt = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated file cannot exist (atomic writes), but say what to do
+            raise RuntimeError(f"cannot read checkpoint {self.last_path} ({e}); delete it to "
+                               f"restart this training run from scratch") from e
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("fingerprint") != self.fingerprint:
+            self._say(f"{self.last_path} belongs to a different configuration "
+                      f"(fingerprint {ckpt.get('fingerprint')} != {self.fingerprint}); starting afresh")
+            self.last_path.unlink()
+            self.best_path.unlink(missing_ok=True)
+            return None
+        self.load_state_dict(ckpt)
+        return self.step
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    @contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        sigs = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+        old = {s: signal.signal(s, self._on_signal) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _set_train(self, mode: bool) -> None:
+        for m in self.modules.values():
+            m.train(mode)
+
+    def _check_losses(self) -> float | None:
+        """NaN/Inf guard over the pending losses (one device sync); returns their mean."""
+        if not self._pending:
+            return None
+        vals = torch.stack([v for _, v in self._pending]).float().cpu()
+        bad = ~torch.isfinite(vals)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            step, value = self._pending[i][0], float(vals[i])
+            self._pending.clear()
+            raise NonFiniteLossError(
+                f"{self.description}: non-finite loss {value} at step {step} (0-based step index). "
+                f"The last good checkpoint is {self.last_path if self.last_path.exists() else 'none'}."
+                f" Lower the learning rate, set precision: fp32, or check the inputs for NaN.")
+        self._pending.clear()
+        return float(vals.mean())
+
+    def _log_row(self, **values: float) -> None:
+        self.history.setdefault(self.step, {}).update(values)
+
+    def _flush_log(self) -> None:
+        loss = self._check_losses()
+        now = time.perf_counter()
+        dt = max(now - self._t_window, 1e-9)
+        if loss is not None and self._steps_window:
+            self._log_row(loss=loss, lr=float(self.optimizer.param_groups[0]["lr"]),
+                          items_per_s=self._items / dt, steps_per_s=self._steps_window / dt,
+                          wall_s=now - self._t_start)
+        self._items, self._steps_window = 0.0, 0
+        self._t_window = now
+
+    def _reset_window(self) -> None:
+        # time spent evaluating or writing checkpoints is not training throughput
+        self._t_window = time.perf_counter()
+
+    def write_metrics(self) -> None:
+        rows = [{"step": s, **r} for s, r in sorted(self.history.items())]
+        df = pd.DataFrame(rows, columns=["step"] if not rows else None)
+        with atomic_path(self.metrics_path) as tmp:
+            df.to_csv(tmp, index=False)
+
+    def history_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"step": s, **r} for s, r in sorted(self.history.items())])
+
+    def _train_step(self, step: int) -> None:
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.step_fn(step)
+        loss, n = (out if isinstance(out, tuple) else (out, 0))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise TypeError(f"step_fn must return a scalar loss tensor (or (loss, n_items)), got "
+                            f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.grad_clip_norm:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.grad_clip_norm)
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.cfg.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.grad_clip_norm)
+            opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step = step + 1
+        if self.post_step is not None:
+            with torch.no_grad():
+                self.post_step(self.step)
+        self._pending.append((step, loss.detach()))
+        self._items += float(n)
+        self._steps_window += 1
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _evaluate(self) -> bool:
+        """Run eval_fn, update best.pt and the patience counter; True when training should stop."""
+        assert self.eval_fn is not None
+        self._set_train(False)
+        try:
+            with torch.no_grad(), _forked_rng(self.device):
+                metrics = {k: float(v) for k, v in dict(self.eval_fn(self.step)).items()}
+        finally:
+            self._set_train(True)
+        self._log_row(**{f"eval_{k}": v for k, v in metrics.items()})
+        sel = self.cfg.select_metric
+        if sel is None:
+            return False
+        if sel not in metrics:
+            raise KeyError(f"eval_fn returned {sorted(metrics)}, which lacks select_metric {sel!r}")
+        value = metrics[sel]
+        if _is_better(value, self.best_metric, self.cfg.select_mode, self.cfg.min_delta):
+            self.best_metric, self.best_step, self.bad_evals = value, self.step, 0
+            self._save_best(value)
+        else:
+            self.bad_evals += 1
+        return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience
+
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` (or early stop), resuming from ``workdir/last.pt`` if present."""
+        cfg = self.cfg
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._t_start = time.perf_counter()
+        runtime.seed_everything(cfg.seed)
+        resumed = self._try_resume()
+        if resumed is not None:
+            self._say(f"resumed from {self.last_path} at step {resumed}")
+        if self.finished == "early_stop" or (self.finished and self.step >= cfg.max_steps):
+            return self._finish("already_done", resumed)
+        self.finished = None
+        self._set_train(True)
+        stop_reason = "max_steps"
+        interactive = sys.stderr.isatty()
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.description, file=sys.stderr,
+                   disable=not cfg.progress, mininterval=1.0 if interactive else 30.0,
+                   dynamic_ncols=interactive, unit="step")
+        self._reset_window()
+        try:
+            with self._signals():
+                while self.step < cfg.max_steps:
+                    self._train_step(self.step)
+                    bar.update(1)
+                    s = self.step
+                    last = s >= cfg.max_steps
+                    do_eval = self.eval_fn is not None and (
+                        last or (bool(cfg.eval_every) and s % int(cfg.eval_every) == 0))
+                    do_ckpt = bool(cfg.checkpoint_every) and s % int(cfg.checkpoint_every) == 0
+                    if s % cfg.log_every == 0 or do_eval or do_ckpt or last or self._stop_signal:
+                        self._flush_log()  # NaN guard before anything is written
+                        if "loss" in self.history.get(s, {}):
+                            bar.set_postfix(loss=f"{self.history[s]['loss']:.4g}", refresh=False)
+                    stop = self._evaluate() if do_eval else False
+                    if stop:
+                        stop_reason = "early_stop"
+                        self.finished = "early_stop"
+                    elif last:
+                        self.finished = "max_steps"
+                    if do_ckpt or do_eval or stop or last or self._stop_signal is not None:
+                        self.save_checkpoint()
+                        self.write_metrics()
+                        self._reset_window()
+                    if self._stop_signal is not None:
+                        name = signal.Signals(self._stop_signal).name
+                        raise Preempted(f"{self.description}: {name} received; checkpoint written "
+                                        f"at step {s} to {self.last_path}; exiting with code "
+                                        f"{PREEMPTED_EXIT_CODE} so the job is retried and resumes")
+                    if stop:
+                        self._say(f"early stop at step {s}: no improvement of "
+                                  f"{cfg.select_metric} in {cfg.patience} evaluations")
+                        break
+        finally:
+            bar.close()
+        if cfg.max_steps == 0 or (resumed is not None and resumed >= cfg.max_steps):
+            self.finished = "max_steps"
+            self.save_checkpoint()
+            self.write_metrics()
+        return self._finish(stop_reason, resumed)
+
+    def _finish(self, reason: str, resumed: int | None) -> TrainResult:
+        if self.cfg.select_metric is None:
+            self.best_step = self.step
+            self._save_best(None)
+        if self.cfg.restore_best and self.best_path.exists() and self.cfg.select_metric is not None:
+            load_checkpoint(self.best_path, self.modules, map_location=self.device)
+        if not self.metrics_path.exists():
+            self.write_metrics()
+        return TrainResult(
+            best_checkpoint=self.best_path if self.best_path.exists() else None,
+            best_metric=self.best_metric, best_step=self.best_step, steps=self.step,
+            history=self.history_frame(), stop_reason=reason, last_checkpoint=self.last_path,
+            wall_time_s=time.perf_counter() - self._t_start, resumed_from=resumed,
+        )
