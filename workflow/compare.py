@@ -79,6 +79,58 @@ def transform(z: Tensor, base: str) -> Tensor:
     raise ValueError(f"unknown base method {base!r}")
 
 
+def transform_features(
+    feats: Mapping[int, Tensor],
+    variants: Iterable[Variant],
+    taps: Iterable[int] | None = None,
+) -> dict[tuple[str, bool], dict[int, Tensor]]:
+    """Every ``(base method, channel_norm)`` transform the variants need, once per tap.
+
+    ``{(base, norm): {tap: [N, C, P]}}`` in float32. Transform a batch once and
+    compare its slices many times (e.g. a BAPPS reference against p0 and p1):
+    sorting and normalising dominate the cost of the comparisons.
+    """
+    taps = list(feats) if taps is None else list(taps)
+    needed = sorted({(p, v.channel_norm) for v in variants for p in v.parts})
+    out: dict[tuple[str, bool], dict[int, Tensor]] = {k: {} for k in needed}
+    for tap in taps:
+        z = feats[tap].float()
+        for base in BASE_METHODS:
+            norms = [n for (p, n) in needed if p == base]
+            if not norms:
+                continue
+            t = transform(z, base)
+            for norm in norms:
+                out[(base, norm)][tap] = channel_normalize(t) if norm else t
+    return out
+
+
+def diffs_from_transformed(
+    tx: Mapping[tuple[str, bool], Mapping[int, Tensor]],
+    ty: Mapping[tuple[str, bool], Mapping[int, Tensor]],
+    variants: Iterable[Variant],
+    taps: Iterable[int] | None = None,
+) -> dict[Variant, dict[int, Tensor]]:
+    """``D[variant][tap]`` of shape ``[..., C]`` from two :func:`transform_features` results.
+
+    The leading dimensions of ``tx`` and ``ty`` broadcast (``[2, N, C, P]``
+    against ``[N, C, P]`` compares two batches with one reference batch).
+    """
+    variants = list(dict.fromkeys(variants))
+    keys = {(p, v.channel_norm) for v in variants for p in v.parts}
+    if taps is None:
+        taps = list(next(iter(tx.values()))) if tx else []
+    out: dict[Variant, dict[int, Tensor]] = {v: {} for v in variants}
+    for tap in taps:
+        base = {k: ((tx[k][tap] - ty[k][tap]) ** 2).mean(dim=-1) for k in keys}
+        for v in variants:
+            d = base[(v.parts[0], v.channel_norm)]
+            for p in v.parts[1:]:
+                d = d + base[(p, v.channel_norm)]
+            out[v][tap] = d
+    return out
+
+
 def per_channel_diffs(
     fx: Mapping[int, Tensor],
     fy: Mapping[int, Tensor],
@@ -91,25 +143,8 @@ def per_channel_diffs(
     """
     variants = list(dict.fromkeys(variants))
     taps = list(fx) if taps is None else list(taps)
-    needed = {(p, v.channel_norm) for v in variants for p in v.parts}
-    out: dict[Variant, dict[int, Tensor]] = {v: {} for v in variants}
-    for tap in taps:
-        zx, zy = fx[tap].float(), fy[tap].float()
-        base_diffs: dict[tuple[str, bool], Tensor] = {}
-        for base in BASE_METHODS:
-            norms = [n for (p, n) in needed if p == base]
-            if not norms:
-                continue
-            tx, ty = transform(zx, base), transform(zy, base)
-            for norm in norms:
-                ax, ay = (channel_normalize(tx), channel_normalize(ty)) if norm else (tx, ty)
-                base_diffs[(base, norm)] = ((ax - ay) ** 2).mean(dim=2)
-        for v in variants:
-            d = base_diffs[(v.parts[0], v.channel_norm)]
-            for p in v.parts[1:]:
-                d = d + base_diffs[(p, v.channel_norm)]
-            out[v][tap] = d
-    return out
+    return diffs_from_transformed(transform_features(fx, variants, taps),
+                                  transform_features(fy, variants, taps), variants, taps)
 
 
 def reduce_channels(
@@ -119,18 +154,20 @@ def reduce_channels(
 ) -> Tensor:
     """Distance from per-channel differences: ``[N]``, or ``[N, K]`` for ``[K, C]`` weights.
 
+    The channel dimension is the last one, so ``[..., C]`` differences give ``[...]``.
+
     ``weights[tap]`` is ``[C]`` (one metric) or ``[K, C]`` (K metrics that share
     the features, e.g. all rankings of the adaptation study at once).
     """
     total = None
     for tap, d in diffs.items():
         if weights is None:
-            r = d.sum(dim=1)
+            r = d.sum(dim=-1)
         else:
             w = weights[tap].to(d.dtype)
             r = d @ w if w.dim() == 1 else d @ w.t()
         if channel_reduction == "mean":
-            r = r / d.shape[1]
+            r = r / d.shape[-1]
         elif channel_reduction != "sum":
             raise ValueError(f"channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
         total = r if total is None else total + r

@@ -320,6 +320,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0
+        self._best_modules: dict[str, Any] | None = None
         self.finished: str | None = None
         self.history: dict[int, dict[str, float]] = {}
         self._stop_signal: int | None = None
@@ -369,7 +370,9 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step,
             "best": {"metric": self.best_metric, "step": self.best_step,
-                     "path": str(self.best_path) if self.best_step is not None else None},
+                     "path": str(self.best_path) if self.best_step is not None else None,
+                     # a copy, so best.pt can be rebuilt if a workflow manager deleted it
+                     "modules": self._best_modules},
             "early_stopping": {"bad_evals": self.bad_evals},
             "finished": self.finished,
             "history": [{"step": s, **row} for s, row in sorted(self.history.items())],
@@ -389,6 +392,9 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.best_metric = ckpt["best"]["metric"]
         self.best_step = ckpt["best"]["step"]
+        self._best_modules = ckpt["best"].get("modules")
+        if self._best_modules is not None and not self.best_path.exists():
+            self._write_best(self._best_modules, self.best_step, self.best_metric)
         self.bad_evals = int(ckpt["early_stopping"]["bad_evals"])
         self.finished = ckpt["finished"]
         self.history = {int(r["step"]): {k: v for k, v in r.items() if k != "step"}
@@ -402,9 +408,14 @@ class Trainer:
         return self.last_path
 
     def _save_best(self, metric: float | None) -> None:
-        state = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
-                 "metric": metric, "select_metric": self.cfg.select_metric,
-                 "modules": {k: m.state_dict() for k, m in self.modules.items()}}
+        modules = {k: {n: t.detach().to("cpu", copy=True) for n, t in m.state_dict().items()}
+                   for k, m in self.modules.items()}
+        self._best_modules = modules if self.cfg.select_metric is not None else None
+        self._write_best(modules, self.step, metric)
+
+    def _write_best(self, modules: Mapping[str, Any], step: int | None, metric: float | None) -> None:
+        state = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
+                 "metric": metric, "select_metric": self.cfg.select_metric, "modules": modules}
         with atomic_path(self.best_path) as tmp:
             torch.save(state, tmp)
 
@@ -597,9 +608,11 @@ class Trainer:
                         self._reset_window()
                     if self._stop_signal is not None:
                         name = signal.Signals(self._stop_signal).name
-                        raise Preempted(f"{self.description}: {name} received; checkpoint written "
-                                        f"at step {s} to {self.last_path}; exiting with code "
-                                        f"{PREEMPTED_EXIT_CODE} so the job is retried and resumes")
+                        msg = (f"{name} received; checkpoint written at step {s} to "
+                               f"{self.last_path}; exiting with code {PREEMPTED_EXIT_CODE} so the "
+                               f"job is retried and resumes")
+                        self._say(msg)  # SystemExit with an int code prints nothing itself
+                        raise Preempted(f"{self.description}: {msg}")
                     if stop:
                         self._say(f"early stop at step {s}: no improvement of "
                                   f"{cfg.select_metric} in {cfg.patience} evaluations")

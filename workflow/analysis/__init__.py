@@ -1,1 +1,11 @@
-"""Loss-network attributes, correlations, Pareto fronts, figures."""
+"""Loss-network attributes, correlations, Pareto fronts, figures.
+
+The names of the declared outputs live here (imported by rules/analysis.smk without
+pulling in matplotlib or scipy while Snakemake builds the DAG).
+"""
+
+TABLES = ("scores_by_lossnet", "attribute_correlations", "score_correlations", "pareto")
+TABLE_FORMATS = ("parquet", "md", "tex", "html")
+FIGURES = ("scores_by_layer", "flops_pareto", "imagenet_pareto", "correlation_heatmap",
+           "adaptation", "probes")
+FIGURE_FORMATS = ("png", "svg")

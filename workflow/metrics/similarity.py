@@ -65,14 +65,15 @@ def jnd_average_precision(d, same) -> float:
     ``TP = cumsum(same)``, ``FP = cumsum(1 - same)``; recall = TP / sum(same),
     precision = TP / (TP + FP); VOC all-point AP. Distances are flattened first:
     the reference LPIPS code argsorted an [N, 1, 1, 1] array along its last axis,
-    which leaves the order unsorted (its bug; fixed here).
+    which leaves the order unsorted (its bug; fixed here). NaN when no pair
+    was judged the same (recall undefined).
     """
     d = (d.detach().float().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)).reshape(-1)
     s = (same.detach().float().cpu().numpy() if isinstance(same, torch.Tensor)
          else np.asarray(same)).astype(np.float64).reshape(-1)
     _check_sizes(d.size, s.size)
-    if s.sum() <= 0:
-        raise ValueError("JND average precision is undefined: no pair was judged the same")
+    if s.sum() <= 0:  # recall is undefined: no pair was judged the same
+        return float("nan")
     order = np.argsort(d, kind="stable")
     s = s[order]
     tp = np.cumsum(s)

@@ -1,0 +1,216 @@
+"""The training harness: bit-exact resume, signals, NaN guard, model selection, logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from workflow.training import (
+    PREEMPTED_EXIT_CODE,
+    NonFiniteLossError,
+    Preempted,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+)
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Dropout(0.3), nn.Conv2d(4, 3, 3, padding=1))
+
+
+def _make(workdir, init_seed=0, hook=None, eval_fn=None, **cfg):
+    """A trainer whose data and dropout come from the global RNG (so resume must restore it)."""
+    net = _net(init_seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    losses: list[float] = []
+
+    def step_fn(step: int):
+        if hook is not None:
+            hook(step)
+        x = torch.rand(2, 3, 8, 8)
+        loss = ((net(x) - x.flip(-1)) ** 2).mean()
+        losses.append(float(loss.detach()))
+        return loss, 2
+
+    def default_eval(step: int) -> dict[str, float]:
+        torch.rand(5)  # eval randomness must not shift the training trajectory
+        return {"score": -float(sum(p.abs().sum() for p in net.parameters()))}
+
+    base = dict(max_steps=12, eval_every=4, checkpoint_every=4, seed=3, log_every=2,
+                select_metric="score", progress=False, device="cpu")
+    base.update(cfg)
+    tr = Trainer(workdir, {"model": net}, opt, step_fn, TrainConfig(**base), scheduler=sched,
+                 eval_fn=eval_fn or default_eval)
+    return tr, net, losses
+
+
+def _weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_sigterm_is_bit_identical(tmp_path):
+    ref, ref_net, ref_losses = _make(tmp_path / "ref", restore_best=False)
+    ref_result = ref.fit()
+    assert ref_result.steps == 12 and ref_result.stop_reason == "max_steps"
+
+    def kill_at_5(step):
+        if step == 5:  # a real signal: the handler only sets a flag
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    tr, _, losses_a = _make(tmp_path / "run", hook=kill_at_5, restore_best=False)
+    with pytest.raises(Preempted) as exc:
+        tr.fit()
+    assert exc.value.code == PREEMPTED_EXIT_CODE
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["step"] == 6  # written at the boundary right after the interrupted step
+    # the handler is uninstalled after fit
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler)
+
+    # a fresh process would build the model from another init: resume must overwrite it
+    tr2, net2, losses_b = _make(tmp_path / "run", init_seed=99, restore_best=False)
+    res = tr2.fit()
+    assert res.resumed_from == 6 and res.steps == 12
+    assert _same(_weights(ref_net), _weights(net2))
+    assert losses_a + losses_b == ref_losses
+    h_ref = pd.read_csv(tmp_path / "ref" / "metrics.csv")
+    h_run = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    pd.testing.assert_series_equal(h_ref["loss"].dropna().reset_index(drop=True),
+                                   h_run["loss"].dropna().reset_index(drop=True))
+
+
+def test_resume_after_crash_between_checkpoints(tmp_path):
+    ref, ref_net, _ = _make(tmp_path / "ref", restore_best=False)
+    ref.fit()
+
+    def crash_at_10(step):
+        if step == 10:
+            raise RuntimeError("node died")
+
+    tr, _, _ = _make(tmp_path / "run", hook=crash_at_10, restore_best=False)
+    with pytest.raises(RuntimeError, match="node died"):
+        tr.fit()
+    tr2, net2, losses = _make(tmp_path / "run", init_seed=7, restore_best=False)
+    res = tr2.fit()
+    assert res.resumed_from == 8 and len(losses) == 4  # steps 8..11 are redone
+    assert _same(_weights(ref_net), _weights(net2))
+
+
+def test_sigterm_in_subprocess_exits_with_retry_code(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        from torch import nn
+        from workflow.training import Trainer, TrainConfig
+        torch.manual_seed(0)
+        net = nn.Linear(3, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        def step_fn(step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            x = torch.randn(4, 3)
+            return (net(x) ** 2).mean()
+        Trainer({str(tmp_path)!r}, {{"model": net}}, opt, step_fn,
+                TrainConfig(max_steps=50, checkpoint_every=100, progress=False, device="cpu")).fit()
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == PREEMPTED_EXIT_CODE, p.stderr
+    assert "SIGUSR1" in p.stderr
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
+    net = nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step_fn(step):
+        loss = (net(torch.ones(1, 2)) ** 2).sum()
+        return loss * float("inf") if step == 5 else loss
+
+    tr = Trainer(tmp_path, {"model": net}, opt, step_fn,
+                 TrainConfig(max_steps=20, checkpoint_every=4, log_every=100, progress=False,
+                             device="cpu"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss (inf|nan) at step 5\b"):
+        tr.fit()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_best_checkpoint_is_selected_and_restored(tmp_path):
+    scores = iter([1.0, 3.0, 2.0, 0.5])
+    snapshots = {}
+
+    def eval_fn(step):
+        snapshots[step] = _weights(net)
+        return {"psnr": next(scores)}
+
+    tr, net, _ = _make(tmp_path, eval_fn=eval_fn, max_steps=16, select_metric="psnr",
+                       select_mode="max")
+    res = tr.fit()
+    assert res.best_step == 8 and res.best_metric == 3.0
+    assert _same(_weights(net), snapshots[8])  # restore_best put the step-8 weights back
+    fresh = _net(5)
+    ck = load_checkpoint(res.best_checkpoint, {"model": fresh})
+    assert ck["step"] == 8 and _same(_weights(fresh), snapshots[8])
+    hist = pd.read_csv(tmp_path / "metrics.csv")
+    assert hist.dropna(subset=["eval_psnr"])["eval_psnr"].tolist() == [1.0, 3.0, 2.0, 0.5]
+    assert {"step", "loss", "lr", "items_per_s", "eval_psnr"} <= set(hist.columns)
+
+
+def test_early_stopping_min_mode(tmp_path):
+    scores = iter([5.0, 4.0, 4.5, 6.0, 1.0])
+    tr, _, losses = _make(tmp_path, eval_fn=lambda s: {"loss": next(scores)}, max_steps=40,
+                          eval_every=2, select_metric="loss", select_mode="min", patience=2)
+    res = tr.fit()
+    # evals at 2, 4, 6, 8: best 4.0 at step 4, then two evaluations without improvement
+    assert res.stop_reason == "early_stop" and res.steps == 8 and len(losses) == 8
+    assert res.best_step == 4 and res.best_metric == 4.0
+    again, _, losses2 = _make(tmp_path, eval_fn=lambda s: {"loss": 0.0}, max_steps=40,
+                              eval_every=2, select_metric="loss", select_mode="min", patience=2)
+    assert again.fit().stop_reason == "already_done" and losses2 == []
+
+
+def test_logged_loss_and_post_step(tmp_path):
+    calls = []
+    net = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.25)
+
+    def post_step(step):
+        calls.append(step)
+        net.weight.clamp_(min=0.5)
+
+    def step_fn(step):
+        return net(torch.ones(1, 1)).sum()  # d/dw = 1: w -> w - 0.25, clamped at 0.5
+
+    tr = Trainer(tmp_path, {"model": net}, opt, step_fn,
+                 TrainConfig(max_steps=4, log_every=4, progress=False, device="cpu"),
+                 post_step=post_step)
+    tr.fit()
+    assert calls == [1, 2, 3, 4]
+    assert float(net.weight.detach()) == 0.5
+    # losses are w before each step: 1.0, 0.75, 0.5, 0.5 -> mean 0.6875
+    assert pd.read_csv(tmp_path / "metrics.csv")["loss"].tolist() == [0.6875]
+
+
+def test_changed_fingerprint_starts_afresh(tmp_path):
+    tr, _, _ = _make(tmp_path, max_steps=4)
+    tr.fit()
+    tr2, _, losses = _make(tmp_path, max_steps=4)
+    tr2.fingerprint = "other-config"
+    res = tr2.fit()
+    assert res.resumed_from is None and len(losses) == 4

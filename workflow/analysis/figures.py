@@ -1,0 +1,324 @@
+"""Figures of the analysis (seaborn; PNG + SVG), built from whatever results exist.
+
+``python -m workflow analysis.figures --scores scores.parquet --tables DIR --config JSON --outdir DIR``
+writes ``<outdir>/<name>.png`` and ``.svg`` for every name in ``FIGURES``:
+
+- ``scores_by_layer``: each selected score (config ``analysis.scores``) against the extraction
+  layer 1..4, one line per architecture, one panel per score;
+- ``flops_pareto``: score vs log10 FLOPs of the forward pass to the tap, one panel per score of
+  ``analysis.pareto.cost_scores`` (2AFC, JND), the Pareto frontier drawn and circled;
+- ``imagenet_pareto``: score vs ImageNet top-1 accuracy with its frontier;
+- ``correlation_heatmap``: Pearson r of every attribute with every score (* p < 0.05);
+- ``adaptation``: adapted vs baseline score per (loss network, comparison, ranking), one panel
+  per dataset, with the count of rankings the adaptation improved and their Spearman rho;
+- ``probes``: correct pairs per probe set, loss network, comparison and channel normalisation.
+
+Every architecture has one colour in every figure (its position in the registry indexes the
+palette). A figure whose data is absent is still written, as a panel saying "no data" and why,
+so the declared outputs always exist and a partial study still gets a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on compute nodes
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from workflow.analysis import FIGURE_FORMATS as FORMATS  # noqa: E402
+from workflow.analysis import FIGURES  # noqa: E402
+from workflow.analysis.correlations import AnalysisConfigError, select_scores  # noqa: E402
+from workflow.config import json_arg  # noqa: E402
+from workflow.lossnets import ARCHS  # noqa: E402
+from workflow.results import atomic_path, validate_scores  # noqa: E402
+
+LAYER_MARKERS = {"1": "o", "2": "s", "3": "^", "4": "D", "lpips": "*"}
+METRIC_LABELS = {
+    "2afc": "2AFC score (fraction agreeing with humans)",
+    "jnd_ap": "JND average precision",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "quality": "quality TP/(TP+FP+FN)",
+    "completeness": "completeness TP/(TP+FN)",
+    "correctness": "correctness TP/(TP+FP)",
+    "accuracy": "test accuracy (fraction)",
+    "correct": "correct pairs",
+}
+COST_LABELS = {
+    "flops": "log10 FLOPs to the tap (per {s}x{s} image)",
+    "params_to_tap": "log10 parameters up to the tap",
+    "features": "log10 features C·H·W at the tap ({s}x{s} input)",
+    "channels": "log10 channels at the tap",
+}
+
+
+def arch_colors(palette: str = "tab20") -> dict[str, Any]:
+    """One fixed colour per architecture, by registry position (not by what a run contains)."""
+    colors = sns.color_palette(palette, max(len(ARCHS), 1))
+    if len(colors) < len(ARCHS):  # a short qualitative palette: cycle rather than fail
+        colors = [colors[i % len(colors)] for i in range(len(ARCHS))]
+    return {a: colors[i] for i, a in enumerate(ARCHS)}
+
+
+def _style(fig_cfg: Mapping[str, Any]) -> None:
+    sns.set_theme(style=fig_cfg.get("style", "whitegrid"), context=fig_cfg.get("context", "paper"),
+                  font_scale=float(fig_cfg.get("font_scale", 1.0)))
+
+
+def save(fig: plt.Figure, stem: Path, dpi: int) -> None:
+    """PNG and SVG, each written atomically."""
+    for fmt in FORMATS:
+        with atomic_path(stem.with_suffix(f".{fmt}")) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
+def no_data(stem: Path, title: str, why: str, dpi: int) -> str:
+    fig, ax = plt.subplots(figsize=(5, 2.5))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, f"no data\n{why}", ha="center", va="center", wrap=True, transform=ax.transAxes)
+    save(fig, stem, dpi)
+    return f"{stem.name}: no data ({why})"
+
+
+def _grid(n: int, fig_cfg: Mapping[str, Any]) -> tuple[plt.Figure, np.ndarray]:
+    cols = min(n, int(fig_cfg.get("max_columns", 3)))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(float(fig_cfg.get("panel_width", 4.0)) * cols,
+                                      float(fig_cfg.get("panel_height", 3.2)) * rows))
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _arch_legend(fig: plt.Figure, archs, colors) -> None:
+    handles = [plt.Line2D([], [], color=colors[a], marker="o", lw=1.5, label=a) for a in archs]
+    fig.legend(handles=handles, title="architecture", loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
+
+
+def _layer_legend(ax: plt.Axes, layers) -> None:
+    handles = [plt.Line2D([], [], ls="", color="0.3", marker=LAYER_MARKERS.get(str(x), "o"),
+                          label=f"layer {x}") for x in layers]
+    ax.legend(handles=handles, loc="lower right", fontsize="small", frameon=True)
+
+
+def _ordered_archs(values) -> list[str]:
+    present = set(map(str, values))
+    return [a for a in ARCHS if a in present] + sorted(present - set(ARCHS))
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def scores_by_layer(selected: pd.DataFrame, cfg: Mapping[str, Any], colors, stem: Path) -> str:
+    fig_cfg = cfg.get("figures", {})
+    dpi = int(fig_cfg.get("dpi", 150))
+    single = selected[selected["layer"].astype(str).isin(["1", "2", "3", "4"])]
+    if single.empty:
+        return no_data(stem, "Scores by extraction layer",
+                       "no selected score (config analysis.scores) has single-layer loss networks", dpi)
+    names = list(dict.fromkeys(single["score"]))
+    fig, axes = _grid(len(names), fig_cfg)
+    archs = _ordered_archs(single["arch"])
+    for ax, name in zip(axes.flat, names, strict=False):
+        d = single[single["score"] == name].assign(layer_i=lambda x: x["layer"].astype(int))
+        for arch, g in d.groupby("arch", sort=False):
+            g = g.sort_values("layer_i")
+            ax.plot(g["layer_i"], g["value"], marker="o", color=colors.get(arch, "0.5"), label=arch)
+        ax.set_xticks([1, 2, 3, 4], ["1\nearly", "2", "3", "4\nlate"])
+        ax.set_xlabel("extraction layer")
+        ax.set_ylabel(METRIC_LABELS.get(d["metric"].iloc[0], d["metric"].iloc[0]))
+        ax.set_title(name, fontsize="medium")
+    _arch_legend(fig, archs, colors)
+    fig.suptitle("Scores by extraction layer")
+    save(fig, stem, dpi)
+    return f"{stem.name}: {len(names)} panels"
+
+
+def _pareto_panel(ax: plt.Axes, d: pd.DataFrame, colors, log_x: bool) -> None:
+    x = np.log10(d["x"].to_numpy(float)) if log_x else d["x"].to_numpy(float)
+    for (arch, layer), g in d.assign(px=x).groupby(["arch", "layer"], sort=False):
+        ax.scatter(g["px"], g["value"], color=colors.get(arch, "0.5"),
+                   marker=LAYER_MARKERS.get(str(layer), "o"), s=36, zorder=3)
+    front = d.assign(px=x)[d["on_front"].astype(bool)].sort_values("px")
+    if not front.empty:
+        minimize = bool(d["minimize_x"].iloc[0])
+        # staircase: lower cost -> lower score (steps-post); higher accuracy -> lower score (steps-pre)
+        ax.plot(front["px"], front["value"], color="black", lw=1, zorder=2,
+                drawstyle="steps-post" if minimize else "steps-pre", label="Pareto frontier")
+        ax.scatter(front["px"], front["value"], s=110, facecolors="none", edgecolors="black",
+                   lw=1, zorder=4)
+
+
+def pareto_figure(pareto: pd.DataFrame, cfg: Mapping[str, Any], colors, stem: Path,
+                  accuracy: bool) -> str:
+    fig_cfg = cfg.get("figures", {})
+    dpi = int(fig_cfg.get("dpi", 150))
+    title = "ImageNet accuracy vs score" if accuracy else "Cost vs score"
+    d = pareto[(pareto["x_attribute"] == "imagenet_acc1") == accuracy] if not pareto.empty else pareto
+    if d.empty:
+        key = "accuracy_scores" if accuracy else "cost_scores"
+        return no_data(stem, title, f"none of the scores of config analysis.pareto.{key} is in the results", dpi)
+    names = list(dict.fromkeys(d["score"]))
+    fig, axes = _grid(len(names), fig_cfg)
+    for ax, name in zip(axes.flat, names, strict=False):
+        p = d[d["score"] == name]
+        _pareto_panel(ax, p, colors, log_x=not accuracy)
+        attr, size = p["x_attribute"].iloc[0], p["input_size"].iloc[0]
+        if accuracy:
+            ax.set_xlabel("ImageNet top-1 accuracy (%) of the IMAGENET1K_V1 weights")
+        else:
+            ax.set_xlabel(COST_LABELS.get(attr, f"log10 {attr}").format(s=size))
+        metric = str(p["metric"].iloc[0])
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_title(name, fontsize="medium")
+        _layer_legend(ax, sorted(set(p["layer"].astype(str)), key=str))
+    _arch_legend(fig, _ordered_archs(d["arch"]), colors)
+    fig.suptitle(title + " (circled: Pareto frontier)")
+    save(fig, stem, dpi)
+    return f"{stem.name}: {len(names)} panels"
+
+
+def correlation_heatmap(corr: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> str:
+    fig_cfg = cfg.get("figures", {})
+    dpi = int(fig_cfg.get("dpi", 150))
+    d = corr.dropna(subset=["pearson_r"]) if not corr.empty else corr
+    if d.empty:
+        return no_data(stem, "Attribute correlations", "no attribute/score pair with 3+ loss networks", dpi)
+    r = d.pivot_table(index="attribute", columns="score", values="pearson_r", sort=False)
+    p = d.pivot_table(index="attribute", columns="score", values="pearson_p", sort=False)
+    annot = r.map(lambda v: f"{v:.2f}") + p.reindex_like(r).map(lambda v: "*" if v < 0.05 else "")
+    fig, ax = plt.subplots(layout="constrained", figsize=(2.0 + 0.9 * r.shape[1], 1.0 + 0.38 * r.shape[0]))
+    sns.heatmap(r, annot=annot.to_numpy(), fmt="", cmap="vlag", vmin=-1, vmax=1, center=0, ax=ax,
+                cbar_kws={"label": "Pearson r"}, linewidths=0.5)
+    ax.set_xlabel("score")
+    ax.set_ylabel("loss-network attribute")
+    ax.set_title("Pearson correlation of attributes with scores (* p < 0.05)")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    save(fig, stem, dpi)
+    return f"{stem.name}: {r.shape[0]} x {r.shape[1]}"
+
+
+def adaptation_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], colors, stem: Path) -> str:
+    fig_cfg = cfg.get("figures", {})
+    dpi = int(fig_cfg.get("dpi", 150))
+    a = cfg.get("adaptation", {})
+    base_v, adapt_v = a.get("baseline_variant", "baseline"), a.get("adapted_variant", "adapted")
+    rows = scores[(scores["benchmark"] == "adaptation") & (scores["metric"] == a.get("metric", "2afc"))
+                  & scores["ranking"].notna()]
+    keys = ["dataset", "arch", "layer", "comparison", "channel_norm", "ranking"]
+    base = rows[rows["variant"] == base_v].groupby(keys, dropna=False)["value"].mean()
+    adapted = rows[rows["variant"] == adapt_v].groupby(keys, dropna=False)["value"].mean()
+    d = pd.concat({"baseline": base, "adapted": adapted}, axis=1).dropna().reset_index()
+    if d.empty:
+        return no_data(stem, "Adaptation to distortion rankings",
+                       f"no adaptation rows with variants {base_v!r} and {adapt_v!r} per ranking", dpi)
+    names = list(dict.fromkeys(d["dataset"]))
+    fig, axes = _grid(len(names), fig_cfg)
+    for ax, name in zip(axes.flat, names, strict=False):
+        g = d[d["dataset"] == name]
+        for arch, ga in g.groupby("arch", sort=False):
+            ax.scatter(ga["baseline"], ga["adapted"], s=18, color=colors.get(arch, "0.5"), alpha=0.8)
+        lo = float(min(g["baseline"].min(), g["adapted"].min()))
+        hi = float(max(g["baseline"].max(), g["adapted"].max()))
+        ax.plot([lo, hi], [lo, hi], color="0.4", ls="--", lw=1)
+        better = int((g["adapted"] > g["baseline"]).sum())
+        rho = stats.spearmanr(g["baseline"], g["adapted"]).statistic if len(g) > 2 else float("nan")
+        ax.set_title(f"{name}: adapted better in {better}/{len(g)}, Spearman ρ = {rho:.2f}",
+                     fontsize="medium")
+        ax.set_xlabel("baseline 2AFC on the ranking's test triplets")
+        ax.set_ylabel("adapted 2AFC (mean over runs)")
+    _arch_legend(fig, _ordered_archs(d["arch"]), colors)
+    fig.suptitle("Adaptation: one point per (loss network, comparison, normalisation, ranking)")
+    save(fig, stem, dpi)
+    return f"{stem.name}: {len(d)} points"
+
+
+def probes_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> str:
+    fig_cfg = cfg.get("figures", {})
+    dpi = int(fig_cfg.get("dpi", 150))
+    metric = cfg.get("probes", {}).get("metric", "correct")
+    rows = scores[(scores["benchmark"] == "probes") & (scores["metric"] == metric)]
+    if rows.empty:
+        return no_data(stem, "Flaw probes", f"no probes rows with metric {metric!r}", dpi)
+    rows = rows.assign(
+        lossnet=rows["arch"].fillna("").astype(str) + "/" + rows["layer"].fillna("").astype(str),
+        norm=rows["channel_norm"].map({True: "norm", False: "no norm"}).fillna("n/a").astype(str),
+    )
+    # columns grouped by probe set, then comparison method, in order of appearance
+    sets = {s: i for i, s in enumerate(dict.fromkeys(rows["dataset"].astype(str)))}
+    comps = {c: i for i, c in enumerate(dict.fromkeys(rows["comparison"].fillna("").astype(str)))}
+    rows = rows.assign(column=rows["dataset"].astype(str) + "\n" + rows["comparison"].fillna("").astype(str),
+                       line=rows["lossnet"] + " (" + rows["norm"] + ")",
+                       order=rows["dataset"].astype(str).map(sets) * 100
+                       + rows["comparison"].fillna("").astype(str).map(comps))
+    rows = rows.sort_values(["order", "line"], kind="stable")
+    val = rows.pivot_table(index="line", columns="column", values="value", aggfunc="mean", sort=False)
+    n = rows.pivot_table(index="line", columns="column", values="n", aggfunc="max", sort=False)
+    frac = val / n.reindex_like(val)
+    annot = val.map(lambda v: "" if np.isnan(v) else f"{v:g}") + "/" + n.reindex_like(val).map(
+        lambda v: "" if pd.isna(v) else f"{int(v)}")
+    fig, ax = plt.subplots(layout="constrained", figsize=(2.0 + 0.75 * val.shape[1], 1.2 + 0.35 * val.shape[0]))
+    sns.heatmap(frac.astype(float), annot=annot.to_numpy(), fmt="", cmap="Greens", vmin=0, vmax=1,
+                ax=ax, cbar_kws={"label": "fraction of pairs correct"}, linewidths=0.5,
+                annot_kws={"fontsize": "x-small"})
+    ax.set_xlabel("probe set / comparison method")
+    ax.set_ylabel("loss network (channel normalisation)")
+    ax.set_title("Flaw probes: correct pairs / pairs in the set")
+    save(fig, stem, dpi)
+    return f"{stem.name}: {val.shape[0]} x {val.shape[1]}"
+
+
+def run_figures(scores: pd.DataFrame, tables: Path, cfg: Mapping[str, Any], outdir: Path) -> list[str]:
+    fig_cfg = cfg.get("figures", {})
+    _style(fig_cfg)
+    colors = arch_colors(fig_cfg.get("palette", "tab20"))
+    selected = select_scores(scores, cfg.get("scores", []))
+    pareto = pd.read_parquet(tables / "pareto.parquet")
+    corr = pd.read_parquet(tables / "attribute_correlations.parquet")
+    jobs: dict[str, Callable[[Path], str]] = {
+        "scores_by_layer": lambda s: scores_by_layer(selected, cfg, colors, s),
+        "flops_pareto": lambda s: pareto_figure(pareto, cfg, colors, s, accuracy=False),
+        "imagenet_pareto": lambda s: pareto_figure(pareto, cfg, colors, s, accuracy=True),
+        "correlation_heatmap": lambda s: correlation_heatmap(corr, cfg, s),
+        "adaptation": lambda s: adaptation_figure(scores, cfg, colors, s),
+        "probes": lambda s: probes_figure(scores, cfg, s),
+    }
+    return [jobs[name](outdir / name) for name in FIGURES]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workflow analysis.figures", description="analysis figures")
+    ap.add_argument("--scores", required=True, help="the scores table (scores.parquet)")
+    ap.add_argument("--tables", required=True, help="folder of the analysis tables (pareto, correlations)")
+    ap.add_argument("--config", type=json_arg, required=True, help="config key analysis as JSON")
+    ap.add_argument("--outdir", required=True)
+    args = ap.parse_args(argv)
+    tables = Path(args.tables)
+    for name in ("pareto", "attribute_correlations"):
+        if not (tables / f"{name}.parquet").exists():
+            print(f"error: {tables / name}.parquet is missing: run `snakemake analysis_tables` first",
+                  file=sys.stderr)
+            return 2
+    try:
+        scores = validate_scores(pd.read_parquet(args.scores), args.scores)
+        notes = run_figures(scores, tables, args.config, Path(args.outdir))
+    except (AnalysisConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(notes))
+    return 0

@@ -1,0 +1,345 @@
+"""BAPPS (Zhang et al. 2018), the data of Benchmark 1: 2AFC triplets and JND pairs.
+
+Raw layout (what the upstream archives extract to, possibly under a top folder
+such as ``dataset/``)::
+
+    2afc/{train,val}/<subset>/{ref,p0,p1}/<stem>.png   judge/<stem>.npy  (fraction choosing p1)
+    jnd/val/<subset>/{p0,p1}/<stem>.png                 same/<stem>.npy   (fraction saying "same")
+
+``prepare`` decodes every patch once, resized to 64x64 with PIL's antialiased
+bilinear filter (what the LPIPS data loader does), into uint8 NHWC arrays named
+``2afc_<split>_<subset>_{ref,p0,p1,judge,names}.npy`` and
+``jnd_val_<subset>_{p0,p1,same,names}.npy``; ``manifest.json`` is written last.
+Files are paired by stem, never by listing order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from workflow.datasets import RemoteFile, mark_ready
+
+BASE_URL = "https://perceptual-similarity.s3.us-west-2.amazonaws.com/dataset/"
+FILES: list[RemoteFile] = [
+    RemoteFile(BASE_URL + "twoafc_train.tar.gz", extract=True, size=5_300_000_000,
+               sha256="b4f5c772c7cd88ac44bcb4ff0741745d434c05f0094f2bfb262ddcd0055bf393"),
+    RemoteFile(BASE_URL + "twoafc_val.tar.gz", extract=True, size=1_100_000_000,
+               sha256="41486671b06de923e7ba277c4797d4d9d86d609863ba35ecdb576133f8b9d859"),
+    # no published checksum: the downloader records the sha256 it saw
+    RemoteFile(BASE_URL + "jnd.tar.gz", extract=True, size=200_000_000),
+]
+
+IMAGE_SIZE = 64
+TWOAFC_SUBSETS = {
+    "val": ("traditional", "cnn", "superres", "deblur", "color", "frameinterp"),
+    "train": ("traditional", "cnn", "mix"),
+}
+JND_SUBSETS = ("traditional", "cnn")
+# folder -> file suffix, per kind; the first folder with images names the pair
+PARTS = {
+    "2afc": {"ref": ".png", "p0": ".png", "p1": ".png", "judge": ".npy"},
+    "jnd": {"p0": ".png", "p1": ".png", "same": ".npy"},
+}
+LABEL = {"2afc": "judge", "jnd": "same"}
+
+
+class BappsError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- synthesize
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random colour field with a sharp rectangle: structure a CNN responds to."""
+    low = (rng.random((6, 6, 3)) * 255).astype(np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
+    y0, x0 = rng.integers(0, size // 2, 2)
+    h, w = rng.integers(size // 6, size // 2, 2)
+    img[y0:y0 + h, x0:x0 + w] = rng.random(3)
+    return img
+
+
+def _distort(img: np.ndarray, strength: float, kind: int, rng: np.random.Generator) -> np.ndarray:
+    """Distortion whose visibility grows with ``strength`` in [0, 1]."""
+    if kind == 0:  # additive noise
+        out = img + rng.normal(0, 0.3 * strength, img.shape)
+    elif kind == 1:  # blur
+        pil = Image.fromarray((img * 255).astype(np.uint8))
+        out = np.asarray(pil.filter(ImageFilter.GaussianBlur(float(4 * strength))), np.float32) / 255
+    else:  # colour cast
+        out = img + 0.5 * strength * (rng.random(3) - 0.5)
+    return np.clip(out, 0, 1)
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def synthesize(raw_dir: Path, seed: int = 0, n_val: int = 12, n_train: int = 4, n_jnd: int = 12,
+               size: int = 80) -> None:
+    """A small fake BAPPS in the upstream layout, under ``raw_dir/dataset/``.
+
+    p0 and p1 are distortions of the reference of different strengths; the
+    judgement is a vote of simulated humans (5 in val, 2 in train, 3 for JND)
+    that favours the weaker distortion, so any sensible metric scores above
+    chance. Patches are ``size`` pixels so ``prepare``'s resize is exercised.
+    """
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    stage = Path(tempfile.mkdtemp(prefix=".synth-", dir=raw_dir))
+    try:
+        for split, subsets in TWOAFC_SUBSETS.items():
+            n, votes = (n_val, 5) if split == "val" else (n_train, 2)
+            for subset in subsets:
+                d = stage / "2afc" / split / subset
+                for part in PARTS["2afc"]:
+                    (d / part).mkdir(parents=True)
+                for i in range(n):
+                    ref = _texture(rng, size)
+                    s0, s1 = (float(x) for x in rng.random(2))
+                    kind = int(rng.integers(3))
+                    p_p1 = 1 / (1 + np.exp(-10 * (s0 - s1)))  # p1 chosen when it is less distorted
+                    _save_png(ref, d / "ref" / f"{i:06d}.png")
+                    _save_png(_distort(ref, s0, kind, rng), d / "p0" / f"{i:06d}.png")
+                    _save_png(_distort(ref, s1, kind, rng), d / "p1" / f"{i:06d}.png")
+                    np.save(d / "judge" / f"{i:06d}.npy",
+                            np.array([rng.binomial(votes, p_p1) / votes], dtype=np.float32))
+        for subset in JND_SUBSETS:
+            d = stage / "jnd" / "val" / subset
+            for part in PARTS["jnd"]:
+                (d / part).mkdir(parents=True)
+            for i in range(n_jnd):
+                p0 = _texture(rng, size)
+                s = float(rng.random())
+                _save_png(p0, d / "p0" / f"{i:06d}.png")
+                _save_png(_distort(p0, s, int(rng.integers(3)), rng), d / "p1" / f"{i:06d}.png")
+                np.save(d / "same" / f"{i:06d}.npy",
+                        np.array([rng.binomial(3, np.exp(-3 * s)) / 3], dtype=np.float32))
+        final = raw_dir / "dataset"
+        if final.exists():
+            shutil.rmtree(final)
+        stage.rename(final)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def find_roots(raw_dir: Path) -> dict[str, Path]:
+    """The ``2afc`` and ``jnd`` folders under ``raw_dir``, wherever the archives put them."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise BappsError(f"BAPPS raw folder {raw_dir} does not exist; download or synthesize it first")
+    found: dict[str, list[Path]] = {"2afc": [], "jnd": []}
+    for dirpath, dirnames, _ in os.walk(raw_dir):
+        depth = len(Path(dirpath).relative_to(raw_dir).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in list(dirnames):
+            if name in found:
+                found[name].append(Path(dirpath) / name)
+                dirnames.remove(name)  # do not descend into the data itself
+        if depth >= 3:
+            dirnames[:] = []
+    roots = {}
+    for kind, paths in found.items():
+        if len(paths) > 1:
+            raise BappsError(f"several BAPPS {kind}/ folders under {raw_dir}: {paths}; keep one")
+        if paths:
+            roots[kind] = paths[0]
+    if "2afc" not in roots:
+        raise BappsError(f"no 2afc/ folder under {raw_dir}: is the BAPPS download complete?")
+    return roots
+
+
+def _pairs(subset_dir: Path, kind: str) -> list[str]:
+    """Stems present in every part folder; a stem missing from one folder is an error."""
+    stems: dict[str, dict[str, Path]] = {}
+    for part, suffix in PARTS[kind].items():
+        folder = subset_dir / part
+        if not folder.is_dir():
+            raise BappsError(f"{folder} is missing (expected {', '.join(PARTS[kind])} under {subset_dir})")
+        stems[part] = {p.stem: p for p in folder.iterdir() if p.suffix.lower() == suffix}
+    union = set().union(*stems.values())
+    for part, have in stems.items():
+        for stem in sorted(union - set(have)):
+            other = next(p[stem] for p in stems.values() if stem in p)
+            raise BappsError(
+                f"{other} has no partner in {subset_dir / part}/ (expected {stem}{PARTS[kind][part]}); "
+                f"the raw tree is incomplete: fetch or synthesize it again"
+            )
+    return sorted(union)
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                # PIL's bilinear resize antialiases when shrinking, as the LPIPS loader's does
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise BappsError(f"{path}: unreadable image ({type(e).__name__}: {e}); the raw file is "
+                         f"damaged: fetch or synthesize the dataset again") from None
+
+
+def _read_label(path: Path) -> float:
+    try:
+        a = np.load(path)
+        if a.size != 1:
+            raise ValueError(f"expected one value, got shape {a.shape}")
+        return float(a.reshape(-1)[0])
+    except Exception as e:
+        raise BappsError(f"{path}: unreadable judgement ({type(e).__name__}: {e})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _subsets(roots: dict[str, Path]) -> list[tuple[str, str, str, Path]]:
+    out = []
+    for kind, splits in (("2afc", ("train", "val")), ("jnd", ("val",))):
+        if kind not in roots:
+            continue
+        for split in splits:
+            d = roots[kind] / split
+            if d.is_dir():
+                out += [(kind, split, s.name, s) for s in sorted(d.iterdir())
+                        if s.is_dir() and not s.name.startswith(".")]
+    return out
+
+
+def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int = IMAGE_SIZE) -> dict:
+    """Decode the raw tree into arrays in ``out_dir``; ``manifest.json`` is written last.
+
+    Everything is built in a staging folder and moved in only when every file
+    decoded, so a failure leaves no manifest and no half-written array.
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    roots = find_roots(raw_dir)
+    workers = workers or max(2, min(8, os.cpu_count() or 2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    t0 = time.perf_counter()
+    counts: dict[str, int] = {}
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for kind, split, subset, sdir in _subsets(roots):
+                stems = _pairs(sdir, kind)
+                if not stems:
+                    raise BappsError(f"{sdir} holds no {kind} items")
+                prefix = f"{kind}_{split}_{subset}"
+                for part, suffix in PARTS[kind].items():
+                    paths = [sdir / part / f"{s}{suffix}" for s in stems]
+                    if suffix == ".npy":
+                        labels = np.array(list(pool.map(_read_label, paths)), dtype=np.float32)
+                        np.save(stage / f"{prefix}_{part}.npy", labels)
+                        continue
+                    arr = np.lib.format.open_memmap(stage / f"{prefix}_{part}.npy", mode="w+",
+                                                    dtype=np.uint8, shape=(len(paths), size, size, 3))
+
+                    def fill(i: int, arr=arr, paths=paths) -> None:
+                        arr[i] = _read_image(paths[i], size)
+
+                    for _ in pool.map(fill, range(len(paths))):
+                        pass
+                    arr.flush()
+                    del arr
+                np.save(stage / f"{prefix}_names.npy", np.array(stems))
+                counts[f"{kind}/{split}/{subset}"] = len(stems)
+                print(f"{kind}/{split}/{subset}: {len(stems)} items "
+                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        arrays = {}
+        for p in sorted(stage.iterdir()):
+            a = np.load(p, mmap_mode="r")
+            arrays[p.name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(p)}
+            del a
+            os.replace(p, out_dir / p.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    ready = raw_dir / "READY"
+    manifest = {
+        "dataset": "bapps",
+        "image_size": size,
+        "source": str(raw_dir),
+        "roots": {k: str(v.relative_to(raw_dir)) for k, v in roots.items()},
+        "raw_ready": ready.read_text() if ready.exists() else None,
+        "counts": counts,
+        "arrays": arrays,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    from workflow.results import write_json
+
+    write_json(manifest, out_dir / "manifest.json")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load(prepared_dir: Path, kind: str, split: str, subset: str) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays of one subset: ``ref, p0, p1, judge, names`` (2AFC) or
+    ``p0, p1, same, names`` (JND)."""
+    if kind not in PARTS:
+        raise ValueError(f"kind must be '2afc' or 'jnd', got {kind!r}")
+    prepared_dir = Path(prepared_dir)
+    prefix = f"{kind}_{split}_{subset}"
+    out = {}
+    for part in [*PARTS[kind], "names"]:
+        p = prepared_dir / f"{prefix}_{part}.npy"
+        if not p.exists():
+            have = sorted({"_".join(f.name.split("_")[:3]) for f in prepared_dir.glob("*_names.npy")})
+            raise BappsError(f"{p} not found: BAPPS {kind}/{split}/{subset} was not prepared "
+                             f"(prepared: {', '.join(have) or 'nothing'})")
+        out[part] = np.load(p, mmap_mode="r")
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workflow datasets.bapps")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synthesize", help="write a small fake BAPPS in the upstream layout")
+    s.add_argument("--raw", required=True, type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("prepare", help="decode a raw BAPPS tree into arrays + manifest.json")
+    p.add_argument("--raw", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "synthesize":
+            synthesize(args.raw, seed=args.seed)
+            mark_ready(args.raw, {"dataset": "bapps", "synthetic": True, "seed": args.seed})
+            print(f"synthetic BAPPS written to {args.raw}")
+        else:
+            m = prepare(args.raw, args.out, workers=args.workers)
+            print(f"prepared {sum(m['counts'].values())} items into {args.out}")
+    except BappsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,155 @@
+"""Super-resolution test sets: Set5 (5 images), Set14 (14), BSD100 (the 100 test images of
+BSDS300).
+
+Raw layout (what the download + extraction leave and ``synthesize`` writes),
+``{RES}/raw/sr_test/``:
+``Set5/img_00N_SRF_2_HR.png`` and ``Set14/img_0NN_SRF_2_HR.png`` (the HR images of
+jbhuang0604/SelfExSR, fetched one by one from raw.githubusercontent.com),
+``BSDS300-images.tgz`` and its extraction ``BSDS300/{iids_train.txt, iids_test.txt,
+images/{train,test}/<id>.jpg}``. No checksums are published for any of them: the sha256
+of what was fetched is recorded in ``checksums.json`` and verified on later runs.
+
+Prepared (``{RES}/prepared/sr_test/``): ``set5.npz``, ``set14.npz``, ``bsd100.npz``, one
+uint8 HWC RGB array per image (full size; keys ``img_001``.. and the BSDS image ids).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workflow.datasets import RemoteFile
+from workflow.datasets.common import (
+    CorruptFileError,
+    dataset_main,
+    decode_image,
+    parallel_map,
+    raw_checksums,
+    save_npz,
+    write_manifest,
+)
+
+SELFEXSR = "https://raw.githubusercontent.com/jbhuang0604/SelfExSR/master/data"
+BSDS_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/bsds/"
+            "BSDS300-images.tgz")
+SET_SIZES = {"Set5": 5, "Set14": 14}
+SETS = ("set5", "set14", "bsd100")
+
+
+def _hr_name(i: int) -> str:
+    return f"img_{i:03d}_SRF_2_HR.png"
+
+
+FILES = [
+    RemoteFile(f"{SELFEXSR}/{s}/image_SRF_2/{_hr_name(i)}", filename=f"{s}/{_hr_name(i)}")
+    for s, n in SET_SIZES.items() for i in range(1, n + 1)
+] + [RemoteFile(BSDS_URL, extract=True)]
+
+
+def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth synthetic 'photo' with edges: blurred colour blobs plus a few rectangles."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    im = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
+        x1, y1 = x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 2))
+        draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return np.asarray(im.filter(ImageFilter.GaussianBlur(0.7)))
+
+
+def synthesize(raw_dir: Path, seed: int = 0, set5: int = 5, set14: int = 4,
+               bsd100: int = 4) -> None:
+    """PNG HR images of assorted sizes, and a BSDS300-like .tgz (JPEGs + id lists)."""
+    from PIL import Image
+
+    from workflow.extract import extract_archive
+    from workflow.results import atomic_path
+
+    raw_dir = Path(raw_dir)
+    rng = np.random.default_rng(seed)
+    for folder, n in (("Set5", set5), ("Set14", set14)):
+        (raw_dir / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(1, n + 1):
+            h, w = int(rng.integers(60, 140)), int(rng.integers(60, 140))
+            with atomic_path(raw_dir / folder / _hr_name(i)) as tmp:
+                Image.fromarray(_photo(rng, h, w)).save(tmp, format="PNG")
+    ids = sorted(rng.choice(np.arange(100000, 999999), bsd100 + 2, replace=False).tolist())
+    test_ids, train_ids = ids[:bsd100], ids[bsd100:]
+    archive = raw_dir / "BSDS300-images.tgz"
+    with atomic_path(archive, suffix=".tmp") as tmp, tarfile.open(tmp, "w:gz") as tf:
+        def add(name: str, blob: bytes) -> None:
+            info = tarfile.TarInfo(f"BSDS300/{name}")
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+
+        for split, split_ids in (("test", test_ids), ("train", train_ids)):
+            add(f"iids_{split}.txt", "".join(f"{i}\n" for i in split_ids).encode())
+            for i in split_ids:
+                buf = io.BytesIO()
+                # BSDS300 images are 481x321 or 321x481 (portrait); keep both orientations
+                hw = (81, 121) if rng.random() < 0.5 else (121, 81)
+                Image.fromarray(_photo(rng, *hw)).save(buf, format="JPEG", quality=90)
+                add(f"images/{split}/{i}.jpg", buf.getvalue())
+    extract_archive(archive, raw_dir)
+
+
+def _set_paths(raw_dir: Path) -> dict[str, list[tuple[str, Path]]]:
+    out: dict[str, list[tuple[str, Path]]] = {}
+    for folder in SET_SIZES:
+        files = sorted((raw_dir / folder).glob("img_*_SRF_2_HR.png"))
+        if not files:
+            raise CorruptFileError(f"{raw_dir / folder}: no img_*_SRF_2_HR.png images; "
+                                   f"download sr_test again")
+        out[folder.lower()] = [(p.name.split("_SRF")[0], p) for p in files]
+    ids_file = raw_dir / "BSDS300" / "iids_test.txt"
+    if not ids_file.exists():
+        raise CorruptFileError(f"{ids_file} is missing: BSDS300-images.tgz was not extracted; "
+                               f"download sr_test again")
+    ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    out["bsd100"] = [(i, raw_dir / "BSDS300" / "images" / "test" / f"{i}.jpg") for i in ids]
+    return out
+
+
+def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
+            **_: Any) -> dict[str, Any]:
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts, shapes, sources = {}, {}, {}
+    for name, items in _set_paths(raw_dir).items():
+        def dec(item: tuple[str, Path]) -> np.ndarray:
+            if not item[1].exists():
+                raise CorruptFileError(f"{item[1]} is missing (listed in BSDS300/iids_test.txt)")
+            return decode_image(item[1])
+
+        images = parallel_map(dec, items, workers)
+        save_npz(out_dir / f"{name}.npz", {k: a for (k, _), a in zip(items, images, strict=True)})
+        counts[name] = len(items)
+        shapes[name] = {k: list(a.shape) for (k, _), a in zip(items, images, strict=True)}
+        sources[name] = [str(p.relative_to(raw_dir)) for _, p in items]
+    return write_manifest(out_dir, {
+        "dataset": "sr_test", "counts": counts, "shapes": shapes, "sources": sources,
+        "checksums": raw_checksums(raw_dir),
+    })
+
+
+def load(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
+    """``split``: set5 | set14 | bsd100 -> {image name: uint8 HWC array}."""
+    p = Path(prepared_dir) / f"{split.lower()}.npz"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: prepare sr_test first "
+                                f"(`snakemake --cores 1 {Path(prepared_dir)}/manifest.json`)")
+    with np.load(p) as z:
+        return {k: z[k] for k in z.files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    return dataset_main(sys.modules[__name__], argv, "python -m workflow datasets.sr_test")

@@ -1,0 +1,112 @@
+"""SVHN (Netzer et al. 2011), cropped digits: train (73,257), test (26,032), extra (531,131).
+
+Raw layout (what the download leaves and ``synthesize`` writes), ``{RES}/raw/svhn/``:
+``train_32x32.mat``, ``test_32x32.mat``, ``extra_32x32.mat`` (MATLAB v5: ``X`` uint8
+[32, 32, 3, N], ``y`` uint8 [N, 1] with 10 meaning digit 0). URLs and md5 exactly as
+``torchvision.datasets.SVHN`` declares them.
+
+Prepared (``{RES}/prepared/svhn/``): ``{split}_images.npy`` uint8 [N, 32, 32, 3],
+``{split}_labels.npy`` int64 (0..9). Licence: non-commercial use only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workflow.datasets import RemoteFile
+from workflow.datasets.common import (
+    CorruptFileError,
+    array_entry,
+    dataset_main,
+    load_arrays,
+    pattern_images,
+    raw_checksums,
+    save_npy,
+    write_manifest,
+)
+
+SPLITS = ("train", "test", "extra")
+FILES = [
+    RemoteFile("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+               md5="e26dedcc434d2e4c54c9b2d4a06d8373"),
+    RemoteFile("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+               md5="eb5a983be6a315427106f1b164d9cef3"),
+    RemoteFile("http://ufldl.stanford.edu/housenumbers/extra_32x32.mat",
+               md5="a93ce644f1a588dc4d68dda5feec44a7"),
+]
+
+
+def synthesize(raw_dir: Path, seed: int = 0, train: int = 512, test: int = 256,
+               extra: int = 1024) -> None:
+    """Small .mat files in the upstream format (scipy.io.savemat, MATLAB v5)."""
+    from scipy.io import savemat
+
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test), ("extra", extra)):
+        digits = rng.integers(0, 10, n)
+        x = pattern_images(rng, digits, 32)                      # [N, 32, 32, 3]
+        y = np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]  # SVHN: 0 is 10
+        from workflow.results import atomic_path
+
+        with atomic_path(raw_dir / f"{split}_32x32.mat") as tmp:
+            savemat(tmp, {"X": np.ascontiguousarray(x.transpose(1, 2, 3, 0)), "y": y})
+
+
+def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One SVHN .mat -> (uint8 [N, 32, 32, 3], int64 labels 0..9)."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path)
+    except (OSError, ValueError, TypeError, NotImplementedError) as e:
+        raise CorruptFileError(f"{path}: cannot read the .mat file ({e}); delete it and "
+                               f"download it again") from None
+    x, y = mat.get("X"), mat.get("y")
+    if x is None or y is None or x.ndim != 4 or x.shape[:3] != (32, 32, 3) \
+            or y.size != x.shape[3]:
+        raise CorruptFileError(
+            f"{path}: expected X [32, 32, 3, N] and y [N, 1]; got X "
+            f"{None if x is None else x.shape}, y {None if y is None else y.shape}"
+        )
+    labels = y.reshape(-1).astype(np.int64)
+    if labels.min() < 1 or labels.max() > 10:
+        raise CorruptFileError(f"{path}: labels outside 1..10 ({labels.min()}..{labels.max()})")
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8), labels % 10
+
+
+def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = SPLITS,
+            **_: Any) -> dict[str, Any]:
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts, arrays = {}, {}
+    for split in splits:
+        src = raw_dir / f"{split}_32x32.mat"
+        if not src.exists():
+            raise CorruptFileError(f"{src} is missing; download the dataset again")
+        x, y = read_mat(src)
+        for key, arr in (("images", x), ("labels", y)):
+            p = save_npy(out_dir / f"{split}_{key}.npy", arr)
+            arrays[p.name] = array_entry(p)
+        counts[split] = int(len(y))
+        del x, y
+    return write_manifest(out_dir, {
+        "dataset": "svhn", "counts": counts, "arrays": arrays,
+        "sources": [f"{s}_32x32.mat" for s in splits], "checksums": raw_checksums(raw_dir),
+        "md5": {f.name: f.md5 for f in FILES},
+    })
+
+
+def load(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
+    return load_arrays(prepared_dir, {"images": f"{split}_images.npy",
+                                      "labels": f"{split}_labels.npy"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    return dataset_main(sys.modules[__name__], argv, "python -m workflow datasets.svhn")
