@@ -20,22 +20,22 @@ def _caption(name):
 
 
 def _table_outputs():
-    return [
-        report(f"{ANALYSIS_TABLES_DIR}/{t}.{fmt}", caption=_caption(t), category="Tables")
-        if fmt == "html"
-        else f"{ANALYSIS_TABLES_DIR}/{t}.{fmt}"
-        for t in TABLES
-        for fmt in TABLE_FORMATS
-    ]
+    # (a line may not start with `report(`: Snakemake would read the `report:` keyword)
+    outs = []
+    for t in TABLES:
+        for fmt in TABLE_FORMATS:
+            path = f"{ANALYSIS_TABLES_DIR}/{t}.{fmt}"
+            outs.append(report(path, caption=_caption(t), category="Tables") if fmt == "html" else path)
+    return outs
 
 
 def _figure_outputs():
-    return [
-        report(f"{ANALYSIS_FIGURES_DIR}/{f}.{fmt}", caption=_caption(f), category="Figures",
-               subcategory=fmt.upper())
-        for f in FIGURES
-        for fmt in FIGURE_FORMATS
-    ]
+    outs = []
+    for f in FIGURES:
+        for fmt in FIGURE_FORMATS:
+            path = f"{ANALYSIS_FIGURES_DIR}/{f}.{fmt}"
+            outs.append(report(path, caption=_caption(f), category="Figures", subcategory=fmt.upper()))
+    return outs
 
 
 # plain paths (rule `all` and `figures` take these as inputs; report() marks only outputs)

@@ -40,7 +40,9 @@ def measure(arch: str, n: int, batch: int, device: torch.device, precision: str,
 
     rng = np.random.default_rng(0)
     ref, p0, p1 = (rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8) for _ in range(3))
-    batches = [tuple(to_images(a[i:i + batch], device, 64) for a in (ref, p0, p1)) for i in range(0, n, batch)]
+    # the package's users hand it ordinary (contiguous NCHW) tensors
+    batches = [tuple(to_images(a[i:i + batch], device, 64).contiguous() for a in (ref, p0, p1))
+               for i in range(0, n, batch)]
 
     baseline = lpips.LPIPS(net=LPIPS_NET[arch], pretrained=True, lpips=True, pnet_rand=True,
                            verbose=False).to(device).eval()

@@ -353,7 +353,27 @@ def _extractor(net: LossNet, lossnet: Mapping[str, Any], cfg: Mapping[str, Any],
 
 def _to_device_images(arr: np.ndarray, device: torch.device) -> Tensor:
     # the whole split as uint8 on the device (SVHN train is 0.2 GB): no loader in the loop
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    return torch.from_numpy(np.array(arr)).to(device)
+
+
+def adaptation_step(extractor: FeatureExtractor, adapter: FusedAdapter, images: Tensor, idx: Tensor,
+                    pos: Tensor, size: int, gen: torch.Generator, ac) -> tuple[Tensor, int]:
+    """One training step's loss for every metric of ``adapter`` on source images ``idx``.
+
+    Fresh distortion pairs and parameters are drawn from ``gen``; one extractor pass over
+    ref / p0 / p1 serves all metrics; ``pos`` ([R, 6]) holds the adapter's rankings.
+    """
+    device = images.device
+    n = idx.shape[0]
+    d0, d1 = draw_pairs(n, gen, device)
+    trip = {"index": idx, "d0": d0, "d1": d1, "p0": sample_params(d0, gen), "p1": sample_params(d1, gen)}
+    ref, x0, x1 = distort_batch(images, trip, slice(None), size)
+    diffs0, diffs1 = triplet_diffs(extractor, ref, x0, x1, adapter.variants, ac)
+    with torch.autocast(device.type, enabled=False):  # channel weights and G in fp32
+        dist0 = adapter.distances(diffs0, adapter.dropout_masks(n, gen, device))
+        dist1 = adapter.distances(diffs1, adapter.dropout_masks(n, gen, device))
+        total, _, _ = adapter.loss(dist0, dist1, ranking_labels(d0, d1, pos))
+    return total, n
 
 
 def train(net: LossNet, run: int, cfg: Mapping[str, Any], lossnet: Mapping[str, Any], common: Mapping[str, Any],
@@ -399,16 +419,7 @@ def train(net: LossNet, run: int, cfg: Mapping[str, Any], lossnet: Mapping[str, 
     def step_fn(step: int):
         epoch, i = divmod(step, steps_per_epoch)
         idx = train_idx[epoch_perm(epoch)[i * batch:(i + 1) * batch]]
-        n = idx.shape[0]
-        d0, d1 = draw_pairs(n, gen, device)  # fresh distortion pairs and parameters every epoch
-        trip = {"index": idx, "d0": d0, "d1": d1, "p0": sample_params(d0, gen), "p1": sample_params(d1, gen)}
-        ref, x0, x1 = distort_batch(images, trip, slice(None), size)
-        diffs0, diffs1 = triplet_diffs(extractor, ref, x0, x1, variants, ac)
-        with torch.autocast(device.type, enabled=False):  # weights and G in fp32
-            dist0 = adapter.distances(diffs0, adapter.dropout_masks(n, gen, device))
-            dist1 = adapter.distances(diffs1, adapter.dropout_masks(n, gen, device))
-            total_loss, _, _ = adapter.loss(dist0, dist1, ranking_labels(d0, d1, pos))
-        return total_loss, n
+        return adaptation_step(extractor, adapter, images, idx, pos, size, gen, ac)
 
     def eval_fn(step: int) -> dict[str, float]:
         d0, d1 = adapted_distances(extractor, adapter, images, val, variants, size,

@@ -253,13 +253,14 @@ def net_columns(net: str, lossnet: Mapping[str, Any]) -> dict[str, str]:
 
 def _train_config(common: Mapping[str, Any], max_steps: int, spe: int, patience: int,
                   select_metric: str, select_mode: str, seed: int,
-                  checkpoint_every: int | None, progress: bool = True) -> TrainConfig:
+                  checkpoint_every: int | None, progress: bool = True,
+                  threads: int | None = None) -> TrainConfig:
     return TrainConfig(
         max_steps=max_steps, eval_every=spe, checkpoint_every=checkpoint_every or spe,
         precision=str(common.get("precision", "auto")), seed=seed, select_metric=select_metric,
         select_mode=select_mode, patience=patience, device=str(common.get("device", "auto")),
-        log_every=max(1, min(100, spe)), threads=runtime.job_threads(torch.get_num_threads()),
-        progress=progress)
+        log_every=max(1, min(100, spe)),
+        threads=threads or runtime.job_threads(torch.get_num_threads()), progress=progress)
 
 
 def train_autoencoder(job_dir: str | Path, dataset: str, prepared: str | Path, net: str, run: int,
@@ -402,6 +403,7 @@ def fit_mlp_grid(train_z: Tensor, train_y: Tensor, val_z: Tensor, val_y: Tensor,
     """Train every MLP of the grid together; return the selection state (best weights and
     validation accuracies of each net), steps per epoch and the precision used."""
     hidden = [tuple(h) for h in mcfg.get("hidden", HIDDEN_GRID)]
+    threads_before = torch.get_num_threads()
     torch.manual_seed(seed)  # initialisation; the harness reseeds the training RNGs itself
     grid = MLPGrid(train_z.shape[1], n_classes, hidden)
     selection = GridSelection(grid, int(mcfg.get("patience", 25)))
@@ -431,12 +433,18 @@ def fit_mlp_grid(train_z: Tensor, train_y: Tensor, val_z: Tensor, val_y: Tensor,
         # net has gone `patience` epochs without improving (see GridSelection)
         config=_train_config(common, int(mcfg.get("epochs", 500)) * spe, spe,
                              int(mcfg.get("patience", 25)), "improvements", "max", seed,
-                             mcfg.get("checkpoint_every"), progress),
+                             mcfg.get("checkpoint_every"), progress,
+                             # on CPU one thread: ops on 64-d codes and <= 128 units are too
+                             # small for a thread pool, which only adds synchronisation
+                             threads=1 if runtime.pick_device(str(common.get("device", "auto"))).type == "cpu" else None),
         fingerprint=fingerprint, description=workdir.name)
     # the codes are tiny: all of them live on the device for the whole fit
     data.update(train_z=train_z.float().to(trainer.device), train_y=train_y.long().to(trainer.device),
                 val_z=val_z.float().to(trainer.device), val_y=val_y.long().to(trainer.device))
-    trainer.fit()  # restores the selection state of the last improvement (all nets final)
+    try:
+        trainer.fit()  # restores the selection state of the last improvement (all nets final)
+    finally:
+        torch.set_num_threads(threads_before)  # the harness set them process-wide
     return selection, spe, trainer.precision
 
 

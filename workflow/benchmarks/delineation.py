@@ -418,11 +418,18 @@ def check_crop_fits(extractor, taps: Sequence[int], crop: int, device: torch.dev
                              f"config key delineation.crop_size")
 
 
-def train(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str, common: Mapping[str, Any],
-          data_dir: str | Path, workdir: str | Path, out: str | Path, run: int = 0,
-          threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train one U-Net for loss network (lossnet["arch"], layer); write ``out`` (best weights)."""
-    t0 = time.perf_counter()
+def make_trainer(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str,
+                 common: Mapping[str, Any], train_arrays: tuple[np.ndarray, np.ndarray],
+                 valid_arrays: tuple[np.ndarray, np.ndarray] | None, workdir: str | Path,
+                 run: int = 0, threads: int | None = None, progress: bool = True,
+                 max_steps: int | None = None, log_every: int | None = None):
+    """The U-Net, its loss and data wired into the training harness (``Trainer``).
+
+    ``valid_arrays=None`` trains without model selection (the speed benchmark does).
+    Returns ``(trainer, model, info)``.
+    """
+    from workflow.training import TrainConfig, Trainer
+
     device = runtime.pick_device(str(common.get("device", "auto")))
     precision = runtime.resolve_precision(str(common.get("precision", "auto")), device)
     seed = cfg.seed + run
@@ -430,8 +437,7 @@ def train(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str, common
     model = RefinementUNet()
     net, extractor = build_lossnet(lossnet, layer, cfg.normalize)
     taps = net.taps
-    sat, maps = load_split(data_dir, "train", cfg.max_tiles.get("train"))
-    vsat, vmaps = load_split(data_dir, "valid", cfg.max_tiles.get("valid"))
+    sat, maps = train_arrays
     on_device = data_fits(sat.nbytes + maps.nbytes, device, cfg.data_on_device)
     sampler = CropSampler(sat, maps, cfg.crop_size, device, on_device)
     plan = EpochPlan(len(sat), cfg.batch_size, seed, device)
@@ -439,9 +445,6 @@ def train(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str, common
     check_crop_fits(extractor, taps, cfg.crop_size, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     spe = plan.steps_per_epoch
-
-    from workflow.training import TrainConfig, Trainer, load_checkpoint
-
     trainer: Trainer
 
     def step_fn(step: int) -> tuple[Tensor, int]:
@@ -456,28 +459,47 @@ def train(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str, common
         perceptual = feature_loss(extractor, taps, pred.expand(-1, 3, -1, -1), gt.expand(-1, 3, -1, -1))
         return bce + cfg.feature_weight * perceptual.float(), len(idx)
 
-    def eval_fn(step: int) -> dict[str, float]:
-        df = score_tiles(vsat, vmaps, model, cfg, device, precision, [cfg.select_passes], [0])
-        return scores_from_counts({k: int(df[k].sum()) for k in COUNT_KEYS})
+    eval_fn = None
+    if valid_arrays is not None:
+        vsat, vmaps = valid_arrays
+
+        def eval_fn(step: int) -> dict[str, float]:
+            df = score_tiles(vsat, vmaps, model, cfg, device, precision, [cfg.select_passes], [0])
+            return scores_from_counts({k: int(df[k].sum()) for k in COUNT_KEYS})
 
     tc = TrainConfig(
-        max_steps=cfg.epochs * spe, eval_every=cfg.eval_every_epochs * spe, checkpoint_every=spe,
-        precision=precision, seed=seed, select_metric="quality", select_mode="max",
-        device=str(device), log_every=max(1, min(100, spe)), threads=threads, progress=progress)
+        max_steps=cfg.epochs * spe if max_steps is None else max_steps,
+        eval_every=cfg.eval_every_epochs * spe, checkpoint_every=spe, precision=precision,
+        seed=seed, select_metric="quality" if eval_fn else None, select_mode="max",
+        device=str(device), log_every=log_every or max(1, min(100, spe)), threads=threads,
+        progress=progress)
     trainer = Trainer(workdir, {"model": model}, optimizer, step_fn, tc, eval_fn=eval_fn,
                       aux_modules={"lossnet": extractor},
                       fingerprint=_fingerprint(cfg, lossnet, layer, run, len(sat)),
                       description=f"delineation {net.id} run{run}")
+    info = {"lossnet": net.id, "run": run, "epochs": cfg.epochs, "steps_per_epoch": spe,
+            "device": str(device), "precision": precision, "data_on_device": on_device,
+            "channels_last": trainer.channels_last, "train_tiles": len(sat),
+            "weights_id": weights_id(net.arch, str(lossnet.get("weights", "imagenet")))}
+    return trainer, model, info
+
+
+def train(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str, common: Mapping[str, Any],
+          data_dir: str | Path, workdir: str | Path, out: str | Path, run: int = 0,
+          threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one U-Net for loss network (lossnet["arch"], layer); write ``out`` (best weights)."""
+    from workflow.training import load_checkpoint
+
+    t0 = time.perf_counter()
+    train_arrays = load_split(data_dir, "train", cfg.max_tiles.get("train"))
+    valid_arrays = load_split(data_dir, "valid", cfg.max_tiles.get("valid"))
+    trainer, model, info = make_trainer(cfg, lossnet, layer, common, train_arrays, valid_arrays,
+                                        workdir, run, threads, progress)
     result = trainer.fit()
     best = load_checkpoint(result.best_checkpoint, {"model": model}) if result.best_checkpoint else {}
-    info = {
-        "lossnet": net.id, "run": run, "steps": result.steps, "epochs": cfg.epochs,
-        "steps_per_epoch": spe, "best_step": result.best_step, "best_valid_quality": result.best_metric,
-        "stop_reason": result.stop_reason, "device": str(device), "precision": precision,
-        "data_on_device": on_device, "train_tiles": len(sat), "valid_tiles": len(vsat),
-        "train_wall_s": time.perf_counter() - t0,
-        "weights_id": weights_id(net.arch, str(lossnet.get("weights", "imagenet"))),
-    }
+    info |= {"steps": result.steps, "best_step": result.best_step,
+             "best_valid_quality": result.best_metric, "stop_reason": result.stop_reason,
+             "valid_tiles": len(valid_arrays[0]), "train_wall_s": time.perf_counter() - t0}
     state = {"modules": {"model": {k: v.cpu() for k, v in model.state_dict().items()}},
              "step": best.get("step"), "info": info}
     with atomic_path(out) as tmp:

@@ -61,15 +61,21 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None,
 
 
 def resize_short_center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    """Short side to ``size`` (bilinear), then the central ``size`` x ``size`` crop
-    (the super-resolution target protocol of Johnson et al.)."""
+    """Short side to ``size`` (bilinear, antialiased), then the central ``size`` x ``size``
+    crop: the super-resolution target protocol (Johnson et al.), with torchvision's
+    ``Resize(size)`` + ``CenterCrop(size)`` rounding (long side truncated, offsets rounded)
+    so targets match a PyTorch reference pipeline pixel for pixel."""
     from PIL import Image
 
     h, w = img.shape[:2]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    im = Image.fromarray(img).resize((nw, nh), Image.BILINEAR)
-    top, left = (nh - size) // 2, (nw - size) // 2
+    if h <= w:
+        nh, nw = size, int(size * w / h)
+    else:
+        nh, nw = int(size * h / w), size
+    im = Image.fromarray(img)
+    if (nh, nw) != (h, w):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
 

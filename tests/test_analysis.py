@@ -1,0 +1,333 @@
+"""Analysis: attributes against independent values, statistics against scipy, Pareto by hand, figures."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from torch import nn
+
+from workflow.analysis import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES
+from workflow.analysis.attributes import GraphFacts, count_flops, lossnet_attributes, walk_child
+from workflow.analysis.correlations import (
+    arch_best,
+    attribute_correlations,
+    correlate,
+    run_tables,
+    select_scores,
+)
+from workflow.analysis.figures import run_figures
+from workflow.analysis.pareto import pareto_front
+from workflow.lossnets import ARCHS, weights_enum
+from workflow.results import score_frame
+
+SIZE = 96  # one small input size keeps the 14-architecture table fast
+
+
+@pytest.fixture(scope="module")
+def attrs() -> pd.DataFrame:
+    return lossnet_attributes(list(ARCHS), [1, 2, 3, 4], ["alexnet", "vgg16", "squeezenet1_1"], [SIZE])
+
+
+def _row(attrs, arch, layer):
+    return attrs[(attrs["arch"] == arch) & (attrs["layer"] == str(layer))].iloc[0]
+
+
+# ----------------------------------------------------------------------------- attributes
+
+VGG_HEAD = 25088 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000
+# Parameters after the last tap (layer 4), counted by hand from the torchvision definitions.
+TAIL_AFTER_LAYER4 = {
+    "alexnet": 9216 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000,  # maxpool, classifier
+    "vgg11": VGG_HEAD, "vgg16": VGG_HEAD, "vgg16_bn": VGG_HEAD, "vgg19": VGG_HEAD,
+    "resnet18": 512 * 1000 + 1000,  # fc
+    "resnet50": 2048 * 1000 + 1000,
+    "resnext50_32x4d": 2048 * 1000 + 1000,
+    "googlenet": 1024 * 1000 + 1000,  # fc (the aux heads are not in the released model)
+    "efficientnet_b0": 320 * 1280 + 2 * 1280 + 1280 * 1000 + 1000,  # 1x1 conv (no bias) + BN, fc
+    "efficientnet_b7": 640 * 2560 + 2 * 2560 + 2560 * 1000 + 1000,
+    "densenet121": 2 * 1024 + 1024 * 1000 + 1000,  # norm5, classifier
+    "squeezenet1_1": 512 * 1000 + 1000,  # final 1x1 conv classifier
+}
+# Inception-v3's released state keeps AuxLogits (torchvision counts it in num_params); it is
+# not in any forward pass, so the attribute table leaves it out: conv0 1x1 768->128 + BN,
+# conv1 5x5 128->768 + BN, fc 768->1000.
+INCEPTION_AUX = 768 * 128 + 2 * 128 + 128 * 768 * 25 + 2 * 768 + 768 * 1000 + 1000
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_parameter_counts_match_torchvision_metadata(attrs, arch):
+    meta = weights_enum(arch).meta["num_params"]
+    last = _row(attrs, arch, 4)
+    aux = INCEPTION_AUX if arch == "inception_v3" else 0
+    assert last["params_total"] == meta - aux
+    if arch in TAIL_AFTER_LAYER4:
+        assert last["params_to_tap"] == meta - TAIL_AFTER_LAYER4[arch]
+    assert last["params_pct"] == pytest.approx(100 * last["params_to_tap"] / last["params_total"])
+    assert last["imagenet_acc1"] == weights_enum(arch).meta["_metrics"]["ImageNet-1K"]["acc@1"]
+    rows = attrs[(attrs["arch"] == arch) & (attrs["layer"] != "lpips")].sort_values("layer_index")
+    for col in ("params_to_tap", "depth_pct", "conv_depth_pct", "receptive_field", "matmul_depth",
+                f"flops_{SIZE}"):
+        assert rows[col].is_monotonic_increasing, col
+    assert (rows["depth_pct"] <= 100).all() and (rows[f"flops_pct_{SIZE}"] <= 100 + 1e-9).all()
+
+
+def test_receptive_fields_by_hand(attrs):
+    # AlexNet: conv11/4 -> 11 (jump 4); pool3/2 -> 11+2*4=19 (j 8); conv5 -> 19+4*8=51;
+    # pool3/2 -> 51+2*8=67 (j 16); conv3 -> 99; conv3 -> 131; conv3 -> 163
+    assert [_row(attrs, "alexnet", x)["receptive_field"] for x in (1, 2, 3, 4)] == [11, 51, 99, 163]
+    # VGG16: 3x3 convs add 2*jump, 2x2 pools add 1*jump and double it:
+    # relu1_2 1+2+2=5; pool 6, 10, 14; pool 16, 24, 32, 40; pool 44, 60, 76, 92; pool 100, 132, 164, 196
+    assert [_row(attrs, "vgg16", x)["receptive_field"] for x in (1, 2, 3, 4)] == [5, 14, 40, 196]
+    assert _row(attrs, "vgg16", "lpips")["receptive_field"] == 196
+
+
+def test_structure_from_inspection(attrs):
+    assert [_row(attrs, "alexnet", x)["matmul_depth"] for x in (1, 2, 3, 4)] == [1, 2, 3, 5]
+    assert [_row(attrs, "vgg16", x)["matmul_depth"] for x in (1, 2, 3, 4)] == [2, 4, 7, 13]
+    assert _row(attrs, "resnet50", 4)["matmul_depth"] == 1 + 16 * 3  # stem + 16 bottlenecks
+    # channels at the taps, as the registry table of REFERENCE.md states them
+    assert [_row(attrs, "alexnet", x)["channels"] for x in (1, 2, 3, 4)] == [64, 192, 384, 256]
+    assert _row(attrs, "resnet50", 4)["channels"] == 2048
+    assert _row(attrs, "alexnet", "lpips")["channels"] == 64 + 192 + 384 + 256 + 256
+    # conv1 11x11/4 pad 2 on 96 px: (96 + 4 - 11) // 4 + 1 = 23
+    assert _row(attrs, "alexnet", 1)[f"features_{SIZE}"] == 64 * 23 * 23
+    flags = ["skip_connections", "branching", "conv1x1", "batch_norm"]
+    expect = {
+        ("alexnet", 4): [False, False, False, False],
+        ("vgg16_bn", 4): [False, False, False, True],
+        ("resnet18", 1): [False, False, False, True],
+        ("resnet18", 3): [True, False, True, True],  # layer2 has a 1x1 projection shortcut
+        ("googlenet", 2): [False, True, True, True],
+        ("squeezenet1_1", 2): [False, True, True, False],
+        ("densenet121", 2): [True, False, True, True],
+        ("efficientnet_b0", 3): [True, False, True, True],
+    }
+    for (arch, layer), want in expect.items():
+        assert [bool(_row(attrs, arch, layer)[f]) for f in flags] == want, (arch, layer)
+    assert bool(_row(attrs, "efficientnet_b0", 2)["global_context"])  # squeeze-and-excitation
+
+
+def test_graph_walk_on_toy_modules():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.Conv2d(4, 4, 3, padding=1))
+
+        def forward(self, x):
+            return nn.functional.relu(torch.cat([self.a(x), self.b(x)], 1))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.c(x) + nn.functional.max_pool2d(x, kernel_size=2, stride=2)
+
+    f = walk_child(TwoBranches(), GraphFacts())
+    assert max(f.flow.rf) == 1 + 4 + 2 and f.flow.matmuls == 2  # the deeper branch: 5x5 then 3x3
+    assert f.branching and not f.skip
+    g = walk_child(Residual(), f)
+    # conv 3x3/2 after rf 7 (jump 1): 7 + 2 = 9 wins over the pool's 7 + 1 = 8; jump 2
+    assert max(g.flow.rf) == 9 and g.flow.jump == (2, 2) and g.skip and g.flow.matmuls == 3
+
+
+def test_flops_hand_count():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                        nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    # 2 FLOPs per multiply-accumulate: out elements x (in channels x kernel area)
+    hand = 2 * (8 * 16 * 16) * (3 * 9) + 2 * (16 * 8 * 8) * (8 * 9) + 2 * 1024 * 10
+    assert count_flops(net, torch.zeros(1, 3, 16, 16)) == hand
+
+
+def test_flops_in_table_by_hand(attrs):
+    # AlexNet conv1 on 96 px: 64 x 23 x 23 outputs, 3 x 11 x 11 MACs each; ReLU is not counted
+    assert _row(attrs, "alexnet", 1)[f"flops_{SIZE}"] == 2 * 64 * 23 * 23 * 3 * 121
+    # the full pass of every architecture runs at 96 px (Inception-v3 needs >= 75 px)
+    assert attrs[f"flops_total_{SIZE}"].notna().all()
+
+
+def test_flops_total_near_torchvision_ops():
+    # torchvision's meta["_ops"] (GFLOPs at 224 px) counts one multiply-accumulate as one op
+    df = lossnet_attributes(["alexnet", "resnet18"], [4], [], [224])
+    for arch in ("alexnet", "resnet18"):
+        total = df[df["arch"] == arch]["flops_total_224"].iloc[0]
+        assert total / 2 / 1e9 == pytest.approx(weights_enum(arch).meta["_ops"], rel=0.01)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+X = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, np.nan, 10.0])
+Y = np.array([2.1, 1.9, 3.5, 3.0, 6.2, 5.0, 7.7, 6.9, 8.0, np.nan])
+
+
+def test_correlate_matches_scipy():
+    r = correlate(X, Y, n_boot=500, seed=1)
+    ok = ~np.isnan(X) & ~np.isnan(Y)
+    assert r["n"] == 8
+    p, s = stats.pearsonr(X[ok], Y[ok]), stats.spearmanr(X[ok], Y[ok])
+    assert r["pearson_r"] == pytest.approx(p.statistic) and r["pearson_p"] == pytest.approx(p.pvalue)
+    assert r["spearman_rho"] == pytest.approx(s.statistic) and r["spearman_p"] == pytest.approx(s.pvalue)
+    assert r["pearson_lo"] <= r["pearson_r"] <= r["pearson_hi"]
+    assert r == correlate(X, Y, n_boot=500, seed=1)  # seeded
+    exact = correlate([1, 2, 3, 4], [3, 5, 7, 9], n_boot=100)
+    assert exact["pearson_lo"] == pytest.approx(1) and exact["pearson_hi"] == pytest.approx(1)
+    assert math.isnan(correlate([1, 1, 1], [1, 2, 3])["pearson_r"])
+
+
+def test_bootstrap_interval_coverage():
+    # bivariate normal with rho = 0.5: Pearson's population value is 0.5, Spearman's
+    # (6/pi) asin(rho/2); a 90% interval should cover them in about 90% of samples
+    rho, n, reps = 0.5, 40, 150
+    spearman_true = 6 / np.pi * np.arcsin(rho / 2)
+    rng = np.random.default_rng(123)
+    cov = [[1, rho], [rho, 1]]
+    hit_p = hit_s = 0
+    for i in range(reps):
+        xy = rng.multivariate_normal([0, 0], cov, size=n)
+        r = correlate(xy[:, 0], xy[:, 1], n_boot=400, confidence=0.9, seed=i)
+        hit_p += r["pearson_lo"] <= rho <= r["pearson_hi"]
+        hit_s += r["spearman_lo"] <= spearman_true <= r["spearman_hi"]
+    assert 0.80 <= hit_p / reps <= 0.97
+    assert 0.80 <= hit_s / reps <= 0.97
+
+
+def _scores(rows):
+    return score_frame(rows, code_version="test")
+
+
+def test_select_scores_expands_and_averages():
+    rows = [dict(benchmark="super_resolution", dataset=d, split="test", arch="alexnet", layer="1",
+                 variant="x4/standard", run=r, metric="psnr", value=v, n=5)
+            for d, r, v in [("set5", 0, 20.0), ("set5", 1, 22.0), ("set14", 0, 18.0)]]
+    rows.append(dict(benchmark="super_resolution", dataset="set5", split="test", arch="", layer="",
+                     variant="x4/standard", metric="psnr", value=15.0, n=5))  # pixel baseline
+    sel = select_scores(_scores(rows), [{"name": "PSNR", "benchmark": "super_resolution", "metric": "psnr"}])
+    got = dict(zip(sel["score"], sel["value"], strict=True))
+    assert got == {"PSNR (set14)": 18.0, "PSNR (set5)": 21.0}
+
+
+def test_attribute_correlations_against_scipy():
+    layers = ["1", "2", "3", "4"]
+    attrs = pd.DataFrame({"arch": ["a"] * 4 + ["b"] * 4, "layer": layers * 2, "lossnet": [f"x{i}" for i in range(8)],
+                          "layer_index": [1, 2, 3, 4] * 2,
+                          "features_64": [9.0, 7.0, 4.0, 1.0, 8.0, 8.0, 2.0, 2.0],
+                          "features_288": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]})
+    values = [0.60, 0.63, 0.64, 0.70, 0.61, 0.62, 0.68, 0.66]
+    rows = [dict(benchmark="similarity", dataset="bapps-2afc", split="mean", arch=a, layer=x,
+                 comparison="spatial", channel_norm=True, metric="2afc", value=v, n=1)
+            for (a, x), v in zip(attrs[["arch", "layer"]].itertuples(index=False), values, strict=True)]
+    sel = select_scores(_scores(rows), [{"name": "2AFC", "metric": "2afc"}])
+    cfg = {"input_sizes": {"similarity": 64}, "attributes": ["layer_index", "features"],
+           "bootstrap": {"n": 50}}
+    out = attribute_correlations(sel, attrs, cfg).set_index("attribute")
+    assert out.loc["layer_index", "pearson_r"] == pytest.approx(stats.pearsonr(attrs["layer_index"], values)[0])
+    # "features" is taken at the benchmark's input size (64), not another size
+    assert out.loc["features", "pearson_r"] == pytest.approx(stats.pearsonr(attrs["features_64"], values)[0])
+    assert out.loc["features", "spearman_rho"] == pytest.approx(stats.spearmanr(attrs["features_64"], values)[0])
+
+
+def test_arch_best_layer():
+    rows = [dict(benchmark="similarity", dataset="d", split="s", arch=a, layer=x, metric=m, value=v, n=1)
+            for a, x, m, v in [("a", "1", "2afc", 0.6), ("a", "3", "2afc", 0.7), ("a", "lpips", "2afc", 0.9),
+                               ("b", "2", "2afc", 0.65), ("a", "1", "err", 1.0), ("a", "2", "err", 0.5)]]
+    sel = select_scores(_scores(rows), [{"name": "2AFC", "metric": "2afc"}, {"name": "err", "metric": "err"}])
+    best = arch_best(sel, lower_is_better=["err"]).set_index(["score", "arch"])["layer"]
+    assert best.to_dict() == {("2AFC", "a"): "3", ("2AFC", "b"): "2", ("err", "a"): "2"}
+
+
+# ----------------------------------------------------------------------------- Pareto
+
+
+def test_pareto_front_by_hand():
+    #            A  B  C  D  E  F  G(=B) H(nan)
+    cost = [1, 2, 3, 4, 4, 5, 2, np.nan]
+    score = [1, 3, 2, 5, 4, 5, 3, 9]
+    # C is beaten by B (cheaper, better), E by D (same cost, better), F by D (same score, cheaper)
+    assert pareto_front(cost, score).tolist() == [True, True, False, True, False, False, True, False]
+    # maximising x (accuracy): (70, .6) (75, .5) (72, .65) (80, .4) (72, .6)
+    acc, s = [70, 75, 72, 80, 72], [0.6, 0.5, 0.65, 0.4, 0.6]
+    assert pareto_front(acc, s, minimize_x=False).tolist() == [False, True, True, True, False]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _demo_scores() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for a in ("alexnet", "squeezenet1_1", "resnet18"):
+        for x in ("1", "2", "3", "4"):
+            for ds, split, metric in (("bapps-2afc", "mean", "2afc"), ("bapps-jnd", "pooled", "jnd_ap")):
+                rows.append(dict(benchmark="similarity", dataset=ds, split=split, arch=a, layer=x,
+                                 comparison="spatial", channel_norm=True, metric=metric,
+                                 value=0.6 + 0.02 * int(x) + rng.normal(0, 0.01), n=10))
+            rows.append(dict(benchmark="super_resolution", dataset="set5", split="test", arch=a, layer=x,
+                             variant="x4/standard", metric="psnr", value=rng.normal(22, 1), n=5))
+    for a in ("alexnet", "squeezenet1_1"):
+        for rk in range(3):
+            b = rng.uniform(0.5, 0.7)
+            rows.append(dict(benchmark="adaptation", dataset="svhn", split="test", arch=a, layer="lpips",
+                             comparison="spatial", channel_norm=True, variant="baseline", ranking=rk,
+                             metric="2afc", value=b, n=50))
+            rows.append(dict(benchmark="adaptation", dataset="svhn", split="test", arch=a, layer="lpips",
+                             comparison="spatial", channel_norm=True, variant="adapted", ranking=rk, run=0,
+                             metric="2afc", value=b + 0.1, n=50))
+        for ps, n in (("invert", 11), ("translate", 5)):
+            rows.append(dict(benchmark="probes", dataset=ps, split="test", arch=a, layer="lpips",
+                             comparison="mean", channel_norm=False, metric="correct", value=float(n - 1), n=n))
+    return _scores(rows)
+
+
+CFG = {
+    "input_sizes": {"similarity": SIZE, "super_resolution": SIZE, "adaptation": SIZE},
+    "scores": [
+        {"name": "2AFC", "benchmark": "similarity", "dataset": "bapps-2afc", "split": "mean", "metric": "2afc"},
+        {"name": "JND", "benchmark": "similarity", "dataset": "bapps-jnd", "metric": "jnd_ap"},
+        {"name": "PSNR", "benchmark": "super_resolution", "metric": "psnr"},
+    ],
+    "bootstrap": {"n": 50, "confidence": 0.95, "seed": 0},
+    "pareto": {"cost": "flops", "cost_scores": ["2AFC", "JND"], "accuracy_scores": ["2AFC"]},
+    "figures": {"dpi": 60},
+}
+
+
+def _check_outputs(tmp_path):
+    for t in TABLES:
+        for fmt in TABLE_FORMATS:
+            assert (tmp_path / "tables" / f"{t}.{fmt}").stat().st_size > 0
+    for f in FIGURES:
+        for fmt in FIGURE_FORMATS:
+            assert (tmp_path / "figures" / f"{f}.{fmt}").stat().st_size > 0
+        with Image.open(tmp_path / "figures" / f"{f}.png") as im:
+            assert min(im.size) > 100
+
+
+@pytest.mark.parametrize("which", ["demo", "similarity_only", "empty"])
+def test_tables_and_figures_with_partial_results(attrs, tmp_path, which):
+    scores = _demo_scores()
+    if which == "similarity_only":
+        scores = scores[scores["benchmark"] == "similarity"]
+    elif which == "empty":
+        scores = scores.iloc[:0]
+    demo_attrs = attrs[attrs["arch"].isin(["alexnet", "squeezenet1_1", "resnet18"])]
+    info = run_tables(scores, demo_attrs, CFG, tmp_path / "tables")
+    notes = run_figures(scores, tmp_path / "tables", CFG, tmp_path / "figures")
+    _check_outputs(tmp_path)
+    no_data = [n for n in notes if "no data" in n]
+    if which == "demo":
+        assert info["scores"] == 3 and not no_data
+        pareto = pd.read_parquet(tmp_path / "tables" / "pareto.parquet")
+        assert set(pareto["view"]) == {"flops vs 2AFC", "flops vs JND", "imagenet_acc1 vs 2AFC"}
+    elif which == "similarity_only":
+        assert sorted(n.split(":")[0] for n in no_data) == ["adaptation", "probes"]
+    else:
+        assert len(no_data) == len(FIGURES)
+

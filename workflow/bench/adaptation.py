@@ -1,0 +1,136 @@
+"""``python -m workflow bench adaptation``: fused adaptation vs one metric at a time.
+
+For each LPIPS loss network, times training steps of the fused adapter (every
+comparison x ranking metric on one extractor pass per batch) and steps of single
+metrics trained alone (each its own distortion draw, extractor pass, per-channel
+differences, weights and ranking net: what one process per metric would do). Steps
+of the same batch size take the same time for every ranking, so the separate cost
+of a network is ``rankings x sum over comparisons of t(comparison)``; the runs
+factor is the same on both sides. Process start-up and model loading of the
+separate processes are left out, so the ratio is a lower bound. The projection for
+the whole grid sums the networks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+
+from workflow import runtime
+from workflow.bench.report import machine_description, update_section
+from workflow.benchmarks.adaptation import (
+    FusedAdapter,
+    adaptation_step,
+    make_optimizer,
+    tap_channels,
+)
+from workflow.compare import METHODS, Variant
+from workflow.distortions import positions, random_rankings
+from workflow.lossnets import LossNet, build_extractor
+
+
+def _time_steps(extractor, adapter: FusedAdapter, images, pos, batch: int, steps: int, warmup: int,
+                device: torch.device, precision: str) -> float:
+    """Seconds per optimisation step (distort, extract, compare, loss, backward, Adam, clamp)."""
+    opt = make_optimizer(adapter, {"lr": 1e-3, "betas": (0.5, 0.999)})
+    gen = torch.Generator(device=device).manual_seed(0)
+    ac = runtime.autocast(device, precision)
+
+    def one() -> None:
+        idx = torch.randint(0, images.shape[0], (batch,), device=device, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss, _ = adaptation_step(extractor, adapter, images, idx, pos, 64, gen, ac)
+        loss.backward()
+        opt.step()
+        adapter.clamp_()
+
+    for _ in range(warmup):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_net(net: LossNet, rankings: int, methods: Sequence[str], batch: int, steps: int, warmup: int,
+              device: torch.device, precision: str, weights: str) -> dict:
+    extractor = build_extractor(net.arch, lossnets=[net], weights=weights, weights_dir="resources/weights").to(device)
+    channels = tap_channels(extractor, 64, device)
+    images = torch.randint(0, 256, (4096, 32, 32, 3), dtype=torch.uint8, device=device)  # SVHN-shaped
+    orders = random_rankings(rankings, 0)
+    pos = positions(orders).to(device)
+    variants = [Variant(m, True) for m in methods]
+    fused = FusedAdapter(channels, variants, range(rankings)).to(device)
+    t_fused = _time_steps(extractor, fused, images, pos, batch, steps, warmup, device, precision)
+    per_method = {}
+    for v in variants:  # one ranking per comparison: the ranking does not change the cost
+        single = FusedAdapter(channels, [v], [0]).to(device)
+        per_method[v.method] = _time_steps(extractor, single, images, pos[:1], batch, steps, warmup, device,
+                                           precision)
+    t_separate = rankings * sum(per_method.values())
+    return {"net": net.id, "fused_s": t_fused, "per_method_s": per_method, "separate_s": t_separate,
+            "speedup": t_separate / t_fused, "metrics": rankings * len(variants)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workflow bench adaptation")
+    ap.add_argument("--nets", nargs="+", default=["alexnet/lpips", "vgg16/lpips", "squeezenet1_1/lpips"])
+    ap.add_argument("--rankings", type=int, default=20)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--runs", type=int, default=4, help="runs per network (same factor both sides)")
+    ap.add_argument("--batch", type=int, default=None, help="default: 1024 on CUDA, 32 on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 2 on CPU)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--weights", default="random", help="random | imagenet (speed does not depend on it)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-report", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = ap.parse_args(argv)
+    device = runtime.pick_device(args.device)
+    precision = runtime.resolve_precision(args.precision, device)
+    runtime.configure(device, precision, args.threads or runtime.job_threads(default=torch.get_num_threads()))
+    batch = args.batch or (1024 if device.type == "cuda" else 32)
+    steps = args.steps or (10 if device.type == "cuda" else 2)
+    results = []
+    for name in args.nets:
+        r = bench_net(LossNet.parse(name), args.rankings, args.methods, batch, steps, args.warmup, device,
+                      precision, args.weights)
+        results.append(r)
+        print(f"{r['net']}: fused {r['fused_s']:.3f} s/step for {r['metrics']} metrics; separate "
+              f"{r['separate_s']:.3f} s/step; speed-up {r['speedup']:.1f}x", flush=True)
+    fused_total = args.runs * sum(r["fused_s"] for r in results)
+    separate_total = args.runs * sum(r["separate_s"] for r in results)
+    grid = separate_total / fused_total
+    lines = [
+        "## Adaptation: fused training vs one metric at a time",
+        "",
+        f"Machine: {machine_description(device)}; precision {precision}; batch {batch}; {steps} timed "
+        f"steps after {args.warmup} warm-up; {args.rankings} rankings x {len(args.methods)} comparisons "
+        f"(channel-normalised); weights {args.weights}; SVHN-shaped inputs resized to 64x64.",
+        "Separate = rankings x sum over comparisons of the step time of one metric trained alone "
+        "(its own distortion draw, extractor pass and comparison); process start-up excluded, so "
+        "the speed-ups are lower bounds.",
+        "",
+        "| loss network | fused s/step | separate s/step (all metrics) | speed-up |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['net']} | {r['fused_s']:.4f} | {r['separate_s']:.3f} | {r['speedup']:.1f}x |" for r in results]
+    lines += ["", f"Projected whole grid ({len(results)} networks x {len(args.methods)} comparisons x "
+                  f"{args.rankings} rankings x {args.runs} runs): {grid:.1f}x faster fused "
+                  f"(target >= 20x).", "",
+              "Per-comparison step time of one metric alone (s): "
+              + "; ".join(f"{r['net']}: " + ", ".join(f"{m} {t:.3f}" for m, t in r["per_method_s"].items())
+                          for r in results)]
+    md = "\n".join(lines)
+    print(md)
+    if not args.no_report:
+        update_section("adaptation", md)
+    return 0
