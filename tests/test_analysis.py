@@ -281,8 +281,9 @@ def _demo_scores() -> pd.DataFrame:
                              comparison="spatial", channel_norm=True, variant="adapted", ranking=rk, run=0,
                              metric="2afc", value=b + 0.1, n=50))
         for ps, n in (("invert", 11), ("translate", 5)):
-            rows.append(dict(benchmark="probes", dataset=ps, split="test", arch=a, layer="lpips",
-                             comparison="mean", channel_norm=False, metric="correct", value=float(n - 1), n=n))
+            rows.append(dict(benchmark="probes", dataset="probes", split=ps, arch=a, layer="lpips",
+                             comparison="mean", channel_norm=False, variant="generated", metric="correct",
+                             value=float(n - 1), n=n))
     return _scores(rows)
 
 
@@ -331,3 +332,28 @@ def test_tables_and_figures_with_partial_results(attrs, tmp_path, which):
     else:
         assert len(no_data) == len(FIGURES)
 
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+@pytest.mark.slow
+def test_figures_target_and_replot_only(tmp_path):
+    """`snakemake figures` from an existing scores table; a figure setting re-plots only."""
+    from tests.snakemake_helpers import ROOT, demo_args, snakemake
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _demo_scores().to_parquet(results / "scores.parquet", index=False)
+    args = ["--cores", "2", *demo_args(tmp_path, "benchmarks=[]")]
+    snakemake("figures", *args, timeout=1200)
+    for f in FIGURES:
+        assert (results / "figures" / f"{f}.png").stat().st_size > 0
+    override = tmp_path / "dpi.yaml"
+    override.write_text("analysis:\n  figures: {dpi: 77}\n")
+    dry = snakemake("figures", "-n", "--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
+                    str(override), "--config", f"results_dir={results}",
+                    f"resources_dir={tmp_path / 'resources'}", "benchmarks=[]", timeout=600)
+    jobs = {line.split()[0] for line in dry.stdout.splitlines()
+            if line.strip() and line.split()[-1].isdigit() and len(line.split()) == 2}
+    assert jobs == {"analysis_figures", "figures", "total"}, dry.stdout[-3000:]

@@ -65,8 +65,7 @@ def all_variants(methods: Iterable[str] = METHODS, channel_norm: Iterable[bool] 
 
 def channel_normalize(t: Tensor, eps: float = EPS) -> Tensor:
     """Unit L2 norm over channels (dim 1) at every position."""
-    # vector_norm reads t once without materialising t * t (this runs on every feature map)
-    return t / torch.linalg.vector_norm(t, dim=1, keepdim=True).add_(eps)
+    return t / torch.sum(t * t, dim=1, keepdim=True).sqrt_().add_(eps)
 
 
 def sort_positions(t: Tensor) -> Tensor:

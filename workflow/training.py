@@ -460,7 +460,7 @@ class Trainer:
         for m in self.modules.values():
             m.train(mode)
 
-    def _check_losses(self) -> float | None:
+    def check_losses(self) -> float | None:
         """NaN/Inf guard over the pending losses (one device sync); returns their mean."""
         if not self._pending:
             return None
@@ -481,7 +481,7 @@ class Trainer:
         self.history.setdefault(self.step, {}).update(values)
 
     def _flush_log(self) -> None:
-        loss = self._check_losses()
+        loss = self.check_losses()
         now = time.perf_counter()
         dt = max(now - self._t_window, 1e-9)
         if loss is not None and self._steps_window:
@@ -504,7 +504,8 @@ class Trainer:
     def history_frame(self) -> pd.DataFrame:
         return pd.DataFrame([{"step": s, **r} for s, r in sorted(self.history.items())])
 
-    def _train_step(self, step: int) -> None:
+    def train_step(self, step: int) -> None:
+        """One optimisation step (public for benchmarks that time the harness itself)."""
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         with self.autocast():
@@ -585,7 +586,7 @@ class Trainer:
         try:
             with self._signals():
                 while self.step < cfg.max_steps:
-                    self._train_step(self.step)
+                    self.train_step(self.step)
                     bar.update(1)
                     s = self.step
                     last = s >= cfg.max_steps

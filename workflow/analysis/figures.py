@@ -219,14 +219,17 @@ def adaptation_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], colors, stem
     a = cfg.get("adaptation", {})
     base_v, adapt_v = a.get("baseline_variant", "baseline"), a.get("adapted_variant", "adapted")
     rows = scores[(scores["benchmark"] == "adaptation") & (scores["metric"] == a.get("metric", "2afc"))
-                  & scores["ranking"].notna()]
+                  & (scores["split"] == a.get("split", "test")) & scores["ranking"].notna()]
+    if a.get("datasets"):
+        rows = rows[rows["dataset"].isin(list(a["datasets"]))]
     keys = ["dataset", "arch", "layer", "comparison", "channel_norm", "ranking"]
     base = rows[rows["variant"] == base_v].groupby(keys, dropna=False)["value"].mean()
     adapted = rows[rows["variant"] == adapt_v].groupby(keys, dropna=False)["value"].mean()
     d = pd.concat({"baseline": base, "adapted": adapted}, axis=1).dropna().reset_index()
     if d.empty:
         return no_data(stem, "Adaptation to distortion rankings",
-                       f"no adaptation rows with variants {base_v!r} and {adapt_v!r} per ranking", dpi)
+                       f"no adaptation rows with variants {base_v!r} and {adapt_v!r} per ranking "
+                       f"(config analysis.adaptation)", dpi)
     names = list(dict.fromkeys(d["dataset"]))
     fig, axes = _grid(len(names), fig_cfg)
     for ax, name in zip(axes.flat, names, strict=False):
@@ -255,17 +258,20 @@ def probes_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> s
     rows = scores[(scores["benchmark"] == "probes") & (scores["metric"] == metric)]
     if rows.empty:
         return no_data(stem, "Flaw probes", f"no probes rows with metric {metric!r}", dpi)
+    # the probes benchmark writes dataset "probes" and the probe set as split
+    set_name = rows["split"].astype(str) if rows["dataset"].nunique() == 1 else (
+        rows["dataset"].astype(str) + "/" + rows["split"].astype(str))
     rows = rows.assign(
         lossnet=rows["arch"].fillna("").astype(str) + "/" + rows["layer"].fillna("").astype(str),
         norm=rows["channel_norm"].map({True: "norm", False: "no norm"}).fillna("n/a").astype(str),
+        set_name=set_name, comp=rows["comparison"].fillna("").astype(str),
     )
     # columns grouped by probe set, then comparison method, in order of appearance
-    sets = {s: i for i, s in enumerate(dict.fromkeys(rows["dataset"].astype(str)))}
-    comps = {c: i for i, c in enumerate(dict.fromkeys(rows["comparison"].fillna("").astype(str)))}
-    rows = rows.assign(column=rows["dataset"].astype(str) + "\n" + rows["comparison"].fillna("").astype(str),
+    sets = {s: i for i, s in enumerate(dict.fromkeys(rows["set_name"]))}
+    comps = {c: i for i, c in enumerate(dict.fromkeys(rows["comp"]))}
+    rows = rows.assign(column=rows["set_name"] + "\n" + rows["comp"],
                        line=rows["lossnet"] + " (" + rows["norm"] + ")",
-                       order=rows["dataset"].astype(str).map(sets) * 100
-                       + rows["comparison"].fillna("").astype(str).map(comps))
+                       order=rows["set_name"].map(sets) * 100 + rows["comp"].map(comps))
     rows = rows.sort_values(["order", "line"], kind="stable")
     val = rows.pivot_table(index="line", columns="column", values="value", aggfunc="mean", sort=False)
     n = rows.pivot_table(index="line", columns="column", values="n", aggfunc="max", sort=False)

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from workflow.datasets import RemoteFile, mark_ready
+from workflow.datasets.common import CorruptFileError, default_workers
 
 BASE_URL = "https://perceptual-similarity.s3.us-west-2.amazonaws.com/dataset/"
 FILES: list[RemoteFile] = [
@@ -55,8 +56,8 @@ PARTS = {
 LABEL = {"2afc": "judge", "jnd": "same"}
 
 
-class BappsError(RuntimeError):
-    pass
+class BappsError(CorruptFileError):
+    """A BAPPS raw tree that cannot be prepared; the message names the file and the fix."""
 
 
 # ----------------------------------------------------------------------------- synthesize
@@ -238,7 +239,7 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int 
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     roots = find_roots(raw_dir)
-    workers = workers or max(2, min(8, os.cpu_count() or 2))
+    workers = workers or max(2, default_workers())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
