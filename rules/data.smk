@@ -21,13 +21,15 @@ BENCH_DATASETS = {
 NEEDED_DATASETS = sorted({d for b in config["benchmarks"] for d in BENCH_DATASETS.get(b, [])})
 
 
-def data_options(dataset, synthetic=False):
-    """config data.<dataset> as a rule param: without the synthetic sizes for download /
-    prepare (so resizing the fakes never re-prepares real data), whole for synthesize."""
+def data_options(dataset, purpose):
+    """config data.<dataset> as a rule param, only the keys `purpose` depends on: the
+    synthetic sizes reach synthesize only, pinned checksums download only (so resizing the
+    fakes or pinning a hash never re-prepares real data)."""
     opts = dict(DATA.get(dataset) or {})
-    sizes = opts.pop("synthetic", None)
-    if synthetic and sizes:
-        opts["synthetic"] = sizes
+    if purpose != "synthesize":
+        opts.pop("synthetic", None)
+    if purpose != "download":
+        opts.pop("checksums", None)
     return as_json(opts)
 
 
@@ -75,7 +77,7 @@ if DATA["source"] == "synthetic":
         output:
             f"{RES}/raw/{{dataset}}/READY",
         params:
-            opts=lambda wc: data_options(wc.dataset, synthetic=True),
+            opts=lambda wc: data_options(wc.dataset, "synthesize"),
             seed=DATA.get("seed", 0),
         log:
             f"{RES}/logs/synthesize_{{dataset}}.log",
@@ -92,7 +94,7 @@ else:
         output:
             f"{RES}/raw/{{dataset}}/READY",
         params:
-            opts=lambda wc: data_options(wc.dataset),
+            opts=lambda wc: data_options(wc.dataset, "download"),
             mirror=lambda wc: DATA.get("mirrors", {}).get(wc.dataset, ""),
             urls=lambda wc: dataset_urls(wc.dataset),
         message:
@@ -111,7 +113,7 @@ rule prepare_dataset:
     output:
         f"{RES}/prepared/{{dataset}}/manifest.json",
     params:
-        opts=lambda wc: data_options(wc.dataset),
+        opts=lambda wc: data_options(wc.dataset, "prepare"),
     log:
         f"{RES}/logs/prepare_{{dataset}}.log",
     threads: 8

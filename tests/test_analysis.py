@@ -13,7 +13,13 @@ from scipy import stats
 from torch import nn
 
 from workflow.analysis import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES
-from workflow.analysis.attributes import GraphFacts, count_flops, lossnet_attributes, walk_child
+from workflow.analysis.attributes import (
+    GraphFacts,
+    container_children,
+    count_flops,
+    lossnet_attributes,
+    walk_child,
+)
 from workflow.analysis.correlations import (
     arch_best,
     attribute_correlations,
@@ -23,7 +29,7 @@ from workflow.analysis.correlations import (
 )
 from workflow.analysis.figures import run_figures
 from workflow.analysis.pareto import pareto_front
-from workflow.lossnets import ARCHS, weights_enum
+from workflow.lossnets import ARCHS, load_backbone, weights_enum
 from workflow.results import score_frame
 
 SIZE = 96  # one small input size keeps the 14-architecture table fast
@@ -85,6 +91,45 @@ def test_receptive_fields_by_hand(attrs):
     # relu1_2 1+2+2=5; pool 6, 10, 14; pool 16, 24, 32, 40; pool 44, 60, 76, 92; pool 100, 132, 164, 196
     assert [_row(attrs, "vgg16", x)["receptive_field"] for x in (1, 2, 3, 4)] == [5, 14, 40, 196]
     assert _row(attrs, "vgg16", "lpips")["receptive_field"] == 196
+
+
+def _swap_maxpool(mod: nn.Module) -> None:
+    for name, ch in mod.named_children():
+        if isinstance(ch, nn.MaxPool2d):  # same window, but every input gets a gradient
+            setattr(mod, name, nn.AvgPool2d(ch.kernel_size, ch.stride, ch.padding, ch.ceil_mode))
+        else:
+            _swap_maxpool(ch)
+
+
+def empirical_receptive_field(arch: str, tap: int, size: int) -> tuple[int, int]:
+    """Input pixels reached by the gradient of the centre position (all channels) of the tap,
+    in a model with positive constant weights, identity BatchNorm and average pooling."""
+    model = load_backbone(arch, "random").double()
+    seq = nn.Sequential(*container_children(model, arch)[: tap + 1])
+    _swap_maxpool(seq)
+    with torch.no_grad():
+        for m in seq.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.fill_(1.0 / m.weight[0].numel())
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_(), m.running_var.fill_(1.0), m.weight.fill_(1.0), m.bias.zero_()
+    x = (torch.rand(1, 3, size, size, dtype=torch.float64) + 0.5).requires_grad_(True)
+    y = seq(x)
+    y[0, :, y.shape[2] // 2, y.shape[3] // 2].sum().backward()
+    hit = x.grad[0].abs().sum(0) > 0
+    rows, cols = hit.any(1).nonzero().flatten(), hit.any(0).nonzero().flatten()
+    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+
+@pytest.mark.parametrize(("arch", "layer", "size"), [("resnet18", 2, 96), ("squeezenet1_1", 3, 128)])
+def test_receptive_field_of_branching_nets_empirically(attrs, arch, layer, size):
+    # residual adds (resnet) and Fire concatenations (squeezenet): the graph walk's maximum
+    # over branches equals the gradient's extent (inputs large enough to avoid borders)
+    rf = _row(attrs, arch, layer)["receptive_field"]
+    assert size > rf
+    assert empirical_receptive_field(arch, ARCHS[arch].layers[layer - 1], size) == (rf, rf)
 
 
 def test_structure_from_inspection(attrs):

@@ -248,6 +248,18 @@ def test_bad_arrays_fail_clearly(tmp_path):
         bench.load_split(root, "valid")
 
 
+def test_rules_get_only_the_keys_they_depend_on(repo_root):
+    import yaml
+
+    section = yaml.safe_load((repo_root / "config.yaml").read_text())["delineation"]
+    train, evaluate = bench.stage_config(section, "train"), bench.stage_config(section, "eval")
+    assert "tolerance" not in train and "passes" not in train and "lossnets" not in train
+    assert "lr" not in evaluate and "epochs" not in evaluate and "runs" not in evaluate
+    assert {"threshold", "tile_size", "max_tiles"} <= train.keys() & evaluate.keys()
+    bench.DelineationConfig.from_dict(train)
+    bench.DelineationConfig.from_dict(evaluate)
+
+
 def test_config_checks_name_the_key():
     with pytest.raises(ValueError, match="delineation.tile_margin"):
         bench.DelineationConfig.from_dict({"tile_size": 64, "tile_margin": 40})

@@ -214,3 +214,28 @@ def test_changed_fingerprint_starts_afresh(tmp_path):
     tr2.fingerprint = "other-config"
     res = tr2.fit()
     assert res.resumed_from is None and len(losses) == 4
+
+
+def test_best_checkpoint_rebuilt_when_deleted_before_resume(tmp_path):
+    # Snakemake deletes a failed job's declared outputs; last.pt carries a copy of the best weights
+    scores = {4: 2.0, 8: 1.0, 12: 0.5}
+    snapshots = {}
+
+    def eval_fn(step):
+        snapshots[step] = _weights(net)
+        return {"psnr": scores[step]}
+
+    def kill_at_5(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    tr, net, _ = _make(tmp_path, hook=kill_at_5, eval_fn=eval_fn, select_metric="psnr")
+    with pytest.raises(Preempted):
+        tr.fit()
+    (tmp_path / "best.pt").unlink()
+    tr2, net, _ = _make(tmp_path, init_seed=4, eval_fn=eval_fn, select_metric="psnr")
+    res = tr2.fit()
+    assert res.best_step == 4 and res.best_metric == 2.0
+    fresh = _net(1)
+    assert load_checkpoint(tmp_path / "best.pt", {"model": fresh})["step"] == 4
+    assert _same(_weights(fresh), snapshots[4]) and _same(_weights(net), snapshots[4])

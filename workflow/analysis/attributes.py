@@ -322,7 +322,8 @@ def arch_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) ->
             "conv1x1": c1, "batch_norm": b, "global_context": f.global_context,
             "imagenet_acc1": acc1,
         }
-        row["channels"] = sum(flops[sizes[0]][1][t][1] for t in net.taps) if sizes else pd.NA
+        # channels do not depend on the size; the largest input is the likeliest to reach every tap
+        row["channels"] = sum(flops[sizes[-1]][1][t][1] for t in net.taps) if sizes else pd.NA
         for s in sizes:
             cum, shapes, total = flops[s]
             feats = [math.prod(shapes[t][1:]) if shapes[t] else math.nan for t in net.taps]

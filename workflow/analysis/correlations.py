@@ -65,6 +65,11 @@ def select_scores(scores: pd.DataFrame, selectors: Sequence[Mapping[str, Any]]) 
     """
     out = []
     rows = scores[scores["arch"].fillna("").astype(str) != ""]
+    names = [str(sel.get("name", "")) for sel in selectors]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AnalysisConfigError(f"config key analysis.scores: names {dup} are used twice; "
+                                  f"give every selector its own name")
     for i, sel in enumerate(selectors):
         name = str(sel.get("name", f"score{i + 1}"))
         unknown = set(sel) - set(IDENTITY) - {"name", "arch", "layer", "ranking", "run"}

@@ -180,11 +180,24 @@ def load_arrays(prepared_dir: str | os.PathLike, names: dict[str, str]) -> dict[
     return out
 
 
+def json_arg(text: str) -> Any:
+    """argparse ``type=`` for JSON options (``@file.json`` reads a file). The same as
+    ``workflow.config.json_arg``, kept here because importing ``workflow.config`` pulls in
+    torch and torchvision, which data jobs never need (seconds per job on a busy node)."""
+    import json
+
+    try:
+        if text.startswith("@"):
+            return json.loads(Path(text[1:]).read_text())
+        return json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:200]}") from None
+
+
 def dataset_main(module: Any, argv: list[str] | None, prog: str) -> int:
     """``synthesize --raw DIR [--seed N] [--options JSON]`` / ``prepare --raw DIR --out DIR
     [--options JSON]`` for one dataset module (the rules use ``python -m workflow download``,
     which calls the same functions)."""
-    from workflow.config import json_arg
     from workflow.download import prepare_dataset, synthesize_dataset
 
     name = module.__name__.rsplit(".", 1)[-1]

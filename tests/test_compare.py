@@ -1,0 +1,116 @@
+"""Comparison methods on tiny tensors worked by hand (workflow.compare)."""
+
+from __future__ import annotations
+
+from math import sqrt
+
+import pytest
+import torch
+
+from workflow import compare
+from workflow.compare import Variant
+
+# one image pair, C=2 channels, H=1, W=2 positions
+X = torch.tensor([[[[1.0, 3.0]], [[0.0, 4.0]]]])
+Y = torch.tensor([[[[2.0, 1.0]], [[2.0, 0.0]]]])
+S = 1 / sqrt(2)
+R = sqrt(3.25)
+
+# per-channel differences D[c] = mean over positions of (t_x - t_y)^2, by hand
+HAND = {
+    Variant("spatial", False): [(1 + 4) / 2, (4 + 16) / 2],
+    Variant("mean", False): [(2 - 1.5) ** 2, (2 - 1) ** 2],
+    # sorted: x c0 [1,3], c1 [0,4]; y c0 [1,2], c1 [0,2]
+    Variant("sort", False): [(0 + 1) / 2, (0 + 4) / 2],
+    # positions normalised over channels: x (1,0),(3,4)/5; y (2,2)/sqrt8, (1,0)
+    Variant("spatial", True): [((1 - S) ** 2 + (0.6 - 1) ** 2) / 2, (S ** 2 + 0.8 ** 2) / 2],
+    # means x (2,2) -> (S,S); y (1.5,1) -> (1.5,1)/sqrt(3.25)
+    Variant("mean", True): [(S - 1.5 / R) ** 2, (S - 1 / R) ** 2],
+    # sorted positions x (1,0),(3,4)/5; y (1,0),(2,2)/sqrt8
+    Variant("sort", True): [(0 + (0.6 - S) ** 2) / 2, (0 + (0.8 - S) ** 2) / 2],
+}
+for _n in (False, True):
+    for _b in ("mean", "sort"):
+        HAND[Variant(f"spatial+{_b}", _n)] = [a + b for a, b in
+                                              zip(HAND[Variant("spatial", _n)], HAND[Variant(_b, _n)])]
+
+
+@pytest.mark.parametrize("variant", list(HAND), ids=lambda v: v.name)
+def test_each_method_by_hand(variant):
+    diffs = compare.per_channel_diffs({0: X}, {0: Y}, [variant])
+    torch.testing.assert_close(diffs[variant][0], torch.tensor([HAND[variant]]), atol=1e-6, rtol=1e-6)
+    d = compare.distances({0: X}, {0: Y}, [variant])[variant]
+    assert d.shape == (1,)
+    assert d.item() == pytest.approx(sum(HAND[variant]), abs=1e-6)
+    # the papers' 1/C form
+    d_mean = compare.distances({0: X}, {0: Y}, [variant], channel_reduction="mean")[variant]
+    assert d_mean.item() == pytest.approx(sum(HAND[variant]) / 2, abs=1e-6)
+
+
+def test_all_variants_at_once_equal_one_at_a_time():
+    variants = compare.all_variants()
+    assert len(variants) == 10
+    together = compare.distances({0: X}, {0: Y}, variants)
+    for v in variants:
+        assert together[v].item() == pytest.approx(sum(HAND[v]), abs=1e-6)
+
+
+def test_per_channel_weights():
+    v = Variant("spatial", False)
+    w = torch.tensor([2.0, 0.5])
+    d = compare.distances({0: X}, {0: Y}, [v], weights={0: w})[v]
+    assert d.item() == pytest.approx(2 * 2.5 + 0.5 * 10)
+
+
+def test_k_by_c_weights_equal_k_separate_runs():
+    g = torch.Generator().manual_seed(0)
+    fx = {1: torch.rand(3, 4, 5, 5, generator=g), 2: torch.rand(3, 6, 2, 2, generator=g)}
+    fy = {1: torch.rand(3, 4, 5, 5, generator=g), 2: torch.rand(3, 6, 2, 2, generator=g)}
+    wk = {1: torch.rand(7, 4, generator=g), 2: torch.rand(7, 6, generator=g)}
+    for v in compare.all_variants():
+        diffs = compare.per_channel_diffs(fx, fy, [v])[v]
+        together = compare.reduce_channels(diffs, wk)
+        assert together.shape == (3, 7)
+        for k in range(7):
+            alone = compare.reduce_channels(diffs, {t: w[k] for t, w in wk.items()})
+            torch.testing.assert_close(together[:, k], alone)
+
+
+def test_taps_are_summed_and_reference_broadcasts():
+    fx = {0: torch.cat([X, Y]), 5: torch.cat([X, Y]) * 2}
+    fy = {0: Y, 5: Y * 2}  # one reference for the whole batch
+    v = Variant("spatial", False)
+    d = compare.distances(fx, fy, [v])[v]
+    # tap 5 doubles the features: 4x the squared differences; the second item equals the reference
+    assert d.tolist() == pytest.approx([12.5 + 4 * 12.5, 0.0])
+
+
+def test_transform_once_broadcast_equals_pairwise():
+    g = torch.Generator().manual_seed(1)
+    feats = {0: torch.rand(6, 3, 4, 4, generator=g)}  # ref (2), p0 (2), p1 (2)
+    variants = compare.all_variants()
+    t = compare.transform_features(feats, variants)
+    ref = {k: {0: x[0][:2]} for k, x in t.items()}
+    both = {k: {0: x[0][2:].unflatten(0, (2, 2))} for k, x in t.items()}
+    joint = compare.diffs_from_transformed(both, ref, variants)
+    for v in variants:
+        for i, sl in enumerate((slice(2, 4), slice(4, 6))):
+            pair = compare.per_channel_diffs({0: feats[0][sl]}, {0: feats[0][:2]}, [v])[v][0]
+            torch.testing.assert_close(joint[v][0][i], pair)
+
+
+def test_sort_with_gradients_matches_numpy_path():
+    z = torch.rand(2, 3, 4, 4)
+    fast = compare.transform(z, "sort")
+    zg = z.clone().requires_grad_(True)
+    slow = compare.transform(zg, "sort")
+    torch.testing.assert_close(fast, slow.detach())
+    slow.sum().backward()
+    assert zg.grad is not None
+
+
+def test_unknown_method_rejected():
+    with pytest.raises(ValueError, match="known"):
+        Variant("median", True)
+    with pytest.raises(ValueError, match="channel_reduction"):
+        compare.distances({0: X}, {0: Y}, [Variant("spatial", False)], channel_reduction="max")

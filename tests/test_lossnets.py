@@ -1,0 +1,146 @@
+"""The loss-network registry and extractor (workflow.lossnets)."""
+
+from __future__ import annotations
+
+from math import log2
+
+import pytest
+import torch
+
+from workflow import lossnets
+from workflow.lossnets import ARCHS, FeatureExtractor, LossNet, UnknownLossNetError, build_extractor
+
+# REFERENCE.md's table: (channels, stride) at layers 1..4, from the architectures' definitions
+EXPECTED = {
+    "alexnet": [(64, 4), (192, 8), (384, 16), (256, 16)],
+    "vgg11": [(64, 1), (128, 2), (256, 4), (512, 16)],
+    "vgg16": [(64, 1), (128, 2), (256, 4), (512, 16)],
+    "vgg16_bn": [(64, 1), (128, 2), (256, 4), (512, 16)],
+    "vgg19": [(64, 1), (128, 2), (256, 4), (512, 16)],
+    "resnet18": [(64, 2), (64, 4), (128, 8), (512, 32)],
+    "resnet50": [(64, 2), (256, 4), (512, 8), (2048, 32)],
+    "resnext50_32x4d": [(64, 2), (256, 4), (512, 8), (2048, 32)],
+    "googlenet": [(64, 2), (256, 8), (512, 16), (1024, 32)],
+    "inception_v3": [(64, 2), (256, 8), (288, 8), (768, 16)],
+    "efficientnet_b0": [(32, 2), (16, 2), (80, 16), (320, 32)],
+    "efficientnet_b7": [(64, 2), (32, 2), (160, 16), (640, 32)],
+    "densenet121": [(64, 2), (256, 4), (512, 8), (1024, 32)],
+    "squeezenet1_1": [(64, 2), (128, 4), (256, 8), (512, 16)],
+}
+# channels of the LPIPS layer sets, as the lpips package declares them (its `chns`)
+LPIPS_CHANNELS = {
+    "alexnet": [64, 192, 384, 256, 256],
+    "vgg16": [64, 128, 256, 512, 512],
+    "squeezenet1_1": [64, 128, 256, 384, 384, 512, 512],
+}
+
+
+def _meta_extractor(arch: str, taps) -> FeatureExtractor:
+    # shapes only: build on the meta device, so even efficientnet_b7 costs nothing
+    with torch.device("meta"):
+        model = lossnets._build_model(arch, pretrained_layout=True)
+        return FeatureExtractor(model.eval(), arch, taps)
+
+
+def _shapes(arch: str, taps, size: int):
+    ex = _meta_extractor(arch, taps)
+    with torch.device("meta"):
+        out = ex(torch.empty(1, 3, size, size))
+    return {t: (f.shape[1], 2 ** round(log2(size / f.shape[-1]))) for t, f in out.items()}
+
+
+def test_registry_covers_the_study():
+    assert sorted(ARCHS) == sorted(EXPECTED)
+    assert lossnets.LPIPS_ARCHS == ("alexnet", "vgg16", "squeezenet1_1")
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED))
+def test_tap_channels_and_strides(arch):
+    size = 299 if arch == "inception_v3" else 224
+    taps = ARCHS[arch].layers
+    shapes = _shapes(arch, taps, size)
+    assert [shapes[t] for t in taps] == EXPECTED[arch]
+
+
+@pytest.mark.parametrize("arch", sorted(LPIPS_CHANNELS))
+def test_lpips_set_channels(arch):
+    net = LossNet(arch, "lpips")
+    shapes = _shapes(arch, net.taps, 224)
+    assert [shapes[t][0] for t in net.taps] == LPIPS_CHANNELS[arch]
+
+
+def test_unknown_arch_and_layer_rejected_with_the_list():
+    with pytest.raises(UnknownLossNetError) as e:
+        LossNet("resnet34", "1")
+    assert all(a in str(e.value) for a in ARCHS)
+    with pytest.raises(UnknownLossNetError, match="LPIPS sets exist for alexnet, vgg16, squeezenet1_1"):
+        LossNet("resnet18", "lpips")
+    with pytest.raises(UnknownLossNetError, match="1, 2, 3, 4 or lpips"):
+        LossNet("alexnet", "5")
+    with pytest.raises(UnknownLossNetError):
+        build_extractor("not_a_net", weights="random")
+
+
+def test_parse_and_ids():
+    assert LossNet.parse("alexnet/2") == LossNet("alexnet", "2")
+    assert LossNet.parse("vgg16:lpips").id == "vgg16/lpips"
+    assert LossNet.parse("squeezenet1_1/4").taps == (12,)
+    assert LossNet("alexnet", "lpips").taps == (1, 4, 7, 9, 11)
+    with pytest.raises(UnknownLossNetError, match="must look like"):
+        LossNet.parse("alexnet")
+
+
+def test_one_pass_returns_every_tap_and_gradients_flow():
+    ex = build_extractor("squeezenet1_1", [1, 3, 7], weights="random")
+    assert all(not p.requires_grad for p in ex.parameters())
+    x = torch.rand(2, 3, 40, 40, requires_grad=True)
+    feats = ex(x)
+    assert sorted(feats) == [1, 3, 7]
+    sum(f.square().mean() for f in feats.values()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    ex.train()
+    assert not ex.training  # a loss network always runs in eval mode
+
+
+def test_state_dict_file_loads_identically(tmp_path):
+    model = lossnets.load_backbone("squeezenet1_1", "random", seed=3)
+    path = tmp_path / "squeeze.pth"
+    torch.save(model.state_dict(), path)
+    a = build_extractor("squeezenet1_1", [12], weights="random", seed=3)
+    b = build_extractor("squeezenet1_1", [12], weights=str(path))
+    c = build_extractor("squeezenet1_1", [12], weights="random", seed=4)
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x)[12], b(x)[12], rtol=0, atol=0)
+        assert not torch.allclose(a(x)[12], c(x)[12])
+    assert lossnets.weights_id("squeezenet1_1", str(path)) == "file:squeeze.pth"
+
+
+def test_missing_weights_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download_weights"):
+        build_extractor("alexnet", weights="imagenet", weights_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_extractor("alexnet", weights=str(tmp_path / "nope.pth"))
+
+
+def test_imagenet_normalisation_and_raw_input():
+    ex_n = build_extractor("alexnet", [1], weights="random", normalize="imagenet")
+    ex_r = build_extractor("alexnet", [1], weights="random", normalize="none")
+    x = torch.rand(1, 3, 64, 64)
+    mean = torch.tensor(lossnets.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(lossnets.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ex_n(x)[1], ex_r((x - mean) / std)[1])
+
+
+def test_feature_loss_is_the_mse_of_features_with_target_detached():
+    ex = build_extractor("alexnet", [1, 4], weights="random")
+    out = torch.rand(2, 3, 64, 64, requires_grad=True)
+    tgt = torch.rand(2, 3, 64, 64, requires_grad=True)
+    loss = lossnets.feature_loss(ex, [1, 4], out, tgt)
+    with torch.no_grad():
+        fo, ft = ex(out), ex(tgt)
+        by_hand = sum(((fo[t] - ft[t]) ** 2).sum() / fo[t].numel() for t in (1, 4))
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    loss.backward()
+    assert out.grad is not None and tgt.grad is None

@@ -1,0 +1,413 @@
+"""SLURM: the profiles, the job shell, and the demo DAG on a live single-node cluster.
+
+The live test starts a throwaway cluster on 127.0.0.1 with tests/slurm/start-slurm.sh
+(partitions `cpu` and `gpu`, one fake GPU; needs root, installs Debian's slurm-wlm and munge
+when missing), runs a reduced demo DAG (similarity + super-resolution) through the CI profile
+tests/slurm/profile and, at the same time, locally, and checks from SLURM's own records and
+the job logs that
+
+* GPU rules ran on the `gpu` partition with a GPU granted, CPU rules on `cpu`, downloads and
+  synthesis (localrules) on the submitting host, and grouped rules in one submission;
+* a training job signalled like a time-limit warning (`scancel --signal=TERM`, what the
+  profile's `--signal=TERM@300` does) writes a checkpoint, exits 75, is retried and resumes
+  from that checkpoint's step;
+* the scores equal those of the local run (provenance columns aside), so the interrupted
+  and resumed training reproduced the uninterrupted one exactly;
+
+and stops every daemon it started. Where SLURM cannot be installed (not root, no apt-get)
+it is skipped with a reason that starts with SLURM-UNAVAILABLE, which .ci/run counts as a
+failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+import yte
+
+from workflow.results import PROVENANCE
+
+REPO = Path(__file__).resolve().parents[1]
+START_SLURM = REPO / "tests" / "slurm" / "start-slurm.sh"
+CI_PROFILE = REPO / "tests" / "slurm" / "profile"
+REAL_PROFILE = REPO / "slurm" / "config.yaml"
+JOB_SHELL = REPO / "slurm" / "job-shell.sh"
+SKIP_TAG = "SLURM-UNAVAILABLE"
+
+RUN_TIMEOUT_S = 1200  # hard limit (timeout -s KILL) of each snakemake run
+TRAIN_RULE = "train_sr"
+SR_NET, SR_SCALE = "squeezenet1_1/2", 4
+SR_ITERATIONS, SR_CHECKPOINT_EVERY = 16, 4
+
+
+def _load_profile(path: Path, env: dict[str, str] | None = None) -> dict:
+    """A profile as Snakemake reads it (YTE-rendered when it asks for it)."""
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        with open(path) as f:
+            return yte.process_yaml(f, require_use_yte=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def _strip_quotes(value: object) -> str:
+    # profile resource strings are Python expressions: "'gpu'" -> gpu
+    s = str(value)
+    return s[1:-1] if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"" else s
+
+
+def _gpu_rules(profile: dict) -> set[str]:
+    return {r for r, res in profile["set-resources"].items() if res.get("gpu")}
+
+
+def _signal_rules(profile: dict) -> dict[str, str]:
+    return {r: _strip_quotes(res["slurm_extra"]) for r, res in profile["set-resources"].items()
+            if "--signal" in str(res.get("slurm_extra", ""))}
+
+
+# ----------------------------------------------------------------------------- no cluster
+
+
+def test_real_profile_reads_partitions_and_account_from_environment() -> None:
+    env = {"LOSSNET_SLURM_CPU_PARTITION": "short", "LOSSNET_SLURM_GPU_PARTITION": "a100",
+           "LOSSNET_SLURM_ACCOUNT": "proj42", "LOSSNET_SLURM_STATUS_COMMAND": "squeue",
+           "LOSSNET_SLURM_EXTRA": "--qos=normal"}
+    prof = _load_profile(REAL_PROFILE, env)
+    assert prof["executor"] == "slurm"
+    assert prof["slurm-status-command"] == "squeue"
+    dr = prof["default-resources"]
+    assert _strip_quotes(dr["slurm_partition"]) == "short"
+    assert _strip_quotes(dr["slurm_account"]) == "proj42"
+    assert _strip_quotes(dr["slurm_extra"]) == "--qos=normal"
+    for rule in _gpu_rules(prof):
+        assert _strip_quotes(prof["set-resources"][rule]["slurm_partition"]) == "a100", rule
+    for rule, extra in _signal_rules(prof).items():
+        assert extra == "--qos=normal --signal=TERM@300", rule
+    # without the variables: the documented defaults, and no account option at all
+    bare = _load_profile(REAL_PROFILE, {})
+    assert "slurm_account" not in bare["default-resources"]
+    assert "slurm_extra" not in bare["default-resources"]
+    assert _strip_quotes(bare["default-resources"]["slurm_partition"]) == "cpu"
+    assert bare["slurm-status-command"] == "sacct"
+
+
+def test_ci_profile_mirrors_real_profile() -> None:
+    real, ci = _load_profile(REAL_PROFILE, {}), _load_profile(CI_PROFILE / "config.yaml", {})
+    assert _gpu_rules(ci) == _gpu_rules(real)
+    assert _signal_rules(ci) == _signal_rules(real)
+    assert set(_signal_rules(real)) <= _gpu_rules(real)
+    assert ci["groups"] == real["groups"] and ci["group-components"] == real["group-components"]
+    for key in ("resources", "set-resource-scopes"):
+        assert ci[key] == real[key], key
+    assert ci["default-resources"]["shell_exec"] == real["default-resources"]["shell_exec"]
+    assert _strip_quotes(real["default-resources"]["shell_exec"]) == "slurm/job-shell.sh"
+    assert os.access(JOB_SHELL, os.X_OK), f"{JOB_SHELL} must be executable (chmod +x)"
+    for rule in _gpu_rules(real):
+        assert _strip_quotes(ci["set-resources"][rule]["slurm_partition"]) == "gpu", rule
+    # long training jobs are never grouped: each must be retried and resumed on its own
+    assert not {"train_sr", "train_delineation", "train_autoencoder",
+                "adaptation_train"} & set(real["groups"])
+
+
+_TRAINER = r"""
+import os, signal, sys, time
+done = sys.argv[1]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+open(done + ".ready", "w").close()
+while not stop:
+    time.sleep(0.05)
+time.sleep(1.0)                     # "writing the checkpoint"
+open(done, "w").write("checkpoint")
+sys.exit(75)
+"""
+
+
+def _signal_group_when_ready(proc: subprocess.Popen, ready: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None, "the fake trainer ended before it was signalled"
+        assert time.monotonic() < deadline, "the fake trainer never started"
+        time.sleep(0.05)
+    # SLURM signals every process of the job step: the shell and the trainer alike
+    os.killpg(proc.pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("shell", ["job-shell", "bash"])
+def test_job_shell_waits_for_a_signalled_trainer(tmp_path: Path, shell: str) -> None:
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER)
+    done = tmp_path / "done"
+    # redirected like every rule's command (bash would exec a bare last command itself)
+    cmd = f"{sys.executable} {script} {done} > {tmp_path / 'trainer.log'} 2>&1"
+    argv = [str(JOB_SHELL), "-c", cmd] if shell == "job-shell" else ["bash", "-c",
+                                                                     f"set -euo pipefail; {cmd}"]
+    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        _signal_group_when_ready(proc, Path(f"{done}.ready"))
+        rc = proc.wait(timeout=60)
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if shell == "job-shell":
+        # the shell outlived the signal, waited for the checkpoint and passed on exit code 75
+        assert rc == 75, stderr
+        assert done.read_text() == "checkpoint"
+        assert "[job-shell] SIGTERM received" in stderr
+        assert "[job-shell] host=" in stderr
+    else:
+        # why the wrapper exists: plain bash dies at once, before the checkpoint is written
+        assert rc == -signal.SIGTERM
+        assert not done.exists()
+        time.sleep(1.5)  # the orphaned trainer finishes on its own; let it before tmp cleanup
+
+
+# ----------------------------------------------------------------------------- live cluster
+
+
+def _unavailable_reason() -> str | None:
+    if sys.platform != "linux":
+        return f"{SKIP_TAG}: the test cluster needs Linux (running on {sys.platform})"
+    if os.geteuid() != 0:
+        return (f"{SKIP_TAG}: starting slurmd and installing slurm-wlm need root "
+                f"(run the tests as root, as CI does)")
+    have = all(shutil.which(b) for b in ("munged", "slurmctld", "slurmd", "sbatch", "squeue"))
+    if not have and not shutil.which("apt-get"):
+        return f"{SKIP_TAG}: SLURM is not installed and apt-get is missing to install it"
+    return None
+
+
+def _daemons_running(env: dict[str, str]) -> bool:
+    out = subprocess.run([str(START_SLURM), "status"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    states = dict(line.split(None, 1) for line in out.stdout.splitlines()[:3] if " " in line)
+    return all(states.get(d, "down").strip() != "down" for d in ("munged", "slurmctld", "slurmd"))
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """Start the single-node cluster (unless already up); stop what this fixture started."""
+    reason = _unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ)
+    # jobs run `python -m workflow`: the interpreter running the tests, whatever PATH says
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    already_up = _daemons_running(env)
+    install = subprocess.run([str(START_SLURM), "install"], capture_output=True, text=True,
+                             env=env, timeout=900)
+    if install.returncode != 0:
+        pytest.skip(f"{SKIP_TAG}: installing slurm-wlm + munge with apt-get failed:\n"
+                    f"{install.stderr[-3000:]}")
+    start = subprocess.run([str(START_SLURM), "start"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    if start.returncode != 0:
+        pytest.fail(f"start-slurm.sh start failed (rc {start.returncode}):\n"
+                    f"{start.stdout}\n{start.stderr[-5000:]}")
+    m = re.search(r"export SLURM_CONF=(\S+)", start.stdout)
+    assert m, start.stdout
+    env["SLURM_CONF"] = m.group(1)
+    try:
+        yield env
+    finally:
+        if not already_up:
+            stop = subprocess.run([str(START_SLURM), "stop"], capture_output=True, text=True,
+                                  env=env, timeout=120)
+            assert stop.returncode == 0, stop.stderr
+            assert not _daemons_running(env), "a SLURM daemon survived start-slurm.sh stop"
+
+
+def _scontrol_jobs(env: dict[str, str]) -> dict[int, dict[str, str]]:
+    out = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    jobs = {}
+    for line in out.stdout.splitlines():
+        rec = dict(re.findall(r"(\w+)=(\S*)", line))
+        if rec.get("JobId", "").isdigit():
+            jobs[int(rec["JobId"])] = rec
+    return jobs
+
+
+def _test_config(tmp: Path) -> Path:
+    """config/demo.yaml reduced to what keeps the test short: two similarity jobs (one
+    group submission) and one super-resolution training long enough to be interrupted."""
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["benchmarks"] = ["similarity", "super_resolution"]
+    cfg["similarity"].update(lossnets=["alexnet/1", "squeezenet1_1/1"], lpips_sets=False)
+    cfg["super_resolution"].update(
+        lossnets=[SR_NET], lpips_sets=False, scales=[SR_SCALE], runs=1,
+        iterations=SR_ITERATIONS, checkpoint_every=SR_CHECKPOINT_EVERY,
+        eval_every=SR_ITERATIONS // 2, log_every=SR_CHECKPOINT_EVERY)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+class _Run:
+    """One snakemake process in its own session, killed (with its children) on close."""
+
+    def __init__(self, name: str, args: list[str], tmp: Path, env: dict[str, str]) -> None:
+        self.log = tmp / f"{name}.snakemake.log"
+        self._fh = open(self.log, "w")
+        cmd = ["timeout", "-s", "KILL", str(RUN_TIMEOUT_S), sys.executable, "-m", "snakemake",
+               *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def tail(self, n: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._fh.close()
+
+
+def _job_log(logdir: Path, jobid: int) -> str:
+    hits = list(logdir.rglob(f"{jobid}.log"))
+    return hits[0].read_text(errors="replace") if hits else ""
+
+
+def _rules_in(log: str) -> set[str]:
+    return set(re.findall(r"^\s*(?:local)?rule (\w+):", log, re.M))
+
+
+def _scores(path: Path) -> pd.DataFrame:
+    df = pd.read_parquet(path).drop(columns=list(PROVENANCE), errors="ignore")
+    keys = [c for c in df.columns if c not in ("value", "n")]
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(RUN_TIMEOUT_S + 300)
+def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    env = slurm_env
+    config = _test_config(tmp_path)
+    out = {k: tmp_path / k for k in ("slurm", "local")}
+    target = {k: str(v / "results" / "scores.parquet") for k, v in out.items()}
+    logdir = tmp_path / "slurm_logs"
+    ci_profile = _load_profile(CI_PROFILE / "config.yaml")
+    gpu_rules = _gpu_rules(ci_profile)
+    arch, layer = SR_NET.split("/")
+    sr_dir = out["slurm"] / "results" / "super_resolution" / arch / layer / f"x{SR_SCALE}" / "run0"
+    train_log = (out["slurm"] / "results" / "logs" / "super_resolution" / arch / layer
+                 / f"train_x{SR_SCALE}_run0.log")
+
+    before = set(_scontrol_jobs(env))
+    common = ["--configfile", str(config)]
+    runs = {
+        "slurm": _Run("slurm", ["--profile", str(CI_PROFILE), "--cores", "2", *common,
+                                "--slurm-logdir", str(logdir), "--config",
+                                f"results_dir={out['slurm']}/results",
+                                f"resources_dir={out['slurm']}/resources", "--", target["slurm"]],
+                      tmp_path, env),
+        # the reference: the same DAG on this host, at the same time (threads match: both 2)
+        "local": _Run("local", ["--cores", "2", *common, "--config",
+                                f"results_dir={out['local']}/results",
+                                f"resources_dir={out['local']}/resources", "--", target["local"]],
+                      tmp_path, env),
+    }
+    seen: dict[int, dict[str, str]] = {}  # every SLURM record of this run, latest state
+    killed: int | None = None
+    stopped_log = ""  # the training log of the signalled attempt (the retry overwrites it)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S + 60
+        while not all(r.done() for r in runs.values()):
+            assert time.monotonic() < deadline, "runs did not end in time"
+            for jid, rec in _scontrol_jobs(env).items():
+                if jid not in before:
+                    seen[jid] = rec
+            if killed is None and (sr_dir / "train" / "last.pt").exists():
+                running = [j for j, r in seen.items() if r.get("JobState") == "RUNNING"
+                           and r.get("Comment", "").startswith(f"rule_{TRAIN_RULE}_")]
+                if running:
+                    # what the profile's --signal=TERM@300 does: SIGTERM to the job step
+                    subprocess.run(["scancel", "--signal=TERM", str(running[0])], env=env,
+                                   check=True, timeout=30)
+                    killed = running[0]
+            if train_log.exists():
+                text = train_log.read_text(errors="replace")
+                if "received; checkpoint written at step" in text:
+                    stopped_log = text
+            time.sleep(0.5)
+        for jid, rec in _scontrol_jobs(env).items():
+            if jid not in before:
+                seen[jid] = rec
+    finally:
+        for r in runs.values():
+            r.close()
+        leftover = [str(j) for j, r in _scontrol_jobs(env).items()
+                    if j not in before and r.get("JobState") in ("PENDING", "RUNNING")]
+        if leftover:
+            subprocess.run(["scancel", *leftover], env=env, timeout=30)
+
+    logs = {jid: _job_log(logdir, jid) for jid in seen}
+    report = "\n\n".join(f"== SLURM job {j} {r.get('JobState')} {r.get('Comment')}\n"
+                         f"{logs[j][-3000:]}" for j, r in sorted(seen.items()))
+    for name, run in runs.items():
+        assert run.proc.returncode == 0, (
+            f"{name} run failed (rc {run.proc.returncode}):\n{run.tail()}\n{report}")
+
+    # -- placement, from SLURM's records and from inside each job
+    rules_by_job = {jid: _rules_in(log) for jid, log in logs.items()}
+    ran = set().union(*rules_by_job.values()) if rules_by_job else set()
+    assert {"prepare_dataset", "score_similarity", TRAIN_RULE, "eval_sr"} <= ran, report
+    assert not {"synthesize_dataset", "download_dataset", "download_weights",
+                "gather_scores"} & ran, "localrules must run on the submitting host"
+    for jid, rec in seen.items():
+        rules, log = rules_by_job[jid], logs[jid]
+        shells = re.findall(r"\[job-shell\] .*", log)
+        assert shells, f"job {jid} ({rules}) has no [job-shell] line:\n{log[-3000:]}"
+        if rules & gpu_rules:
+            assert rec["Partition"] == "gpu", (jid, rules, rec)
+            assert re.search(r"gpu[:=]1\b", rec.get("TresPerJob", "")), (jid, rules, rec)
+            for line in shells:
+                assert "partition=gpu" in line and "slurm_gpus_on_node=1" in line, line
+                assert "cuda_visible_devices=none" not in line, line
+        else:
+            assert rec["Partition"] == "cpu", (jid, rules, rec)
+            assert "gpu" not in rec.get("TresPerJob", ""), (jid, rules, rec)
+            for line in shells:
+                assert "partition=cpu" in line and "slurm_gpus_on_node=0" in line, line
+    # the two similarity jobs shared one submission (groups + group-components)
+    sim_jobs = [j for j, rules in rules_by_job.items() if "score_similarity" in rules]
+    assert len(sim_jobs) == 1, f"score_similarity ran in SLURM jobs {sim_jobs}:\n{report}"
+    assert len(re.findall(r"\[job-shell\] ", logs[sim_jobs[0]])) == 2, logs[sim_jobs[0]]
+
+    # -- preemption: signal -> checkpoint -> exit 75 -> retry -> resume
+    assert killed is not None, (
+        f"{TRAIN_RULE} was never caught running after its first checkpoint; make the test "
+        f"training longer (SR_ITERATIONS)\n{report}")
+    assert "[job-shell] SIGTERM received" in logs[killed], logs[killed]
+    assert "returned non-zero exit status 75" in logs[killed], logs[killed]
+    m = re.search(r"SIGTERM received; checkpoint written at step (\d+)", stopped_log)
+    assert m, f"the signalled attempt's log shows no checkpoint:\n{stopped_log}"
+    step = int(m.group(1))
+    assert SR_CHECKPOINT_EVERY <= step < SR_ITERATIONS
+    retries = [j for j, rules in rules_by_job.items() if TRAIN_RULE in rules and j > killed]
+    assert len(retries) == 1 and seen[retries[0]]["JobState"] == "COMPLETED", report
+    final_log = train_log.read_text(errors="replace")
+    assert re.search(rf"resumed from \S+last\.pt at step {step}\b", final_log), final_log
+
+    # -- the same numbers as the local run: the resumed training reproduced the uninterrupted one
+    slurm_scores, local_scores = _scores(Path(target["slurm"])), _scores(Path(target["local"]))
+    assert set(slurm_scores["benchmark"]) == {"similarity", "super_resolution"}
+    pd.testing.assert_frame_equal(slurm_scores, local_scores, check_exact=True)
