@@ -2,9 +2,11 @@
 #   snakemake figures                 # tables + figures from the existing scores (no training)
 #   snakemake --report report.html    # every figure and table with its caption
 # Params are config only: `lossnet_attributes` sees the loss-network grid and the analysis
-# input sizes; `analysis_tables` the analysis section without `figures`; `analysis_figures`
+# input sizes; `analysis_tables` the analysis section without the figure-only keys; `analysis_figures`
 # the analysis section. So editing `analysis.figures` re-plots only, and nothing here ever
 # invalidates a benchmark.
+
+import os
 
 from workflow.analysis import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES
 
@@ -12,38 +14,15 @@ ANALYSIS = config["analysis"]
 ANALYSIS_SIZES = sorted({int(v) for v in ANALYSIS["input_sizes"].values()})
 ANALYSIS_TABLES_DIR = f"{OUT}/analysis"
 ANALYSIS_FIGURES_DIR = f"{OUT}/figures"
+# config keys only the figures read: the tables do not rerun when they change
+ANALYSIS_FIGURE_ONLY = ("figures", "adaptation", "probes")
 
 
-def _caption(name):
-    # captions are resolved relative to this file (rules/)
-    return f"../workflow/report/{name}.rst"
-
-
-def _table_outputs():
-    # (a line may not start with `report(`: Snakemake would read the `report:` keyword)
-    outs = []
-    for t in TABLES:
-        for fmt in TABLE_FORMATS:
-            path = f"{ANALYSIS_TABLES_DIR}/{t}.{fmt}"
-            outs.append(report(path, caption=_caption(t), category="Tables") if fmt == "html" else path)
-    return outs
-
-
-def _figure_outputs():
-    outs = []
-    for f in FIGURES:
-        for fmt in FIGURE_FORMATS:
-            path = f"{ANALYSIS_FIGURES_DIR}/{f}.{fmt}"
-            outs.append(report(path, caption=_caption(f), category="Figures", subcategory=fmt.upper()))
-    return outs
-
-
-# plain paths (rule `all` and `figures` take these as inputs; report() marks only outputs)
-ANALYSIS_OUTPUTS: list[str] = [
-    f"{OUT}/lossnets.parquet",
-    *[f"{ANALYSIS_TABLES_DIR}/{t}.{fmt}" for t in TABLES for fmt in TABLE_FORMATS],
-    *[f"{ANALYSIS_FIGURES_DIR}/{f}.{fmt}" for f in FIGURES for fmt in FIGURE_FORMATS],
-]
+# Captions resolve relative to this file (rules/). No line may start with `report(`
+# (Snakemake would read the global `report:` keyword), hence the conditional expressions.
+ANALYSIS_TABLE_FILES = [f"{ANALYSIS_TABLES_DIR}/{t}.{fmt}" for t in TABLES for fmt in TABLE_FORMATS]
+ANALYSIS_FIGURE_FILES = [f"{ANALYSIS_FIGURES_DIR}/{f}.{fmt}" for f in FIGURES for fmt in FIGURE_FORMATS]
+ANALYSIS_OUTPUTS: list[str] = [f"{OUT}/lossnets.parquet", *ANALYSIS_TABLE_FILES, *ANALYSIS_FIGURE_FILES]
 
 
 localrules:
@@ -72,10 +51,14 @@ rule analysis_tables:
         scores=f"{OUT}/scores.parquet",
         lossnets=f"{OUT}/lossnets.parquet",
     output:
-        _table_outputs(),
+        [
+            (report(p, caption=f"../workflow/report/{os.path.basename(p)[:-5]}.rst", category="Tables")
+             if p.endswith(".html") else p)
+            for p in ANALYSIS_TABLE_FILES
+        ],
     params:
-        cfg=as_json({k: v for k, v in ANALYSIS.items() if k != "figures"}),
-        outdir=ANALYSIS_TABLES_DIR,
+        cfg=as_json({k: v for k, v in ANALYSIS.items() if k not in ANALYSIS_FIGURE_ONLY}),
+        outdir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{OUT}/logs/analysis/tables.log",
     threads: 1
@@ -90,11 +73,15 @@ rule analysis_figures:
         pareto=f"{ANALYSIS_TABLES_DIR}/pareto.parquet",
         correlations=f"{ANALYSIS_TABLES_DIR}/attribute_correlations.parquet",
     output:
-        _figure_outputs(),
+        [
+            report(p, caption=f"../workflow/report/{os.path.basename(p).rsplit('.', 1)[0]}.rst",
+                   category="Figures", subcategory=p.rsplit(".", 1)[1].upper())
+            for p in ANALYSIS_FIGURE_FILES
+        ],
     params:
         cfg=as_json(ANALYSIS),
-        tables=ANALYSIS_TABLES_DIR,
-        outdir=ANALYSIS_FIGURES_DIR,
+        tables=lambda wildcards, input: os.path.dirname(input.pareto),
+        outdir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{OUT}/logs/analysis/figures.log",
     threads: 1

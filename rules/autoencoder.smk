@@ -86,7 +86,6 @@ rule fit_mlps:
         **AE_WILDCARDS,
     params:
         cfg=_ae_stage("mlp"),
-        lossnet=_ae_lossnet,
         common=COMMON,
         dir=AE_DIR,
     log:
@@ -94,8 +93,7 @@ rule fit_mlps:
     threads: 1
     shell:
         "python -m workflow benchmarks.autoencoder fit-mlps --dir {params.dir:q} --dataset {wildcards.dataset}"
-        " --net {wildcards.net} --run {wildcards.run} --config {params.cfg:q}"
-        " --common {params.common:q} --lossnet {params.lossnet:q} > {log:q} 2>&1"
+        " --run {wildcards.run} --config {params.cfg:q} --common {params.common:q} > {log:q} 2>&1"
 
 
 BENCH_OUTPUTS["autoencoder"] = [

@@ -4,59 +4,21 @@
 #   snakemake --cores 1 download     # everything the configured benchmarks need (login node)
 # config data.source picks which rule makes READY: download_dataset (localrule, the real
 # files via workflow/download.py) or synthesize_dataset (small fakes in the same layout).
+# Helpers live in workflow/download.py; docs/data.md describes sources and layouts.
 
-from workflow.lossnets import ARCHS as _ARCHS, weights_filename, weights_url
-from workflow.config import weights_for
+import functools
+import os
+
+from workflow import download as _dl
+from workflow.lossnets import ARCHS as _ARCHS, weights_url
 
 DATA = config["data"]
 DATASETS = ["bapps", "coco", "sr_test", "roads", "svhn", "stl10"]
-BENCH_DATASETS = {
-    "similarity": ["bapps"],
-    "super_resolution": ["coco", "sr_test"],
-    "delineation": ["roads"],
-    "autoencoder": ["svhn", "stl10"],
-    "adaptation": ["svhn", "stl10", "bapps"],
-    "probes": [],
-}
-NEEDED_DATASETS = sorted({d for b in config["benchmarks"] for d in BENCH_DATASETS.get(b, [])})
-
-
-def data_options(dataset, purpose):
-    """config data.<dataset> as a rule param, only the keys `purpose` depends on: the
-    synthetic sizes reach synthesize only, pinned checksums download only (so resizing the
-    fakes or pinning a hash never re-prepares real data)."""
-    opts = dict(DATA.get(dataset) or {})
-    if purpose != "synthesize":
-        opts.pop("synthetic", None)
-    if purpose != "download":
-        opts.pop("checksums", None)
-    return as_json(opts)
-
-
-def dataset_urls(dataset):
-    """The upstream URLs of a dataset (for `snakemake -n download` to list)."""
-    import importlib
-
-    try:
-        files = importlib.import_module(f"workflow.datasets.{dataset}").FILES
-    except (ImportError, AttributeError) as e:
-        return f"(workflow.datasets.{dataset}.FILES unavailable: {e})"
-    return " ".join(f.url for f in files)
-
-
-def _weight_archs():
-    ln = config["lossnets"]
-    archs = list(dict.fromkeys([*ln["archs"], *ln.get("lpips_sets", [])]))
-    return [a for a in archs if weights_for(config, a) == "imagenet"]
-
-
-WEIGHT_ARCHS = _weight_archs()
-WEIGHT_FILES = [f"{RES}/weights/{weights_filename(a)}" for a in WEIGHT_ARCHS]
-
-
-def weights_input(arch):
-    """Input for a job that builds `arch`: its weight file when the weights are imagenet."""
-    return [f"{RES}/weights/{weights_filename(arch)}"] if arch in WEIGHT_ARCHS else []
+NEEDED_DATASETS = _dl.needed_datasets(config)
+WEIGHT_ARCHS = _dl.imagenet_weight_archs(config)
+WEIGHT_FILES = _dl.weight_files(config)
+# weights_input(arch) -> [weight file] or []: for the benchmark rules' inputs
+weights_input = functools.partial(_dl.weights_input, config)
 
 
 wildcard_constraints:
@@ -77,12 +39,15 @@ if DATA["source"] == "synthetic":
         output:
             f"{RES}/raw/{{dataset}}/READY",
         params:
-            opts=lambda wc: data_options(wc.dataset, "synthesize"),
+            opts=lambda wc: _dl.rule_options(config, wc.dataset, "synthesize"),
             seed=DATA.get("seed", 0),
+            raw=lambda wc: f"{RES}/raw/{wc.dataset}",
         log:
             f"{RES}/logs/synthesize_{{dataset}}.log",
+        conda:
+            "../envs/workflow.yaml"
         shell:
-            "python -m workflow download synthesize {wildcards.dataset} --raw {RES}/raw/{wildcards.dataset}"
+            "python -m workflow download synthesize {wildcards.dataset} --raw {params.raw:q}"
             " --seed {params.seed} --options {params.opts:q} > {log:q} 2>&1"
 
 else:
@@ -94,16 +59,18 @@ else:
         output:
             f"{RES}/raw/{{dataset}}/READY",
         params:
-            opts=lambda wc: data_options(wc.dataset, "download"),
+            opts=lambda wc: _dl.rule_options(config, wc.dataset, "download"),
             mirror=lambda wc: DATA.get("mirrors", {}).get(wc.dataset, ""),
-            urls=lambda wc: dataset_urls(wc.dataset),
+            urls=lambda wc: _dl.dataset_urls(wc.dataset),
+            raw=lambda wc: f"{RES}/raw/{wc.dataset}",
         message:
             "download {wildcards.dataset}: {params.urls}"
         log:
             f"{RES}/logs/download_{{dataset}}.log",
-        retries: 1
+        conda:
+            "../envs/workflow.yaml"
         shell:
-            "python -m workflow download fetch {wildcards.dataset} --raw {RES}/raw/{wildcards.dataset}"
+            "python -m workflow download fetch {wildcards.dataset} --raw {params.raw:q}"
             " --options {params.opts:q} --mirror {params.mirror:q} > {log:q} 2>&1"
 
 
@@ -113,28 +80,35 @@ rule prepare_dataset:
     output:
         f"{RES}/prepared/{{dataset}}/manifest.json",
     params:
-        opts=lambda wc: data_options(wc.dataset, "prepare"),
+        opts=lambda wc: _dl.rule_options(config, wc.dataset, "prepare"),
+        raw=lambda wc: f"{RES}/raw/{wc.dataset}",
+        out=lambda wc: f"{RES}/prepared/{wc.dataset}",
     log:
         f"{RES}/logs/prepare_{{dataset}}.log",
     threads: 8
+    conda:
+        "../envs/workflow.yaml"
     shell:
-        "python -m workflow download prepare {wildcards.dataset} --raw {RES}/raw/{wildcards.dataset}"
-        " --out {RES}/prepared/{wildcards.dataset} --options {params.opts:q} --workers {threads}"
-        " > {log:q} 2>&1"
+        "python -m workflow download prepare {wildcards.dataset} --raw {params.raw:q}"
+        " --out {params.out:q} --options {params.opts:q} --workers {threads} > {log:q} 2>&1"
 
 
 rule download_weights:
+    # the configured imagenet archs; all 14 when none is (`snakemake download_weights`)
     output:
-        WEIGHT_FILES or [f"{RES}/weights/{weights_filename(a)}" for a in _ARCHS],
+        WEIGHT_FILES or _dl.weight_files(config, _ARCHS),
     params:
         archs=" ".join(WEIGHT_ARCHS or _ARCHS),
         mirror=DATA.get("mirrors", {}).get("weights", ""),
+        folder=lambda wc, output: os.path.dirname(output[0]),
     message:
         "download ImageNet weights: " + " ".join(weights_url(a) for a in (WEIGHT_ARCHS or _ARCHS))
     log:
         f"{RES}/logs/download_weights.log",
+    conda:
+        "../envs/workflow.yaml"
     shell:
-        "python -m workflow weights --dir {RES}/weights --archs {params.archs}"
+        "python -m workflow weights --dir {params.folder:q} --archs {params.archs}"
         " --mirror {params.mirror:q} > {log:q} 2>&1"
 
 

@@ -6,36 +6,29 @@
 # Target: `delineation` (every configured loss network x run).
 
 from workflow.benchmarks.delineation import stage_config as delineation_stage
-from workflow.lossnets import weights_filename
+from workflow.benchmarks.delineation import weight_files as delineation_weight_files
 
 DELINEATION_NETS = select_lossnets(config, "delineation") if "delineation" in config else []
-
-
-def _delineation_weights(wildcards):
-    # the loss network's weights file when the job reads one (fetched by `download_weights`)
-    lp = lossnet_params(config, wildcards.arch)
-    if lp["weights"] == "imagenet":
-        return [f"{RES}/weights/{weights_filename(wildcards.arch)}"]
-    if lp["weights"] != "random":
-        return [lp["weights"]]
-    return []
 
 
 rule train_delineation:
     input:
         roads=f"{RES}/prepared/roads/manifest.json",
-        weights=_delineation_weights,
+        # the loss network's weights file when one is read (fetched by `download_weights`)
+        weights=lambda w: delineation_weight_files(lossnet_params(config, w.arch)),
     output:
         f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}/model.pt",
     params:
         cfg=as_json(delineation_stage(config.get("delineation", {}), "train")),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
-        data=f"{RES}/prepared/roads",
+        data=lambda w, input: str(Path(input.roads).parent),
         workdir=lambda w: f"{OUT}/delineation/{w.arch}/{w.layer}/run{w.run}/train",
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/train_run{{run}}.log",
     threads: 2
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.delineation train --config {params.cfg:q} --lossnet {params.lossnet:q}"
         " --layer {wildcards.layer} --common {params.common:q} --data {params.data:q} --run {wildcards.run}"
@@ -53,10 +46,12 @@ rule eval_delineation:
         cfg=as_json(delineation_stage(config.get("delineation", {}), "eval")),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
-        data=f"{RES}/prepared/roads",
+        data=lambda w, input: str(Path(input.roads).parent),
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/eval_run{{run}}.log",
     threads: 2
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.delineation eval --config {params.cfg:q} --lossnet {params.lossnet:q}"
         " --layer {wildcards.layer} --common {params.common:q} --data {params.data:q} --run {wildcards.run}"

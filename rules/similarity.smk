@@ -7,36 +7,34 @@ SIMILARITY_NETS = select_lossnets(config, "similarity") if "similarity" in confi
 SIMILARITY_ARCHS = list(dict.fromkeys(n.arch for n in SIMILARITY_NETS))
 
 
-def _similarity_lossnet(wildcards):
-    # the arch's extractor settings plus exactly the loss networks scored for it
-    return as_json({
-        **lossnet_params(config, wildcards.arch),
-        "lossnets": [n.id for n in SIMILARITY_NETS if n.arch == wildcards.arch],
-    })
-
-
-def _similarity_weights(wildcards):
-    lp = lossnet_params(config, wildcards.arch)
-    if lp["weights"] not in ("imagenet", "random"):
-        return [lp["weights"]]
-    return weights_input(wildcards.arch)
-
-
 rule score_similarity:
     input:
         manifest=f"{RES}/prepared/bapps/manifest.json",
-        weights=_similarity_weights,
+        # the state_dict file, or the ImageNet weights file (fetched by download_weights)
+        weights=lambda wc: (
+            [lossnet_params(config, wc.arch)["weights"]]
+            if lossnet_params(config, wc.arch)["weights"] not in ("imagenet", "random")
+            else weights_input(wc.arch)
+        ),
     output:
         samples=f"{OUT}/similarity/{{arch}}/samples.parquet",
         summary=f"{OUT}/similarity/{{arch}}/summary.parquet",
     params:
         cfg=as_json(config.get("similarity", {})),
-        lossnet=_similarity_lossnet,
+        # the arch's extractor settings plus exactly the loss networks scored for it
+        lossnet=lambda wc: as_json(
+            {
+                **lossnet_params(config, wc.arch),
+                "lossnets": [n.id for n in SIMILARITY_NETS if n.arch == wc.arch],
+            }
+        ),
         common=COMMON,
-        prepared=f"{RES}/prepared/bapps",
+        prepared=lambda wc, input: str(Path(input.manifest).parent),
     log:
         f"{OUT}/logs/similarity/{{arch}}.log",
     threads: 2
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.similarity score --arch {wildcards.arch}"
         " --config {params.cfg:q} --lossnet {params.lossnet:q} --common {params.common:q}"

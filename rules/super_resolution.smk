@@ -6,27 +6,17 @@
 # Target: `super_resolution`.
 
 from workflow.benchmarks.super_resolution import stage_config as stage_config_sr
-from workflow.lossnets import weights_filename
+from workflow.benchmarks.super_resolution import weights_inputs as sr_weights_inputs
 
 SR_CFG = config.get("super_resolution", {})
 SR_NETS = select_lossnets(config, "super_resolution") if "super_resolution" in config else []
 SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
 
 
-def _sr_weights(wildcards):
-    # the loss network's weights file when it is read from disk (fetched by `download_weights`)
-    lp = lossnet_params(config, wildcards.arch)
-    if lp["weights"] == "imagenet":
-        return [f"{RES}/weights/{weights_filename(wildcards.arch)}"]
-    if lp["weights"] != "random":
-        return [lp["weights"]]
-    return []
-
-
 rule train_sr:
     input:
         coco=f"{RES}/prepared/coco/manifest.json",
-        weights=_sr_weights,
+        weights=lambda w: sr_weights_inputs(lossnet_params(config, w.arch), RES),
     output:
         model=f"{SR_DIR}/model.pt",
         meta=f"{SR_DIR}/model.json",

@@ -399,6 +399,9 @@ def test_figures_target_and_replot_only(tmp_path):
     dry = snakemake("figures", "-n", "--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
                     str(override), "--config", f"results_dir={results}",
                     f"resources_dir={tmp_path / 'resources'}", "benchmarks=[]", timeout=600)
-    jobs = {line.split()[0] for line in dry.stdout.splitlines()
-            if line.strip() and line.split()[-1].isdigit() and len(line.split()) == 2}
+    # the "Job stats:" table: header, rule, dashes, then "<rule> <count>" lines up to a blank line
+    lines = dry.stdout.splitlines()
+    start = lines.index("Job stats:") + 3
+    stop = next(i for i in range(start, len(lines)) if not lines[i].strip())
+    jobs = {line.split()[0] for line in lines[start:stop]}
     assert jobs == {"analysis_figures", "figures", "total"}, dry.stdout[-3000:]

@@ -236,7 +236,7 @@ def test_codes_are_computed_once_and_reused_by_all_mlps(toy_job, monkeypatch):
 
     monkeypatch.setattr(ConvAutoencoder, "encode", forbidden)
     monkeypatch.setattr(bench, "load_autoencoder", forbidden)
-    bench.fit_mlps(job, "svhn", "pixel", 0, toy_job["cfg"], COMMON, {}, progress=False)
+    bench.fit_mlps(job, "svhn", 0, toy_job["cfg"], COMMON, progress=False)
     assert codes.stat().st_mtime_ns == stamp and codes.read_bytes() == blob
     per = pd.read_parquet(job / "mlps.parquet")
     assert len(per) == 7 and per["n_train"].eq(192).all() and per["n_test"].eq(160).all()
@@ -247,7 +247,7 @@ def test_codes_are_computed_once_and_reused_by_all_mlps(toy_job, monkeypatch):
 def test_trained_autoencoder_codes_beat_chance_and_scores_schema(toy_job):
     job = toy_job["job"]
     if not (job / "scores.parquet").exists():
-        bench.fit_mlps(job, "svhn", "pixel", 0, toy_job["cfg"], COMMON, {}, progress=False)
+        bench.fit_mlps(job, "svhn", 0, toy_job["cfg"], COMMON, progress=False)
     df = pd.read_parquet(job / "scores.parquet")
     per = pd.read_parquet(job / "mlps.parquet")
     best = df[(df.variant == "best-val-mlp") & (df.split == "test") & (df.metric == "accuracy")]

@@ -169,7 +169,8 @@ def test_score_cli_rows_for_every_lossnet_and_variant(prepared, tmp_path):
     for subset, g in s2.groupby("split", observed=True):
         agree = np.where(g.d0 < g.d1, 1 - g.judge, np.where(g.d1 < g.d0, g.judge, 0.5)).mean()
         row = summary[(summary.layer == "lpips") & (summary.comparison == "sort")
-                      & (~summary.channel_norm) & (summary.split == subset)]
+                      & (~summary.channel_norm) & (summary.split == subset)
+                      & (summary.dataset == "bapps-2afc")]
         assert row.value.item() == pytest.approx(agree)
         per.append(agree)
     mean_row = summary[(summary.layer == "lpips") & (summary.comparison == "sort")

@@ -22,6 +22,7 @@ from workflow.lossnets import ARCHS, weights_url
 DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10")
 
 
+@pytest.mark.slow
 def test_dry_run_download_lists_every_real_url(tmp_path):
     proc = snakemake("-n", "download", "--config", f"resources_dir={tmp_path / 'res'}",
                      f"results_dir={tmp_path / 'out'}")
@@ -33,6 +34,7 @@ def test_dry_run_download_lists_every_real_url(tmp_path):
     assert "download_weights" in text and "synthesize_dataset" not in text
 
 
+@pytest.mark.slow
 def test_synthetic_source_uses_synthesize_rule(tmp_path):
     proc = snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), "--config",
                      f"resources_dir={tmp_path / 'res'}", f"results_dir={tmp_path / 'out'}",

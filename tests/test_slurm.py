@@ -44,7 +44,7 @@ REAL_PROFILE = REPO / "slurm" / "config.yaml"
 JOB_SHELL = REPO / "slurm" / "job-shell.sh"
 SKIP_TAG = "SLURM-UNAVAILABLE"
 
-RUN_TIMEOUT_S = 1200  # hard limit (timeout -s KILL) of each snakemake run
+RUN_TIMEOUT_S = 1500  # hard limit (timeout -s KILL) of each snakemake run; ~8 min on 2 idle cores
 TRAIN_RULE = "train_sr"
 SR_NET, SR_SCALE = "squeezenet1_1/2", 4
 SR_ITERATIONS, SR_CHECKPOINT_EVERY = 16, 4
@@ -119,6 +119,17 @@ def test_ci_profile_mirrors_real_profile() -> None:
     # long training jobs are never grouped: each must be retried and resumed on its own
     assert not {"train_sr", "train_delineation", "train_autoencoder",
                 "adaptation_train"} & set(real["groups"])
+
+
+def test_profile_rule_names_exist() -> None:
+    # Snakemake silently ignores resources, threads and groups of a rule that does not exist,
+    # so a renamed rule would quietly lose its GPU: every name must be a rule of the workflow.
+    sources = [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]
+    rules = {m for p in sources for m in re.findall(r"^\s*rule (\w+):", p.read_text(), re.M)}
+    for prof in (_load_profile(REAL_PROFILE, {}), _load_profile(CI_PROFILE / "config.yaml", {})):
+        for key in ("set-resources", "set-threads", "groups"):
+            unknown = set(prof.get(key, {})) - rules
+            assert not unknown, f"profile {key} names no rule of the workflow: {sorted(unknown)}"
 
 
 _TRAINER = r"""
@@ -204,6 +215,8 @@ def slurm_env():
     if reason:
         pytest.skip(reason)
     env = dict(os.environ)
+    # two fake GPUs, so the similarity group and the training job can run side by side
+    env["SLURM_CI_FAKE_GPUS"] = "2"
     # jobs run `python -m workflow`: the interpreter running the tests, whatever PATH says
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     already_up = _daemons_running(env)
@@ -319,8 +332,8 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
                                 f"results_dir={out['slurm']}/results",
                                 f"resources_dir={out['slurm']}/resources", "--", target["slurm"]],
                       tmp_path, env),
-        # the reference: the same DAG on this host, at the same time (threads match: both 2)
-        "local": _Run("local", ["--cores", "2", *common, "--config",
+        # the reference: the same DAG on this host, at the same time, with the same threads
+        "local": _Run("local", ["--cores", "2", "--max-threads", "1", *common, "--config",
                                 f"results_dir={out['local']}/results",
                                 f"resources_dir={out['local']}/resources", "--", target["local"]],
                       tmp_path, env),

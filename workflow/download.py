@@ -511,3 +511,65 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ----------------------------------------------------------------------------- rule helpers
+# Used by rules/data.smk (kept here so the rules file holds rules only).
+
+BENCH_DATASETS: dict[str, list[str]] = {
+    "similarity": ["bapps"],
+    "super_resolution": ["coco", "sr_test"],
+    "delineation": ["roads"],
+    "autoencoder": ["svhn", "stl10"],
+    "adaptation": ["svhn", "stl10", "bapps"],
+    "probes": [],
+}
+
+
+def needed_datasets(config: Mapping[str, Any]) -> list[str]:
+    """Datasets the enabled benchmarks read."""
+    return sorted({d for b in config["benchmarks"] for d in BENCH_DATASETS.get(b, [])})
+
+
+def rule_options(config: Mapping[str, Any], dataset: str, purpose: str) -> str:
+    """config ``data.<dataset>`` as a rule param (JSON) with only the keys ``purpose``
+    (synthesize | download | prepare) depends on: the synthetic sizes reach synthesize
+    only, pinned checksums download only, so resizing the fakes or pinning a hash never
+    re-prepares real data."""
+    opts = dict(config["data"].get(dataset) or {})
+    if purpose != "synthesize":
+        opts.pop("synthetic", None)
+    if purpose != "download":
+        opts.pop("checksums", None)
+    return json.dumps(opts, sort_keys=True, separators=(",", ":"))
+
+
+def dataset_urls(dataset: str) -> str:
+    """The upstream URLs of a dataset, space-separated (what `snakemake -n download` shows)."""
+    try:
+        files = importlib.import_module(f"workflow.datasets.{dataset}").FILES
+    except (ImportError, AttributeError) as e:
+        return f"(workflow.datasets.{dataset}.FILES unavailable: {e})"
+    return " ".join(f.url for f in files)
+
+
+def imagenet_weight_archs(config: Mapping[str, Any]) -> list[str]:
+    """Configured architectures (grid + LPIPS sets) whose weights are ``imagenet``."""
+    from workflow.config import weights_for
+
+    ln = config["lossnets"]
+    archs = list(dict.fromkeys([*ln["archs"], *ln.get("lpips_sets", [])]))
+    return [a for a in archs if weights_for(config, a) == "imagenet"]
+
+
+def weight_files(config: Mapping[str, Any], archs: Iterable[str] | None = None) -> list[str]:
+    from workflow.lossnets import weights_filename
+
+    res = config["resources_dir"]
+    archs = imagenet_weight_archs(config) if archs is None else archs
+    return [f"{res}/weights/{weights_filename(a)}" for a in archs]
+
+
+def weights_input(config: Mapping[str, Any], arch: str) -> list[str]:
+    """A job's input for ``arch``: its weight file when ``arch`` uses imagenet weights."""
+    return weight_files(config, [arch]) if arch in imagenet_weight_archs(config) else []

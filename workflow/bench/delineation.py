@@ -17,6 +17,7 @@ last step (no evaluation or checkpoint falls inside it). Writes the ``delineatio
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from collections.abc import Sequence
@@ -77,6 +78,7 @@ def run(lossnet: str = "alexnet/2", steps: int = 20, warmup: int = 3, repeats: i
             samples[name].append(r["crops_per_s"])
             details[name] = r
     base = statistics.median(samples["reference (precision: fp32)"])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     auto_resolved = runtime.resolve_precision("auto", device)
     lines = [
         "## Road delineation: training throughput",
@@ -84,7 +86,9 @@ def run(lossnet: str = "alexnet/2", steps: int = 20, warmup: int = 3, repeats: i
         f"Machine: {machine_description(device)}. Loss network {net.id} (random weights), "
         f"U-Net refinement pass K = 1, {crop}px crops, batch {batch}, {tiles} random "
         f"{side}px tiles; median of {repeats} interleaved repetitions of {steps} timed steps "
-        f"after {warmup} warm-up steps (`python -m workflow bench delineation`).",
+        f"after {warmup} warm-up steps (`python -m workflow bench delineation`); 1-minute load "
+        f"average at the end {load:.1f} (other processes share the machine when it exceeds the "
+        f"core count, which lowers both rows alike).",
         "",
         "| configuration | precision | channels_last | tiles on device | crops/s | vs fp32 |",
         "|---|---|---|---|---|---|",

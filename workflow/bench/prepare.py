@@ -59,7 +59,7 @@ def run(n_val: int, n_train: int, n_jnd: int, size: int, workers: list[int], rep
     return rows
 
 
-def markdown(rows: list[dict], size: int, repeats: int) -> str:
+def markdown(rows: list[dict], size: int, repeats: int, load: float) -> str:
     import torch
 
     from workflow.bench.report import machine_description
@@ -71,7 +71,9 @@ def markdown(rows: list[dict], size: int, repeats: int) -> str:
         f"Machine: {machine_description(torch.device('cpu'))}. Synthetic BAPPS tree of "
         f"{rows[0]['images']} PNG patches of {size}x{size} (the real patches are 256x256), "
         f"best of {repeats} runs; speed-up against 1 worker in the same run. The machine may "
-        f"be shared: absolute rates are indicative, the ratio is the figure.",
+        f"be shared: absolute rates are indicative, the ratio is the figure. Load average "
+        f"when the run started: {load:.1f} on {os.cpu_count()} cores (a ratio near 1 under a "
+        f"load above the core count says the cores were busy, not that decoding is serial).",
         "",
         "| what | workers | images | seconds | images/s | speed-up |",
         "|---|---:|---:|---:|---:|---:|",
@@ -97,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or sorted({1, cores})
     if 1 not in workers:
         workers = [1, *workers]
+    load = os.getloadavg()[0]
     scratch = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
         rows = run(args.n_val, args.n_train, args.n_jnd, args.size, workers, args.repeats, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    md = markdown(rows, args.size, args.repeats)
+    md = markdown(rows, args.size, args.repeats, load)
     print(md)
     from workflow.bench.report import update_section
 

@@ -213,8 +213,8 @@ def _markdown(rows: list[dict[str, Any]], configs: dict[str, dict[str, Any]], de
         by_cfg.setdefault(r["config"], []).append(
             GRID_MODELS * STUDY_IMAGES / r["images_per_s"] / 3600)
     lines += ["", "Projected cost of the full grid (mean over the measured loss networks, "
-              f"treated as representative; every configuration sees the study's 800k training "
-              f"images, i.e. 200k iterations at batch 4): "
+              "treated as representative; every configuration sees the study's 800k training "
+              "images, i.e. 200k iterations at batch 4): "
               + "; ".join(f"{name}: {statistics.mean(h):,.0f} {unit}-hours"
                           for name, h in by_cfg.items()) + "."]
     return "\n".join(lines)

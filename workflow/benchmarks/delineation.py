@@ -317,7 +317,7 @@ def resize_reference(sat: Tensor, maps: Tensor, size: int) -> tuple[Tensor, Tens
 
     Images: bilinear with antialiasing (what torchvision's Resize does to a PIL image). Maps:
     the same resampling, then road where the resampled value is >= 0.5 (the reference's exact
-    mask resampling is not recorded; this keeps the map binary and unbiased in area).
+    mask resampling is not recorded; this keeps the map binary).
     """
     img = F.interpolate(to_image(sat), size=(size, size), mode="bilinear", antialias=True,
                         align_corners=False).clamp_(0, 1)
@@ -394,6 +394,16 @@ def _fingerprint(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str,
     kept = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_KEYS}
     return config_hash({"cfg": kept, "lossnet": dict(lossnet), "layer": layer, "run": run,
                         "n_train": n_train})
+
+
+def weight_files(lossnet: Mapping[str, Any]) -> list[str]:
+    """The file a training job reads the loss network's weights from (a rule input), if any."""
+    from workflow.lossnets import weights_filename
+
+    weights = str(lossnet.get("weights", "imagenet"))
+    if weights == "imagenet":
+        return [str(Path(lossnet["weights_dir"]) / weights_filename(str(lossnet["arch"])))]
+    return [] if weights == "random" else [weights]
 
 
 def build_lossnet(lossnet: Mapping[str, Any], layer: str, normalize: str):

@@ -44,6 +44,7 @@ from workflow.datasets.common import (
     save_npy,
     write_manifest,
 )
+from workflow.download import RangeUnsupported
 from workflow.results import atomic_path, write_json
 
 FILES = [
@@ -204,12 +205,15 @@ def download(raw_dir: Path, fetcher: Any, n_train: int = 10000, n_val: int = 100
         size, ranges = fetcher.head(url)
         if ranges and size:
             print(f"{url}: the server accepts ranges; fetching {n} of its members only")
-            selection[split] = fetch_members_remote(fetcher, url, size, raw_dir, n, seed,
-                                                    split, key)
-        else:
-            print(f"{url}: no range support; downloading the whole archive")
-            path = fetcher.fetch(rf)
-            selection[split] = extract_members_local(path, raw_dir, n, seed, split, key)
+            try:
+                selection[split] = fetch_members_remote(fetcher, url, size, raw_dir, n, seed,
+                                                        split, key)
+                continue
+            except RangeUnsupported as e:  # HEAD advertised ranges, GET ignored them
+                print(f"{e}; falling back to the whole archive")
+        print(f"{url}: no range support; downloading the whole archive")
+        path = fetcher.fetch(rf)
+        selection[split] = extract_members_local(path, raw_dir, n, seed, split, key)
     write_json(selection, raw_dir / "selection.json")
     return {"selection": {s: {k: v for k, v in sel.items() if k not in ("members", "crc32")}
                           for s, sel in selection.items()}}
