@@ -13,8 +13,8 @@ from workflow.config import as_json, common, lossnet_params, select_lossnets
 
 min_version("9.0")
 
-# For `--sdm conda` users; the uv environment (uv.lock) is the primary one.
-conda: "envs/workflow.yaml"
+
+report: "workflow/report/workflow.rst"
 
 
 configfile: "config.yaml"

@@ -2,51 +2,27 @@
 #   rankings (once) -> triplets per dataset (once) -> fused training per (loss network, run)
 #   -> evaluation of the baseline (once per loss network) and of every run
 #   probe images (generated or hand-made) -> probe counts per loss network
-# Targets: `adaptation`, `probes`.
+# Targets: `adaptation`, `probes`. Helpers live in workflow/benchmarks/adaptation.py.
 
-from workflow.benchmarks.adaptation import select_nets, stage_config
-from workflow.lossnets import weights_filename
+from workflow.benchmarks.adaptation import rule_eval_args as adaptation_eval_args
+from workflow.benchmarks.adaptation import rule_eval_inputs as adaptation_eval_inputs
+from workflow.benchmarks.adaptation import select_nets as adaptation_select_nets
+from workflow.benchmarks.adaptation import stage_config as adaptation_stage
 
-ADAPTATION_NETS = select_nets(config, "adaptation") if "adaptation" in config else []
-PROBE_NETS = select_nets(config, "probes") if "probes" in config else []
-
-
-def _adaptation_weights(wildcards):
-    # the ImageNet weights file when the job reads one (fetched by `download_weights`)
-    lp = lossnet_params(config, wildcards.arch)
-    if lp["weights"] == "imagenet":
-        return [f"{RES}/weights/{weights_filename(wildcards.arch)}"]
-    if lp["weights"] != "random":
-        return [lp["weights"]]
-    return []
-
-
-def _adaptation_eval_inputs(wildcards):
-    ada = config["adaptation"]
-    files = {f"triplets_{d}": f"{OUT}/adaptation/triplets/{d}.npz" for d in ada["eval_datasets"]}
-    files |= {f"prepared_{d}": f"{RES}/prepared/{d}/manifest.json" for d in ada["eval_datasets"]}
-    if ada.get("bapps", True):
-        files["bapps"] = f"{RES}/prepared/bapps/manifest.json"
-    return files
-
-
-def _adaptation_eval_args(wildcards, input):
-    ada = config["adaptation"]
-    trip = " ".join(f"{d}={input[f'triplets_{d}']}" for d in ada["eval_datasets"])
-    prep = " ".join(f"{d}={RES}/prepared/{d}" for d in ada["eval_datasets"])
-    args = (f"--triplets {trip} " if trip else "") + (f"--prepared {prep} " if prep else "")
-    if ada.get("bapps", True):
-        args += f"--bapps {RES}/prepared/bapps"
-    return args
+ADAPTATION_NETS = adaptation_select_nets(config, "adaptation") if "adaptation" in config else []
+PROBE_NETS = adaptation_select_nets(config, "probes") if "probes" in config else []
+ADAPTATION_CFG = config.get("adaptation", {})
 
 
 rule adaptation_rankings:
     output:
         f"{OUT}/adaptation/rankings.json",
     params:
-        cfg=as_json(stage_config(config.get("adaptation", {}), "rankings")),
+        cfg=as_json(adaptation_stage(ADAPTATION_CFG, "rankings")),
     log:
         f"{OUT}/logs/adaptation/rankings.log",
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.adaptation rankings --config {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
@@ -59,10 +35,12 @@ rule adaptation_triplets:
     wildcard_constraints:
         dataset="svhn|stl10",
     params:
-        cfg=as_json(stage_config(config.get("adaptation", {}), "triplets")),
+        cfg=as_json(adaptation_stage(ADAPTATION_CFG, "triplets")),
         prepared=lambda w: f"{RES}/prepared/{w.dataset}",
     log:
         f"{OUT}/logs/adaptation/triplets_{{dataset}}.log",
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.adaptation triplets --config {params.cfg:q} --dataset {wildcards.dataset}"
         " --prepared {params.prepared:q} --out {output:q} > {log:q} 2>&1"
@@ -73,39 +51,44 @@ rule adaptation_train:
         rankings=f"{OUT}/adaptation/rankings.json",
         triplets=f"{OUT}/adaptation/triplets/svhn.npz",
         prepared=f"{RES}/prepared/svhn/manifest.json",
-        weights=_adaptation_weights,
+        weights=lambda w: weights_input(w.arch),
     output:
         f"{OUT}/adaptation/{{arch}}/{{layer}}/run{{run}}/adapter.pt",
     params:
-        cfg=as_json(stage_config(config.get("adaptation", {}), "train")),
+        cfg=as_json(adaptation_stage(ADAPTATION_CFG, "train")),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
         workdir=lambda w: f"{OUT}/adaptation/{w.arch}/{w.layer}/run{w.run}/train",
+        prepared=f"{RES}/prepared/svhn",
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/train_run{{run}}.log",
     threads: 2
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.adaptation train --config {params.cfg:q} --lossnet {params.lossnet:q}"
         " --common {params.common:q} --net {wildcards.arch}/{wildcards.layer} --run {wildcards.run}"
-        " --rankings {input.rankings:q} --triplets {input.triplets:q} --prepared {RES}/prepared/svhn"
+        " --rankings {input.rankings:q} --triplets {input.triplets:q} --prepared {params.prepared:q}"
         " --workdir {params.workdir:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule adaptation_baseline:
     input:
-        unpack(_adaptation_eval_inputs),
+        unpack(lambda w: adaptation_eval_inputs(config, RES, OUT)),
         rankings=f"{OUT}/adaptation/rankings.json",
-        weights=_adaptation_weights,
+        weights=lambda w: weights_input(w.arch),
     output:
         f"{OUT}/adaptation/{{arch}}/{{layer}}/baseline.parquet",
     params:
-        cfg=as_json(stage_config(config.get("adaptation", {}), "evaluate")),
+        cfg=as_json(adaptation_stage(ADAPTATION_CFG, "evaluate")),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
-        args=_adaptation_eval_args,
+        args=lambda w, input: adaptation_eval_args(config, RES, input),
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/baseline.log",
     threads: 2
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.adaptation evaluate --config {params.cfg:q} --lossnet {params.lossnet:q}"
         " --common {params.common:q} --net {wildcards.arch}/{wildcards.layer} --rankings {input.rankings:q}"
@@ -114,20 +97,22 @@ rule adaptation_baseline:
 
 rule adaptation_evaluate:
     input:
-        unpack(_adaptation_eval_inputs),
+        unpack(lambda w: adaptation_eval_inputs(config, RES, OUT)),
         rankings=f"{OUT}/adaptation/rankings.json",
         adapter=f"{OUT}/adaptation/{{arch}}/{{layer}}/run{{run}}/adapter.pt",
-        weights=_adaptation_weights,
+        weights=lambda w: weights_input(w.arch),
     output:
         f"{OUT}/adaptation/{{arch}}/{{layer}}/run{{run}}/scores.parquet",
     params:
-        cfg=as_json(stage_config(config.get("adaptation", {}), "evaluate")),
+        cfg=as_json(adaptation_stage(ADAPTATION_CFG, "evaluate")),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
-        args=_adaptation_eval_args,
+        args=lambda w, input: adaptation_eval_args(config, RES, input),
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/evaluate_run{{run}}.log",
     threads: 2
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.adaptation evaluate --config {params.cfg:q} --lossnet {params.lossnet:q}"
         " --common {params.common:q} --net {wildcards.arch}/{wildcards.layer} --run {wildcards.run}"
@@ -139,7 +124,7 @@ BENCH_OUTPUTS["adaptation"] = [
 ] + [
     f"{OUT}/adaptation/{net.arch}/{net.layer}/run{run}/scores.parquet"
     for net in ADAPTATION_NETS
-    for run in range(int(config.get("adaptation", {}).get("runs", 4)))
+    for run in range(int(ADAPTATION_CFG.get("runs", 4)))
 ]
 
 
@@ -156,29 +141,35 @@ rule probes_images:
         f"{OUT}/probes/images/manifest.json",
     params:
         cfg=lambda w: as_json({k: config["probes"].get(k) for k in ("images", "seed", "image_size")}),
+        out=f"{OUT}/probes/images",
     log:
         f"{OUT}/logs/probes/images.log",
+    conda:
+        "../envs/workflow.yaml"
     shell:
-        "python -m workflow benchmarks.probes images --config {params.cfg:q} --out {OUT}/probes/images"
+        "python -m workflow benchmarks.probes images --config {params.cfg:q} --out {params.out:q}"
         " > {log:q} 2>&1"
 
 
 rule probes_score:
     input:
         images=f"{OUT}/probes/images/manifest.json",
-        weights=_adaptation_weights,
+        weights=lambda w: weights_input(w.arch),
     output:
         f"{OUT}/probes/{{arch}}/{{layer}}/scores.parquet",
     params:
         cfg=lambda w: as_json({k: v for k, v in config["probes"].items() if k != "lossnets"}),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
+        images=f"{OUT}/probes/images",
     log:
         f"{OUT}/logs/probes/{{arch}}/{{layer}}.log",
     threads: 1
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.probes score --config {params.cfg:q} --lossnet {params.lossnet:q}"
-        " --common {params.common:q} --net {wildcards.arch}/{wildcards.layer} --images {OUT}/probes/images"
+        " --common {params.common:q} --net {wildcards.arch}/{wildcards.layer} --images {params.images:q}"
         " --out {output:q} > {log:q} 2>&1"
 
 

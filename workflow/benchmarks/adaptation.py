@@ -131,6 +131,31 @@ def select_nets(config: Mapping[str, Any], section: str) -> list[LossNet]:
         raise AdaptationError(f"config key {section}.lossnets: {e}") from None
 
 
+def rule_eval_inputs(config: Mapping[str, Any], res: str, out: str) -> dict[str, str]:
+    """Named inputs of the evaluation rules: triplet files, prepared manifests (+ BAPPS)."""
+    ada = with_defaults(config["adaptation"])
+    files = {f"triplets_{d}": f"{out}/adaptation/triplets/{d}.npz" for d in ada["eval_datasets"]}
+    files |= {f"prepared_{d}": f"{res}/prepared/{d}/manifest.json" for d in ada["eval_datasets"]}
+    if ada["bapps"]:
+        files["bapps"] = f"{res}/prepared/bapps/manifest.json"
+    return files
+
+
+def rule_eval_args(config: Mapping[str, Any], res: str, inputs: Mapping[str, str]) -> str:
+    """The ``--triplets / --prepared / --bapps`` arguments of ``evaluate`` for those inputs."""
+    import shlex
+
+    ada = with_defaults(config["adaptation"])
+    q = shlex.quote
+    args = []
+    if ada["eval_datasets"]:
+        args += ["--triplets", *(q(f"{d}={inputs[f'triplets_{d}']}") for d in ada["eval_datasets"])]
+        args += ["--prepared", *(q(f"{d}={res}/prepared/{d}") for d in ada["eval_datasets"])]
+    if ada["bapps"]:
+        args += ["--bapps", q(f"{res}/prepared/bapps")]
+    return " ".join(args)
+
+
 # ----------------------------------------------------------------------------- rankings, triplets
 
 
