@@ -16,6 +16,7 @@ Loss-network weights are random: speed does not depend on them, and nothing is d
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,8 +86,10 @@ def run(nets: Sequence[str], datasets: Sequence[str], device: str, batch_size: i
         f"random loss-network weights. Machine: {machine_description(dev)}.",
     ]
     if dev.type == "cpu":
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         lines += ["On CPU the default configuration resolves to fp32 (bf16 autocast is slower",
-                  "there), so both columns run the same configuration: their ratio is noise."]
+                  "there), so both columns run the same configuration: their ratio is noise",
+                  f"(1-minute load average {load:.1f} on {os.cpu_count()} cores at the start)."]
     lines += ["", "| net | dataset | default (resolved) img/s | fp32 reference img/s | speed-up |",
               "|---|---|---|---|---|"]
     for dataset in datasets:

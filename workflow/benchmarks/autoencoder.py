@@ -278,6 +278,7 @@ def train_autoencoder(job_dir: str | Path, dataset: str, prepared: str | Path, n
     images, _ = load_split(prepared, spec, spec.ae_split, tcfg.get("max_images"), seed,
                            labelled=False)
     tr_idx, va_idx = seeded_split(len(images), float(cfg.get("val_fraction", 0.2)), seed)
+    runtime.seed_everything(seed + int(run))  # the initial weights (the harness reseeds itself)
     model = ConvAutoencoder(spec.size, int(tcfg.get("code_size", 64)))
     loss_fn, extractor = make_loss(net, lossnet, str(tcfg.get("normalize", "none")))
     opt = torch.optim.Adam(model.parameters(), lr=float(tcfg.get("lr", 1e-3)))

@@ -58,7 +58,7 @@ from workflow.degrade import (
 from workflow.lossnets import LossNet, build_extractor, feature_loss, weights_filename, weights_id
 from workflow.metrics.image import psnr, quantize, rgb_to_y, shave, ssim
 from workflow.models.srnet import SRNet
-from workflow.results import config_hash, score_frame, write_json, write_parquet
+from workflow.results import atomic_path, config_hash, score_frame, write_json, write_parquet
 from workflow.training import TrainConfig, Trainer, load_checkpoint
 
 BENCHMARK = "super_resolution"
@@ -294,7 +294,9 @@ def train(cfg: Mapping[str, Any], common: Mapping[str, Any], lossnet: Mapping[st
                                         device, s["crop_size"], trainer.channels_last)}
 
     fingerprint = config_hash({"cfg": {k: v for k, v in s.items() if k not in _EVAL_ONLY_KEYS},
-                               "lossnet": lossnet, "arch": arch, "layer": str(layer),
+                               # where the weights live does not matter, which ones do
+                               "lossnet": {k: v for k, v in lossnet.items() if k != "weights_dir"},
+                               "arch": arch, "layer": str(layer),
                                "scale": scale, "run": run, "precision": precision})
     tcfg = TrainConfig(
         max_steps=int(s["iterations"]), eval_every=s["eval_every"],
@@ -319,8 +321,6 @@ def train(cfg: Mapping[str, Any], common: Mapping[str, Any], lossnet: Mapping[st
     }
     state = {"modules": {"model": {k: v.detach().cpu() for k, v in net.state_dict().items()}},
              "meta": meta}
-    from workflow.results import atomic_path
-
     with atomic_path(model_out) as tmp:
         torch.save(state, tmp)
     write_json(meta, Path(model_out).with_suffix(".json"))
