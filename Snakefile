@@ -59,6 +59,8 @@ rule all:
 
 
 rule gather_scores:
+    conda:
+        "envs/workflow.yaml"
     input:
         [p for b in config["benchmarks"] for p in BENCH_OUTPUTS.get(b, [])],
     output:

@@ -36,7 +36,7 @@ rule adaptation_triplets:
         dataset="svhn|stl10",
     params:
         cfg=as_json(adaptation_stage(ADAPTATION_CFG, "triplets")),
-        prepared=lambda w: f"{RES}/prepared/{w.dataset}",
+        prepared=lambda w, input: str(Path(input[0]).parent),
     log:
         f"{OUT}/logs/adaptation/triplets_{{dataset}}.log",
     conda:
@@ -59,7 +59,7 @@ rule adaptation_train:
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
         workdir=lambda w: f"{OUT}/adaptation/{w.arch}/{w.layer}/run{w.run}/train",
-        prepared=f"{RES}/prepared/svhn",
+        prepared=lambda w, input: str(Path(input.prepared).parent),
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/train_run{{run}}.log",
     threads: 2
@@ -141,7 +141,7 @@ rule probes_images:
         f"{OUT}/probes/images/manifest.json",
     params:
         cfg=lambda w: as_json({k: config["probes"].get(k) for k in ("images", "seed", "image_size")}),
-        out=f"{OUT}/probes/images",
+        out=lambda w, output: str(Path(output[0]).parent),
     log:
         f"{OUT}/logs/probes/images.log",
     conda:
@@ -161,7 +161,7 @@ rule probes_score:
         cfg=lambda w: as_json({k: v for k, v in config["probes"].items() if k != "lossnets"}),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
-        images=f"{OUT}/probes/images",
+        images=lambda w, input: str(Path(input.images).parent),
     log:
         f"{OUT}/logs/probes/{{arch}}/{{layer}}.log",
     threads: 1

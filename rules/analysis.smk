@@ -33,6 +33,8 @@ localrules:
 
 
 rule lossnet_attributes:
+    conda:
+        "../envs/workflow.yaml"
     output:
         f"{OUT}/lossnets.parquet",
     params:
@@ -47,6 +49,8 @@ rule lossnet_attributes:
 
 
 rule analysis_tables:
+    conda:
+        "../envs/workflow.yaml"
     input:
         scores=f"{OUT}/scores.parquet",
         lossnets=f"{OUT}/lossnets.parquet",
@@ -68,6 +72,8 @@ rule analysis_tables:
 
 
 rule analysis_figures:
+    conda:
+        "../envs/workflow.yaml"
     input:
         scores=f"{OUT}/scores.parquet",
         pareto=f"{ANALYSIS_TABLES_DIR}/pareto.parquet",

@@ -6,6 +6,8 @@
 # preemption resumes; the harness exits with code 75 on SIGTERM/SIGUSR1: use --retries).
 # Target: `autoencoder`.
 
+from workflow.benchmarks.autoencoder import stage_config as stage_config_ae
+
 AE_CFG = config.get("autoencoder", {})
 AE_NETS = (
     [n.id for n in select_lossnets(config, "autoencoder")] if "autoencoder" in config else []
@@ -15,39 +17,28 @@ AE_LOG = f"{OUT}/logs/autoencoder/{{net}}/{{dataset}}_run{{run}}"
 AE_WILDCARDS = {"net": r"pixel|[a-z0-9_]+/(?:[1-4]|lpips)", "dataset": "svhn|stl10"}
 
 
-def _ae_stage(*keys):
-    # only the keys a stage depends on: editing the MLP settings never retrains an autoencoder
-    return as_json({k: AE_CFG[k] for k in ("seed", "val_fraction", "eval_batch_size", *keys) if k in AE_CFG})
-
-
-def _ae_lossnet(wildcards):
-    if wildcards.net == "pixel":
-        return "{}"
-    return as_json(lossnet_params(config, wildcards.net.split("/")[0]))
-
-
-def _ae_weights(wildcards):
-    return [] if wildcards.net == "pixel" else weights_input(wildcards.net.split("/")[0])
-
-
 rule train_autoencoder:
     input:
         data=f"{RES}/prepared/{{dataset}}/manifest.json",
-        weights=_ae_weights,
+        weights=lambda w: [] if w.net == "pixel" else weights_input(w.net.split("/")[0]),
     output:
         model=f"{AE_DIR}/autoencoder.pt",
         info=f"{AE_DIR}/train.json",
     wildcard_constraints:
         **AE_WILDCARDS,
     params:
-        cfg=_ae_stage("train"),
-        lossnet=_ae_lossnet,
+        cfg=as_json(stage_config_ae(AE_CFG, "train")),
+        lossnet=lambda w: (
+            "{}" if w.net == "pixel" else as_json(lossnet_params(config, w.net.split("/")[0]))
+        ),
         common=COMMON,
-        prepared=f"{RES}/prepared/{{dataset}}",
-        dir=AE_DIR,
+        prepared=lambda w, input: str(Path(input.data).parent),
+        dir=lambda w, output: str(Path(output.model).parent),
     log:
         f"{AE_LOG}_train.log",
     threads: 2
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.autoencoder train --dir {params.dir:q} --dataset {wildcards.dataset}"
         " --prepared {params.prepared:q} --net {wildcards.net} --run {wildcards.run}"
@@ -63,13 +54,15 @@ rule encode:
     wildcard_constraints:
         **AE_WILDCARDS,
     params:
-        cfg=_ae_stage("encode"),
+        cfg=as_json(stage_config_ae(AE_CFG, "encode")),
         common=COMMON,
-        prepared=f"{RES}/prepared/{{dataset}}",
-        dir=AE_DIR,
+        prepared=lambda w, input: str(Path(input.data).parent),
+        dir=lambda w, output: str(Path(output[0]).parent),
     log:
         f"{AE_LOG}_encode.log",
     threads: 1
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.autoencoder encode --dir {params.dir:q} --dataset {wildcards.dataset}"
         " --prepared {params.prepared:q} --config {params.cfg:q} --common {params.common:q} > {log:q} 2>&1"
@@ -85,12 +78,14 @@ rule fit_mlps:
     wildcard_constraints:
         **AE_WILDCARDS,
     params:
-        cfg=_ae_stage("mlp"),
+        cfg=as_json(stage_config_ae(AE_CFG, "mlp")),
         common=COMMON,
-        dir=AE_DIR,
+        dir=lambda w, output: str(Path(output.scores).parent),
     log:
         f"{AE_LOG}_fit_mlps.log",
     threads: 1
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow benchmarks.autoencoder fit-mlps --dir {params.dir:q} --dataset {wildcards.dataset}"
         " --run {wildcards.run} --config {params.cfg:q} --common {params.common:q} > {log:q} 2>&1"

@@ -144,3 +144,11 @@ def test_feature_loss_is_the_mse_of_features_with_target_detached():
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
     loss.backward()
     assert out.grad is not None and tgt.grad is None
+
+
+def test_weight_file_names_match_torchvision_enums():
+    # the registry holds them as data so the Snakefile never imports torchvision
+    from workflow.lossnets import ARCHS, weights_enum, weights_url
+
+    for arch in ARCHS:
+        assert weights_url(arch) == weights_enum(arch).url, arch

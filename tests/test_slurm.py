@@ -387,7 +387,7 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
                 "gather_scores"} & ran, "localrules must run on the submitting host"
     for jid, rec in seen.items():
         rules, log = rules_by_job[jid], logs[jid]
-        shells = re.findall(r"\[job-shell\] .*", log)
+        shells = re.findall(r"\[job-shell\] host=.*", log)  # one per rule job it ran
         assert shells, f"job {jid} ({rules}) has no [job-shell] line:\n{log[-3000:]}"
         if rules & gpu_rules:
             assert rec["Partition"] == "gpu", (jid, rules, rec)
@@ -403,7 +403,7 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
     # the two similarity jobs shared one submission (groups + group-components)
     sim_jobs = [j for j, rules in rules_by_job.items() if "score_similarity" in rules]
     assert len(sim_jobs) == 1, f"score_similarity ran in SLURM jobs {sim_jobs}:\n{report}"
-    assert len(re.findall(r"\[job-shell\] ", logs[sim_jobs[0]])) == 2, logs[sim_jobs[0]]
+    assert len(re.findall(r"\[job-shell\] host=", logs[sim_jobs[0]])) == 2, logs[sim_jobs[0]]
 
     # -- preemption: signal -> checkpoint -> exit 75 -> retry -> resume
     assert killed is not None, (

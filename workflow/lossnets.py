@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
+
+# torchvision is imported lazily: importing it pulls in torch._dynamo (seconds of CPU), and
+# the Snakefile and rules import this module only for the registry.
+WEIGHTS_HOST = "https://download.pytorch.org/models/"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,39 +44,40 @@ class ArchSpec:
     layers: tuple[int, int, int, int]  # child index of the study's layers 1..4
     layer_names: tuple[str, str, str, str]
     lpips: tuple[int, ...] | None = None  # the LPIPS multi-layer set, if any
+    weights_file: str = ""  # IMAGENET1K_V1 file name (sha256 prefix in the name)
 
 
 ARCHS: dict[str, ArchSpec] = {
     s.name: s
     for s in [
         ArchSpec("alexnet", "alexnet", "AlexNet_Weights", "features", (1, 4, 7, 11),
-                 ("relu1", "relu2", "relu3", "relu5"), (1, 4, 7, 9, 11)),
+                 ("relu1", "relu2", "relu3", "relu5"), (1, 4, 7, 9, 11), weights_file="alexnet-owt-7be5be79.pth"),
         ArchSpec("vgg11", "vgg11", "VGG11_Weights", "features", (1, 4, 9, 19),
-                 ("relu1_1", "relu2_1", "relu3_2", "relu5_2")),
+                 ("relu1_1", "relu2_1", "relu3_2", "relu5_2"), weights_file="vgg11-8a719046.pth"),
         ArchSpec("vgg16", "vgg16", "VGG16_Weights", "features", (3, 8, 15, 29),
-                 ("relu1_2", "relu2_2", "relu3_3", "relu5_3"), (3, 8, 15, 22, 29)),
+                 ("relu1_2", "relu2_2", "relu3_3", "relu5_3"), (3, 8, 15, 22, 29), weights_file="vgg16-397923af.pth"),
         ArchSpec("vgg16_bn", "vgg16_bn", "VGG16_BN_Weights", "features", (5, 12, 22, 42),
-                 ("relu1_2", "relu2_2", "relu3_3", "relu5_3")),
+                 ("relu1_2", "relu2_2", "relu3_3", "relu5_3"), weights_file="vgg16_bn-6c64b313.pth"),
         ArchSpec("vgg19", "vgg19", "VGG19_Weights", "features", (3, 8, 17, 35),
-                 ("relu1_2", "relu2_2", "relu3_4", "relu5_4")),
+                 ("relu1_2", "relu2_2", "relu3_4", "relu5_4"), weights_file="vgg19-dcbb9e9d.pth"),
         ArchSpec("resnet18", "resnet18", "ResNet18_Weights", "model", (2, 4, 5, 7),
-                 ("relu", "layer1", "layer2", "layer4")),
+                 ("relu", "layer1", "layer2", "layer4"), weights_file="resnet18-f37072fd.pth"),
         ArchSpec("resnet50", "resnet50", "ResNet50_Weights", "model", (2, 4, 5, 7),
-                 ("relu", "layer1", "layer2", "layer4")),
+                 ("relu", "layer1", "layer2", "layer4"), weights_file="resnet50-0676ba61.pth"),
         ArchSpec("resnext50_32x4d", "resnext50_32x4d", "ResNeXt50_32X4D_Weights", "model",
-                 (2, 4, 5, 7), ("relu", "layer1", "layer2", "layer4")),
+                 (2, 4, 5, 7), ("relu", "layer1", "layer2", "layer4"), weights_file="resnext50_32x4d-7cdf4587.pth"),
         ArchSpec("googlenet", "googlenet", "GoogLeNet_Weights", "model", (0, 5, 8, 15),
-                 ("conv1", "inception3a", "inception4a", "inception5b")),
+                 ("conv1", "inception3a", "inception4a", "inception5b"), weights_file="googlenet-1378be20.pth"),
         ArchSpec("inception_v3", "inception_v3", "Inception_V3_Weights", "model", (2, 7, 9, 14),
-                 ("Conv2d_2b_3x3", "Mixed_5b", "Mixed_5d", "Mixed_6e")),
+                 ("Conv2d_2b_3x3", "Mixed_5b", "Mixed_5d", "Mixed_6e"), weights_file="inception_v3_google-0cc3c7bd.pth"),
         ArchSpec("efficientnet_b0", "efficientnet_b0", "EfficientNet_B0_Weights", "features",
-                 (0, 1, 4, 7), ("stem", "stage1", "stage4", "stage7")),
+                 (0, 1, 4, 7), ("stem", "stage1", "stage4", "stage7"), weights_file="efficientnet_b0_rwightman-7f5810bc.pth"),
         ArchSpec("efficientnet_b7", "efficientnet_b7", "EfficientNet_B7_Weights", "features",
-                 (0, 1, 4, 7), ("stem", "stage1", "stage4", "stage7")),
+                 (0, 1, 4, 7), ("stem", "stage1", "stage4", "stage7"), weights_file="efficientnet_b7_lukemelas-c5b4e57e.pth"),
         ArchSpec("densenet121", "densenet121", "DenseNet121_Weights", "features", (2, 4, 6, 10),
-                 ("relu0", "denseblock1", "denseblock2", "denseblock4")),
+                 ("relu0", "denseblock1", "denseblock2", "denseblock4"), weights_file="densenet121-a639ec97.pth"),
         ArchSpec("squeezenet1_1", "squeezenet1_1", "SqueezeNet1_1_Weights", "features",
-                 (1, 3, 7, 12), ("relu1", "fire1", "fire4", "fire8"), (1, 4, 7, 9, 10, 11, 12)),
+                 (1, 3, 7, 12), ("relu1", "fire1", "fire4", "fire8"), (1, 4, 7, 9, 10, 11, 12), weights_file="squeezenet1_1-b8a52dc0.pth"),
     ]
 }
 LPIPS_ARCHS = tuple(a for a, s in ARCHS.items() if s.lpips is not None)
@@ -150,16 +154,19 @@ def all_lossnets(
 
 
 def weights_enum(arch: str):
+    import torchvision
+
     return getattr(torchvision.models, arch_spec(arch).weights_enum).IMAGENET1K_V1
 
 
 def weights_filename(arch: str) -> str:
     """File name of the IMAGENET1K_V1 weights, e.g. ``alexnet-owt-7be5be79.pth``."""
-    return weights_enum(arch).url.rsplit("/", 1)[-1]
+    return arch_spec(arch).weights_file
 
 
 def weights_url(arch: str) -> str:
-    return weights_enum(arch).url
+    """Download URL of the IMAGENET1K_V1 weights (equal to the torchvision enum's; tested)."""
+    return WEIGHTS_HOST + weights_filename(arch)
 
 
 def imagenet_acc1(arch: str) -> float:
@@ -198,6 +205,8 @@ def verify_weights_file(path: Path) -> None:
 
 
 def _build_model(arch: str, pretrained_layout: bool) -> nn.Module:
+    import torchvision
+
     spec = arch_spec(arch)
     builder = getattr(torchvision.models, spec.builder)
     kwargs: dict = {"weights": None}

@@ -79,6 +79,20 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+# the config keys each stage depends on (its rule's params: editing the MLP settings refits the
+# MLPs and never retrains an autoencoder)
+STAGE_KEYS = {
+    "train": ("seed", "val_fraction", "eval_batch_size", "train"),
+    "encode": ("seed", "encode"),
+    "mlp": ("seed", "val_fraction", "mlp"),
+}
+
+
+def stage_config(cfg: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The part of config section ``autoencoder`` that stage ``train`` / ``encode`` / ``mlp`` reads."""
+    return {k: cfg[k] for k in STAGE_KEYS[stage] if k in cfg}
+
+
 def dataset_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
