@@ -14,6 +14,8 @@ SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
 
 
 rule train_sr:
+    conda:
+        "../envs/workflow.yaml"
     input:
         coco=f"{RES}/prepared/coco/manifest.json",
         weights=lambda w: sr_weights_inputs(lossnet_params(config, w.arch), RES),
@@ -39,6 +41,8 @@ rule train_sr:
 
 
 rule eval_sr:
+    conda:
+        "../envs/workflow.yaml"
     input:
         model=f"{SR_DIR}/model.pt",
         sr_test=f"{RES}/prepared/sr_test/manifest.json",
