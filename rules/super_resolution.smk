@@ -5,6 +5,8 @@
 # 75 on SIGTERM/SIGUSR1 after checkpointing: run with --retries to resume automatically).
 # Target: `super_resolution`.
 
+import os
+
 from workflow.benchmarks.super_resolution import stage_config as stage_config_sr
 from workflow.benchmarks.super_resolution import weights_inputs as sr_weights_inputs
 
@@ -28,7 +30,7 @@ rule train_sr:
         cfg=as_json(stage_config_sr(SR_CFG, "train")),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
-        coco=f"{RES}/prepared/coco",
+        coco=lambda w, input: os.path.dirname(input.coco),
         workdir=f"{SR_DIR}/train",
     log:
         f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/train_x{{scale}}_run{{run}}.log",
@@ -55,7 +57,7 @@ rule eval_sr:
         cfg=as_json(stage_config_sr(SR_CFG, "eval")),
         lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
         common=COMMON,
-        sr_test=f"{RES}/prepared/sr_test",
+        sr_test=lambda w, input: os.path.dirname(input.sr_test),
     log:
         f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/eval_x{{scale}}_run{{run}}.log",
     threads: 2
