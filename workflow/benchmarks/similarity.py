@@ -66,34 +66,29 @@ class Scorer:
         self.device, self.precision, self.size = device, precision, image_size
         self.taps = sorted({t for n in self.nets for t in n.taps})
 
-    @torch.inference_mode()
-    def features(self, images: Sequence[np.ndarray]) -> tuple[dict, int]:
-        """Transforms of the concatenated image sets (one forward pass), and the set size."""
-        n = len(images[0])
+    def features(self, images: Sequence[np.ndarray]) -> dict:
+        """Features of the concatenated image sets: one forward pass for all of them."""
         x = torch.cat([to_images(a, self.device, self.size) for a in images])
         with autocast(self.device, self.precision):
-            feats = self.extractor(x)
-        return compare.transform_features(feats, self.variants, self.taps), n
+            return self.extractor(x)
 
-    def _distances(self, tx: Mapping, ty: Mapping) -> dict[tuple[str, Variant], torch.Tensor]:
-        diffs = compare.diffs_from_transformed(tx, ty, self.variants, self.taps)
+    def _distances(self, diffs: Mapping) -> dict[tuple[str, Variant], torch.Tensor]:
         return {(net.id, v): compare.reduce_channels({t: diffs[v][t] for t in net.taps})
                 for net in self.nets for v in self.variants}
 
+    @torch.inference_mode()
     def twoafc(self, ref: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> dict[tuple[str, Variant], torch.Tensor]:
         """``[2, N]`` distances (d0; d1) per (loss network id, variant)."""
-        t, n = self.features([ref, p0, p1])
-        # the reference's transforms are compared with both p0 and p1 at once
-        tr = {k: {tap: v[:n] for tap, v in d.items()} for k, d in t.items()}
-        tp = {k: {tap: v[n:].unflatten(0, (2, n)) for tap, v in d.items()} for k, d in t.items()}
-        return self._distances(tp, tr)
+        feats = self.features([ref, p0, p1])
+        # each reference's transforms are computed once and compared with p0 and p1
+        return self._distances(compare.grouped_diffs(feats, 3, [(1, 0), (2, 0)], self.variants, self.taps))
 
+    @torch.inference_mode()
     def jnd(self, p0: np.ndarray, p1: np.ndarray) -> dict[tuple[str, Variant], torch.Tensor]:
         """``[N]`` distances per (loss network id, variant)."""
-        t, n = self.features([p0, p1])
-        t0 = {k: {tap: v[:n] for tap, v in d.items()} for k, d in t.items()}
-        t1 = {k: {tap: v[n:] for tap, v in d.items()} for k, d in t.items()}
-        return self._distances(t0, t1)
+        feats = self.features([p0, p1])
+        diffs = compare.grouped_diffs(feats, 2, [(0, 1)], self.variants, self.taps)
+        return {k: v[0] for k, v in self._distances(diffs).items()}
 
 
 def _batched(scorer_fn, arrays: Sequence[np.ndarray], batch: int, label: str, progress: dict):
