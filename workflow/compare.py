@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -209,6 +210,17 @@ def distances(
     return {v: reduce_channels(d, weights, channel_reduction) for v, d in diffs.items()}
 
 
+def _sort_columns(t: Tensor) -> Tensor:
+    """Sort ``[..., P, C]`` along P (each channel's positions, ascending); inference only.
+
+    On the CPU NumPy's SIMD sort, on a channels-last block, beats both
+    ``torch.sort`` (~5x) and transposing to ``[..., C, P]`` first.
+    """
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(t.numpy(), axis=-2))
+    return torch.sort(t, dim=-2).values
+
+
 def _selector(idx: Sequence[int]):
     """Pick image sets ``idx`` along dim 0: a view (broadcast for one repeated set) where possible."""
     if len(set(idx)) == 1:
@@ -257,27 +269,28 @@ def grouped_diffs(
         z = feats[tap]
         if z.shape[0] % groups:
             raise ValueError(f"tap {tap}: batch {z.shape[0]} is not {groups} equal image sets")
-        z = z.unflatten(0, (groups, z.shape[0] // groups)).flatten(3)  # [G, n, C, P], a view
-        n, c, npos = z.shape[1], z.shape[2], z.shape[3]
+        # [G, n, P, C]: channels last, a view of a channels_last feature map, so the
+        # channel norm reduces over the contiguous dim and NumPy sorts down columns
+        z = z.unflatten(0, (groups, z.shape[0] // groups)).flatten(3).transpose(-1, -2)
+        n, npos, c = z.shape[1], z.shape[2], z.shape[3]
         limit = chunk_elements or (CPU_CHUNK_ELEMENTS if z.device.type == "cpu" else None)
         step = n if limit is None else max(1, min(n, limit // max(1, groups * c * npos)))
         d = {k: torch.empty(len(pairs), n, c, device=z.device) for k in keys}
         for i in range(0, n, step):
             t = z[:, i:i + step].float()  # no copy for float32 features
-            blocks: dict[tuple[str, bool], Tensor] = {}
+            blocks: dict[str, Tensor] = {}
             if "spatial" in bases:
-                blocks[("spatial", False)] = t
+                blocks["spatial"] = t
             if "mean" in bases:
-                blocks[("mean", False)] = t.mean(dim=-1, keepdim=True)
+                blocks["mean"] = t.mean(dim=-2, keepdim=True)
             if "sort" in bases:
-                blocks[("sort", False)] = sort_positions(t)
+                blocks["sort"] = _sort_columns(t)
             for (base, norm) in keys:
-                t_k = blocks[(base, False)]
+                t_k = blocks[base]
                 if norm:  # AFTER the transform: sorted-then-normalised (module docstring)
-                    t_k = channel_normalize(t_k, dim=-2)
+                    t_k = channel_normalize(t_k, dim=-1)
                 # subtract, square in place, average over positions: [pairs, chunk, C]
-                d[(base, norm)][:, i:i + step] = (
-                    torch.sub(sel_a(t_k), sel_b(t_k)).square_().mean(dim=-1))
+                d[(base, norm)][:, i:i + step] = torch.sub(sel_a(t_k), sel_b(t_k)).square_().mean(dim=-2)
         for v in variants:
             r = d[(v.parts[0], v.channel_norm)]
             for p in v.parts[1:]:

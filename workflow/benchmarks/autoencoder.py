@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,17 +40,19 @@ import torch
 from torch import Tensor, nn
 
 from workflow import runtime
+from workflow.config import json_arg
 from workflow.datasets.common import load_arrays
+from workflow.lossnets import (
+    LossNet,
+    UnknownLossNetError,
+    build_extractor,
+    feature_loss,
+    weights_id,
+)
 from workflow.models.autoencoder import ConvAutoencoder
 from workflow.models.mlp import HIDDEN_GRID, GridSelection, MLPGrid, select_best
 from workflow.results import atomic_path, config_hash, score_frame, write_json, write_parquet
 from workflow.training import TrainConfig, Trainer
-
-if TYPE_CHECKING:
-    from workflow.lossnets import LossNet
-
-# workflow.lossnets (and workflow.config, which imports it) pull in torchvision, about half of
-# a job's start-up time; only `train` needs them, so they are imported where they are used.
 
 PIXEL = "pixel"  # net id of the pixel-MSE baseline (arch == layer == "" in the scores table)
 BEST_VARIANT = "best-val-mlp"
@@ -229,8 +231,6 @@ class EpochBatches:
 
 def parse_net(net: str) -> LossNet | None:
     """``"pixel"`` -> None (the baseline); ``"alexnet/2"`` -> its LossNet."""
-    from workflow.lossnets import LossNet, UnknownLossNetError
-
     if net == PIXEL:
         return None
     try:
@@ -242,8 +242,6 @@ def parse_net(net: str) -> LossNet | None:
 def make_loss(net: str, lossnet: Mapping[str, Any], normalize: str = "none"
               ) -> tuple[Callable[[Tensor, Tensor], Tensor], nn.Module | None]:
     """The reconstruction loss ``loss(output, target)`` and the loss network (None for pixel)."""
-    from workflow.lossnets import build_extractor, feature_loss
-
     ln = parse_net(net)
     if ln is None:
         return (lambda out, x: torch.mean((out.float() - x.float()) ** 2)), None
@@ -257,8 +255,6 @@ def make_loss(net: str, lossnet: Mapping[str, Any], normalize: str = "none"
 
 def net_columns(net: str, lossnet: Mapping[str, Any]) -> dict[str, str]:
     """arch / layer / weights_id columns of the scores table for a net id."""
-    from workflow.lossnets import weights_id
-
     ln = parse_net(net)
     if ln is None:
         return {"arch": "", "layer": "", "weights_id": "none"}
@@ -536,15 +532,6 @@ def fit_mlps(job_dir: str | Path, dataset: str, run: int, cfg: Mapping[str, Any]
 # ----------------------------------------------------------------------------- CLI
 
 
-def _json_arg(text: str) -> Any:
-    """JSON or ``@file.json``, like ``workflow.config.json_arg``, which cannot be imported here
-    without torchvision (see the imports)."""
-    try:
-        return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
-    except (OSError, json.JSONDecodeError) as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:200]}") from None
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m workflow benchmarks.autoencoder",
                                  description=__doc__.split("\n\n")[0])
@@ -553,9 +540,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--dir", required=True, help="the job folder (autoencoder/<net>/<dataset>/run<k>)")
         p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-        p.add_argument("--config", type=_json_arg, required=True,
+        p.add_argument("--config", type=json_arg, required=True,
                        help="the autoencoder config section (JSON or @file)")
-        p.add_argument("--common", type=_json_arg, default={}, help="device / precision (JSON)")
+        p.add_argument("--common", type=json_arg, default={}, help="device / precision (JSON)")
         p.add_argument("--no-progress", action="store_true")
         if name in ("train", "encode"):
             p.add_argument("--prepared", required=True, help="{RES}/prepared/<dataset>")
@@ -563,7 +550,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--run", type=int, default=0)
         if name == "train":
             p.add_argument("--net", required=True, help="arch/layer, or 'pixel' for the baseline")
-            p.add_argument("--lossnet", type=_json_arg, default={},
+            p.add_argument("--lossnet", type=json_arg, default={},
                            help="weights / weights_dir / seed of the loss network (JSON)")
     return ap
 
