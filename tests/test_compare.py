@@ -114,3 +114,63 @@ def test_unknown_method_rejected():
         Variant("median", True)
     with pytest.raises(ValueError, match="channel_reduction"):
         compare.distances({0: X}, {0: Y}, [Variant("spatial", False)], channel_reduction="max")
+
+
+def _plain_diff(x: torch.Tensor, y: torch.Tensor, v: Variant) -> torch.Tensor:
+    """The module docstring's formula, written out with plain torch ops: ``[N, C]``."""
+    def base(z, b):
+        z = z.reshape(z.shape[0], z.shape[1], -1)
+        if b == "mean":
+            z = z.mean(dim=2, keepdim=True)
+        elif b == "sort":
+            z = torch.sort(z, dim=2).values
+        if v.channel_norm:  # after the transform
+            z = z / (z.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        return z
+    return sum(((base(x, b) - base(y, b)) ** 2).mean(dim=2) for b in v.parts)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("chunk", [1, 40, None])
+def test_grouped_diffs_equal_plain_formula(channels_last, chunk):
+    g = torch.Generator().manual_seed(2)
+    n = 5  # ref, p0, p1: 3 sets of 5 items, concatenated as one forward pass would give them
+    feats = {1: torch.randn(3 * n, 4, 3, 5, generator=g).relu(), 7: torch.randn(3 * n, 6, 2, 2, generator=g)}
+    feats[1][0, :, 1, 2] = 0  # an all-zero position: the epsilon of the channel norm
+    if channels_last:
+        feats = {t: z.contiguous(memory_format=torch.channels_last) for t, z in feats.items()}
+    variants = compare.all_variants()
+    with torch.inference_mode():
+        got = compare.grouped_diffs(feats, 3, [(1, 0), (2, 0)], variants, chunk_elements=chunk)
+    for v in variants:
+        for tap, z in feats.items():
+            ref, p0, p1 = z[:n], z[n:2 * n], z[2 * n:]
+            want = torch.stack([_plain_diff(p0, ref, v), _plain_diff(p1, ref, v)])
+            assert got[v][tap].shape == (2, n, z.shape[1])
+            torch.testing.assert_close(got[v][tap], want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_diffs_pairs_in_any_order():
+    g = torch.Generator().manual_seed(3)
+    z = torch.rand(8, 3, 4, 4, generator=g)  # two sets of 4 (a JND batch: p0, p1)
+    v = Variant("spatial+sort", True)
+    got = compare.grouped_diffs({0: z}, 2, [(0, 1), (1, 0), (0, 0)], [v], chunk_elements=50)[v][0]
+    want = _plain_diff(z[:4], z[4:], v)
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-6)
+    assert torch.all(got[2] == 0)
+
+
+def test_grouped_diffs_rejects_uneven_sets():
+    with pytest.raises(ValueError, match="3 equal image sets"):
+        compare.grouped_diffs({0: torch.rand(4, 2, 2, 2)}, 3, [(1, 0)], [Variant("mean", False)])
+
+
+def test_channel_normalize_zero_position_has_finite_gradient():
+    z = torch.zeros(1, 3, 2, 2)
+    z[0, :, 0, 0] = torch.tensor([3.0, 4.0, 0.0])
+    z.requires_grad_(True)
+    out = compare.channel_normalize(z)
+    torch.testing.assert_close(out[0, :, 0, 0].detach(), torch.tensor([0.6, 0.8, 0.0]))
+    out.sum().backward()
+    assert torch.isfinite(z.grad).all()
