@@ -23,11 +23,15 @@ single-layer 2AFC / JND score is unchanged, but across several layers they
 re-weight the layers; ``channel_reduction="mean"`` gives the 1/C form.
 Combined methods (``spatial+mean``, ``spatial+sort``) add the two per-channel
 differences, so one weight per channel multiplies both terms.
+
+Scoring many images (BAPPS) uses :func:`grouped_diffs`: the same numbers as
+:func:`per_channel_diffs`, computed from one forward pass over several image
+sets, each image transformed once, in small channels-last chunks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,12 +220,13 @@ def _sort_columns(t: Tensor) -> Tensor:
     On the CPU NumPy's SIMD sort, on a channels-last block, beats both
     ``torch.sort`` (~5x) and transposing to ``[..., C, P]`` first.
     """
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.sort(t.numpy(), axis=-2))
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) \
+            and not (t.requires_grad and torch.is_grad_enabled()):
+        return torch.from_numpy(np.sort(t.detach().numpy(), axis=-2))
     return torch.sort(t, dim=-2).values
 
 
-def _selector(idx: Sequence[int]):
+def _selector(idx: Sequence[int]) -> Callable[[Tensor], Tensor]:
     """Pick image sets ``idx`` along dim 0: a view (broadcast for one repeated set) where possible."""
     if len(set(idx)) == 1:
         return lambda t: t[idx[0]:idx[0] + 1]  # one set against several: broadcast, no copy
