@@ -6,15 +6,22 @@ import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workflow.lossnets import LossNet, UnknownLossNetError, all_lossnets
+if TYPE_CHECKING:
+    from workflow.lossnets import LossNet
+
+# workflow.lossnets (and so torch) is imported inside the functions that need it: data jobs
+# import this module for json_arg / as_json and should not pay for importing torch.
+
 
 COMMON_KEYS = ("device", "precision", "resources_dir", "results_dir")
 
 
 def study_lossnets(config: Mapping[str, Any]) -> list[LossNet]:
     """The global grid of config key ``lossnets`` (archs x layers, without LPIPS sets)."""
+    from workflow.lossnets import all_lossnets
+
     ln = config["lossnets"]
     return all_lossnets(ln["archs"], [str(x) for x in ln["layers"]])
 
@@ -22,6 +29,8 @@ def study_lossnets(config: Mapping[str, Any]) -> list[LossNet]:
 def select_lossnets(config: Mapping[str, Any], section: str) -> list[LossNet]:
     """Loss networks of one benchmark: ``<section>.lossnets`` is ``all`` (the global grid)
     or a list of ``arch/layer`` ids; ``<section>.lpips_sets: true`` adds the global LPIPS sets."""
+    from workflow.lossnets import LossNet, UnknownLossNetError
+
     sec = config[section]
     chosen = sec.get("lossnets", "all")
     try:

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from workflow import runtime
 from workflow.compare import Variant, all_variants, per_channel_diffs, reduce_channels
 from workflow.config import json_arg
+from workflow.datasets.common import load_arrays
 from workflow.distortions import (
     NAMES,
     apply_distortions,
@@ -226,10 +227,7 @@ def triplet_set(arrays: Mapping[str, np.ndarray], split: str) -> dict[str, Tenso
 def load_images(prepared_dir: str | Path, split: str) -> np.ndarray:
     """``{prepared_dir}/{split}_images.npy`` (uint8 [N, H, W, 3]), memory-mapped."""
     path = Path(prepared_dir) / f"{split}_images.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: prepare the dataset first "
-                                f"(snakemake {Path(prepared_dir) / 'manifest.json'})")
-    arr = np.load(path, mmap_mode="r")
+    arr = load_arrays(prepared_dir, {"images": path.name})["images"]
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise AdaptationError(f"{path}: expected uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
     return arr

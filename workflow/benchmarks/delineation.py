@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from workflow import runtime
 from workflow.config import json_arg
+from workflow.datasets.common import load_arrays
 from workflow.lossnets import LossNet, build_extractor, feature_loss, weights_id
 from workflow.metrics.delineation import (
     COUNT_KEYS,
@@ -132,15 +133,8 @@ def stage_config(section: Mapping[str, Any], stage: str) -> dict[str, Any]:
 def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Memory-mapped ``{split}_sat.npy`` uint8 [N,H,W,3] and ``{split}_map.npy`` uint8 [N,H,W]."""
     data_dir = Path(data_dir)
-    arrays = []
-    for kind in ("sat", "map"):
-        path = data_dir / f"{split}_{kind}.npy"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing; prepare the roads dataset first "
-                f"(`snakemake {data_dir / 'manifest.json'}`)")
-        arrays.append(np.load(path, mmap_mode="r"))
-    sat, maps = arrays
+    loaded = load_arrays(data_dir, {k: f"{split}_{k}.npy" for k in ("sat", "map")})
+    sat, maps = loaded["sat"], loaded["map"]
     if sat.dtype != np.uint8 or sat.ndim != 4 or sat.shape[-1] != 3:
         raise ValueError(f"{data_dir}/{split}_sat.npy: expected uint8 [N,H,W,3], got {sat.dtype} {sat.shape}")
     if maps.dtype != np.uint8 or maps.shape != sat.shape[:3]:

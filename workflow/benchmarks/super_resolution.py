@@ -48,6 +48,7 @@ from torch import Tensor
 
 from workflow import runtime
 from workflow.config import json_arg
+from workflow.datasets.common import load_arrays
 from workflow.degrade import (
     center_crop,
     crop_to_multiple,
@@ -117,10 +118,7 @@ def weights_inputs(lossnet: Mapping[str, Any], resources_dir: str) -> list[str]:
 
 def load_images(path: Path, what: str) -> np.ndarray:
     """A prepared uint8 [N, H, W, 3] array, memory-mapped, with a clear error if it is wrong."""
-    if not path.exists():
-        raise FileNotFoundError(f"{what} images not found: {path}. Run the prepare rule "
-                                f"(`snakemake prepare_dataset` for coco) first.")
-    arr = np.load(path, mmap_mode="r")
+    arr = load_arrays(path.parent, {what: path.name})[what]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
         raise ValueError(f"{path}: expected uint8 [N, H, W, 3] images, got {arr.dtype} "
                          f"{arr.shape}; re-run the coco prepare step")

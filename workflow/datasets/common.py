@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from workflow.config import json_arg
 from workflow.results import atomic_path, write_json
 
 
@@ -178,20 +179,6 @@ def load_arrays(prepared_dir: str | os.PathLike, names: dict[str, str]) -> dict[
             )
         out[key] = np.load(p, mmap_mode="r")
     return out
-
-
-def json_arg(text: str) -> Any:
-    """argparse ``type=`` for JSON options (``@file.json`` reads a file). The same as
-    ``workflow.config.json_arg``, kept here because importing ``workflow.config`` pulls in
-    torch and torchvision, which data jobs never need (seconds per job on a busy node)."""
-    import json
-
-    try:
-        if text.startswith("@"):
-            return json.loads(Path(text[1:]).read_text())
-        return json.loads(text)
-    except (OSError, json.JSONDecodeError) as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:200]}") from None
 
 
 def dataset_main(module: Any, argv: list[str] | None, prog: str) -> int:
