@@ -203,3 +203,41 @@ def test_score_cli_fails_cleanly_on_missing_subset(prepared, tmp_path):
     ])
     assert rc == 1
     assert not (tmp_path / "b.parquet").exists()
+
+
+def test_peak_activation_bytes_by_hand():
+    # alexnet at 64 px: conv1 gives 64 x 15 x 15 floats, the largest tensor of the pass
+    # (the input is 3 x 64 x 64 = 12288); at 224 px conv1 gives 64 x 55 x 55
+    ex = build_extractor("alexnet", [1, 4], weights="random")
+    assert ex.peak_activation_bytes(64) == 4 * 64 * 15 * 15
+    assert ex.peak_activation_bytes(224) == 4 * 64 * 55 * 55
+
+
+@pytest.mark.parametrize("arch", ["squeezenet1_1", "alexnet"])
+def test_chunked_scoring_equals_one_pass(arch):
+    # on the CPU a batch is scored in chunks of items; every chunking gives the numbers of
+    # one pass over the whole batch (the forward and the scoring are per item)
+    from workflow import compare
+    from workflow.lossnets import all_lossnets
+
+    nets = all_lossnets([arch], lpips_sets=[arch])
+    ex = build_extractor(arch, lossnets=nets, weights="random").to(memory_format=torch.channels_last)
+    variants = compare.all_variants()
+    rng = np.random.default_rng(1)
+    ref, p0, p1 = (rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8) for _ in range(3))
+    cpu = torch.device("cpu")
+    whole = bench.Scorer(ex, nets, variants, cpu, "fp32", forward_bytes=None)
+    per_item = ex.peak_activation_bytes(64)
+    assert whole.items_per_pass(3, 7) == 7
+    for items in (1, 3):
+        chunked = bench.Scorer(ex, nets, variants, cpu, "fp32", forward_bytes=3 * items * per_item)
+        assert chunked.items_per_pass(3, 7) == items
+        a, b = whole.twoafc(ref, p0, p1), chunked.twoafc(ref, p0, p1)
+        assert set(a) == set(b) and len(a) == len(nets) * len(variants)
+        for k in a:
+            assert a[k].shape == (2, 7)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=str(k))
+        ja, jb = whole.jnd(p0, p1), chunked.jnd(p0, p1)
+        for k in ja:
+            assert ja[k].shape == (7,)
+            torch.testing.assert_close(jb[k], ja[k], rtol=1e-5, atol=1e-7, msg=str(k))

@@ -152,3 +152,39 @@ def test_weight_file_names_match_torchvision_enums():
 
     for arch in ARCHS:
         assert weights_url(arch) == weights_enum(arch).url, arch
+
+
+def _out_of_place_taps(ex: FeatureExtractor, x: torch.Tensor) -> dict:
+    """The taps of a deep copy with every in-place op switched off (the safe reference)."""
+    import copy
+
+    ref = copy.deepcopy(ex)
+    for m in ref.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    with torch.no_grad():
+        return {t: f.clone() for t, f in ref(x).items()}
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED))
+def test_in_place_ops_never_overwrite_a_tap(arch):
+    # the extractor keeps torchvision's in-place ReLUs except where their input is a tap;
+    # every tap must equal a fully out-of-place pass, for the study's taps and for a tap
+    # after every child (which protects every boundary), and backward must still work
+    spec = ARCHS[arch]
+    size = 96
+    last = spec.layers[-1]
+    for taps in (sorted(set(spec.layers) | set(spec.lpips or ())), list(range(last + 1))):
+        ex = build_extractor(arch, taps, weights="random")
+        x = torch.rand(2, 3, size, size)
+        expected = _out_of_place_taps(ex, x)
+        with torch.no_grad():
+            got = ex(x)
+        for t in taps:
+            torch.testing.assert_close(got[t], expected[t], rtol=0, atol=0, msg=f"{arch} tap {t}")
+        xg = x.clone().requires_grad_(True)
+        sum(f.square().mean() for f in ex(xg).values()).backward()
+        assert torch.isfinite(xg.grad).all()
+    # the study's taps keep most of torchvision's in-place ops
+    ex = build_extractor(arch, spec.layers, weights="random")
+    assert any(getattr(m, "inplace", False) for m in ex.modules()) or arch in ("googlenet", "inception_v3")

@@ -29,17 +29,20 @@ from workflow.lossnets import all_lossnets, build_extractor
 from workflow.runtime import autocast, configure, pick_device, resolve_precision
 
 NOTE_CPU = (
-    "Why the 2x CPU target is missed: the package runs 4 backbone passes per triplet (ref "
-    "twice), this project 3 (ref, p0, p1 in one batch, channels_last), so even with free "
-    "scoring the ratio is bounded by the column \"forward only\" (about 4/3 x the layout "
-    "gain): below 2 for alexnet and vgg16 whatever the scoring costs. Scoring all 10 variants "
-    "of all loss networks now costs a fraction of the forward pass (each tap transformed once "
-    "per image, ref sorted once for p0 and p1, chunks of a few items in the channels-last "
-    "layout so no temporary exceeds the allocator's mmap threshold, NumPy's SIMD sort down "
-    "the position axis); sorting every channel of every tap is most of what is left, which "
-    "is why squeezenet1_1 (large early maps, 8 taps) stays below its bound. Before this "
-    "optimisation (same command, batch 64, heavier load): alexnet 1.13, squeezenet1_1 0.76, "
-    "vgg16 0.89."
+    "Why the 2x CPU target is missed: the forward pass is compute-bound at this core's "
+    "convolution ceiling (last column: alexnet and vgg16 reach 93-97 % of one large "
+    "convolution's GFLOP/s), and the FLOPs per image are the architecture's, the same for "
+    "both sides. What remains is the number of passes: the package runs 4 per triplet (ref "
+    "twice), this project 3 (ref, p0, p1 once each), so the ratio is bounded by \"forward "
+    "only\", about 4/3 x the package's lower efficiency (NCHW, fresh activation pages on "
+    "every call), which is below 2 for alexnet whatever the scoring costs. squeezenet1_1 "
+    "has a high bound (its large early maps make the package fault in fresh pages on every "
+    "call, which the chunked forward avoids), and there scoring 10 variants of 5 loss "
+    "networks costs more than the forward: sorting every channel of every tap (NumPy's SIMD "
+    "sort, 8 taps, about 60 % of the scoring time) is most of it. Earlier states of this "
+    "code, same command: batch 64 without chunked scoring: alexnet 1.13, squeezenet1_1 "
+    "0.76, vgg16 0.89; chunked scoring, one forward per batch, every ReLU out of place: "
+    "1.39, 1.28, 1.36."
 )
 LPIPS_NET = {"alexnet": "alex", "squeezenet1_1": "squeeze", "vgg16": "vgg"}
 
@@ -78,12 +81,20 @@ def measure(arch: str, n: int, batch: int, device: torch.device, precision: str,
         for i in range(0, n, batch):
             scorer.twoafc(ref[i:i + batch], p0[i:i + batch], p1[i:i + batch])
 
-    @torch.inference_mode()
-    def run_forward() -> None:  # (b) without the scoring: the bound on (b)
-        for i in range(0, n, batch):
-            scorer.features([ref[i:i + batch], p0[i:i + batch], p1[i:i + batch]])
+    step = scorer.items_per_pass(3, batch)
 
-    runs = (("lpips", run_lpips), ("ours", run_ours), ("forward", run_forward))
+    @torch.inference_mode()
+    def run_forward() -> None:  # (b) without the scoring, in (b)'s chunks: the bound on (b)
+        for i in range(0, n, step):
+            scorer.features([ref[i:i + step], p0[i:i + step], p1[i:i + step]])
+
+    conv_x, conv = conv_ceiling_case(device)
+
+    @torch.inference_mode()
+    def run_ceiling() -> None:  # one large channels_last convolution: the core's conv ceiling
+        conv(conv_x)
+
+    runs = (("lpips", run_lpips), ("ours", run_ours), ("forward", run_forward), ("ceiling", run_ceiling))
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
     for _, fn in runs:  # warm-up (allocator, kernels) for every contender
         fn()
@@ -96,8 +107,36 @@ def measure(arch: str, n: int, batch: int, device: torch.device, precision: str,
             times[name].append(time.perf_counter() - t)
     a, b = statistics.median(times["lpips"]), statistics.median(times["ours"])
     f = statistics.median(times["forward"])
-    return {"arch": arch, "nets": len(nets), "variants": len(variants),
-            "lpips_tps": n / a, "ours_tps": n / b, "ratio": a / b, "fwd_ratio": a / f}
+    flops = forward_flops(extractor, 64)  # per image, multiply-adds counted as 2
+    ceiling = conv_flops(conv, conv_x) / statistics.median(times["ceiling"])
+    return {"arch": arch, "nets": len(nets), "variants": len(variants), "step": step,
+            "lpips_tps": n / a, "ours_tps": n / b, "ratio": a / b, "fwd_ratio": a / f,
+            "fwd_gflops": 3 * n * flops / f / 1e9, "lpips_gflops": 4 * n * flops / a / 1e9,
+            "ceiling_gflops": ceiling / 1e9}
+
+
+def forward_flops(extractor: torch.nn.Module, size: int) -> float:
+    """FLOPs of one image's pass through ``extractor`` (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(extractor.parameters())
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        extractor(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+    return float(counter.get_total_flops())
+
+
+def conv_ceiling_case(device: torch.device) -> tuple[torch.Tensor, torch.nn.Module]:
+    """A large, well-shaped convolution (256 -> 256 channels, 3x3, 16x16 maps, batch 64,
+    channels_last): what the backend reaches on this core when nothing else limits it."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device).to(memory_format=torch.channels_last)
+    x = torch.rand(64, 256, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    return x, conv.eval()
+
+
+def conv_flops(conv: torch.nn.Conv2d, x: torch.Tensor) -> float:
+    n, _, h, w = x.shape
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    return 2.0 * n * h * w * conv.out_channels * conv.in_channels * k
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = measure(arch, args.triplets, args.batch, device, precision, args.repeats)
         print(f"{arch}: lpips {r['lpips_tps']:.1f} triplets/s (1 variant), ours "
               f"{r['ours_tps']:.1f} triplets/s ({r['nets']} loss networks x {r['variants']} "
-              f"variants), ratio {r['ratio']:.2f} (forward only {r['fwd_ratio']:.2f})", flush=True)
+              f"variants), ratio {r['ratio']:.2f} (forward only {r['fwd_ratio']:.2f}; forward "
+              f"{r['fwd_gflops']:.0f} GFLOP/s, conv ceiling {r['ceiling_gflops']:.0f})", flush=True)
         rows.append(r)
     md = [
         f"## similarity: BAPPS 2AFC scoring ({device.type})",
@@ -138,12 +178,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warm-up run each; the package gets ordinary NCHW tensors, as its users pass them. "
         "\"forward only\": (b)'s backbone pass alone, timed in the same interleaved loop.",
         "",
+        "Forward GFLOP/s: the backbone's FLOPs (torch.utils.flop_counter) over the time of "
+        "\"forward only\" (ours) and of (a) (the package, 4 passes per triplet, its scoring "
+        "included); \"conv ceiling\": one large 256->256 3x3 channels_last convolution timed in "
+        "the same loop, what this core's backend reaches when nothing else limits it.",
+        "",
         "| arch | (a) lpips, triplets/s | (b) ours, triplets/s | loss networks x variants | ratio (b)/(a) "
-        "| forward only / (a) |",
-        "|---|---|---|---|---|---|",
+        "| forward only / (a) | items per forward | forward GFLOP/s: ours / lpips / conv ceiling |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     md += [f"| {r['arch']} | {r['lpips_tps']:.1f} | {r['ours_tps']:.1f} | {r['nets']} x {r['variants']} "
-           f"| {r['ratio']:.2f} | {r['fwd_ratio']:.2f} |" for r in rows]
+           f"| {r['ratio']:.2f} | {r['fwd_ratio']:.2f} | {r['step']} | {r['fwd_gflops']:.0f} / "
+           f"{r['lpips_gflops']:.0f} / {r['ceiling_gflops']:.0f} |" for r in rows]
     if device.type == "cpu" and min(r["ratio"] for r in rows) < 2:
         md += ["", NOTE_CPU]
     if not args.no_write:

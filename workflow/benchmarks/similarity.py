@@ -57,14 +57,35 @@ def to_images(batch: np.ndarray, device: torch.device, size: int) -> torch.Tenso
     return x.contiguous(memory_format=torch.channels_last)
 
 
+# Bytes of one forward chunk's activations on the CPU (all image sets together, the
+# largest tensor of the pass): far below glibc's mmap threshold, so every pass reuses the
+# heap instead of faulting in fresh pages (lossnets.FeatureExtractor.peak_activation_bytes;
+# measured in BENCHMARKS.md "similarity"). Devices with a caching allocator take a whole batch.
+CPU_FORWARD_BYTES = 24 << 20
+
+
 class Scorer:
-    """Distances of every loss network x variant of one architecture, from one pass per batch."""
+    """Distances of every loss network x variant of one architecture, from one pass per item.
+
+    Each image goes through the extractor once (a 2AFC reference serves p0 and p1); on the
+    CPU a batch runs in chunks of items sized by :data:`CPU_FORWARD_BYTES`, and every chunk
+    is scored before the next one's features are computed.
+    """
 
     def __init__(self, extractor: FeatureExtractor, nets: Sequence[LossNet], variants: Sequence[Variant],
-                 device: torch.device, precision: str, image_size: int = 64):
+                 device: torch.device, precision: str, image_size: int = 64,
+                 forward_bytes: int | None = CPU_FORWARD_BYTES):
         self.extractor, self.nets, self.variants = extractor, list(nets), list(variants)
         self.device, self.precision, self.size = device, precision, image_size
         self.taps = sorted({t for n in self.nets for t in n.taps})
+        self.forward_bytes = forward_bytes if device.type == "cpu" else None
+
+    def items_per_pass(self, sets: int, n: int) -> int:
+        """Items (each with ``sets`` images) per forward chunk: all ``n`` off the CPU."""
+        if not self.forward_bytes:
+            return max(1, n)
+        per_item = sets * self.extractor.peak_activation_bytes(self.size)
+        return max(1, min(n, self.forward_bytes // per_item))
 
     def features(self, images: Sequence[np.ndarray]) -> dict:
         """Features of the concatenated image sets: one forward pass for all of them."""
@@ -76,19 +97,29 @@ class Scorer:
         return {(net.id, v): compare.reduce_channels({t: diffs[v][t] for t in net.taps})
                 for net in self.nets for v in self.variants}
 
+    def _score(self, sets: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]]) -> dict:
+        n = len(sets[0])
+        step = self.items_per_pass(len(sets), n)
+        parts = []
+        for i in range(0, n, step):
+            feats = self.features([a[i:i + step] for a in sets])
+            diffs = compare.grouped_diffs(feats, len(sets), pairs, self.variants, self.taps)
+            parts.append(self._distances(diffs))
+            del feats, diffs
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}
+
     @torch.inference_mode()
     def twoafc(self, ref: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> dict[tuple[str, Variant], torch.Tensor]:
         """``[2, N]`` distances (d0; d1) per (loss network id, variant)."""
-        feats = self.features([ref, p0, p1])
         # each reference's transforms are computed once and compared with p0 and p1
-        return self._distances(compare.grouped_diffs(feats, 3, [(1, 0), (2, 0)], self.variants, self.taps))
+        return self._score([ref, p0, p1], [(1, 0), (2, 0)])
 
     @torch.inference_mode()
     def jnd(self, p0: np.ndarray, p1: np.ndarray) -> dict[tuple[str, Variant], torch.Tensor]:
         """``[N]`` distances per (loss network id, variant)."""
-        feats = self.features([p0, p1])
-        diffs = compare.grouped_diffs(feats, 2, [(0, 1)], self.variants, self.taps)
-        return {k: v[0] for k, v in self._distances(diffs).items()}
+        return {k: v[0] for k, v in self._score([p0, p1], [(0, 1)]).items()}
 
 
 def _batched(scorer_fn, arrays: Sequence[np.ndarray], batch: int, label: str, progress: dict):

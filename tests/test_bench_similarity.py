@@ -1,0 +1,42 @@
+"""The similarity benchmark command (workflow.bench.similarity): its FLOP figures and a smoke run."""
+
+from __future__ import annotations
+
+import pytest
+
+from workflow.bench import similarity as sb
+from workflow.lossnets import all_lossnets, build_extractor
+
+
+def test_forward_flops_of_alexnet_by_hand():
+    # alexnet at 64 px up to relu5: 2 x MACs of the five convolutions (ReLU / pooling uncounted)
+    # conv1 64x3x11x11 on 15x15, conv2 192x64x5x5 on 7x7, conv3..5 3x3 on 3x3
+    by_hand = 2 * (64 * 3 * 121 * 15 * 15 + 192 * 64 * 25 * 7 * 7
+                   + (384 * 192 + 256 * 384 + 256 * 256) * 9 * 3 * 3)
+    ex = build_extractor("alexnet", lossnets=all_lossnets(["alexnet"], lpips_sets=["alexnet"]),
+                         weights="random")
+    assert sb.forward_flops(ex, 64) == by_hand == 79_046_016
+
+
+def test_conv_ceiling_flops_by_hand():
+    import torch
+
+    x, conv = sb.conv_ceiling_case(torch.device("cpu"))
+    assert sb.conv_flops(conv, x) == 2 * 64 * 16 * 16 * 256 * 256 * 9
+
+
+def test_bench_command_prints_every_column(capsys):
+    import torch
+
+    pytest.importorskip("lpips")
+    threads = torch.get_num_threads()
+    try:
+        assert sb.main(["--archs", "alexnet", "--triplets", "6", "--batch", "3", "--repeats", "1",
+                        "--threads", "1", "--no-write"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command sets the process-wide count
+    out = capsys.readouterr().out
+    assert "alexnet: lpips" in out and "ratio" in out and "GFLOP/s" in out
+    row = next(line for line in out.splitlines() if line.startswith("| alexnet |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 8 and cells[3] == "5 x 10" and float(cells[4]) > 0
