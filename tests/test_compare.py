@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from math import sqrt
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,9 +131,21 @@ def _plain_diff(x: torch.Tensor, y: torch.Tensor, v: Variant) -> torch.Tensor:
     return sum(((base(x, b) - base(y, b)) ** 2).mean(dim=2) for b in v.parts)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("chunk", [1, 40, None])
-def test_grouped_diffs_equal_plain_formula(channels_last, chunk):
+def test_grouped_diffs_equal_plain_formula(channels_last, chunk, threads):
+    # with several threads the chunks run side by side on a pool (one torch thread each)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_grouped_diffs(channels_last, chunk)
+        assert torch.get_num_threads() == threads  # the pool restores the caller's count
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_grouped_diffs(channels_last, chunk):
     g = torch.Generator().manual_seed(2)
     n = 5  # ref, p0, p1: 3 sets of 5 items, concatenated as one forward pass would give them
     feats = {1: torch.randn(3 * n, 4, 3, 5, generator=g).relu(), 7: torch.randn(3 * n, 6, 2, 2, generator=g)}
@@ -174,3 +187,24 @@ def test_channel_normalize_zero_position_has_finite_gradient():
     torch.testing.assert_close(out[0, :, 0, 0].detach(), torch.tensor([0.6, 0.8, 0.0]))
     out.sum().backward()
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(3, 5, 80, 64), (1, 1, 300, 256), (2, 9000, 7), (2, 900, 7)])
+def test_sort_columns_split_over_threads_equals_numpy(threads, shape):
+    # large blocks are sorted in parts on torch's thread count: along the longest leading
+    # axis, or along the channels when there is none; the result is NumPy's sort exactly
+    from workflow.compare import PARALLEL_SORT_MIN, _sort_columns
+
+    base = torch.rand(shape)
+    t = base.transpose(-1, -2).contiguous().transpose(-1, -2)  # a non-contiguous view
+    assert t.numel() >= PARALLEL_SORT_MIN or shape == (2, 900, 7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _sort_columns(t)
+    finally:
+        torch.set_num_threads(before)
+    expected = np.sort(base.numpy(), axis=-2)
+    assert got.shape == t.shape
+    np.testing.assert_array_equal(got.numpy(), expected)

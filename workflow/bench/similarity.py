@@ -29,20 +29,20 @@ from workflow.lossnets import all_lossnets, build_extractor
 from workflow.runtime import autocast, configure, pick_device, resolve_precision
 
 NOTE_CPU = (
-    "Why the 2x CPU target is missed: the forward pass is compute-bound at this core's "
-    "convolution ceiling (last column: alexnet and vgg16 reach 93-97 % of one large "
-    "convolution's GFLOP/s), and the FLOPs per image are the architecture's, the same for "
-    "both sides. What remains is the number of passes: the package runs 4 per triplet (ref "
-    "twice), this project 3 (ref, p0, p1 once each), so the ratio is bounded by \"forward "
-    "only\", about 4/3 x the package's lower efficiency (NCHW, fresh activation pages on "
-    "every call), which is below 2 for alexnet whatever the scoring costs. squeezenet1_1 "
-    "has a high bound (its large early maps make the package fault in fresh pages on every "
-    "call, which the chunked forward avoids), and there scoring 10 variants of 5 loss "
-    "networks costs more than the forward: sorting every channel of every tap (NumPy's SIMD "
-    "sort, 8 taps, about 60 % of the scoring time) is most of it. Earlier states of this "
-    "code, same command: batch 64 without chunked scoring: alexnet 1.13, squeezenet1_1 "
-    "0.76, vgg16 0.89; chunked scoring, one forward per batch, every ReLU out of place: "
-    "1.39, 1.28, 1.36."
+    "Why the 2x CPU target is missed where it is: the forward pass is compute-bound at this "
+    "machine's convolution ceiling (last column: ours reaches 90-97 % of one large "
+    "convolution's GFLOP/s for alexnet and vgg16), and the FLOPs per image are the "
+    "architecture's, the same for both sides. What remains is the number of passes: the "
+    "package runs 4 per triplet (ref twice), this project 3 (ref, p0, p1 once each), so the "
+    "ratio is bounded by \"forward only\", about 4/3 x the package's lower efficiency "
+    "(NCHW, fresh activation pages on every call), and that bound is near or below 2 for "
+    "alexnet and vgg16 whatever the scoring costs. squeezenet1_1 has a high bound (its large "
+    "early maps make the package fault in fresh pages on every call, which the chunked "
+    "forward avoids); there the cost is scoring 10 variants of 5 loss networks, mostly "
+    "sorting every channel of every tap (NumPy's SIMD sort), which runs chunk by chunk on "
+    "every core. Earlier states of this code (1 thread): batch 64 without chunked scoring: "
+    "alexnet 1.13, squeezenet1_1 0.76, vgg16 0.89; chunked scoring, one forward per batch, "
+    "every ReLU out of place: 1.39, 1.28, 1.36."
 )
 LPIPS_NET = {"alexnet": "alex", "squeezenet1_1": "squeeze", "vgg16": "vgg"}
 
@@ -165,7 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['fwd_gflops']:.0f} GFLOP/s, conv ceiling {r['ceiling_gflops']:.0f})", flush=True)
         rows.append(r)
     md = [
-        f"## similarity: BAPPS 2AFC scoring ({device.type})",
+        f"## similarity: BAPPS 2AFC scoring ({device.type}"
+        + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+           if device.type == "cpu" else ")"),
         "",
         f"Machine: {machine_description(device)}; dtype {precision}; batch {args.batch} triplets; "
         f"{args.triplets} random 64x64 triplets; median of {args.repeats} interleaved repetitions; "
@@ -174,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(a) `lpips.LPIPS(lpips=True)` scoring one variant (two calls per triplet); (b) this "
         "project scoring every comparison x channel-norm variant of every loss network of the "
         "architecture (layers 1-4 and the LPIPS set) from one forward pass. Command: "
-        "`python -m workflow bench similarity`. Both sides: same threads, inference mode, one "
+        f"`python -m workflow bench similarity{' '.join([''] + list(argv or []))}`. Both sides: "
+        "same threads, inference mode, one "
         "warm-up run each; the package gets ordinary NCHW tensors, as its users pass them. "
         "\"forward only\": (b)'s backbone pass alone, timed in the same interleaved loop.",
         "",
@@ -193,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cpu" and min(r["ratio"] for r in rows) < 2:
         md += ["", NOTE_CPU]
     if not args.no_write:
-        update_section(f"similarity-{device.type}", "\n".join(md))
+        # one section per device and thread count (a 1-thread and an all-cores run coexist)
+        key = f"similarity-{device.type}" if device.type != "cpu" else \
+            f"similarity-cpu-{torch.get_num_threads()}thread"
+        update_section(key, "\n".join(md))
     else:
         print("\n".join(md))
     return 0
