@@ -152,11 +152,16 @@ def diffs_from_transformed(
         # subtract, square in place, average: one temporary per comparison, not two
         base = {k: torch.sub(tx[k][tap], ty[k][tap]).square_().mean(dim=-1) for k in keys}
         for v in variants:
-            d = base[(v.parts[0], v.channel_norm)]
-            for p in v.parts[1:]:
-                d = d + base[(p, v.channel_norm)]
-            out[v][tap] = d
+            out[v][tap] = _combine(base, v)
     return out
+
+
+def _combine(base: Mapping[tuple[str, bool], Tensor], v: Variant) -> Tensor:
+    """A variant's per-channel difference: the sum of its parts' ``(base, norm)`` differences."""
+    d = base[(v.parts[0], v.channel_norm)]
+    for p in v.parts[1:]:
+        d = d + base[(p, v.channel_norm)]
+    return d
 
 
 def per_channel_diffs(
@@ -217,10 +222,6 @@ def distances(
     return {v: reduce_channels(d, weights, channel_reduction) for v, d in diffs.items()}
 
 
-# Below this many elements a block is sorted on the calling thread (a hand-off costs ~50 us).
-PARALLEL_SORT_MIN = 1 << 16
-
-
 @functools.lru_cache(maxsize=4)
 def _cpu_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="compare")
@@ -230,28 +231,12 @@ def _sort_columns(t: Tensor) -> Tensor:
     """Sort ``[..., P, C]`` along P (each channel's positions, ascending); inference only.
 
     On the CPU NumPy's SIMD sort, on a channels-last block, beats both
-    ``torch.sort`` (~5x) and transposing to ``[..., C, P]`` first. NumPy sorts on one
-    thread but releases the GIL, so a large block is split over torch's intra-op thread
-    count (along its longest leading axis, or its channels): ~1.8x on 2 cores.
+    ``torch.sort`` (~5x) and transposing to ``[..., C, P]`` first. It runs on one
+    thread; :func:`grouped_diffs` spreads whole chunks over the cores instead.
     """
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) \
             and not (t.requires_grad and torch.is_grad_enabled()):
-        a = t.detach().numpy()
-        workers = torch.get_num_threads()
-        if workers < 2 or a.size < PARALLEL_SORT_MIN:
-            return torch.from_numpy(np.sort(a, axis=-2))
-        lead = [d for d in range(a.ndim - 2) if a.shape[d] > 1]
-        axis = max(lead, key=lambda d: a.shape[d]) if lead else a.ndim - 1
-        bounds = np.linspace(0, a.shape[axis], min(workers, a.shape[axis]) + 1).astype(int)
-        out = np.empty(a.shape, a.dtype)
-
-        def sort_part(lo: int, hi: int) -> None:
-            idx = (slice(None),) * axis + (slice(lo, hi),)
-            out[idx] = np.sort(a[idx], axis=-2)
-
-        # list() waits for every part and re-raises the first error
-        list(_cpu_pool(workers).map(sort_part, bounds[:-1], bounds[1:]))
-        return torch.from_numpy(out)
+        return torch.from_numpy(np.sort(t.detach().numpy(), axis=-2))
     return torch.sort(t, dim=-2).values
 
 
@@ -349,10 +334,7 @@ def grouped_diffs(
     out: dict[Variant, dict[int, Tensor]] = {v: {} for v in variants}
     for tap, d in diffs.items():
         for v in variants:
-            r = d[(v.parts[0], v.channel_norm)]
-            for p in v.parts[1:]:
-                r = r + d[(p, v.channel_norm)]
-            out[v][tap] = r
+            out[v][tap] = _combine(d, v)
     return out
 
 
