@@ -1,6 +1,6 @@
 # Data: raw trees (downloaded or synthesized) -> prepared arrays; ImageNet weights.
 # Outputs other rules depend on:  {RES}/raw/{dataset}/READY, {RES}/prepared/{dataset}/manifest.json
-# and weights_input(arch) (the weight file of `arch` when lossnets.weights is imagenet).
+# and weights_input(arch) (the file `arch`'s weights are read from: imagenet or a state_dict path).
 #   snakemake --cores 1 download     # everything the configured benchmarks need (login node)
 # config data.source picks which rule makes READY: download_dataset (localrule, the real
 # files via workflow/download.py) or synthesize_dataset (small fakes in the same layout).

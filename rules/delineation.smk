@@ -6,7 +6,6 @@
 # Target: `delineation` (every configured loss network x run).
 
 from workflow.benchmarks.delineation import stage_config as delineation_stage
-from workflow.benchmarks.delineation import weight_files as delineation_weight_files
 
 DELINEATION_NETS = select_lossnets(config, "delineation") if "delineation" in config else []
 
@@ -15,7 +14,7 @@ rule train_delineation:
     input:
         roads=f"{RES}/prepared/roads/manifest.json",
         # the loss network's weights file when one is read (fetched by `download_weights`)
-        weights=lambda w: delineation_weight_files(lossnet_params(config, w.arch)),
+        weights=lambda w: weights_input(w.arch),
     output:
         f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}/model.pt",
     params:

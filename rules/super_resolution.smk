@@ -8,7 +8,6 @@
 import os
 
 from workflow.benchmarks.super_resolution import stage_config as stage_config_sr
-from workflow.benchmarks.super_resolution import weights_inputs as sr_weights_inputs
 
 SR_CFG = config.get("super_resolution", {})
 SR_NETS = select_lossnets(config, "super_resolution") if "super_resolution" in config else []
@@ -20,7 +19,7 @@ rule train_sr:
         "../envs/workflow.yaml"
     input:
         coco=f"{RES}/prepared/coco/manifest.json",
-        weights=lambda w: sr_weights_inputs(lossnet_params(config, w.arch), RES),
+        weights=lambda w: weights_input(w.arch),
     output:
         model=f"{SR_DIR}/model.pt",
         meta=f"{SR_DIR}/model.json",

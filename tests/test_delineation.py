@@ -330,10 +330,3 @@ def test_too_small_crop_for_the_loss_network_fails_before_training():
     bench.check_crop_fits(extractor, net.taps, 32, torch.device("cpu"))
     with pytest.raises(ValueError, match="delineation.crop_size"):
         bench.check_crop_fits(extractor, net.taps, 16, torch.device("cpu"))
-
-
-def test_weight_files_are_rule_inputs_only_when_read():
-    lp = {"arch": "alexnet", "weights": "imagenet", "weights_dir": "res/weights"}
-    assert bench.weight_files(lp) == ["res/weights/alexnet-owt-7be5be79.pth"]
-    assert bench.weight_files({**lp, "weights": "random"}) == []
-    assert bench.weight_files({**lp, "weights": "my/alex.pth"}) == ["my/alex.pth"]

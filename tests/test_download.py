@@ -164,3 +164,16 @@ def test_weights_hash_prefix_check(tmp_path, monkeypatch):
             w.fetch_weights(["vgg11"], tmp_path, mirror=srv.url, progress=False)
     assert not (tmp_path / bad_name).exists()
     shutil.rmtree(tmp_path)
+
+
+def test_weights_input_is_the_file_a_job_reads():
+    # every training / scoring rule takes its loss network's weights file as an input:
+    # the torchvision file for imagenet, the state_dict itself for a path, nothing for random
+    cfg = {"resources_dir": "res", "lossnets": {"archs": ["alexnet", "vgg16"], "weights": "imagenet",
+                                                "weights_paths": {"vgg16": "my/vgg.pth"}}}
+    assert dl.weights_input(cfg, "alexnet") == ["res/weights/alexnet-owt-7be5be79.pth"]
+    assert dl.weights_input(cfg, "vgg16") == ["my/vgg.pth"]
+    cfg["lossnets"]["weights"] = "random"
+    assert dl.weights_input(cfg, "alexnet") == []
+    cfg["lossnets"]["weights"] = "my/alex.pth"
+    assert dl.weights_input(cfg, "alexnet") == ["my/alex.pth"]

@@ -211,10 +211,3 @@ def test_too_small_crop_is_rejected(tmp_path, prepared):
     with pytest.raises(ValueError, match="crop_size"):
         sr.train({**CFG, "crop_size": 32}, COMMON, LOSSNET, "squeezenet1_1", "1", 8, 0, coco,
                  tmp_path / "w", tmp_path / "m.pt", progress=False)
-
-
-def test_weights_inputs():
-    assert sr.weights_inputs({"arch": "alexnet", "weights": "imagenet"}, "R") == [
-        "R/weights/alexnet-owt-7be5be79.pth"]
-    assert sr.weights_inputs({"arch": "alexnet", "weights": "random"}, "R") == []
-    assert sr.weights_inputs({"arch": "alexnet", "weights": "/w/a.pth"}, "R") == ["/w/a.pth"]

@@ -571,5 +571,13 @@ def weight_files(config: Mapping[str, Any], archs: Iterable[str] | None = None) 
 
 
 def weights_input(config: Mapping[str, Any], arch: str) -> list[str]:
-    """A job's input for ``arch``: its weight file when ``arch`` uses imagenet weights."""
-    return weight_files(config, [arch]) if arch in imagenet_weight_archs(config) else []
+    """A job's input for ``arch``: the file its loss-network weights are read from, if any.
+
+    ``imagenet``: the torchvision file under ``resources_dir/weights`` (``download_weights``
+    makes it); a state_dict path: that file; ``random``: nothing."""
+    from workflow.config import weights_for
+
+    weights = weights_for(config, arch)
+    if weights == "imagenet":
+        return weight_files(config, [arch])
+    return [] if weights == "random" else [weights]

@@ -390,16 +390,6 @@ def _fingerprint(cfg: DelineationConfig, lossnet: Mapping[str, Any], layer: str,
                         "n_train": n_train})
 
 
-def weight_files(lossnet: Mapping[str, Any]) -> list[str]:
-    """The file a training job reads the loss network's weights from (a rule input), if any."""
-    from workflow.lossnets import weights_filename
-
-    weights = str(lossnet.get("weights", "imagenet"))
-    if weights == "imagenet":
-        return [str(Path(lossnet["weights_dir"]) / weights_filename(str(lossnet["arch"])))]
-    return [] if weights == "random" else [weights]
-
-
 def build_lossnet(lossnet: Mapping[str, Any], layer: str, normalize: str):
     net = LossNet(str(lossnet["arch"]), str(layer))
     extractor = build_extractor(net.arch, lossnets=[net], weights=str(lossnet.get("weights", "imagenet")),

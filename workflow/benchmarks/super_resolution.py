@@ -56,7 +56,7 @@ from workflow.degrade import (
     reference_target,
     to_float,
 )
-from workflow.lossnets import LossNet, build_extractor, feature_loss, weights_filename, weights_id
+from workflow.lossnets import LossNet, build_extractor, feature_loss, weights_id
 from workflow.metrics.image import psnr, quantize, rgb_to_y, shave, ssim
 from workflow.models.srnet import SRNet
 from workflow.results import atomic_path, config_hash, score_frame, write_json, write_parquet
@@ -101,16 +101,6 @@ def stage_config(cfg: Mapping[str, Any], stage: str) -> dict[str, Any]:
     if stage == "eval":
         return {k: s[k] for k in EVAL_KEYS}
     raise ValueError(f"unknown stage {stage!r}")
-
-
-def weights_inputs(lossnet: Mapping[str, Any], resources_dir: str) -> list[str]:
-    """The loss network's weights file when a job reads one (a rule input; fetched by
-    ``download_weights``), else nothing."""
-    if lossnet["weights"] == "imagenet":
-        return [f"{resources_dir}/weights/{weights_filename(lossnet['arch'])}"]
-    if lossnet["weights"] != "random":
-        return [str(lossnet["weights"])]
-    return []
 
 
 # ----------------------------------------------------------------------------- data
