@@ -1,15 +1,15 @@
 # Benchmarks loss networks for deep perceptual loss and similarity.
-#   uv run snakemake --cores all                              # the full study
+#   uv run snakemake --cores all                                # the full study
 #   uv run snakemake --cores all --configfile config/demo.yaml  # the offline demo
 # Targets: all, download, similarity, super_resolution, delineation, autoencoder,
-# adaptation, probes, scores, figures. Rules are thin: each shells out to
-# `python -m workflow ...` with only its own config subsection as params.
+# adaptation, probes, scores, figures. Every input, param and target comes from the
+# planning module (workflow/plan.py, torch-free); each rule shells out to
+# `python -m workflow GROUP COMMAND` with --config (what its result depends on: a rerun
+# trigger) and --settings (how it runs: never a rerun trigger).
 
-from pathlib import Path
+from snakemake.utils import min_version
 
-from snakemake.utils import min_version, validate
-
-from workflow.config import as_json, common, lossnet_params, select_lossnets
+from workflow.plan import Plan
 
 min_version("9.0")
 
@@ -20,14 +20,12 @@ report: "workflow/report/workflow.rst"
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# validates the config against workflow/schemas/ and fills in every default, once
+plan = Plan(config)
+RES, OUT = plan.res, plan.out
 
-RES = config["resources_dir"]
-OUT = config["results_dir"]
-COMMON = as_json(common(config))
-
-# Each rules file appends the per-job summary Parquet files (scores schema) of its
-# benchmark here; `gather_scores` concatenates those of the enabled benchmarks.
+# Each rules file lists the per-job summary Parquet files (scores schema) of its benchmark
+# here; `gather_scores` concatenates those of the enabled benchmarks.
 BENCH_OUTPUTS: dict[str, list[str]] = {}
 
 
@@ -35,6 +33,7 @@ wildcard_constraints:
     arch="[a-z0-9_]+",
     layer="[1-4]|lpips",
     run=r"\d+",
+    scale=r"\d+",
 
 
 include: "rules/data.smk"
@@ -48,6 +47,7 @@ include: "rules/analysis.smk"
 
 localrules:
     all,
+    scores,
     gather_scores,
 
 
@@ -62,10 +62,15 @@ rule gather_scores:
     conda:
         "envs/workflow.yaml"
     input:
-        [p for b in config["benchmarks"] for p in BENCH_OUTPUTS.get(b, [])],
+        [p for b in plan.enabled() for p in BENCH_OUTPUTS[b]],
     output:
         f"{OUT}/scores.parquet",
     log:
         f"{OUT}/logs/gather_scores.log",
     shell:
         "python -m workflow results gather --out {output:q} {input:q} > {log:q} 2>&1"
+
+
+rule scores:
+    input:
+        f"{OUT}/scores.parquet",

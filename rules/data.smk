@@ -1,24 +1,15 @@
-# Data: raw trees (downloaded or synthesized) -> prepared arrays; ImageNet weights.
-# Outputs other rules depend on:  {RES}/raw/{dataset}/READY, {RES}/prepared/{dataset}/manifest.json
-# and weights_input(arch) (the file `arch`'s weights are read from: imagenet or a state_dict path).
+# Data: raw trees (downloaded or synthesized) -> prepared arrays; the ImageNet weights.
+# Outputs other rules depend on: {RES}/raw/{dataset}/READY, {RES}/prepared/{dataset}/manifest.json
+# and {RES}/weights/<torchvision file> (plan.weights_input).
 #   snakemake --cores 1 download     # everything the configured benchmarks need (login node)
-# config data.source picks which rule makes READY: download_dataset (localrule, the real
-# files via workflow/download.py) or synthesize_dataset (small fakes in the same layout).
-# Helpers live in workflow/download.py; docs/data.md describes sources and layouts.
+# Config data.source picks which rule makes READY: download_dataset (a localrule, the real
+# files) or synthesize_dataset (small fakes in the same layout). docs/data.md has the sources.
 
-import functools
 import os
 
-from workflow import download as _dl
-from workflow.lossnets import ARCHS as _ARCHS, weights_url
+from workflow.plan import DATASETS
 
 DATA = config["data"]
-DATASETS = ["bapps", "coco", "sr_test", "roads", "svhn", "stl10"]
-NEEDED_DATASETS = _dl.needed_datasets(config)
-WEIGHT_ARCHS = _dl.imagenet_weight_archs(config)
-WEIGHT_FILES = _dl.weight_files(config)
-# weights_input(arch) -> [weight file] or []: for the benchmark rules' inputs
-weights_input = functools.partial(_dl.weights_input, config)
 
 
 wildcard_constraints:
@@ -39,16 +30,16 @@ if DATA["source"] == "synthetic":
         output:
             f"{RES}/raw/{{dataset}}/READY",
         params:
-            opts=lambda wc: _dl.rule_options(config, wc.dataset, "synthesize"),
-            seed=DATA.get("seed", 0),
-            raw=lambda wc: f"{RES}/raw/{wc.dataset}",
+            options=lambda w: plan.data_options(w.dataset, "synthesize"),
+            seed=DATA["seed"],
+            raw=lambda w, output: os.path.dirname(output[0]),
         log:
             f"{RES}/logs/synthesize_{{dataset}}.log",
         conda:
             "../envs/workflow.yaml"
         shell:
-            "python -m workflow download synthesize {wildcards.dataset} --raw {params.raw:q}"
-            " --seed {params.seed} --options {params.opts:q} > {log:q} 2>&1"
+            "python -m workflow data synthesize {wildcards.dataset} --raw {params.raw:q}"
+            " --seed {params.seed} --options {params.options:q} > {log:q} 2>&1"
 
 else:
 
@@ -59,10 +50,10 @@ else:
         output:
             f"{RES}/raw/{{dataset}}/READY",
         params:
-            opts=lambda wc: _dl.rule_options(config, wc.dataset, "download"),
-            mirror=lambda wc: DATA.get("mirrors", {}).get(wc.dataset, ""),
-            urls=lambda wc: _dl.dataset_urls(wc.dataset),
-            raw=lambda wc: f"{RES}/raw/{wc.dataset}",
+            options=lambda w: plan.data_options(w.dataset, "download"),
+            mirror=plan.setting(lambda w: plan.mirror(w.dataset)),
+            urls=lambda w: " ".join(plan.dataset_urls(w.dataset)),
+            raw=lambda w, output: os.path.dirname(output[0]),
         message:
             "download {wildcards.dataset}: {params.urls}"
         log:
@@ -70,8 +61,8 @@ else:
         conda:
             "../envs/workflow.yaml"
         shell:
-            "python -m workflow download fetch {wildcards.dataset} --raw {params.raw:q}"
-            " --options {params.opts:q} --mirror {params.mirror:q} > {log:q} 2>&1"
+            "python -m workflow data fetch {wildcards.dataset} --raw {params.raw:q}"
+            " --options {params.options:q} --mirror {params.mirror:q} > {log:q} 2>&1"
 
 
 rule prepare_dataset:
@@ -80,39 +71,41 @@ rule prepare_dataset:
     output:
         f"{RES}/prepared/{{dataset}}/manifest.json",
     params:
-        opts=lambda wc: _dl.rule_options(config, wc.dataset, "prepare"),
-        raw=lambda wc: f"{RES}/raw/{wc.dataset}",
-        out=lambda wc: f"{RES}/prepared/{wc.dataset}",
+        options=lambda w: plan.data_options(w.dataset, "prepare"),
+        settings=plan.threads_settings(),
+        raw=lambda w, input: os.path.dirname(input[0]),
+        out=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{RES}/logs/prepare_{{dataset}}.log",
     threads: 8
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow download prepare {wildcards.dataset} --raw {params.raw:q}"
-        " --out {params.out:q} --options {params.opts:q} --workers {threads} > {log:q} 2>&1"
+        "python -m workflow data prepare {wildcards.dataset} --raw {params.raw:q}"
+        " --out {params.out:q} --options {params.options:q} --settings {params.settings:q}"
+        " > {log:q} 2>&1"
 
 
 rule download_weights:
     # the configured imagenet archs; all 14 when none is (`snakemake download_weights`)
     output:
-        WEIGHT_FILES or _dl.weight_files(config, _ARCHS),
+        plan.weight_files(),
     params:
-        archs=" ".join(WEIGHT_ARCHS or _ARCHS),
-        mirror=DATA.get("mirrors", {}).get("weights", ""),
-        folder=lambda wc, output: os.path.dirname(output[0]),
+        archs=" ".join(plan.weight_archs()),
+        mirror=plan.setting(lambda w: plan.mirror("weights")),
+        folder=lambda w, output: os.path.dirname(output[0]),
     message:
-        "download ImageNet weights: " + " ".join(weights_url(a) for a in (WEIGHT_ARCHS or _ARCHS))
+        "download ImageNet weights: " + " ".join(plan.weight_urls())
     log:
         f"{RES}/logs/download_weights.log",
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow weights --dir {params.folder:q} --archs {params.archs}"
+        "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
         " --mirror {params.mirror:q} > {log:q} 2>&1"
 
 
 rule download:
     input:
-        [f"{RES}/raw/{d}/READY" for d in NEEDED_DATASETS],
-        WEIGHT_FILES,
+        [plan.raw_ready(d) for d in plan.needed_datasets()],
+        [plan.weight_file(a) for a in plan.imagenet_archs()],

@@ -1,68 +1,58 @@
-# Benchmark 3: road delineation (refinement U-Net trained with BCE + 0.01 x deep perceptual loss).
-# Per loss network and run, under {OUT}/delineation/{arch}/{layer}/run{run}/:
+# Benchmark 3: road delineation (refinement U-Net trained with BCE + 0.01 x deep perceptual
+# loss; docs/delineation.md). Per loss network and run, under {OUT}/delineation/{arch}/{layer}/run{run}/:
 #   train/     checkpoints (last.pt, best.pt) and metrics.csv of the training harness
 #   model.pt   the kept model (best validation quality)       <- train_delineation
 #   tiles.parquet, scores.parquet  per-tile and summary rows   <- eval_delineation
-# Target: `delineation` (every configured loss network x run).
+# Target: `delineation`.
 
-from workflow.benchmarks.delineation import stage_config as delineation_stage
-
-DELINEATION_NETS = select_lossnets(config, "delineation") if "delineation" in config else []
+DELINEATION_DIR = f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}"
+DELINEATION_JOB = "--net {wildcards.arch}/{wildcards.layer} --run {wildcards.run}"
 
 
 rule train_delineation:
     input:
-        roads=f"{RES}/prepared/roads/manifest.json",
-        # the loss network's weights file when one is read (fetched by `download_weights`)
-        weights=lambda w: weights_input(w.arch),
+        roads=plan.prepared("roads"),
+        weights=plan.weights_param(),
     output:
-        f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}/model.pt",
+        model=f"{DELINEATION_DIR}/model.pt",
     params:
-        cfg=as_json(delineation_stage(config.get("delineation", {}), "train")),
-        lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
-        common=COMMON,
-        data=lambda w, input: str(Path(input.roads).parent),
-        workdir=lambda w: f"{OUT}/delineation/{w.arch}/{w.layer}/run{w.run}/train",
+        config=plan.config_param("delineation", "train"),
+        settings=plan.settings_param("delineation", "train"),
+        workdir=lambda w, output: os.path.join(os.path.dirname(output.model), "train"),
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/train_run{{run}}.log",
     threads: 2
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow benchmarks.delineation train --config {params.cfg:q} --lossnet {params.lossnet:q}"
-        " --layer {wildcards.layer} --common {params.common:q} --data {params.data:q} --run {wildcards.run}"
-        " --threads {threads} --workdir {params.workdir:q} --out {output:q} > {log:q} 2>&1"
+        "python -m workflow delineation train " + DELINEATION_JOB +
+        " --config {params.config:q} --settings {params.settings:q} --prepared {input.roads:q}"
+        " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule eval_delineation:
     input:
-        roads=f"{RES}/prepared/roads/manifest.json",
-        model=f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}/model.pt",
+        roads=plan.prepared("roads"),
+        model=f"{DELINEATION_DIR}/model.pt",
     output:
-        tiles=f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}/tiles.parquet",
-        scores=f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}/scores.parquet",
+        samples=f"{DELINEATION_DIR}/tiles.parquet",
+        scores=f"{DELINEATION_DIR}/scores.parquet",
     params:
-        cfg=as_json(delineation_stage(config.get("delineation", {}), "eval")),
-        lossnet=lambda w: as_json(lossnet_params(config, w.arch)),
-        common=COMMON,
-        data=lambda w, input: str(Path(input.roads).parent),
+        config=plan.config_param("delineation", "eval"),
+        settings=plan.settings_param("delineation", "eval"),
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/eval_run{{run}}.log",
     threads: 2
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow benchmarks.delineation eval --config {params.cfg:q} --lossnet {params.lossnet:q}"
-        " --layer {wildcards.layer} --common {params.common:q} --data {params.data:q} --run {wildcards.run}"
-        " --threads {threads} --model {input.model:q} --tiles {output.tiles:q}"
-        " --scores {output.scores:q} > {log:q} 2>&1"
+        "python -m workflow delineation eval " + DELINEATION_JOB +
+        " --config {params.config:q} --settings {params.settings:q} --model {input.model:q}"
+        " --prepared {input.roads:q} --samples {output.samples:q} --scores {output.scores:q}"
+        " > {log:q} 2>&1"
 
 
-BENCH_OUTPUTS["delineation"] = [
-    f"{OUT}/delineation/{net.arch}/{net.layer}/run{run}/scores.parquet"
-    for net in DELINEATION_NETS
-    for run in range(int(config.get("delineation", {}).get("runs", 1)))
-]
+BENCH_OUTPUTS["delineation"] = plan.targets(f"{DELINEATION_DIR}/scores.parquet", "delineation")
 
 
 rule delineation:

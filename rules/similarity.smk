@@ -3,46 +3,31 @@
 #   variants from one forward pass per batch) -> per-sample + summary Parquet.
 # Target: `similarity`.
 
-SIMILARITY_NETS = select_lossnets(config, "similarity") if "similarity" in config else []
-SIMILARITY_ARCHS = list(dict.fromkeys(n.arch for n in SIMILARITY_NETS))
+SIMILARITY_DIR = f"{OUT}/similarity/{{arch}}"
 
 
 rule score_similarity:
     input:
-        manifest=f"{RES}/prepared/bapps/manifest.json",
-        # the state_dict file, or the ImageNet weights file (fetched by download_weights)
-        weights=lambda wc: (
-            [lossnet_params(config, wc.arch)["weights"]]
-            if lossnet_params(config, wc.arch)["weights"] not in ("imagenet", "random")
-            else weights_input(wc.arch)
-        ),
+        bapps=plan.prepared("bapps"),
+        weights=plan.weights_param(),
     output:
-        samples=f"{OUT}/similarity/{{arch}}/samples.parquet",
-        summary=f"{OUT}/similarity/{{arch}}/summary.parquet",
+        samples=f"{SIMILARITY_DIR}/samples.parquet",
+        scores=f"{SIMILARITY_DIR}/scores.parquet",
     params:
-        cfg=as_json(config.get("similarity", {})),
-        # the arch's extractor settings plus exactly the loss networks scored for it
-        lossnet=lambda wc: as_json(
-            {
-                **lossnet_params(config, wc.arch),
-                "lossnets": [n.id for n in SIMILARITY_NETS if n.arch == wc.arch],
-            }
-        ),
-        common=COMMON,
-        prepared=lambda wc, input: str(Path(input.manifest).parent),
+        config=plan.config_param("similarity", "score"),
+        settings=plan.settings_param("similarity", "score"),
     log:
         f"{OUT}/logs/similarity/{{arch}}.log",
     threads: 2
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow benchmarks.similarity score --arch {wildcards.arch}"
-        " --config {params.cfg:q} --lossnet {params.lossnet:q} --common {params.common:q}"
-        " --prepared {params.prepared:q} --out-samples {output.samples:q}"
-        " --out-summary {output.summary:q} --threads {threads} > {log:q} 2>&1"
+        "python -m workflow similarity score --config {params.config:q}"
+        " --settings {params.settings:q} --prepared {input.bapps:q}"
+        " --samples {output.samples:q} --scores {output.scores:q} > {log:q} 2>&1"
 
 
-BENCH_OUTPUTS["similarity"] = [f"{OUT}/similarity/{a}/summary.parquet" for a in SIMILARITY_ARCHS]
+BENCH_OUTPUTS["similarity"] = plan.targets(f"{SIMILARITY_DIR}/scores.parquet", "similarity")
 
 
 localrules:

@@ -55,3 +55,61 @@ def _forbidden_skips(session: pytest.Session) -> bool:
         any(m in str(r.longrepr) for m in MUST_RUN_IN_CI)
         for r in reporter.stats.get("skipped", [])
     )
+
+
+# ----------------------------------------------------------------------------- shared data
+
+
+@pytest.fixture(scope="session")
+def demo_plan(tmp_path_factory):
+    """The demo config (config.yaml + config/demo.yaml), complete, with its folders in tmp."""
+    from workflow.plan import Plan, load_config
+
+    tmp = tmp_path_factory.mktemp("plan")
+    config = load_config(ROOT / "config.yaml", ROOT / "config" / "demo.yaml",
+                         overrides={"resources_dir": str(tmp / "resources"),
+                                    "results_dir": str(tmp / "results")})
+    return Plan(config)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, demo_plan):
+    """``prepared(name, **sizes) -> folder``: the dataset's own ``synthesize`` + ``prepare``
+    with the demo's synthetic sizes (or ``sizes`` replacing some), made once per session."""
+    import json
+
+    from workflow.datasets import registry
+
+    root = tmp_path_factory.mktemp("datasets")
+    made: dict[str, Path] = {}
+
+    def get(name: str, **sizes) -> Path:
+        options = json.loads(demo_plan.data_options(name, "synthesize"))
+        options["synthetic"] = {**options.get("synthetic", {}), **sizes}
+        key = f"{name}-" + "-".join(f"{k}{v}" for k, v in sorted(options["synthetic"].items()))
+        if key not in made:
+            raw, out = root / key / "raw", root / key / "prepared"
+            registry.synthesize(name, raw, seed=0, options=options)
+            registry.prepare(name, raw, out, json.loads(demo_plan.data_options(name, "prepare")))
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def cpu_job(demo_plan):
+    """``cpu_job(benchmark=None, stage=None, arch=None, **settings) -> Job`` on the CPU (fp32,
+    the thread budget of the tests), with the demo's stage config and settings."""
+    from workflow.job import Job
+
+    def make(benchmark: str | None = None, stage: str | None = None, arch: str | None = None,
+             **settings) -> Job:
+        config, base = {"precision": "fp32", "weights": "random"}, {}
+        if benchmark is not None:
+            config = {**demo_plan.stage_config(benchmark, stage, arch), "precision": "fp32"}
+            base = demo_plan.stage_settings(benchmark, stage, torch.get_num_threads())
+        return Job.create(config, {**base, "device": "cpu", "threads": torch.get_num_threads(),
+                                   **settings})
+
+    return make

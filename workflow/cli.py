@@ -1,53 +1,260 @@
-"""``python -m workflow <command> ...``: what the Snakemake rules call.
+"""``python -m workflow GROUP COMMAND ...``: what the rules call, and what a user can run by hand.
 
-``python -m workflow bench NAME [args]`` runs ``workflow.bench.NAME.main(args)``;
-``python -m workflow MODULE [args]`` runs ``workflow.MODULE.main(args)`` for any
-module of the package that defines ``main`` (e.g. ``benchmarks.similarity``).
+Every command is a row of :data:`COMMANDS`: ``(group, command) -> Command(target, help,
+args)``, where ``target`` is ``module:function`` (imported only when the command runs, so
+``--help`` answers at once) and ``args`` names the shared arguments it takes from
+:data:`ARGS`: one word for one thing everywhere (``--net`` a loss network, ``--prepared``
+prepared dataset folders, ``--out`` the output file or folder, ``--scores`` a summary in the
+scores schema, ``--samples`` its per-sample rows, ``--workdir`` a training run's
+checkpoints, ``--model`` a trained model, ``--config`` what the result depends on,
+``--settings`` how the job runs). The function is called with those names as keyword
+arguments; commands that compute get ``job``, the :class:`workflow.job.Job` built once from
+``--config`` and ``--settings``.
+
+``snakemake --printshellcmds`` shows the exact command line of any job.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
-import pkgutil
+import json
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import workflow
-
-
-def _commands() -> list[str]:
-    names = []
-    for m in pkgutil.walk_packages(workflow.__path__, "workflow."):
-        if m.name.endswith("__main__") or m.name == "workflow.cli":
-            continue
-        try:
-            if hasattr(importlib.import_module(m.name), "main"):
-                names.append(m.name.removeprefix("workflow."))
-        except Exception:  # a module that fails to import is not a command
-            continue
-    return names
+__all__ = ["ARGS", "COMMANDS", "Command", "main"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("commands:\n  " + "\n  ".join(_commands()))
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name == "bench":
-        if not rest:
-            print("usage: python -m workflow bench NAME [args]; NAMEs: "
-                  + ", ".join(c.removeprefix("bench.") for c in _commands() if c.startswith("bench.")))
-            return 2
-        name, rest = f"bench.{rest[0]}", rest[1:]
+def json_arg(text: str) -> Any:
+    """argparse ``type=`` for JSON arguments; ``@file.json`` reads a file."""
     try:
-        module = importlib.import_module(f"workflow.{name}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(f"workflow.{name.split('.')[0]}"):
-            print(f"unknown command {name!r}; commands: {', '.join(_commands())}", file=sys.stderr)
+        if text.startswith("@"):
+            return json.loads(Path(text[1:]).read_text())
+        return json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:200]}") from None
+
+
+@dataclass(frozen=True)
+class Command:
+    target: str  # "module:function"
+    help: str
+    args: tuple[str, ...]
+
+    @property
+    def computes(self) -> bool:
+        return "job" in self.args
+
+
+# The shared arguments: name -> (flags, argparse keywords). A command lists the names it takes.
+ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "dataset": (("--dataset",), {"required": True, "help": "dataset name, e.g. svhn"}),
+    "name": (("name",), {"help": "dataset name (bapps, coco, sr_test, roads, svhn, stl10)"}),
+    "net": (("--net",), {"required": True, "help": "loss network arch/layer, e.g. alexnet/2"}),
+    "run": (("--run",), {"type": int, "default": None, "help": "run index (seed offset)"}),
+    "scale": (("--scale",), {"type": int, "required": True, "help": "upscaling factor"}),
+    "config": (("--config",), {"type": json_arg, "required": True,
+                               "help": "what the result depends on (JSON or @file)"}),
+    "settings": (("--settings",), {"type": json_arg, "default": {},
+                                   "help": "how the job runs: device, threads, batch sizes"}),
+    "options": (("--options",), {"type": json_arg, "default": {},
+                                 "help": "config data.<name> (JSON or @file)"}),
+    "seed": (("--seed",), {"type": int, "default": 0, "help": "config data.seed"}),
+    "mirror": (("--mirror",), {"default": "", "help": "base URL replacing the upstream host"}),
+    "raw": (("--raw",), {"type": Path, "required": True, "help": "the dataset's raw folder"}),
+    "prepared": (("--prepared",), {"type": Path, "nargs": "+", "required": True,
+                                   "help": "prepared dataset folders (or their manifest.json)"}),
+    "archs": (("--archs",), {"nargs": "+", "required": True, "help": "architectures"}),
+    "rankings": (("--rankings",), {"type": Path, "required": True, "help": "rankings.json"}),
+    "triplets": (("--triplets",), {"type": Path, "nargs": "*", "default": [],
+                                   "help": "triplet files (.npz)"}),
+    "images": (("--images",), {"type": Path, "required": True,
+                               "help": "probe image folder (or its manifest.json)"}),
+    "codes": (("--codes",), {"type": Path, "required": True, "help": "codes.npz"}),
+    "model": (("--model",), {"type": Path, "default": None, "help": "a trained model file"}),
+    "workdir": (("--workdir",), {"type": Path, "required": True,
+                                 "help": "checkpoints and metrics.csv of the training run"}),
+    "scores": (("--scores",), {"type": Path, "required": True,
+                               "help": "output: summary rows in the scores schema (.parquet)"}),
+    "samples": (("--samples",), {"type": Path, "required": True,
+                                 "help": "output: per-sample rows (.parquet)"}),
+    "lossnets": (("--lossnets",), {"type": Path, "required": True,
+                                   "help": "lossnets.parquet (the loss-network attributes)"}),
+    "tables": (("--tables",), {"type": Path, "required": True, "help": "the tables folder"}),
+    "inputs": (("inputs",), {"type": Path, "nargs": "*", "help": "summary files to gather"}),
+    "out": (("--out",), {"type": Path, "required": True, "help": "output file or folder"}),
+    "configfiles": (("configfiles",), {"type": Path, "nargs": "*",
+                                       "help": "config files, later ones win (default: "
+                                               "config.yaml)"}),
+    "job": ((), {}),  # the Job, built from --config and --settings (which it implies)
+}
+
+_B = "workflow.benchmarks."
+COMMANDS: dict[tuple[str, str], Command] = {
+    ("config", "show"): Command("workflow.plan:show_config",
+                                "print the complete config (every default filled in)",
+                                ("configfiles",)),
+    # data
+    ("data", "fetch"): Command("workflow.datasets.registry:download",
+                               "download (and extract) one dataset, then write READY",
+                               ("name", "raw", "options", "mirror")),
+    ("data", "synthesize"): Command("workflow.datasets.registry:synthesize",
+                                    "write a small fake dataset in the upstream layout",
+                                    ("name", "raw", "seed", "options")),
+    ("data", "prepare"): Command("workflow.datasets.registry:prepare",
+                                 "decode a raw dataset into arrays + manifest.json",
+                                 ("name", "raw", "out", "options", "settings")),
+    ("data", "weights"): Command("workflow.datasets.weights:fetch_weights",
+                                 "download and verify ImageNet weight files into a folder",
+                                 ("archs", "out", "mirror")),
+    # benchmarks
+    ("similarity", "score"): Command(_B + "similarity:score",
+                                     "BAPPS 2AFC + JND of one architecture's loss networks",
+                                     ("job", "config", "prepared", "samples", "scores")),
+    ("super_resolution", "train"): Command(_B + "super_resolution:train",
+                                           "train one SR network (resumes from --workdir)",
+                                           ("job", "config", "net", "scale", "run",
+                                            "prepared", "workdir", "out")),
+    ("super_resolution", "eval"): Command(_B + "super_resolution:evaluate",
+                                          "score a trained SR network on the test sets",
+                                          ("job", "config", "net", "scale", "run", "model",
+                                           "prepared", "samples", "scores")),
+    ("delineation", "train"): Command(_B + "delineation:train",
+                                      "train one road-delineation U-Net (resumes)",
+                                      ("job", "config", "net", "run", "prepared", "workdir",
+                                       "out")),
+    ("delineation", "eval"): Command(_B + "delineation:evaluate",
+                                     "score a trained U-Net (test tiles + reference protocol)",
+                                     ("job", "config", "net", "run", "model", "prepared",
+                                      "samples", "scores")),
+    ("autoencoder", "train"): Command(_B + "autoencoder:train",
+                                      "train one autoencoder (net 'pixel': the baseline)",
+                                      ("job", "config", "net", "dataset", "run", "prepared",
+                                       "workdir", "out")),
+    ("autoencoder", "encode"): Command(_B + "autoencoder:encode",
+                                       "the codes of the labelled splits",
+                                       ("job", "config", "dataset", "model", "prepared", "out")),
+    ("autoencoder", "mlp"): Command(_B + "autoencoder:fit_mlps",
+                                    "fit the MLP grid on the codes and score it",
+                                    ("job", "config", "net", "dataset", "run", "codes",
+                                     "workdir", "samples", "scores")),
+    ("adaptation", "rankings"): Command(_B + "adaptation:rankings",
+                                        "the seeded random distortion rankings",
+                                        ("config", "out")),
+    ("adaptation", "triplets"): Command(_B + "adaptation:triplets",
+                                        "fixed evaluation triplets of one dataset",
+                                        ("config", "prepared", "out")),
+    ("adaptation", "train"): Command(_B + "adaptation:train",
+                                     "adapt every ranking x comparison of a loss network",
+                                     ("job", "config", "net", "run", "rankings", "triplets",
+                                      "prepared", "workdir", "out")),
+    ("adaptation", "evaluate"): Command(_B + "adaptation:evaluate",
+                                        "score the baseline (no --model) or an adapted run",
+                                        ("job", "config", "net", "run", "model", "rankings",
+                                         "triplets", "prepared", "scores")),
+    ("probes", "images"): Command(_B + "probes:images",
+                                  "generate (or import hand-made) probe images",
+                                  ("config", "out")),
+    ("probes", "score"): Command(_B + "probes:score",
+                                 "count the correct probe pairs of one loss network",
+                                 ("job", "config", "net", "images", "scores")),
+    # results and analysis
+    ("results", "gather"): Command("workflow.results:gather",
+                                   "concatenate summary files into the scores table",
+                                   ("inputs", "out")),
+    ("analysis", "attributes"): Command("workflow.analysis.attributes:write_attributes",
+                                        "loss-network attributes -> lossnets.parquet",
+                                        ("config", "out")),
+    ("analysis", "tables"): Command("workflow.analysis.correlations:write_tables",
+                                    "correlation tables and Pareto points",
+                                    ("config", "scores", "lossnets", "out")),
+    ("analysis", "figures"): Command("workflow.analysis.figures:write_figures",
+                                     "the figures, from the scores and the tables",
+                                     ("config", "scores", "tables", "out")),
+}
+
+# Speed measurements: `python -m workflow perf NAME [args]` hands its arguments to the module.
+PERF = {
+    "similarity": "BAPPS scoring throughput against the lpips package",
+    "super_resolution": "SR training steps, reference vs default settings",
+    "delineation": "road-delineation training steps",
+    "autoencoder": "autoencoder training steps and the MLP grid",
+    "adaptation": "fused adaptation against one metric at a time",
+    "prepare": "PNG decoding throughput of dataset preparation",
+    "dag": "CPU time of `snakemake -n` on the full study against an earlier commit",
+}
+
+
+def _usage() -> str:
+    lines = [__doc__.split("\n\n")[0], "", "commands:"]
+    width = max(len(f"{g} {c}") for g, c in COMMANDS) + 2
+    for (group, cmd), spec in COMMANDS.items():
+        lines.append(f"  {f'{group} {cmd}':<{width}}{spec.help}")
+    lines += ["", "speed measurements (write BENCHMARKS.md):"]
+    for name, text in PERF.items():
+        lines.append(f"  {f'perf {name}':<{width}}{text}")
+    lines += ["", "`python -m workflow GROUP COMMAND --help` lists a command's arguments."]
+    return "\n".join(lines)
+
+
+def parser(group: str, cmd: str) -> argparse.ArgumentParser:
+    spec = COMMANDS[(group, cmd)]
+    ap = argparse.ArgumentParser(prog=f"python -m workflow {group} {cmd}", description=spec.help)
+    names = list(spec.args)
+    if spec.computes:  # the job is built from --config and --settings
+        names += [n for n in ("config", "settings") if n not in names]
+    for name in names:
+        flags, kwargs = ARGS[name]
+        if flags:
+            ap.add_argument(*flags, **kwargs)
+    return ap
+
+
+def _load(target: str):
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run(group: str, cmd: str, argv: Sequence[str]) -> Any:
+    """Parse ``argv`` for one command and call its function; return what it returns."""
+    spec = COMMANDS[(group, cmd)]
+    ns = vars(parser(group, cmd).parse_args(list(argv)))
+    if "prepared" in ns and ns["prepared"] is not None:
+        from workflow.datasets.arrays import prepared_folders
+
+        ns["prepared"] = prepared_folders(ns["prepared"])
+    if spec.computes:
+        from workflow.job import Job
+
+        ns["job"] = Job.create(ns.get("config"), ns.get("settings"))
+    fn = _load(spec.target)
+    return fn(**{k: ns[k] for k in spec.args if k in ns})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "perf":
+        if len(argv) < 2 or argv[1] not in PERF:
+            print(f"usage: python -m workflow perf NAME [args]; NAME is one of "
+                  f"{', '.join(PERF)}", file=sys.stderr)
             return 2
-        raise
-    if not hasattr(module, "main"):
-        print(f"workflow.{name} has no main(); commands: {', '.join(_commands())}", file=sys.stderr)
+        return int(importlib.import_module(f"workflow.perf.{argv[1]}").main(argv[2:]) or 0)
+    if len(argv) < 2 or (argv[0], argv[1]) not in COMMANDS:
+        print(f"unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return int(module.main(rest) or 0)
+    try:
+        run(argv[0], argv[1], argv[2:])
+    except Exception as e:
+        # the project's own errors name the file or key and what to do: one line says it;
+        # anything else is a bug and keeps its traceback
+        if not (type(e).__module__.startswith("workflow.") or isinstance(e, FileNotFoundError)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,153 +1,37 @@
-"""Loss-network registry and the one feature extractor.
+"""Building loss networks from the table in :mod:`workflow.archs`, and the one feature extractor.
 
-A *loss network* is an ImageNet classifier from torchvision plus a set of *taps*:
-the outputs after given children of ``model.features`` (VGG, AlexNet, DenseNet,
-SqueezeNet, EfficientNet) or of the model itself (ResNet, ResNeXt, GoogLeNet,
-Inception-v3). The models' own ``forward`` is never used, so GoogLeNet/Inception
-``transform_input`` is not applied (as in the study).
-
-Names: a loss network is ``(arch, layer)`` with ``layer`` one of ``"1".."4"``
-(the study's four extraction layers) or ``"lpips"`` (the multi-layer LPIPS set,
-alexnet / vgg16 / squeezenet1_1 only). ``LossNet.id`` is ``"alexnet/2"`` style.
-
-Weights: ``"imagenet"`` (IMAGENET1K_V1, loaded from a local folder, never
-downloaded here), ``"random"`` (torchvision's initialisation, seeded), or a path
-to a state_dict file.
+:class:`FeatureExtractor` returns every requested tap of one architecture from a single
+forward pass; :func:`feature_loss` is the deep perceptual loss. The models' own ``forward``
+is never used, so GoogLeNet/Inception ``transform_input`` is not applied (as in the study).
+Names, taps and weight files: :mod:`workflow.archs` (re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-# torchvision is imported lazily: importing it pulls in torch._dynamo (seconds of CPU), and
-# the Snakefile and rules import this module only for the registry.
-WEIGHTS_HOST = "https://download.pytorch.org/models/"
+# torchvision is imported lazily: importing it pulls in torch._dynamo (seconds of CPU).
+from workflow.archs import (  # noqa: F401  (re-exported: the registry belongs with the builders)
+    ARCHS,
+    LAYERS,
+    LPIPS_ARCHS,
+    WEIGHTS_HOST,
+    ArchSpec,
+    LossNet,
+    UnknownLossNetError,
+    all_lossnets,
+    arch_spec,
+    weights_filename,
+    weights_id,
+    weights_url,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How to build an architecture and where its taps are."""
-
-    name: str
-    builder: str  # torchvision.models attribute
-    weights_enum: str  # torchvision.models attribute holding IMAGENET1K_V1
-    container: str  # "features" or "model": whose children are counted
-    layers: tuple[int, int, int, int]  # child index of the study's layers 1..4
-    layer_names: tuple[str, str, str, str]
-    lpips: tuple[int, ...] | None = None  # the LPIPS multi-layer set, if any
-    weights_file: str = ""  # IMAGENET1K_V1 file name (sha256 prefix in the name)
-
-
-ARCHS: dict[str, ArchSpec] = {
-    s.name: s
-    for s in [
-        ArchSpec("alexnet", "alexnet", "AlexNet_Weights", "features", (1, 4, 7, 11),
-                 ("relu1", "relu2", "relu3", "relu5"), (1, 4, 7, 9, 11), weights_file="alexnet-owt-7be5be79.pth"),
-        ArchSpec("vgg11", "vgg11", "VGG11_Weights", "features", (1, 4, 9, 19),
-                 ("relu1_1", "relu2_1", "relu3_2", "relu5_2"), weights_file="vgg11-8a719046.pth"),
-        ArchSpec("vgg16", "vgg16", "VGG16_Weights", "features", (3, 8, 15, 29),
-                 ("relu1_2", "relu2_2", "relu3_3", "relu5_3"), (3, 8, 15, 22, 29), weights_file="vgg16-397923af.pth"),
-        ArchSpec("vgg16_bn", "vgg16_bn", "VGG16_BN_Weights", "features", (5, 12, 22, 42),
-                 ("relu1_2", "relu2_2", "relu3_3", "relu5_3"), weights_file="vgg16_bn-6c64b313.pth"),
-        ArchSpec("vgg19", "vgg19", "VGG19_Weights", "features", (3, 8, 17, 35),
-                 ("relu1_2", "relu2_2", "relu3_4", "relu5_4"), weights_file="vgg19-dcbb9e9d.pth"),
-        ArchSpec("resnet18", "resnet18", "ResNet18_Weights", "model", (2, 4, 5, 7),
-                 ("relu", "layer1", "layer2", "layer4"), weights_file="resnet18-f37072fd.pth"),
-        ArchSpec("resnet50", "resnet50", "ResNet50_Weights", "model", (2, 4, 5, 7),
-                 ("relu", "layer1", "layer2", "layer4"), weights_file="resnet50-0676ba61.pth"),
-        ArchSpec("resnext50_32x4d", "resnext50_32x4d", "ResNeXt50_32X4D_Weights", "model",
-                 (2, 4, 5, 7), ("relu", "layer1", "layer2", "layer4"), weights_file="resnext50_32x4d-7cdf4587.pth"),
-        ArchSpec("googlenet", "googlenet", "GoogLeNet_Weights", "model", (0, 5, 8, 15),
-                 ("conv1", "inception3a", "inception4a", "inception5b"), weights_file="googlenet-1378be20.pth"),
-        ArchSpec("inception_v3", "inception_v3", "Inception_V3_Weights", "model", (2, 7, 9, 14),
-                 ("Conv2d_2b_3x3", "Mixed_5b", "Mixed_5d", "Mixed_6e"), weights_file="inception_v3_google-0cc3c7bd.pth"),
-        ArchSpec("efficientnet_b0", "efficientnet_b0", "EfficientNet_B0_Weights", "features",
-                 (0, 1, 4, 7), ("stem", "stage1", "stage4", "stage7"), weights_file="efficientnet_b0_rwightman-7f5810bc.pth"),
-        ArchSpec("efficientnet_b7", "efficientnet_b7", "EfficientNet_B7_Weights", "features",
-                 (0, 1, 4, 7), ("stem", "stage1", "stage4", "stage7"), weights_file="efficientnet_b7_lukemelas-c5b4e57e.pth"),
-        ArchSpec("densenet121", "densenet121", "DenseNet121_Weights", "features", (2, 4, 6, 10),
-                 ("relu0", "denseblock1", "denseblock2", "denseblock4"), weights_file="densenet121-a639ec97.pth"),
-        ArchSpec("squeezenet1_1", "squeezenet1_1", "SqueezeNet1_1_Weights", "features",
-                 (1, 3, 7, 12), ("relu1", "fire1", "fire4", "fire8"), (1, 4, 7, 9, 10, 11, 12), weights_file="squeezenet1_1-b8a52dc0.pth"),
-    ]
-}
-LPIPS_ARCHS = tuple(a for a, s in ARCHS.items() if s.lpips is not None)
-LAYERS = ("1", "2", "3", "4")
-
-
-class UnknownLossNetError(ValueError):
-    pass
-
-
-def arch_spec(arch: str) -> ArchSpec:
-    try:
-        return ARCHS[arch]
-    except KeyError:
-        raise UnknownLossNetError(
-            f"unknown architecture {arch!r}; known architectures: {', '.join(ARCHS)}"
-        ) from None
-
-
-@dataclass(frozen=True)
-class LossNet:
-    """One loss network: an architecture and a layer ("1".."4" or "lpips")."""
-
-    arch: str
-    layer: str
-
-    def __post_init__(self) -> None:
-        spec = arch_spec(self.arch)
-        if self.layer == "lpips":
-            if spec.lpips is None:
-                raise UnknownLossNetError(
-                    f"{self.arch} has no LPIPS layer set; LPIPS sets exist for "
-                    f"{', '.join(LPIPS_ARCHS)}"
-                )
-        elif self.layer not in LAYERS:
-            raise UnknownLossNetError(
-                f"unknown layer {self.layer!r} for {self.arch}; use 1, 2, 3, 4 or lpips"
-            )
-
-    @property
-    def id(self) -> str:
-        return f"{self.arch}/{self.layer}"
-
-    @property
-    def taps(self) -> tuple[int, ...]:
-        spec = ARCHS[self.arch]
-        if self.layer == "lpips":
-            return spec.lpips  # type: ignore[return-value]
-        return (spec.layers[int(self.layer) - 1],)
-
-    @classmethod
-    def parse(cls, text: str) -> LossNet:
-        """Parse ``"alexnet/2"``, ``"alexnet:2"`` or ``"alexnet/lpips"``."""
-        for sep in ("/", ":"):
-            if sep in text:
-                arch, layer = text.split(sep, 1)
-                return cls(arch, str(layer))
-        raise UnknownLossNetError(f"loss network {text!r} must look like 'alexnet/2' or 'vgg16/lpips'")
-
-
-def all_lossnets(
-    archs: Iterable[str] | None = None,
-    layers: Iterable[str | int] = LAYERS,
-    lpips_sets: Iterable[str] = (),
-) -> list[LossNet]:
-    """The study's grid: every arch x layer, plus the requested LPIPS sets."""
-    archs = list(ARCHS) if archs is None else list(archs)
-    nets = [LossNet(a, str(layer)) for a in archs for layer in layers]
-    nets += [LossNet(a, "lpips") for a in lpips_sets]
-    return nets
 
 
 # ----------------------------------------------------------------------------- weights
@@ -159,49 +43,8 @@ def weights_enum(arch: str):
     return getattr(torchvision.models, arch_spec(arch).weights_enum).IMAGENET1K_V1
 
 
-def weights_filename(arch: str) -> str:
-    """File name of the IMAGENET1K_V1 weights, e.g. ``alexnet-owt-7be5be79.pth``."""
-    return arch_spec(arch).weights_file
-
-
-def weights_url(arch: str) -> str:
-    """Download URL of the IMAGENET1K_V1 weights (equal to the torchvision enum's; tested)."""
-    return WEIGHTS_HOST + weights_filename(arch)
-
-
 def imagenet_acc1(arch: str) -> float:
     return float(weights_enum(arch).meta["_metrics"]["ImageNet-1K"]["acc@1"])
-
-
-def weights_id(arch: str, weights: str) -> str:
-    """A short provenance string for the scores table."""
-    if weights == "imagenet":
-        return f"imagenet:{weights_filename(arch)}"
-    if weights == "random":
-        return "random"
-    return f"file:{Path(weights).name}"
-
-
-def _hash_prefix(name: str) -> str | None:
-    stem = name.rsplit(".", 1)[0]
-    tail = stem.rsplit("-", 1)[-1]
-    return tail if len(tail) >= 8 and all(c in "0123456789abcdef" for c in tail) else None
-
-
-def verify_weights_file(path: Path) -> None:
-    """torchvision's check: the file's sha256 starts with the hash in its name."""
-    prefix = _hash_prefix(path.name)
-    if prefix is None:
-        return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if not h.hexdigest().startswith(prefix):
-        raise RuntimeError(
-            f"{path}: sha256 {h.hexdigest()[:16]}... does not start with {prefix}; the file is "
-            f"corrupt. Delete it and fetch it again with `snakemake --cores 1 download_weights`."
-        )
 
 
 def _build_model(arch: str, pretrained_layout: bool) -> nn.Module:

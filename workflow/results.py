@@ -1,4 +1,4 @@
-"""The Parquet schemas and the one atomic writer.
+"""The scores schema: one tidy table of every benchmark's summary rows, and its provenance.
 
 Every benchmark job writes its *summary rows* in the tidy scores schema below
 (``SCORE_COLUMNS``) and, separately, whatever per-sample table it likes; the
@@ -26,13 +26,13 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from workflow.files import write_parquet
 
 SCORE_COLUMNS: dict[str, str] = {
     "benchmark": "string",
@@ -57,43 +57,6 @@ SCORE_COLUMNS: dict[str, str] = {
 }
 PROVENANCE = ("config_hash", "code_version", "weights_id", "device", "precision", "wall_time_s")
 
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
-
-    On any exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        if Path(tmp).is_file():  # mkstemp makes 0600 files; results are shared on clusters
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``df`` atomically (temp name, then rename)."""
-    with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
-    return Path(path)
-
-
-def write_text(text: str, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    return write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def config_hash(section: Any) -> str:
@@ -148,25 +111,10 @@ def validate_scores(df: pd.DataFrame, source: str = "scores") -> pd.DataFrame:
     return df[list(SCORE_COLUMNS)].astype(SCORE_COLUMNS)
 
 
-def gather_scores(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
+def gather(inputs: Iterable[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
     """Concatenate per-job summary files into one tidy table (atomically written)."""
-    frames = [validate_scores(pd.read_parquet(p), str(p)) for p in paths]
+    frames = [validate_scores(pd.read_parquet(p), str(p)) for p in inputs]
     df = (pd.concat(frames, ignore_index=True) if frames
           else pd.DataFrame(columns=list(SCORE_COLUMNS)).astype(SCORE_COLUMNS))
     write_parquet(df, out)
     return df
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m workflow results gather --out scores.parquet a.parquet b.parquet ...``"""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m workflow results")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("gather", help="concatenate summary files into the scores table")
-    g.add_argument("--out", required=True)
-    g.add_argument("inputs", nargs="*")
-    args = ap.parse_args(argv)
-    df = gather_scores(args.inputs, args.out)
-    print(f"{args.out}: {len(df)} rows from {len(args.inputs)} files")
-    return 0

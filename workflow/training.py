@@ -1,10 +1,15 @@
-"""The one training loop every benchmark uses.
+"""The one training loop every benchmark uses, and the one file format of a trained model.
 
-The harness owns everything around a step: device placement, bf16 autocast,
-channels_last, cudnn autotuning, optional ``torch.compile``, seeding, the
-optimizer/scheduler step, a NaN/Inf guard, the progress bar, the metrics log,
-model selection, early stopping and atomic, resumable checkpoints. A benchmark
-only says how to compute one step's loss and how to evaluate.
+The harness owns everything around a step: placing the modules on the job's device, its
+bf16 autocast, channels_last, optional ``torch.compile``, seeding, the optimizer/scheduler
+step, a NaN/Inf guard, the progress bar, the metrics log, model selection, early stopping
+and atomic, resumable checkpoints. A benchmark only says how to compute one step's loss and
+how to evaluate. Device, precision and threads come from the :class:`workflow.job.Job`;
+the harness resolves nothing itself.
+
+:func:`save_model` / :func:`load_model` write and read every model a benchmark keeps (an SR
+network, a U-Net, an autoencoder, an adapter, the harness's own ``best.pt``): one file with
+``{"format", "modules": {name: state_dict}, "meta": {...}}``.
 
 Usage::
 
@@ -23,13 +28,13 @@ Usage::
         return {"psnr": validation_psnr(net)}
 
     trainer = Trainer(
-        "results/sr/alexnet/2/x4/run0", modules={"model": net}, optimizer=opt,
+        job, "results/sr/alexnet/2/x4/run0", modules={"model": net}, optimizer=opt,
         step_fn=step_fn, eval_fn=eval_fn, aux_modules={"lossnet": extractor},
         config=TrainConfig(max_steps=200_000, eval_every=10_000, checkpoint_every=1_000,
                            select_metric="psnr", select_mode="max", seed=0),
     )
     result = trainer.fit()   # resumes from workdir/last.pt when one exists
-    result.best_checkpoint   # workdir/best.pt; load it with load_checkpoint(path, {"model": net})
+    result.best_checkpoint   # workdir/best.pt; load it with load_model(path, {"model": net})
 
 Semantics
 ---------
@@ -70,9 +75,9 @@ Semantics
 * Metrics log: ``workdir/metrics.csv`` (rewritten atomically), one row per log or
   eval step: ``step, loss`` (mean over the window), ``lr, items_per_s, steps_per_s,
   wall_s`` and ``eval_<name>`` columns.
-* Precision: ``"auto"`` is bf16 autocast on CUDA and fp32 on CPU
-  (``workflow.runtime``); ``"fp32"`` reproduces the reference numerics (TF32 off).
-  ``channels_last`` (default on CUDA only) converts the modules' 4-D weights;
+* Precision and device are the job's (``workflow.job``): ``"auto"`` is bf16 autocast on
+  CUDA and fp32 on CPU; ``"fp32"`` reproduces the reference numerics (TF32 off).
+  ``channels_last`` (default: the job's, on CUDA only) converts the modules' 4-D weights;
   ``compile`` calls ``Module.compile()`` on modules and aux modules in place (state
   dict keys are unchanged, so checkpoints stay portable).
 """
@@ -96,11 +101,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from workflow import runtime
-from workflow.results import atomic_path
+from workflow.files import atomic_path
+from workflow.job import Job, seed_everything
 
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: the job was stopped by a signal; rerun to resume
 CHECKPOINT_FORMAT = 1
+MODEL_FORMAT = "lossnet-bench/model-1"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -125,20 +131,17 @@ class TrainConfig:
     max_steps: int
     eval_every: int | None = None  # steps between evaluations; None/0: only after the last step
     checkpoint_every: int | None = 1000  # steps between last.pt writes; None/0: only at the end
-    precision: str = "auto"  # auto | bf16 | fp32
     compile: bool = False
     seed: int = 0
     select_metric: str | None = None  # key of eval_fn's dict used for best.pt / early stopping
     select_mode: str = "max"  # max | min
     patience: int | None = None  # evaluations without improvement before stopping
     min_delta: float = 0.0  # an improvement must exceed this
-    device: str = "auto"
     log_every: int = 100
-    channels_last: bool | None = None  # None: on for CUDA, off for CPU
+    channels_last: bool | None = None  # None: the job's (on for CUDA, off for CPU)
     grad_clip_norm: float | None = None
     restore_best: bool = True
     progress: bool = True
-    threads: int | None = None  # torch threads; None leaves the current setting
 
     def __post_init__(self) -> None:
         if int(self.max_steps) < 0:
@@ -229,23 +232,57 @@ def _forked_rng(device: torch.device):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module],
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load the module weights of ``best.pt`` / ``last.pt`` into ``modules``; return the checkpoint.
+def save_model(path: str | Path, modules: Mapping[str, nn.Module | Mapping[str, Tensor]],
+               meta: Mapping[str, Any] | None = None) -> Path:
+    """Write a trained model: every module's weights (on the CPU) and ``meta``, atomically.
 
-    Every name in ``modules`` must be in the file (a typo would otherwise leave random weights).
+    ``modules`` maps names to modules or to state dicts. ``meta`` holds what a reader needs
+    to rebuild the modules (sizes, the loss network) and the training's provenance.
+    """
+    state = {"format": MODEL_FORMAT,
+             "modules": {k: {n: t.detach().to("cpu", copy=True) for n, t in
+                             (m.state_dict() if isinstance(m, nn.Module) else m).items()}
+                         for k, m in modules.items()},
+             "meta": dict(meta or {})}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_model(path: str | Path,
+               modules: Mapping[str, nn.Module] | Callable[[dict[str, Any]], Mapping[str, nn.Module]]
+               | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load the weights of a file of :func:`save_model` (or a harness ``last.pt``) into
+    ``modules``; return its ``meta``.
+
+    ``modules`` may be a function of the meta that builds them (an autoencoder needs its
+    size first). Every name must be in the file: a typo would otherwise leave random weights.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} (has its training job run?)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    saved = ckpt.get("modules", {})
-    missing = [k for k in modules if k not in saved]
+        raise FileNotFoundError(f"model file not found: {path} (has its training job run?)")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    saved = state.get("modules", {})
+    meta = dict(state.get("meta", {}))
+    if callable(modules):
+        modules = modules(meta)
+    missing = [k for k in (modules or {}) if k not in saved]
     if missing:
         raise KeyError(f"{path} holds modules {sorted(saved)}, not {missing}")
-    for name, m in modules.items():
+    for name, m in (modules or {}).items():
         m.load_state_dict(saved[name])
-    return ckpt
+    return meta
+
+
+def constant_then_linear(total_steps: int, constant_steps: int) -> Callable[[int], float]:
+    """LR factor for ``LambdaLR``: 1 for ``constant_steps``, then linear to 0 at ``total_steps``
+    (LPIPS's schedule: 5 epochs constant, 5 decaying)."""
+    decay = max(1, total_steps - constant_steps)
+
+    def factor(step: int) -> float:
+        return 1.0 if step < constant_steps else max(0.0, (total_steps - step) / decay)
+
+    return factor
 
 
 def _is_better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -267,6 +304,7 @@ class Trainer:
 
     def __init__(
         self,
+        job: Job,
         workdir: str | Path,
         modules: Mapping[str, nn.Module],
         optimizer: torch.optim.Optimizer,
@@ -302,10 +340,10 @@ class Trainer:
         if config.patience is not None and config.select_metric is None:
             raise ValueError("patience (early stopping) needs a select_metric")
 
-        self.device = runtime.pick_device(config.device)
-        self.precision = runtime.resolve_precision(config.precision, self.device)
-        runtime.configure(self.device, self.precision, config.threads)
-        self.channels_last = (self.device.type == "cuda" if config.channels_last is None
+        self.job = job
+        self.device = job.device
+        self.precision = job.precision
+        self.channels_last = (job.channels_last if config.channels_last is None
                               else bool(config.channels_last))
         for m in [*self.modules.values(), *self.aux_modules.values()]:
             # Module.to keeps the Parameter objects, so an optimizer built before stays valid
@@ -344,8 +382,8 @@ class Trainer:
         return self.workdir / "metrics.csv"
 
     def autocast(self):
-        """The harness's autocast context (bf16 on CUDA by default, no-op in fp32)."""
-        return runtime.autocast(self.device, self.precision)
+        """The job's autocast context (bf16 on CUDA by default, no-op in fp32)."""
+        return self.job.autocast()
 
     def to_device(self, x: Tensor) -> Tensor:
         """Move a batch to the device, channels_last for 4-D tensors when enabled."""
@@ -414,10 +452,9 @@ class Trainer:
         self._write_best(modules, self.step, metric)
 
     def _write_best(self, modules: Mapping[str, Any], step: int | None, metric: float | None) -> None:
-        state = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
-                 "metric": metric, "select_metric": self.cfg.select_metric, "modules": modules}
-        with atomic_path(self.best_path) as tmp:
-            torch.save(state, tmp)
+        save_model(self.best_path, modules, {"fingerprint": self.fingerprint, "step": step,
+                                             "metric": metric,
+                                             "select_metric": self.cfg.select_metric})
 
     def _try_resume(self) -> int | None:
         if not self.last_path.exists():
@@ -567,7 +604,7 @@ class Trainer:
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._t_start = time.perf_counter()
-        runtime.seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         resumed = self._try_resume()
         if resumed is not None:
             self._say(f"resumed from {self.last_path} at step {resumed}")
@@ -631,7 +668,7 @@ class Trainer:
             self.best_step = self.step
             self._save_best(None)
         if self.cfg.restore_best and self.best_path.exists() and self.cfg.select_metric is not None:
-            load_checkpoint(self.best_path, self.modules, map_location=self.device)
+            load_model(self.best_path, self.modules, map_location=self.device)
         if not self.metrics_path.exists():
             self.write_metrics()
         return TrainResult(

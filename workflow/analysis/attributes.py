@@ -48,12 +48,12 @@ How each attribute is computed (``docs/analysis.md`` says the same for readers):
 
 from __future__ import annotations
 
-import argparse
 import math
 import operator
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -62,9 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from workflow.config import json_arg
+from workflow.files import write_parquet
 from workflow.lossnets import ARCHS, LossNet, all_lossnets, arch_spec, imagenet_acc1, load_backbone
-from workflow.results import write_parquet
 
 # Training-only heads: never run in eval mode, so not part of any forward pass.
 AUX_HEADS = ("aux1", "aux2", "AuxLogits")
@@ -351,26 +350,23 @@ def lossnet_attributes(
     return df
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m workflow analysis.attributes --lossnets JSON --sizes 64 288 --out lossnets.parquet``"""
-    ap = argparse.ArgumentParser(prog="python -m workflow analysis.attributes", description=__doc__.split("\n")[0])
-    ap.add_argument("--lossnets", type=json_arg, required=True,
-                    help="config key lossnets as JSON (archs, layers, lpips_sets)")
-    ap.add_argument("--sizes", type=int, nargs="+", required=True,
-                    help="input sizes (px) for the size-dependent attributes (config analysis.input_sizes)")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    unknown = [a for a in args.lossnets.get("archs", []) if a not in ARCHS]
+def write_attributes(config: Mapping[str, Any], out: str | Path) -> pd.DataFrame:
+    """``lossnets.parquet`` of the grid ``config["lossnets"]`` (archs, layers, lpips_sets) at
+    the input sizes ``config["sizes"]`` (config ``analysis.input_sizes``)."""
+    ln, sizes = config["lossnets"], [int(s) for s in config["sizes"]]
+    unknown = [a for a in ln["archs"] if a not in ARCHS]
     if unknown:
-        print(f"config key lossnets.archs: unknown architectures {unknown}; known: {list(ARCHS)}",
-              file=sys.stderr)
-        return 2
-    bad = [s for s in args.sizes if s < 16]
+        raise AttributeConfigError(f"config key lossnets.archs: unknown architectures {unknown}; "
+                                   f"known: {list(ARCHS)}")
+    bad = [s for s in sizes if s < 16]
     if bad:
-        print(f"config key analysis.input_sizes: sizes {bad} are too small (use >= 16 px)", file=sys.stderr)
-        return 2
-    df = lossnet_attributes(args.lossnets["archs"], args.lossnets["layers"],
-                            args.lossnets.get("lpips_sets", []), args.sizes)
-    write_parquet(df, args.out)
-    print(f"{args.out}: {len(df)} loss networks, {len(df.columns)} attributes")
-    return 0
+        raise AttributeConfigError(f"config key analysis.input_sizes: sizes {bad} are too small "
+                                   f"(use >= 16 px)")
+    df = lossnet_attributes(ln["archs"], ln["layers"], ln.get("lpips_sets", []), sizes)
+    write_parquet(df, out)
+    print(f"{out}: {len(df)} loss networks, {len(df.columns)} attributes")
+    return df
+
+
+class AttributeConfigError(ValueError):
+    """A loss-network grid or input size the attributes cannot be computed for."""

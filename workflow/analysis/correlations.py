@@ -18,8 +18,6 @@ score per distinct combination. Repeated runs and rankings are averaged.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -32,8 +30,8 @@ from scipy import stats
 
 from workflow.analysis import TABLES  # noqa: F401  (re-exported: the declared tables)
 from workflow.analysis.pareto import pareto_front
-from workflow.config import json_arg
-from workflow.results import validate_scores, write_parquet, write_text
+from workflow.files import write_parquet, write_text
+from workflow.results import validate_scores
 
 IDENTITY = ("benchmark", "dataset", "split", "comparison", "channel_norm", "variant", "metric")
 SIZE_DEPENDENT = ("features", "flops", "flops_total", "flops_pct")
@@ -354,19 +352,11 @@ def read_inputs(scores_path: str | Path, lossnets_path: str | Path) -> tuple[pd.
     return scores, attrs
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow analysis.correlations",
-                                 description="correlation, score and Pareto tables")
-    ap.add_argument("--scores", required=True, help="the scores table (scores.parquet)")
-    ap.add_argument("--lossnets", required=True, help="the attribute table (lossnets.parquet)")
-    ap.add_argument("--config", type=json_arg, required=True, help="config key analysis as JSON")
-    ap.add_argument("--outdir", required=True)
-    args = ap.parse_args(argv)
-    try:
-        scores, attrs = read_inputs(args.scores, args.lossnets)
-        info = run_tables(scores, attrs, args.config, Path(args.outdir))
-    except (AnalysisConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.outdir}: {info}")
-    return 0
+def write_tables(config: Mapping[str, Any], scores: str | Path, lossnets: str | Path,
+                 out: str | Path) -> dict:
+    """The tables of config ``analysis`` (``config``) from the scores and attribute tables,
+    written into the folder ``out``."""
+    score_table, attrs = read_inputs(scores, lossnets)
+    info = run_tables(score_table, attrs, config, Path(out))
+    print(f"{out}: {info}")
+    return info

@@ -20,8 +20,6 @@ so the declared outputs always exist and a partial study still gets a report.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,9 +37,9 @@ from scipy import stats  # noqa: E402
 from workflow.analysis import FIGURE_FORMATS as FORMATS  # noqa: E402
 from workflow.analysis import FIGURES  # noqa: E402
 from workflow.analysis.correlations import AnalysisConfigError, select_scores  # noqa: E402
-from workflow.config import json_arg  # noqa: E402
-from workflow.lossnets import ARCHS  # noqa: E402
-from workflow.results import atomic_path, validate_scores  # noqa: E402
+from workflow.archs import ARCHS  # noqa: E402
+from workflow.files import atomic_path  # noqa: E402
+from workflow.results import validate_scores  # noqa: E402
 
 LAYER_MARKERS = {"1": "o", "2": "s", "3": "^", "4": "D", "lpips": "*"}
 METRIC_LABELS = {
@@ -307,24 +305,15 @@ def run_figures(scores: pd.DataFrame, tables: Path, cfg: Mapping[str, Any], outd
     return [jobs[name](outdir / name) for name in FIGURES]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow analysis.figures", description="analysis figures")
-    ap.add_argument("--scores", required=True, help="the scores table (scores.parquet)")
-    ap.add_argument("--tables", required=True, help="folder of the analysis tables (pareto, correlations)")
-    ap.add_argument("--config", type=json_arg, required=True, help="config key analysis as JSON")
-    ap.add_argument("--outdir", required=True)
-    args = ap.parse_args(argv)
-    tables = Path(args.tables)
+def write_figures(config: Mapping[str, Any], scores: str | Path, tables: str | Path,
+                  out: str | Path) -> list[str]:
+    """Every figure of config ``analysis`` (``config``) into the folder ``out``."""
+    tables = Path(tables)
     for name in ("pareto", "attribute_correlations"):
         if not (tables / f"{name}.parquet").exists():
-            print(f"error: {tables / name}.parquet is missing: run `snakemake analysis_tables` first",
-                  file=sys.stderr)
-            return 2
-    try:
-        scores = validate_scores(pd.read_parquet(args.scores), args.scores)
-        notes = run_figures(scores, tables, args.config, Path(args.outdir))
-    except (AnalysisConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            raise FileNotFoundError(f"{tables / name}.parquet is missing: run "
+                                    f"`snakemake analysis_tables` first")
+    score_table = validate_scores(pd.read_parquet(scores), str(scores))
+    notes = run_figures(score_table, tables, config, Path(out))
     print("\n".join(notes))
-    return 0
+    return notes

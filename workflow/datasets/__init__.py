@@ -1,14 +1,28 @@
-"""One module per dataset: download spec, ``synthesize`` (a small fake in the exact raw
-upstream format), ``prepare`` (raw files -> compact arrays + manifest) and ``load``."""
+"""The data: one module per dataset, and the machinery they share.
+
+Each dataset module (``bapps``, ``coco``, ``sr_test``, ``roads``, ``svhn``, ``stl10``) holds its
+download spec (``FILES``: :class:`RemoteFile` rows; optionally its own ``download``),
+``synthesize`` (a small fake in the exact raw upstream layout), ``prepare`` (raw files ->
+compact arrays + ``manifest.json``) and ``load`` (the one reader of its prepared arrays,
+with the shape and value checks). :mod:`workflow.datasets.registry` drives them by name.
+
+Shared parts: ``fetch`` (the HTTP client), ``archives`` (safe zip / tar extraction),
+``arrays`` (parallel decoding into memory-mapped ``.npy``, manifests, checks), ``fakes``
+(what the synthetic datasets draw), ``bank`` (image banks on the device and the epoch
+sampler), ``weights`` (the ImageNet weight files), ``triplets`` and ``probes`` (the distorted
+triplets and probe images the adaptation and probe benchmarks are scored on).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file a dataset's ``download`` fetches.
+    """One file a dataset's download fetches.
 
     ``sha256`` / ``md5``: the expected checksum where one is published (verified after the
     download); where none is, the downloader records the sha256 it saw next to the data and
@@ -29,14 +43,12 @@ class RemoteFile:
         return self.filename or self.url.rsplit("/", 1)[-1]
 
 
-def mark_ready(raw_dir, info: dict | None = None) -> None:
+def mark_ready(raw_dir: str | Path, info: dict[str, Any] | None = None) -> None:
     """Write ``raw_dir/READY`` (JSON) last, once the raw tree is complete.
 
     Rules depend on this marker, never on the folder, so a half-downloaded or
     half-synthesized tree is never taken as done.
     """
-    from pathlib import Path
-
-    from workflow.results import write_json
+    from workflow.files import write_json
 
     write_json(info or {}, Path(raw_dir) / "READY")

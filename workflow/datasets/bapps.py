@@ -15,22 +15,19 @@ Files are paired by stem, never by listing order.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from workflow.datasets import RemoteFile, mark_ready
-from workflow.datasets.common import CorruptFileError, default_workers
+from workflow.datasets import RemoteFile
+from workflow.datasets.arrays import CorruptFileError, default_workers, expect
+from workflow.files import sha256_file, write_json
 
 BASE_URL = "https://perceptual-similarity.s3.us-west-2.amazonaws.com/dataset/"
 FILES: list[RemoteFile] = [
@@ -89,8 +86,7 @@ def _save_png(img: np.ndarray, path: Path) -> None:
     Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
-def synthesize(raw_dir: Path, seed: int = 0, n_val: int = 12, n_train: int = 4, n_jnd: int = 12,
-               size: int = 80) -> None:
+def synthesize(raw_dir: Path, seed: int, n_val: int, n_train: int, n_jnd: int, size: int) -> None:
     """A small fake BAPPS in the upstream layout, under ``raw_dir/dataset/``.
 
     p0 and p1 are distortions of the reference of different strengths; the
@@ -210,14 +206,6 @@ def _read_label(path: Path) -> float:
         raise BappsError(f"{path}: unreadable judgement ({type(e).__name__}: {e})") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _subsets(roots: dict[str, Path]) -> list[tuple[str, str, str, Path]]:
     out = []
     for kind, splits in (("2afc", ("train", "val")), ("jnd", ("val",))):
@@ -275,7 +263,7 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int 
         arrays = {}
         for p in sorted(stage.iterdir()):
             a = np.load(p, mmap_mode="r")
-            arrays[p.name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(p)}
+            arrays[p.name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": sha256_file(p)}
             del a
             os.replace(p, out_dir / p.name)
     finally:
@@ -291,8 +279,6 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int 
         "arrays": arrays,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    from workflow.results import write_json
-
     write_json(manifest, out_dir / "manifest.json")
     return manifest
 
@@ -302,7 +288,7 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int 
 
 def load(prepared_dir: Path, kind: str, split: str, subset: str) -> dict[str, np.ndarray]:
     """Memory-mapped arrays of one subset: ``ref, p0, p1, judge, names`` (2AFC) or
-    ``p0, p1, same, names`` (JND)."""
+    ``p0, p1, same, names`` (JND); images uint8 [N, S, S, 3], labels float32 [N]."""
     if kind not in PARTS:
         raise ValueError(f"kind must be '2afc' or 'jnd', got {kind!r}")
     prepared_dir = Path(prepared_dir)
@@ -315,32 +301,11 @@ def load(prepared_dir: Path, kind: str, split: str, subset: str) -> dict[str, np
             raise BappsError(f"{p} not found: BAPPS {kind}/{split}/{subset} was not prepared "
                              f"(prepared: {', '.join(have) or 'nothing'})")
         out[part] = np.load(p, mmap_mode="r")
-    return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow datasets.bapps")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synthesize", help="write a small fake BAPPS in the upstream layout")
-    s.add_argument("--raw", required=True, type=Path)
-    s.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("prepare", help="decode a raw BAPPS tree into arrays + manifest.json")
-    p.add_argument("--raw", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--workers", type=int, default=None)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "synthesize":
-            synthesize(args.raw, seed=args.seed)
-            mark_ready(args.raw, {"dataset": "bapps", "synthetic": True, "seed": args.seed})
-            print(f"synthetic BAPPS written to {args.raw}")
+    n = len(out["names"])
+    for part, suffix in PARTS[kind].items():
+        p = prepared_dir / f"{prefix}_{part}.npy"
+        if suffix == ".npy":
+            expect(out[part], p, np.float32, (n,), "judgements")
         else:
-            m = prepare(args.raw, args.out, workers=args.workers)
-            print(f"prepared {sum(m['counts'].values())} items into {args.out}")
-    except BappsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+            expect(out[part], p, np.uint8, (n, None, None, 3), "images")
+    return out

@@ -32,20 +32,19 @@ from typing import Any
 import numpy as np
 
 from workflow.datasets import RemoteFile
-from workflow.datasets.common import (
+from workflow.datasets.arrays import (
     CorruptFileError,
     array_entry,
-    dataset_main,
     decode_image,
     decode_into_npy,
+    expect,
     load_arrays,
     parallel_map,
     resize_short_center_crop,
-    save_npy,
     write_manifest,
 )
-from workflow.download import RangeUnsupported
-from workflow.results import atomic_path, write_json
+from workflow.datasets.fetch import RangeUnsupported
+from workflow.files import atomic_path, save_npy, write_json
 
 FILES = [
     RemoteFile("http://images.cocodataset.org/zips/train2014.zip",
@@ -135,7 +134,7 @@ def _member_bytes(blob: bytes, info: zipfile.ZipInfo, where: str) -> bytes:
 
 
 def _write_member(raw_dir: Path, name: str, data: bytes) -> None:
-    from workflow.extract import check_member_name
+    from workflow.datasets.archives import check_member_name
 
     rel = check_member_name(raw_dir, name)
     with atomic_path(raw_dir / rel) as tmp:
@@ -195,8 +194,8 @@ def _selection(split: str, source: str, names: list[str], chosen: list[str],
             "crc32": [by_name[c].CRC for c in chosen]}
 
 
-def download(raw_dir: Path, fetcher: Any, n_train: int = 10000, n_val: int = 100,
-             seed: int = 0, **_: Any) -> dict[str, Any]:
+def download(raw_dir: Path, fetcher: Any, n_train: int, n_val: int, seed: int
+             ) -> dict[str, Any]:
     raw_dir = Path(raw_dir)
     selection = {}
     for split, rf in SPLITS.items():
@@ -222,15 +221,14 @@ def download(raw_dir: Path, fetcher: Any, n_train: int = 10000, n_val: int = 100
 # ----------------------------------------------------------------------------- synthetic
 
 
-def synthesize(raw_dir: Path, seed: int = 0, train: int = 40, val: int = 10,
-               n_train: int = 32, n_val: int = 8) -> None:
+def synthesize(raw_dir: Path, seed: int, train: int, val: int, n_train: int, n_val: int) -> None:
     """COCO-like train2014.zip / val2014.zip (JPEGs of assorted sizes, upstream names),
     then the same draw + extraction as a whole-zip download."""
     import io
 
     from PIL import Image
 
-    from workflow.datasets.sr_test import _photo
+    from workflow.datasets.fakes import photo
 
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +243,7 @@ def synthesize(raw_dir: Path, seed: int = 0, train: int = 40, val: int = 10,
             for i in ids:
                 h, w = int(rng.integers(180, 400)), int(rng.integers(180, 400))
                 buf = io.BytesIO()
-                Image.fromarray(_photo(rng, h, w)).save(buf, format="JPEG", quality=90)
+                Image.fromarray(photo(rng, h, w)).save(buf, format="JPEG", quality=90)
                 # JPEGs are stored, as in the real archives (deflate gains nothing)
                 zf.writestr(f"{folder}/COCO_{folder}_{i:012d}.jpg", buf.getvalue())
         n, key = (n_train, "n_train") if split == "train" else (n_val, "n_val")
@@ -261,7 +259,7 @@ def _target(path: Path) -> np.ndarray:
 
 
 def prepare(raw_dir: Path, out_dir: Path, n_train: int | None = None, n_val: int | None = None,
-            seed: int | None = None, workers: int | None = None, **_: Any) -> dict[str, Any]:
+            seed: int | None = None, workers: int | None = None) -> dict[str, Any]:
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     sel_path = raw_dir / "selection.json"
     if not sel_path.exists():
@@ -297,11 +295,11 @@ def prepare(raw_dir: Path, out_dir: Path, n_train: int | None = None, n_val: int
 
 
 def load(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
-    return load_arrays(prepared_dir, {"images": f"{split}_images.npy",
-                                      "names": f"{split}_names.npy"})
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    return dataset_main(sys.modules[__name__], argv, "python -m workflow datasets.coco")
+    """``images`` uint8 [N, 288, 288, 3] (memory-mapped) and ``names`` of a prepared split."""
+    arrays = load_arrays(prepared_dir, {"images": f"{split}_images.npy",
+                                        "names": f"{split}_names.npy"})
+    path = Path(prepared_dir) / f"{split}_images.npy"
+    expect(arrays["images"], path, np.uint8, (len(arrays["names"]), None, None, 3), "images")
+    if len(arrays["images"]) == 0:
+        raise CorruptFileError(f"{path} holds no images; rerun the coco download and prepare")
+    return arrays

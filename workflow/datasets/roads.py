@@ -25,18 +25,18 @@ from urllib.parse import urljoin
 import numpy as np
 
 from workflow.datasets import RemoteFile
-from workflow.datasets.common import (
+from workflow.datasets.arrays import (
     CorruptFileError,
     array_entry,
-    dataset_main,
     decode_image,
     decode_into_npy,
+    expect,
     load_arrays,
     parallel_map,
     raw_checksums,
-    save_npy,
     write_manifest,
 )
+from workflow.files import atomic_path, save_npy, write_text
 
 BASE = "https://www.cs.toronto.edu/~vmnih/data/mass_roads"
 SPLITS = ("train", "valid", "test")
@@ -66,7 +66,7 @@ def tile_links(html: str, suffix: str) -> list[str]:
     return sorted(names)
 
 
-def download(raw_dir: Path, fetcher: Any, workers: int = 4, **_: Any) -> dict[str, Any]:
+def download(raw_dir: Path, fetcher: Any, workers: int = 4) -> dict[str, Any]:
     """Index pages, then every tile they list (4 at a time), each sha256-recorded."""
     from tqdm import tqdm
 
@@ -100,12 +100,9 @@ def _index_html(title: str, names: list[str]) -> str:
             f"</table></body></html>\n")
 
 
-def synthesize(raw_dir: Path, seed: int = 0, train: int = 4, valid: int = 2, test: int = 2,
-               size: int = 256) -> None:
+def synthesize(raw_dir: Path, seed: int, train: int, valid: int, test: int, size: int) -> None:
     """Aerial-like RGB tiles with straight roads and their 0/255 masks, plus index pages."""
     from PIL import Image, ImageDraw
-
-    from workflow.results import atomic_path, write_text
 
     raw_dir = Path(raw_dir)
     rng = np.random.default_rng(seed)
@@ -148,8 +145,7 @@ def _pairs(raw_dir: Path, split: str) -> list[str]:
     return sorted(stems["sat"])
 
 
-def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
-            **_: Any) -> dict[str, Any]:
+def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None) -> dict[str, Any]:
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts, arrays = {}, {}
@@ -179,12 +175,16 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
     })
 
 
-def load(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
-    return load_arrays(prepared_dir, {"sat": f"{split}_sat.npy", "map": f"{split}_map.npy",
-                                      "names": f"{split}_names.npy"})
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    return dataset_main(sys.modules[__name__], argv, "python -m workflow datasets.roads")
+def load(prepared_dir: Path, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Memory-mapped ``sat`` uint8 [N, H, W, 3], ``map`` uint8 [N, H, W] in {0, 1} and
+    ``names`` of a prepared split (its first ``limit`` tiles when given)."""
+    arrays = load_arrays(prepared_dir, {"sat": f"{split}_sat.npy", "map": f"{split}_map.npy",
+                                        "names": f"{split}_names.npy"})
+    d = Path(prepared_dir)
+    sat = expect(arrays["sat"], d / f"{split}_sat.npy", np.uint8, (None, None, None, 3), "tiles")
+    expect(arrays["map"], d / f"{split}_map.npy", np.uint8, sat.shape[:3], "road maps")
+    if len(sat) == 0:
+        raise CorruptFileError(f"{d}: the {split} split has no tiles; rerun the roads prepare")
+    if limit is not None:
+        arrays = {k: v[:limit] for k, v in arrays.items()}
+    return arrays

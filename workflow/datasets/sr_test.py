@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 
 from workflow.datasets import RemoteFile
-from workflow.datasets.common import (
+from workflow.datasets.arrays import (
     CorruptFileError,
-    dataset_main,
     decode_image,
     parallel_map,
     raw_checksums,
-    save_npz,
     write_manifest,
 )
+from workflow.datasets.fakes import photo
+from workflow.files import atomic_path, save_npz
 
 SELFEXSR = "https://raw.githubusercontent.com/jbhuang0604/SelfExSR/master/data"
 BSDS_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/bsds/"
@@ -50,27 +50,11 @@ FILES = [
 ] + [RemoteFile(BSDS_URL, extract=True)]
 
 
-def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A smooth synthetic 'photo' with edges: blurred colour blobs plus a few rectangles."""
-    from PIL import Image, ImageDraw, ImageFilter
-
-    small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
-    im = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-    draw = ImageDraw.Draw(im)
-    for _ in range(4):
-        x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
-        x1, y1 = x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 2))
-        draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return np.asarray(im.filter(ImageFilter.GaussianBlur(0.7)))
-
-
-def synthesize(raw_dir: Path, seed: int = 0, set5: int = 5, set14: int = 4,
-               bsd100: int = 4) -> None:
+def synthesize(raw_dir: Path, seed: int, set5: int, set14: int, bsd100: int) -> None:
     """PNG HR images of assorted sizes, and a BSDS300-like .tgz (JPEGs + id lists)."""
     from PIL import Image
 
-    from workflow.extract import extract_archive
-    from workflow.results import atomic_path
+    from workflow.datasets.archives import extract_archive
 
     raw_dir = Path(raw_dir)
     rng = np.random.default_rng(seed)
@@ -79,7 +63,7 @@ def synthesize(raw_dir: Path, seed: int = 0, set5: int = 5, set14: int = 4,
         for i in range(1, n + 1):
             h, w = int(rng.integers(60, 140)), int(rng.integers(60, 140))
             with atomic_path(raw_dir / folder / _hr_name(i)) as tmp:
-                Image.fromarray(_photo(rng, h, w)).save(tmp, format="PNG")
+                Image.fromarray(photo(rng, h, w)).save(tmp, format="PNG")
     ids = sorted(rng.choice(np.arange(100000, 999999), bsd100 + 2, replace=False).tolist())
     test_ids, train_ids = ids[:bsd100], ids[bsd100:]
     archive = raw_dir / "BSDS300-images.tgz"
@@ -95,7 +79,7 @@ def synthesize(raw_dir: Path, seed: int = 0, set5: int = 5, set14: int = 4,
                 buf = io.BytesIO()
                 # BSDS300 images are 481x321 or 321x481 (portrait); keep both orientations
                 hw = (81, 121) if rng.random() < 0.5 else (121, 81)
-                Image.fromarray(_photo(rng, *hw)).save(buf, format="JPEG", quality=90)
+                Image.fromarray(photo(rng, *hw)).save(buf, format="JPEG", quality=90)
                 add(f"images/{split}/{i}.jpg", buf.getvalue())
     extract_archive(archive, raw_dir)
 
@@ -117,8 +101,7 @@ def _set_paths(raw_dir: Path) -> dict[str, list[tuple[str, Path]]]:
     return out
 
 
-def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
-            **_: Any) -> dict[str, Any]:
+def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None) -> dict[str, Any]:
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts, shapes, sources = {}, {}, {}
@@ -139,17 +122,24 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
     })
 
 
-def load(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
-    """``split``: set5 | set14 | bsd100 -> {image name: uint8 HWC array}."""
+def load(prepared_dir: Path, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """``split``: set5 | set14 | bsd100 -> {image name: uint8 HxWx3 array}, in name order
+    (the first ``limit`` images when given). Grayscale images come back as 3 equal channels."""
     p = Path(prepared_dir) / f"{split.lower()}.npz"
     if not p.exists():
-        raise FileNotFoundError(f"{p} is missing: prepare sr_test first "
-                                f"(`snakemake --cores 1 {Path(prepared_dir)}/manifest.json`)")
+        raise FileNotFoundError(f"{p} is missing: test set {split!r} was not prepared "
+                                f"(config key super_resolution.test_sets; `snakemake --cores 1 "
+                                f"{Path(prepared_dir)}/manifest.json`)")
     with np.load(p) as z:
-        return {k: z[k] for k in z.files}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    return dataset_main(sys.modules[__name__], argv, "python -m workflow datasets.sr_test")
+        names = sorted(z.files)[: limit or None]
+        images = {k: z[k] for k in names}
+    for k, im in images.items():
+        if im.dtype != np.uint8 or im.ndim not in (2, 3):
+            raise CorruptFileError(f"{p}: image {k!r} must be uint8 HxW[x3], got {im.dtype} "
+                                   f"{im.shape}; rerun the sr_test prepare step")
+        if im.ndim == 2:
+            im = im[..., None]
+        if im.shape[-1] == 1:  # grayscale test images are scored as RGB with equal channels
+            im = np.repeat(im, 3, axis=-1)
+        images[k] = im
+    return images

@@ -21,16 +21,10 @@ from typing import Any
 import numpy as np
 
 from workflow.datasets import RemoteFile
-from workflow.datasets.common import (
-    CorruptFileError,
-    array_entry,
-    dataset_main,
-    load_arrays,
-    pattern_images,
-    raw_checksums,
-    save_npy,
-    write_manifest,
-)
+from workflow.datasets.arrays import CorruptFileError, array_entry, raw_checksums, write_manifest
+from workflow.datasets.fakes import pattern_images
+from workflow.datasets.svhn import labelled_split
+from workflow.files import atomic_path, save_npy
 
 FOLDER = "stl10_binary"
 SPLITS = ("train", "test", "unlabeled")
@@ -66,11 +60,9 @@ def read_labels(path: Path, n: int) -> np.ndarray:
     return y - 1
 
 
-def synthesize(raw_dir: Path, seed: int = 0, train: int = 256, test: int = 256,
-               unlabeled: int = 1024) -> None:
+def synthesize(raw_dir: Path, seed: int, train: int, test: int, unlabeled: int) -> None:
     """A small stl10_binary.tar.gz in the upstream layout, and its extraction."""
-    from workflow.extract import extract_archive
-    from workflow.results import atomic_path
+    from workflow.datasets.archives import extract_archive
 
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +86,8 @@ def synthesize(raw_dir: Path, seed: int = 0, train: int = 256, test: int = 256,
     extract_archive(archive, raw_dir)
 
 
-def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = SPLITS,
-            **_: Any) -> dict[str, Any]:
+def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = SPLITS
+            ) -> dict[str, Any]:
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     src = raw_dir / FOLDER
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +116,6 @@ def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = 
 
 
 def load(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
-    return load_arrays(prepared_dir, {"images": f"{split}_images.npy",
-                                      "labels": f"{split}_labels.npy"})
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    return dataset_main(sys.modules[__name__], argv, "python -m workflow datasets.stl10")
+    """Memory-mapped ``images`` uint8 [N, 96, 96, 3] and ``labels`` int64 (0..9; -1 for
+    ``unlabeled``) of a prepared split."""
+    return labelled_split(prepared_dir, split, SIDE, unlabelled="unlabeled")

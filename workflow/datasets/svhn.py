@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 
 from workflow.datasets import RemoteFile
-from workflow.datasets.common import (
+from workflow.datasets.arrays import (
     CorruptFileError,
     array_entry,
-    dataset_main,
+    expect,
     load_arrays,
-    pattern_images,
     raw_checksums,
-    save_npy,
     write_manifest,
 )
+from workflow.datasets.fakes import pattern_images
+from workflow.files import atomic_path, save_npy
 
 SPLITS = ("train", "test", "extra")
 FILES = [
@@ -39,8 +39,7 @@ FILES = [
 ]
 
 
-def synthesize(raw_dir: Path, seed: int = 0, train: int = 512, test: int = 256,
-               extra: int = 1024) -> None:
+def synthesize(raw_dir: Path, seed: int, train: int, test: int, extra: int) -> None:
     """Small .mat files in the upstream format (scipy.io.savemat, MATLAB v5)."""
     from scipy.io import savemat
 
@@ -51,8 +50,6 @@ def synthesize(raw_dir: Path, seed: int = 0, train: int = 512, test: int = 256,
         digits = rng.integers(0, 10, n)
         x = pattern_images(rng, digits, 32)                      # [N, 32, 32, 3]
         y = np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]  # SVHN: 0 is 10
-        from workflow.results import atomic_path
-
         with atomic_path(raw_dir / f"{split}_32x32.mat") as tmp:
             savemat(tmp, {"X": np.ascontiguousarray(x.transpose(1, 2, 3, 0)), "y": y})
 
@@ -79,8 +76,8 @@ def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8), labels % 10
 
 
-def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = SPLITS,
-            **_: Any) -> dict[str, Any]:
+def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = SPLITS
+            ) -> dict[str, Any]:
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts, arrays = {}, {}
@@ -101,12 +98,29 @@ def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = 
     })
 
 
+SIDE = 32
+
+
 def load(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
-    return load_arrays(prepared_dir, {"images": f"{split}_images.npy",
-                                      "labels": f"{split}_labels.npy"})
+    """Memory-mapped ``images`` uint8 [N, 32, 32, 3] and ``labels`` int64 (0..9) of a split."""
+    return labelled_split(prepared_dir, split, SIDE)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    return dataset_main(sys.modules[__name__], argv, "python -m workflow datasets.svhn")
+def labelled_split(prepared_dir: Path, split: str, side: int, unlabelled: str | None = None
+                   ) -> dict[str, np.ndarray]:
+    """``images`` uint8 [N, side, side, 3] and ``labels`` int64 [N] (0..9; -1 in the
+    ``unlabelled`` split) of SVHN / STL-10, checked."""
+    arrays = load_arrays(prepared_dir, {"images": f"{split}_images.npy",
+                                        "labels": f"{split}_labels.npy"})
+    d = Path(prepared_dir)
+    images = expect(arrays["images"], d / f"{split}_images.npy", np.uint8,
+                    (None, side, side, 3), "images")
+    labels = expect(arrays["labels"], d / f"{split}_labels.npy", np.int64, (len(images),),
+                    "labels")
+    if len(images) == 0:
+        raise CorruptFileError(f"{d / f'{split}_images.npy'} holds no images")
+    low = -1 if split == unlabelled else 0
+    if labels.size and (labels.min() < low or labels.max() > 9):
+        raise CorruptFileError(f"{d / f'{split}_labels.npy'}: labels outside {low}..9; rerun "
+                               f"the prepare_dataset rule")
+    return arrays

@@ -1,27 +1,31 @@
-"""Helpers the dataset modules share: parallel image decoding straight into memory-mapped
-``.npy`` files, atomic array writes, the manifest, and the per-module command line.
+"""Prepared arrays: parallel image decoding straight into memory-mapped ``.npy`` files, the
+manifest, and reading them back with checks.
 
 Decoding uses threads: Pillow releases the GIL while it decodes and resizes, so threads
 scale with cores without pickling every image back from a worker process (and without
-``fork`` after torch started its thread pools). ``python -m workflow bench prepare``
+``fork`` after torch started its thread pools). ``python -m workflow perf prepare``
 measures the scaling.
+
+Reading: :func:`load_arrays` memory-maps named files of a prepared folder and
+:func:`expect` checks one array's dtype and shape, so a wrong or stale array fails with its
+file name and the rule that rebuilds it, not deep inside a convolution. Each dataset's
+``load`` is built from the two.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
+import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from workflow.config import json_arg
-from workflow.results import atomic_path, write_json
+from workflow.files import atomic_path, write_json
 
 
 class CorruptFileError(ValueError):
@@ -130,20 +134,6 @@ def decode_into_npy(path: str | os.PathLike, items: Sequence[Any],
     return np.load(path, mmap_mode="r")
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """``np.save`` under a temporary name, then rename."""
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, array)
-    return Path(path)
-
-
-def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    return Path(path)
-
-
 def array_entry(path: Path) -> dict[str, Any]:
     a = np.load(path, mmap_mode="r")
     return {"shape": list(a.shape), "dtype": str(a.dtype)}
@@ -158,8 +148,6 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict
 def raw_checksums(raw_dir: Path) -> dict[str, Any]:
     """The recorded checksums of the raw files (``checksums.json`` of the download),
     for the manifest's provenance; empty for synthetic data."""
-    import json
-
     p = Path(raw_dir) / "checksums.json"
     if not p.exists():
         return {}
@@ -181,48 +169,51 @@ def load_arrays(prepared_dir: str | os.PathLike, names: dict[str, str]) -> dict[
     return out
 
 
-def dataset_main(module: Any, argv: list[str] | None, prog: str) -> int:
-    """``synthesize --raw DIR [--seed N] [--options JSON]`` / ``prepare --raw DIR --out DIR
-    [--options JSON]`` for one dataset module (the rules use ``python -m workflow download``,
-    which calls the same functions)."""
-    from workflow.download import prepare_dataset, synthesize_dataset
 
-    name = module.__name__.rsplit(".", 1)[-1]
-    ap = argparse.ArgumentParser(prog=prog)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synthesize", help="write a small fake in the exact raw upstream layout")
-    s.add_argument("--raw", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--options", type=json_arg, default={}, help="sizes as JSON")
-    p = sub.add_parser("prepare", help="raw files -> arrays + manifest.json")
-    p.add_argument("--raw", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--options", type=json_arg, default={}, help="options as JSON")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "synthesize":
-            synthesize_dataset(name, args.raw, seed=args.seed, **args.options)
-        else:
-            m = prepare_dataset(name, args.raw, args.out, **args.options)
-            print(f"{args.out}: {m.get('counts')}")
-    except CorruptFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+def expect(arr: np.ndarray, path: str | os.PathLike, dtype: str | np.dtype,
+           shape: Sequence[int | None], what: str = "array") -> np.ndarray:
+    """``arr`` (read from ``path``) if it has ``dtype`` and ``shape`` (``None``: any size)."""
+    ok = arr.dtype == np.dtype(dtype) and arr.ndim == len(shape) and all(
+        want is None or got == want for got, want in zip(arr.shape, shape, strict=True))
+    if not ok:
+        want = "[" + ", ".join("N" if s is None else str(s) for s in shape) + "]"
+        raise CorruptFileError(
+            f"{path}: expected {what} {np.dtype(dtype)} {want}, got {arr.dtype} "
+            f"{list(arr.shape)}; the prepared array is stale or damaged: rerun the "
+            f"prepare_dataset rule (`snakemake --cores 1 -R prepare_dataset "
+            f"{Path(path).parent}/manifest.json`)")
+    return arr
 
 
-def pattern_images(rng: np.random.Generator, labels: np.ndarray, size: int,
-                   n_classes: int = 10) -> np.ndarray:
-    """Synthetic uint8 [N, size, size, 3] images whose content depends on the label (an
-    oriented grating per class, random phase, colour and noise), so a demo classifier
-    trained on the fakes has something to learn."""
-    n = len(labels)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    theta = np.pi * labels.astype(np.float32) / n_classes
-    freq = 2.0 + (labels % 3).astype(np.float32) * 1.5
-    phase = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
-    proj = (np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy)
-    wave = 0.5 + 0.5 * np.sin(2 * np.pi * freq[:, None, None] * proj + phase[:, None, None])
-    colour = rng.uniform(0.3, 1.0, (n, 1, 1, 3)).astype(np.float32)
-    img = wave[..., None] * colour + rng.normal(0, 0.08, (n, size, size, 3)).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+def read_manifest(prepared: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a prepared folder (``prepared`` may be the folder or the file)."""
+    p = Path(prepared)
+    p = p / "manifest.json" if p.is_dir() or p.suffix != ".json" else p
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: prepare the dataset first "
+                                f"(`snakemake --cores 1 {p}`)")
+    return json.loads(p.read_text())
+
+
+class Prepared(dict):
+    """``{dataset name: prepared folder}``; a missing dataset is an error naming it."""
+
+    def __missing__(self, name: str) -> Path:
+        raise FileNotFoundError(
+            f"this command needs the prepared {name} dataset: pass its folder with --prepared "
+            f"(e.g. resources/prepared/{name}); given: {', '.join(self) or 'none'}")
+
+
+def prepared_folders(paths: Iterable[str | os.PathLike]) -> Prepared:
+    """``{dataset name: folder}`` of prepared folders (or their manifests): each manifest
+    says which dataset it holds, so commands take them in any order."""
+    out = Prepared()
+    for path in paths:
+        p = Path(path)
+        folder = p.parent if p.name == "manifest.json" else p
+        name = read_manifest(folder).get("dataset")
+        if not name:
+            raise CorruptFileError(f"{folder}/manifest.json names no dataset; rerun its "
+                                   f"prepare_dataset rule")
+        out[str(name)] = folder
+    return out

@@ -1,4 +1,4 @@
-"""The one downloader every dataset and the weights use, and the data rules' entry point.
+"""The one HTTP client every dataset and the weights download with.
 
 ``fetch(url, dest, ...)`` downloads one file over HTTP(S) with ``urllib`` (no extra
 dependency):
@@ -24,19 +24,12 @@ upstream URL and are prefixed to its path: upstream
 ``http://127.0.0.1:8000/svhn/housenumbers/train_32x32.mat``. A mirror is a copy of the
 upstream path tree (``wget -x`` without the host folder), and it is how the tests point the
 real rules at a loopback server.
-
-``python -m workflow download {fetch,synthesize,prepare} DATASET ...`` is what the rules in
-``rules/data.smk`` call; it drives the dataset modules through the contract of
-docs/DEVELOPING.md (``FILES``, optional ``download``, ``synthesize``, ``prepare``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import http.client
-import importlib
 import json
 import os
 import shutil
@@ -45,13 +38,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from workflow.datasets import RemoteFile, mark_ready
-from workflow.results import write_json
+from workflow.datasets import RemoteFile
+from workflow.files import file_hashes, write_json
 
 CHUNK = 1 << 20
 USER_AGENT = "lossnet-bench-downloader/1.0 (+urllib)"
@@ -90,19 +83,6 @@ def mirror_url(url: str, mirror: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------- checksums
-
-
-def file_hashes(path: Path, algos: Iterable[str] = ("sha256",)) -> dict[str, str]:
-    hs = {a: hashlib.new(a) for a in algos}
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            for h in hs.values():
-                h.update(chunk)
-    return {a: h.hexdigest() for a, h in hs.items()}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    return file_hashes(Path(path))["sha256"]
 
 
 class ChecksumBook:
@@ -381,203 +361,3 @@ class Fetcher:
 
 class RangeUnsupported(DownloadError):
     pass
-
-
-def dataset_module(name: str):
-    try:
-        return importlib.import_module(f"workflow.datasets.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"workflow.datasets.{name}":
-            raise SystemExit(
-                f"unknown dataset {name!r}: no module workflow/datasets/{name}.py") from None
-        raise
-
-
-def download_dataset(name: str, raw_dir: str | os.PathLike, mirror: str | None = None,
-                     progress: bool = True, **opts: Any) -> dict[str, Any]:
-    """Fetch (and extract) a dataset into ``raw_dir``, then write ``raw_dir/READY``.
-
-    A module with its own ``download(raw_dir, fetcher, **opts)`` (COCO's partial zip,
-    the roads index pages) uses it; every other module is driven by its ``FILES``.
-    """
-    from workflow.extract import extract_archive
-
-    raw = Path(raw_dir)
-    raw.mkdir(parents=True, exist_ok=True)
-    (raw / "READY").unlink(missing_ok=True)
-    module = dataset_module(name)
-    fetcher = Fetcher(raw, mirror=mirror, progress=progress,
-                      checksums=opts.pop("checksums", None))
-    try:
-        if hasattr(module, "download"):
-            info = dict(module.download(raw, fetcher, **opts) or {})
-        else:
-            files = {}
-            for rf in module.FILES:
-                path = fetcher.fetch(rf)
-                entry = fetcher.book.get(path) or {}
-                if rf.extract:
-                    extract_archive(path, raw, key=entry.get("sha256"))
-                files[rf.name] = entry
-            info = {"files": files}
-    finally:
-        fetcher.book.save()
-    info.update(dataset=name, source="download", mirror=mirror)
-    mark_ready(raw, info)
-    return info
-
-
-def synthesize_dataset(name: str, raw_dir: str | os.PathLike, seed: int = 0,
-                       **opts: Any) -> None:
-    raw = Path(raw_dir)
-    (raw / "READY").unlink(missing_ok=True)
-    dataset_module(name).synthesize(raw, seed=seed, **opts)
-    mark_ready(raw, {"dataset": name, "source": "synthetic", "seed": seed, "options": opts})
-
-
-def prepare_dataset(name: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    **opts: Any) -> dict[str, Any]:
-    raw, out = Path(raw_dir), Path(out_dir)
-    if not (raw / "READY").exists():
-        raise SystemExit(f"{raw}/READY is missing: the raw tree of {name} is incomplete. Run "
-                         f"`snakemake --cores 1 {raw}/READY` (download or synthesize) first.")
-    (out / "manifest.json").unlink(missing_ok=True)
-    manifest = dataset_module(name).prepare(raw, out, **opts)
-    if not (out / "manifest.json").exists():  # the contract says prepare writes it; be lenient
-        write_json(manifest, out / "manifest.json")
-    return manifest
-
-
-def split_options(opts: Mapping[str, Any]) -> tuple[dict, dict]:
-    """config ``data.<dataset>`` -> (prepare/download options, synthetic sizes)."""
-    o = dict(opts)
-    return o, dict(o.pop("synthetic", {}) or {})
-
-
-def _params(name: str, function: str) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(getattr(dataset_module(name), function)).parameters)
-
-
-def _synth_kwargs(name: str, opts: dict, sizes: dict) -> dict:
-    """Synthetic sizes, plus those dataset options ``synthesize`` names as parameters
-    (COCO's synthesize draws n_train / n_val like its download does)."""
-    params = _params(name, "synthesize")
-    return {**{k: v for k, v in opts.items() if k in params and k not in ("raw_dir", "seed")},
-            **sizes}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from workflow.datasets.common import CorruptFileError, json_arg
-    from workflow.extract import ArchiveFormatError, UnsafeArchiveError
-
-    ap = argparse.ArgumentParser(prog="python -m workflow download",
-                                 description="fetch / synthesize / prepare one dataset")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd in ("fetch", "synthesize", "prepare"):
-        p = sub.add_parser(cmd)
-        p.add_argument("dataset")
-        p.add_argument("--raw", required=True, help="the dataset's raw folder")
-        p.add_argument("--options", type=json_arg, default={},
-                       help="config data.<dataset> as JSON")
-        if cmd == "fetch":
-            p.add_argument("--mirror", default="", help="base URL replacing the upstream host")
-            p.add_argument("--no-progress", action="store_true")
-        if cmd == "synthesize":
-            p.add_argument("--seed", type=int, default=0)
-        if cmd == "prepare":
-            p.add_argument("--out", required=True)
-            p.add_argument("--workers", type=int, default=0,
-                           help="decoding threads (the rule's threads; 0: all cores)")
-    args = ap.parse_args(argv)
-    opts, sizes = split_options(args.options or {})
-    try:
-        if args.cmd == "fetch":
-            info = download_dataset(args.dataset, args.raw, mirror=args.mirror or None,
-                                    progress=not args.no_progress, **opts)
-            print(f"{args.raw}: {args.dataset} downloaded ({len(info.get('files', {}))} files)")
-        elif args.cmd == "synthesize":
-            synthesize_dataset(args.dataset, args.raw, seed=args.seed,
-                               **_synth_kwargs(args.dataset, opts, sizes))
-            print(f"{args.raw}: synthetic {args.dataset} written")
-        else:
-            opts.pop("checksums", None)  # download-only
-            if args.workers and "workers" in _params(args.dataset, "prepare"):
-                opts["workers"] = args.workers
-            m = prepare_dataset(args.dataset, args.raw, args.out, **opts)
-            print(f"{args.out}: {args.dataset} prepared: {json.dumps(m.get('counts', {}))}")
-    except (DownloadError, CorruptFileError, UnsafeArchiveError, ArchiveFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-# ----------------------------------------------------------------------------- rule helpers
-# Used by rules/data.smk (kept here so the rules file holds rules only).
-
-BENCH_DATASETS: dict[str, list[str]] = {
-    "similarity": ["bapps"],
-    "super_resolution": ["coco", "sr_test"],
-    "delineation": ["roads"],
-    "autoencoder": ["svhn", "stl10"],
-    "adaptation": ["svhn", "stl10", "bapps"],
-    "probes": [],
-}
-
-
-def needed_datasets(config: Mapping[str, Any]) -> list[str]:
-    """Datasets the enabled benchmarks read."""
-    return sorted({d for b in config["benchmarks"] for d in BENCH_DATASETS.get(b, [])})
-
-
-def rule_options(config: Mapping[str, Any], dataset: str, purpose: str) -> str:
-    """config ``data.<dataset>`` as a rule param (JSON) with only the keys ``purpose``
-    (synthesize | download | prepare) depends on: the synthetic sizes reach synthesize
-    only, pinned checksums download only, so resizing the fakes or pinning a hash never
-    re-prepares real data."""
-    opts = dict(config["data"].get(dataset) or {})
-    if purpose != "synthesize":
-        opts.pop("synthetic", None)
-    if purpose != "download":
-        opts.pop("checksums", None)
-    return json.dumps(opts, sort_keys=True, separators=(",", ":"))
-
-
-def dataset_urls(dataset: str) -> str:
-    """The upstream URLs of a dataset, space-separated (what `snakemake -n download` shows)."""
-    try:
-        files = importlib.import_module(f"workflow.datasets.{dataset}").FILES
-    except (ImportError, AttributeError) as e:
-        return f"(workflow.datasets.{dataset}.FILES unavailable: {e})"
-    return " ".join(f.url for f in files)
-
-
-def imagenet_weight_archs(config: Mapping[str, Any]) -> list[str]:
-    """Configured architectures (grid + LPIPS sets) whose weights are ``imagenet``."""
-    from workflow.config import weights_for
-
-    ln = config["lossnets"]
-    archs = list(dict.fromkeys([*ln["archs"], *ln.get("lpips_sets", [])]))
-    return [a for a in archs if weights_for(config, a) == "imagenet"]
-
-
-def weight_files(config: Mapping[str, Any], archs: Iterable[str] | None = None) -> list[str]:
-    from workflow.lossnets import weights_filename
-
-    res = config["resources_dir"]
-    archs = imagenet_weight_archs(config) if archs is None else archs
-    return [f"{res}/weights/{weights_filename(a)}" for a in archs]
-
-
-def weights_input(config: Mapping[str, Any], arch: str) -> list[str]:
-    """A job's input for ``arch``: the file its loss-network weights are read from, if any.
-
-    ``imagenet``: the torchvision file under ``resources_dir/weights`` (``download_weights``
-    makes it); a state_dict path: that file; ``random``: nothing."""
-    from workflow.config import weights_for
-
-    weights = weights_for(config, arch)
-    if weights == "imagenet":
-        return weight_files(config, [arch])
-    return [] if weights == "random" else [weights]

@@ -1,0 +1,556 @@
+"""What the rules ask: the config made complete, and every target, input and param of a stage.
+
+This is the one package module the Snakefile and ``rules/*.smk`` import, and it imports
+neither torch nor pandas, so ``snakemake -n`` builds the DAG of the full study in seconds.
+
+Three things live here:
+
+* **The config, complete.** :func:`complete_config` validates the merged config against
+  ``workflow/schemas/*.schema.yaml`` and fills every missing key with the schema's default
+  (the study's value), once. Commands then receive complete settings and apply no defaults
+  of their own.
+* **What each stage's results depend on.** :data:`STAGES` says, per benchmark and stage,
+  which config keys change its numbers (``depends``: the rule's params, hence Snakemake's
+  rerun trigger) and which only change how it runs (``settings``: batch sizes of inference,
+  data placement, log and checkpoint intervals; passed to the job but never a rerun
+  trigger). :data:`DAG_KEYS` are the keys that choose which jobs exist. A test checks that
+  every schema key is in exactly one of these places.
+* **Which jobs exist.** The loss networks of each benchmark (:meth:`Plan.lossnets`), the
+  wildcard values of its jobs (:meth:`Plan.jobs`), the prepared datasets and weight files
+  they read (:meth:`Plan.prepared`, :meth:`Plan.weights_input`).
+
+A rule's ``--config`` (its params) holds the stage's ``depends`` keys plus ``precision`` and,
+where a loss network is used, its ``weights`` and ``weights_seed``. Its ``--settings`` hold
+``device``, ``threads``, ``weights_dir`` and the stage's ``settings`` keys; the settings param
+is a function of the rule's ``threads``, which Snakemake never counts as a rerun trigger.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from workflow.archs import (
+    ARCHS,
+    LossNet,
+    UnknownLossNetError,
+    all_lossnets,
+    weights_filename,
+    weights_url,
+)
+
+__all__ = ["BENCHMARKS", "DAG_KEYS", "DATASETS", "STAGES", "ConfigError", "Plan", "Stage",
+           "as_json", "complete_config", "load_config", "merge_config", "show_config"]
+
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+_SCHEMA_BASE = "https://lossnet-bench.invalid/schemas/"
+
+BENCHMARKS = ("similarity", "super_resolution", "delineation", "autoencoder", "adaptation",
+              "probes")
+DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10")
+PIXEL = "pixel"  # the autoencoder's pixel-MSE baseline, in place of a loss network
+
+
+class ConfigError(ValueError):
+    """A config that fails its schema; the message names the key and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage (rule) of a benchmark.
+
+    ``depends``: keys of the benchmark's config section (dotted for nested ones) that change
+    the stage's numbers. ``settings``: keys that change only how it runs. ``lossnet``: the
+    stage builds a loss network, so its weights are part of what the result depends on.
+    ``torch``: the stage computes with torch, so ``precision`` is too.
+    """
+
+    depends: tuple[str, ...]
+    settings: tuple[str, ...] = ()
+    lossnet: bool = True
+    torch: bool = True
+
+
+STAGES: dict[str, dict[str, Stage]] = {
+    "similarity": {
+        "score": Stage(("comparisons", "channel_norm", "normalize", "image_size",
+                        "twoafc_subsets", "jnd_subsets"), settings=("batch_size",)),
+    },
+    "super_resolution": {
+        "train": Stage(("iterations", "batch_size", "lr", "eval_every", "val_images", "normalize",
+                        "blur_sigma", "crop_size", "seed"),
+                       settings=("checkpoint_every", "log_every", "data_on_device",
+                                 "eval_batch_size", "compile")),
+        "eval": Stage(("blur_sigma", "image_size", "test_sets", "test_limit", "protocols"),
+                      lossnet=False),
+    },
+    "delineation": {
+        "train": Stage(("seed", "epochs", "batch_size", "crop_size", "lr", "feature_weight",
+                        "normalize", "threshold", "select_passes", "eval_every_epochs",
+                        "tile_margin", "max_tiles.train", "max_tiles.valid"),
+                       settings=("tile_size", "inference_batch", "data_on_device")),
+        "eval": Stage(("threshold", "tolerance", "passes", "tile_margin", "reference_size",
+                       "max_tiles.test", "max_tiles.valid"),
+                      settings=("tile_size", "inference_batch"), lossnet=False),
+    },
+    "autoencoder": {
+        "train": Stage(("seed", "val_fraction", "train.epochs", "train.patience",
+                        "train.batch_size", "train.lr", "train.normalize", "train.code_size",
+                        "train.max_images"),
+                       settings=("eval_batch_size", "train.checkpoint_every")),
+        "encode": Stage(("seed", "encode.max_train_images", "encode.max_test_images"),
+                        settings=("encode.batch_size",), lossnet=False),
+        "mlp": Stage(("seed", "val_fraction", "mlp.hidden", "mlp.epochs", "mlp.patience",
+                      "mlp.batch_size", "mlp.lr"),
+                     settings=("mlp.checkpoint_every",), lossnet=False),
+    },
+    "adaptation": {
+        "rankings": Stage(("rankings", "ranking_seed"), lossnet=False, torch=False),
+        "triplets": Stage(("triplet_seed", "val_fraction", "split_seed", "train_images",
+                           "val_triplets", "test_triplets"), lossnet=False, torch=False),
+        "train": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
+                        "batch_size", "epochs_constant", "epochs_decay", "lr", "betas",
+                        "dropout", "sync_weight"),
+                       settings=("eval_batch_size", "eval_every_epochs")),
+        "evaluate": Stage(("comparisons", "channel_norm", "normalize", "image_size",
+                           "eval_datasets", "bapps", "bapps_2afc_subsets", "bapps_jnd_subsets"),
+                          settings=("eval_batch_size",)),
+    },
+    "probes": {
+        "images": Stage(("images", "seed", "image_size"), lossnet=False, torch=False),
+        "score": Stage(("comparisons", "channel_norm", "normalize", "image_size", "images")),
+    },
+}
+
+# Keys that choose which jobs exist (the DAG), not what a job computes.
+DAG_KEYS: dict[str, tuple[str, ...]] = {
+    "similarity": ("lossnets", "lpips_sets"),
+    "super_resolution": ("lossnets", "lpips_sets", "scales", "runs"),
+    "delineation": ("lossnets", "runs"),
+    "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
+    "adaptation": ("lossnets", "runs"),
+    "probes": ("lossnets",),
+}
+
+# The prepared datasets each benchmark reads (adaptation's depend on its config: datasets()).
+BENCHMARK_DATASETS: dict[str, tuple[str, ...]] = {
+    "similarity": ("bapps",),
+    "super_resolution": ("coco", "sr_test"),
+    "delineation": ("roads",),
+    "autoencoder": ("svhn", "stl10"),
+    "adaptation": ("svhn", "stl10", "bapps"),
+    "probes": (),
+}
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+@cache
+def _schemas() -> tuple[dict[str, Any], Any]:
+    """The root schema and a registry of every schema file (for their relative ``$ref``s)."""
+    import yaml
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    registry = Registry()
+    root: dict[str, Any] = {}
+    for path in sorted(SCHEMAS.glob("*.schema.yaml")):
+        schema = yaml.safe_load(path.read_text())
+        schema["$id"] = _SCHEMA_BASE + path.name
+        registry = registry.with_resource(schema["$id"], Resource.from_contents(
+            schema, default_specification=DRAFT202012))
+        if path.name == "config.schema.yaml":
+            root = schema
+    return root, registry
+
+
+def _resolve(schema: Mapping[str, Any], base: str) -> tuple[Mapping[str, Any], str]:
+    """Follow ``$ref`` (to another file or into ``$defs``); returns the schema and its file."""
+    _, registry = _schemas()
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        target, _, pointer = ref.partition("#")
+        uri = _SCHEMA_BASE + target if target else base
+        resolved: Any = registry.contents(uri)
+        for part in [p for p in pointer.split("/") if p]:
+            resolved = resolved[part]
+        # sibling keywords of a $ref (default, description) take precedence
+        schema = {**resolved, **{k: v for k, v in schema.items() if k != "$ref"}}
+        base = uri
+    return schema, base
+
+
+def _fill_defaults(data: dict[str, Any], schema: Mapping[str, Any], base: str) -> None:
+    for key, sub in schema.get("properties", {}).items():
+        sub, sub_base = _resolve(sub, base)
+        if key not in data:
+            if "default" in sub:
+                data[key] = copy.deepcopy(sub["default"])
+            elif "properties" in sub:
+                data[key] = {}
+        if isinstance(data.get(key), dict) and "properties" in sub:
+            _fill_defaults(data[key], sub, sub_base)
+
+
+def _validate(config: Mapping[str, Any]) -> None:
+    import jsonschema
+
+    root, registry = _schemas()
+    validator = jsonschema.Draft202012Validator(root, registry=registry)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors[:10]:
+            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            lines.append(f"config key {where}: {e.message}")
+        raise ConfigError("the config does not fit workflow/schemas/config.schema.yaml:\n  "
+                          + "\n  ".join(lines))
+
+
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` and fill every missing key with its schema default, in place."""
+    _validate(config)
+    root, _ = _schemas()
+    _fill_defaults(config, root, root["$id"])
+    _validate(config)  # the defaults themselves must fit (a broken schema fails here)
+    return config
+
+
+def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested update, as Snakemake merges ``--configfile`` files and ``--config`` values."""
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            merge_config(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def load_config(*files: str | Path, overrides: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Merge config files (later ones win) and ``overrides``, then :func:`complete_config`."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    for f in files:
+        merge_config(config, yaml.safe_load(Path(f).read_text()) or {})
+    merge_config(config, overrides or {})
+    return complete_config(config)
+
+
+def show_config(configfiles: list[Path] | None = None) -> dict[str, Any]:
+    """Print the complete config as Snakemake sees it: ``config.yaml`` (when in the current
+    folder) with ``configfiles`` merged on top, every default filled in, as YAML."""
+    import yaml
+
+    base = [Path("config.yaml")] if Path("config.yaml").exists() else []
+    config = load_config(*base, *(configfiles or []))
+    print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100), end="")
+    return config
+
+
+def as_json(obj: Any) -> str:
+    """Compact, key-sorted JSON: a rule param (pass it with ``{params.x:q}``)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _get(section: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = section
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _pick(section: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The dotted ``keys`` of ``section`` as a nested dict (``train.lr`` -> {train: {lr}})."""
+    out: dict[str, Any] = {}
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = copy.deepcopy(_get(section, dotted))
+    return out
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _wildcard(wildcards: Any, name: str) -> str | None:
+    try:
+        return str(getattr(wildcards, name))
+    except AttributeError:
+        return None
+
+
+class Plan:
+    """Everything the rules of one (complete) config need.
+
+    ``Plan(config)`` completes ``config`` in place (validation and defaults), so the
+    Snakefile's ``config`` and the plan agree.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = complete_config(config)
+        self.res = str(self.config["resources_dir"])
+        self.out = str(self.config["results_dir"])
+
+    # ------------------------------------------------------------------ loss networks
+
+    def grid(self) -> list[LossNet]:
+        """The global grid of config key ``lossnets`` (archs x layers, without LPIPS sets)."""
+        ln = self.config["lossnets"]
+        return all_lossnets(ln["archs"], [str(x) for x in ln["layers"]])
+
+    def lpips_sets(self) -> list[LossNet]:
+        return [LossNet(a, "lpips") for a in self.config["lossnets"]["lpips_sets"]]
+
+    def lossnets(self, benchmark: str) -> list[LossNet]:
+        """Loss networks of one benchmark, from ``<benchmark>.lossnets``.
+
+        ``all`` is the grid, ``lpips_sets`` the LPIPS sets, or a list of ``arch/layer`` ids.
+        Where the section has an ``lpips_sets`` switch it adds the LPIPS sets; where it has
+        none (adaptation, probes) ``all`` includes them.
+        """
+        sec = self.config[benchmark]
+        chosen = sec["lossnets"]
+        try:
+            if chosen == "all":
+                nets = self.grid()
+            elif chosen == "lpips_sets":
+                nets = self.lpips_sets()
+            else:
+                nets = [LossNet.parse(str(s)) for s in chosen]
+        except UnknownLossNetError as e:
+            raise UnknownLossNetError(f"config key {benchmark}.lossnets: {e}") from None
+        if sec.get("lpips_sets", chosen == "all"):
+            nets += self.lpips_sets()
+        return list(dict.fromkeys(nets))
+
+    def archs(self, benchmark: str) -> list[str]:
+        return list(dict.fromkeys(n.arch for n in self.lossnets(benchmark)))
+
+    def weights(self, arch: str) -> str:
+        """``imagenet`` | ``random`` | a state_dict path, for one architecture."""
+        ln = self.config["lossnets"]
+        return str(ln["weights_paths"].get(arch, ln["weights"]))
+
+    def weights_input(self, arch: str | None) -> list[str]:
+        """The file ``arch``'s weights are read from, as a rule input (none for ``random``)."""
+        if arch is None or arch == PIXEL:
+            return []
+        w = self.weights(arch)
+        if w == "imagenet":
+            return [self.weight_file(arch)]
+        return [] if w == "random" else [w]
+
+    def weight_file(self, arch: str) -> str:
+        return f"{self.res}/weights/{weights_filename(arch)}"
+
+    def imagenet_archs(self) -> list[str]:
+        """Configured architectures (grid + LPIPS sets) whose weights are ``imagenet``."""
+        ln = self.config["lossnets"]
+        archs = dict.fromkeys([*ln["archs"], *ln["lpips_sets"]])
+        return [a for a in archs if self.weights(a) == "imagenet"]
+
+    def weight_archs(self) -> list[str]:
+        """What ``download_weights`` fetches: the imagenet archs, or all 14 when there are none
+        (``snakemake download_weights`` with ``weights: random`` still fills the folder)."""
+        return self.imagenet_archs() or list(ARCHS)
+
+    def weight_files(self) -> list[str]:
+        return [self.weight_file(a) for a in self.weight_archs()]
+
+    def weight_urls(self) -> list[str]:
+        return [weights_url(a) for a in self.weight_archs()]
+
+    # ------------------------------------------------------------------ jobs
+
+    def jobs(self, benchmark: str) -> list[dict[str, Any]]:
+        """The wildcard values of every job whose scores the benchmark gathers."""
+        sec = self.config[benchmark]
+        nets = self.lossnets(benchmark)
+        runs = range(int(sec.get("runs", 1)))
+        if benchmark == "similarity":
+            return [{"arch": a} for a in self.archs(benchmark)]
+        if benchmark == "super_resolution":
+            return [{"arch": n.arch, "layer": n.layer, "scale": s, "run": r}
+                    for n in nets for s in sec["scales"] for r in runs]
+        if benchmark in ("delineation", "adaptation"):
+            return [{"arch": n.arch, "layer": n.layer, "run": r} for n in nets for r in runs]
+        if benchmark == "autoencoder":
+            ids = [n.id for n in nets] + ([PIXEL] if sec["pixel_baseline"] else [])
+            return [{"net": i, "dataset": d, "run": r}
+                    for i in ids for d in sec["datasets"] for r in runs]
+        if benchmark == "probes":
+            return [{"arch": n.arch, "layer": n.layer} for n in nets]
+        raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+
+    def enabled(self) -> list[str]:
+        return [b for b in BENCHMARKS if b in self.config["benchmarks"]]
+
+    # ------------------------------------------------------------------ data
+
+    def datasets(self, benchmark: str) -> list[str]:
+        """The prepared datasets a benchmark reads, as configured."""
+        sec = self.config[benchmark]
+        if benchmark == "autoencoder":
+            return list(sec["datasets"])
+        if benchmark == "adaptation":
+            return list(dict.fromkeys(["svhn", *sec["eval_datasets"]]
+                                      + (["bapps"] if sec["bapps"] else [])))
+        return list(BENCHMARK_DATASETS[benchmark])
+
+    def needed_datasets(self) -> list[str]:
+        """Datasets the enabled benchmarks read (what the ``download`` target fetches)."""
+        return sorted({d for b in self.enabled() for d in self.datasets(b)})
+
+    def prepared(self, dataset: str) -> str:
+        """The manifest of a prepared dataset: the file rules depend on."""
+        return f"{self.res}/prepared/{dataset}/manifest.json"
+
+    def raw_ready(self, dataset: str) -> str:
+        return f"{self.res}/raw/{dataset}/READY"
+
+    def data_options(self, dataset: str, purpose: str) -> str:
+        """``data.<dataset>`` as a rule param with only what ``purpose`` (synthesize |
+        download | prepare) depends on: synthetic sizes reach synthesize only, pinned
+        checksums download only, so resizing the fakes never re-prepares real data."""
+        opts = copy.deepcopy(self.config["data"].get(dataset) or {})
+        if purpose != "synthesize":
+            opts.pop("synthetic", None)
+        if purpose != "download":
+            opts.pop("checksums", None)
+        return as_json(opts)
+
+    def mirror(self, name: str) -> str:
+        return str(self.config["data"]["mirrors"].get(name, ""))
+
+    @staticmethod
+    def dataset_urls(name: str) -> list[str]:
+        """The upstream URLs of a dataset (imports its module: only for download jobs)."""
+        from workflow.datasets.registry import urls
+
+        return urls(name)
+
+    @staticmethod
+    def threads_settings() -> Callable[[Any, int], str]:
+        """The ``--settings`` of a job that only needs its thread count (dataset preparation)."""
+        return lambda wildcards, threads: as_json({"threads": int(threads)})
+
+    # ------------------------------------------------------------------ params
+
+    def stage_config(self, benchmark: str, stage: str, arch: str | None = None
+                     ) -> dict[str, Any]:
+        """What the stage's results depend on: its ``depends`` keys, ``precision`` and the
+        loss network's ``weights`` / ``weights_seed`` (for a job of architecture ``arch``)."""
+        spec = STAGES[benchmark][stage]
+        cfg = _pick(self.config[benchmark], spec.depends)
+        if spec.torch:
+            cfg["precision"] = self.config["precision"]
+        if spec.lossnet and arch not in (None, PIXEL):
+            cfg["weights"] = self.weights(arch)
+            cfg["weights_seed"] = int(self.config["lossnets"]["seed"])
+        if benchmark == "similarity" and arch is not None:
+            # one job per architecture scores exactly its own loss networks
+            cfg["lossnets"] = [n.id for n in self.lossnets(benchmark) if n.arch == arch]
+        return cfg
+
+    def stage_settings(self, benchmark: str, stage: str, threads: int = 1) -> dict[str, Any]:
+        """How the stage runs: device, threads, the weights folder and its ``settings`` keys."""
+        spec = STAGES[benchmark][stage]
+        return {**_pick(self.config[benchmark], spec.settings),
+                "device": self.config["device"], "threads": int(threads),
+                "weights_dir": f"{self.res}/weights"}
+
+    def config_param(self, benchmark: str, stage: str) -> Callable[[Any], str]:
+        """A rule param (a function of the wildcards): the stage's config as JSON."""
+        def param(wildcards: Any) -> str:
+            return as_json(self.stage_config(benchmark, stage, _job_arch(wildcards)))
+
+        return param
+
+    def settings_param(self, benchmark: str, stage: str) -> Callable[[Any, int], str]:
+        """A rule param derived from the rule's threads: never a rerun trigger."""
+        def param(wildcards: Any, threads: int) -> str:
+            return as_json(self.stage_settings(benchmark, stage, threads))
+
+        return param
+
+    def weights_param(self) -> Callable[[Any], list[str]]:
+        """A rule input function: the loss network's weights file of the job, if any."""
+        return lambda wildcards: self.weights_input(_job_arch(wildcards))
+
+    @staticmethod
+    def setting(fn: Callable[[Any], Any]) -> Callable[[Any, int], Any]:
+        """Make a param of ``fn(wildcards)`` that is not a rerun trigger (a setting, such as a
+        download mirror): Snakemake derives it from the rule's threads."""
+        return lambda wildcards, threads: fn(wildcards)
+
+    def targets(self, pattern: str, benchmark: str) -> list[str]:
+        """``pattern`` (with ``{arch}``, ``{layer}``, ``{run}``... fields) for every job."""
+        return [pattern.format(**job) for job in self.jobs(benchmark)]
+
+    # ------------------------------------------------------------------ analysis
+
+    def analysis_files(self) -> dict[str, list[str]]:
+        """The declared outputs of the analysis rules (tables, figures)."""
+        from workflow.analysis import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES
+
+        return {"tables": [f"{self.out}/analysis/{t}.{f}" for t in TABLES for f in TABLE_FORMATS],
+                "figures": [f"{self.out}/figures/{g}.{f}" for g in FIGURES for f in FIGURE_FORMATS]}
+
+    def analysis_params(self, what: str) -> str:
+        """Params of the analysis rules: ``attributes`` sees the grid and the input sizes,
+        ``tables`` the analysis section without the figure-only keys, ``figures`` all of it."""
+        an = self.config["analysis"]
+        if what == "attributes":
+            ln = self.config["lossnets"]
+            return as_json({"lossnets": {k: ln[k] for k in ("archs", "layers", "lpips_sets")},
+                            "sizes": sorted({int(v) for v in an["input_sizes"].values()})})
+        if what == "tables":
+            return as_json({k: v for k, v in an.items() if k not in FIGURE_ONLY_KEYS})
+        if what == "figures":
+            return as_json(an)
+        raise ValueError(f"unknown analysis step {what!r}")
+
+
+# analysis keys only the figures read: editing them re-plots and recomputes no table
+FIGURE_ONLY_KEYS = ("figures", "adaptation", "probes")
+
+
+def _job_arch(wildcards: Any) -> str | None:
+    arch = _wildcard(wildcards, "arch")
+    if arch is not None:
+        return arch
+    net = _wildcard(wildcards, "net")
+    if net is None or net == PIXEL:
+        return net
+    return net.split("/")[0]
+
+
+def schema_leaves(benchmark: str) -> list[str]:
+    """Every leaf key of a benchmark's section, dotted (for the completeness test)."""
+    root, _ = _schemas()
+    sub, base = _resolve(root["properties"][benchmark], root["$id"])
+
+    def walk(s: Mapping[str, Any], b: str, prefix: str) -> list[str]:
+        out = []
+        for key, child in s.get("properties", {}).items():
+            child, cb = _resolve(child, b)
+            if "properties" in child:
+                out += walk(child, cb, f"{prefix}{key}.")
+            else:
+                out.append(prefix + key)
+        return out
+
+    return walk(sub, base, "")
