@@ -5,10 +5,10 @@
 # Targets: `adaptation`, `probes`.
 
 ADAPTATION_DIR = f"{OUT}/adaptation/{{arch}}/{{layer}}"
-ADAPTATION_JOB = "--net {wildcards.arch}/{wildcards.layer}"
 ADAPTATION_EVAL = {
     "rankings": f"{OUT}/adaptation/rankings.json",
-    "triplets": [f"{OUT}/adaptation/triplets/{d}.npz" for d in config["adaptation"]["eval_datasets"]],
+    "triplets": [f"{OUT}/adaptation/triplets/{d}.npz"
+                 for d in config["adaptation"]["eval_datasets"]],
     "prepared": [plan.prepared(d) for d in plan.datasets("adaptation")],
 }
 
@@ -63,7 +63,8 @@ rule adaptation_train:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow adaptation train " + ADAPTATION_JOB + " --run {wildcards.run}"
+        "python -m workflow adaptation train --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run}"
         " --config {params.config:q} --settings {params.settings:q} --rankings {input.rankings:q}"
         " --triplets {input.triplets:q} --prepared {input.svhn:q} --workdir {params.workdir:q}"
         " --out {output.model:q} > {log:q} 2>&1"
@@ -84,7 +85,7 @@ rule adaptation_baseline:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow adaptation evaluate " + ADAPTATION_JOB +
+        "python -m workflow adaptation evaluate --net {wildcards.arch}/{wildcards.layer}"
         " --config {params.config:q} --settings {params.settings:q} --rankings {input.rankings:q}"
         " --triplets {input.triplets:q} --prepared {input.prepared:q} --scores {output:q}"
         " > {log:q} 2>&1"
@@ -106,7 +107,8 @@ rule adaptation_evaluate:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow adaptation evaluate " + ADAPTATION_JOB + " --run {wildcards.run}"
+        "python -m workflow adaptation evaluate --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run}"
         " --config {params.config:q} --settings {params.settings:q} --rankings {input.rankings:q}"
         " --triplets {input.triplets:q} --prepared {input.prepared:q} --model {input.model:q}"
         " --scores {output:q} > {log:q} 2>&1"
@@ -126,6 +128,7 @@ rule adaptation:
 # ----------------------------------------------------------------------------- flaw probes
 
 
+# the PNGs are written next to the manifest, which comes last (workflow/datasets/probes.py)
 rule probes_images:
     output:
         f"{OUT}/probes/images/manifest.json",
@@ -155,7 +158,7 @@ rule probes_score:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow probes score " + ADAPTATION_JOB +
+        "python -m workflow probes score --net {wildcards.arch}/{wildcards.layer}"
         " --config {params.config:q} --settings {params.settings:q} --images {input.images:q}"
         " --scores {output:q} > {log:q} 2>&1"
 

@@ -7,7 +7,8 @@
 # nothing here ever invalidates a benchmark.
 
 ANALYSIS_FILES = plan.analysis_files()
-ANALYSIS_OUTPUTS = [f"{OUT}/lossnets.parquet", *ANALYSIS_FILES["tables"], *ANALYSIS_FILES["figures"]]
+ANALYSIS_OUTPUTS = [f"{OUT}/lossnets.parquet", *ANALYSIS_FILES["tables"],
+                    *ANALYSIS_FILES["figures"]]
 
 
 localrules:
@@ -42,7 +43,8 @@ rule analysis_tables:
         lossnets=f"{OUT}/lossnets.parquet",
     output:
         [
-            (report(p, caption=f"../workflow/report/{os.path.basename(p)[:-5]}.rst", category="Tables")
+            (report(p, caption=f"../workflow/report/{os.path.basename(p)[:-5]}.rst",
+                    category="Tables")
              if p.endswith(".html") else p)
             for p in ANALYSIS_FILES["tables"]
         ],

@@ -8,7 +8,6 @@
 
 AE_DIR = f"{OUT}/autoencoder/{{net}}/{{dataset}}/run{{run}}"
 AE_LOG = f"{OUT}/logs/autoencoder/{{net}}/{{dataset}}_run{{run}}"
-AE_JOB = "--net {wildcards.net} --dataset {wildcards.dataset}"
 AE_WILDCARDS = {"net": r"pixel|[a-z0-9_]+/(?:[1-4]|lpips)", "dataset": "svhn|stl10"}
 
 
@@ -30,8 +29,9 @@ rule train_autoencoder:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow autoencoder train " + AE_JOB + " --run {wildcards.run}"
-        " --config {params.config:q} --settings {params.settings:q} --prepared {input.data:q}"
+        "python -m workflow autoencoder train --net {wildcards.net}"
+        " --dataset {wildcards.dataset} --run {wildcards.run} --config {params.config:q}"
+        " --settings {params.settings:q} --prepared {input.data:q}"
         " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
@@ -75,13 +75,18 @@ rule fit_mlps:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow autoencoder mlp " + AE_JOB + " --run {wildcards.run}"
-        " --config {params.config:q} --settings {params.settings:q} --codes {input.codes:q}"
+        "python -m workflow autoencoder mlp --net {wildcards.net}"
+        " --dataset {wildcards.dataset} --run {wildcards.run} --config {params.config:q}"
+        " --settings {params.settings:q} --codes {input.codes:q}"
         " --workdir {params.workdir:q} --samples {output.samples:q} --scores {output.scores:q}"
         " > {log:q} 2>&1"
 
 
 BENCH_OUTPUTS["autoencoder"] = plan.targets(f"{AE_DIR}/scores.parquet", "autoencoder")
+
+
+localrules:
+    autoencoder,
 
 
 rule autoencoder:

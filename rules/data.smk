@@ -95,7 +95,7 @@ rule download_weights:
         mirror=plan.setting(lambda w: plan.mirror("weights")),
         folder=lambda w, output: os.path.dirname(output[0]),
     message:
-        "download ImageNet weights: " + " ".join(plan.weight_urls())
+        f"download ImageNet weights: {' '.join(plan.weight_urls())}"
     log:
         f"{RES}/logs/download_weights.log",
     conda:

@@ -1,12 +1,14 @@
 # Benchmark 3: road delineation (refinement U-Net trained with BCE + 0.01 x deep perceptual
-# loss; docs/delineation.md). Per loss network and run, under {OUT}/delineation/{arch}/{layer}/run{run}/:
+# loss; docs/delineation.md). Per loss network and run, under
+# {OUT}/delineation/{arch}/{layer}/run{run}/:
 #   train/     checkpoints (last.pt, best.pt) and metrics.csv of the training harness
-#   model.pt   the kept model (best validation quality)       <- train_delineation
-#   tiles.parquet, scores.parquet  per-tile and summary rows   <- eval_delineation
+#   model.pt   the kept model (best validation quality) + meta  <- train_delineation
+#   tiles.parquet, scores.parquet  per-tile and summary rows     <- eval_delineation
+# --config: what the stage's numbers depend on (a rerun trigger); --settings: how it runs
+# (tile_size, inference_batch, data_on_device, device, threads; never a rerun trigger).
 # Target: `delineation`.
 
 DELINEATION_DIR = f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}"
-DELINEATION_JOB = "--net {wildcards.arch}/{wildcards.layer} --run {wildcards.run}"
 
 
 rule train_delineation:
@@ -25,9 +27,10 @@ rule train_delineation:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow delineation train " + DELINEATION_JOB +
-        " --config {params.config:q} --settings {params.settings:q} --prepared {input.roads:q}"
-        " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
+        "python -m workflow delineation train --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
+        " --prepared {input.roads:q} --workdir {params.workdir:q} --out {output.model:q}"
+        " > {log:q} 2>&1"
 
 
 rule eval_delineation:
@@ -46,13 +49,17 @@ rule eval_delineation:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow delineation eval " + DELINEATION_JOB +
-        " --config {params.config:q} --settings {params.settings:q} --model {input.model:q}"
-        " --prepared {input.roads:q} --samples {output.samples:q} --scores {output.scores:q}"
-        " > {log:q} 2>&1"
+        "python -m workflow delineation eval --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
+        " --model {input.model:q} --prepared {input.roads:q} --samples {output.samples:q}"
+        " --scores {output.scores:q} > {log:q} 2>&1"
 
 
 BENCH_OUTPUTS["delineation"] = plan.targets(f"{DELINEATION_DIR}/scores.parquet", "delineation")
+
+
+localrules:
+    delineation,
 
 
 rule delineation:

@@ -1,11 +1,11 @@
 # Benchmark 2: super-resolution per loss network (docs/super_resolution.md).
 #   prepared COCO -> train_sr per (loss network, scale, run) -> eval_sr on Set5/Set14/BSD100
-# Checkpoints live in <job>/train/ (not rule outputs, so a rerun after preemption resumes from
+# model.pt holds the weights and their meta (workflow.training.save_model); the checkpoints
+# live in <job>/train/ (not rule outputs, so a rerun after preemption resumes from
 # train/last.pt; the harness exits with code 75 on SIGTERM/SIGUSR1 after checkpointing: run
 # with --retries to resume automatically). Target: `super_resolution`.
 
 SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
-SR_JOB = "--net {wildcards.arch}/{wildcards.layer} --scale {wildcards.scale} --run {wildcards.run}"
 
 
 rule train_sr:
@@ -24,8 +24,9 @@ rule train_sr:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow super_resolution train " + SR_JOB +
-        " --config {params.config:q} --settings {params.settings:q} --prepared {input.coco:q}"
+        "python -m workflow super_resolution train --net {wildcards.arch}/{wildcards.layer}"
+        " --scale {wildcards.scale} --run {wildcards.run} --config {params.config:q}"
+        " --settings {params.settings:q} --prepared {input.coco:q}"
         " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
@@ -45,10 +46,10 @@ rule eval_sr:
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow super_resolution eval " + SR_JOB +
-        " --config {params.config:q} --settings {params.settings:q} --model {input.model:q}"
-        " --prepared {input.sr_test:q} --samples {output.samples:q} --scores {output.scores:q}"
-        " > {log:q} 2>&1"
+        "python -m workflow super_resolution eval --net {wildcards.arch}/{wildcards.layer}"
+        " --scale {wildcards.scale} --run {wildcards.run} --config {params.config:q}"
+        " --settings {params.settings:q} --model {input.model:q} --prepared {input.sr_test:q}"
+        " --samples {output.samples:q} --scores {output.scores:q} > {log:q} 2>&1"
 
 
 BENCH_OUTPUTS["super_resolution"] = plan.targets(f"{SR_DIR}/scores.parquet", "super_resolution")

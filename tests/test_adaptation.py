@@ -1,5 +1,6 @@
-"""Adaptation: labels, rankings, triplet files, the fused trainer against one metric at a
-time, non-negative weights, the loss by hand, and a tiny end-to-end train + evaluate."""
+"""Adaptation: ranking labels, rankings and triplet files (workflow/datasets/triplets.py), the
+distorted images against torchvision, and the four commands end to end on synthetic SVHN,
+STL-10 and BAPPS, with the baseline's scores recomputed by hand."""
 
 from __future__ import annotations
 
@@ -7,12 +8,39 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
+from workflow import cli
+from workflow.archs import LossNet
 from workflow.benchmarks import adaptation as ada
-from workflow.compare import Variant
-from workflow.distortions import positions, random_rankings, ranking_labels
+from workflow.datasets import bapps, svhn
+from workflow.datasets.bank import ImageBank
+from workflow.datasets.triplets import (
+    TripletError,
+    build_triplet_file,
+    distort_batch,
+    load_rankings,
+    make_rankings,
+    read_triplet_files,
+    split_indices,
+    triplet_set,
+)
+from workflow.distortions import NAMES, positions, random_rankings, ranking_labels
+from workflow.files import save_npz
+from workflow.job import Job
+from workflow.models.adapter import load_adapter
+
+SIZES = {"svhn": {"train": 40, "test": 20, "extra": 1},
+         "stl10": {"train": 1, "test": 12, "unlabeled": 1},
+         "bapps": {"n_val": 4, "n_train": 1, "n_jnd": 4, "size": 64}}
+SMALL = {"rankings": 2, "comparisons": ["spatial", "mean"], "batch_size": 8,
+         "epochs_constant": 1, "epochs_decay": 1, "train_images": 16, "val_triplets": 6,
+         "test_triplets": 10, "bapps_2afc_subsets": ["traditional", "cnn"],
+         "bapps_jnd_subsets": ["traditional", "cnn"]}
+NET = "alexnet/lpips"
 
 
 def test_labels_follow_the_ranking():
@@ -31,157 +59,228 @@ def test_labels_follow_the_ranking():
         positions([[0, 0, 1, 2, 3, 4]])
 
 
-def test_rankings_seeded_permutations():
+def test_rankings_seeded_permutations(tmp_path):
     a, b = random_rankings(20, 0), random_rankings(20, 0)
     assert a == b and a != random_rankings(20, 1)
     assert all(sorted(r) == list(range(6)) for r in a)
     assert len({tuple(r) for r in a}) > 15
-    data = ada.make_rankings(3, 0)
-    assert data["names"][0] == [data["distortions"][i] for i in data["rankings"][0]]
+    data = ada.rankings({"rankings": 3, "ranking_seed": 0}, tmp_path / "rankings.json")
+    assert data == make_rankings(3, 0)
+    assert data["names"][0] == [NAMES[i] for i in data["rankings"][0]]
+    assert load_rankings(tmp_path / "rankings.json") == a[:3]
+    stale = {**data, "distortions": ["rotate", "blur"]}
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    with pytest.raises(TripletError, match="rerun the adaptation_rankings rule"):
+        load_rankings(tmp_path / "stale.json")
 
 
-def test_triplet_file_split_and_caps():
-    cfg = ada.with_defaults({"train_images": 50, "val_triplets": 10, "test_triplets": 7})
-    arr = ada.build_triplet_file("svhn", 200, 30, cfg)
-    assert len(arr["train_index"]) == 50 and len(arr["val_index"]) == 10 and len(arr["test_index"]) == 7
+def _triplet_config(demo_plan, **over):
+    return {**demo_plan.stage_config("adaptation", "triplets"), **over}
+
+
+def test_triplet_file_split_and_caps(demo_plan):
+    cfg = _triplet_config(demo_plan, train_images=50, val_triplets=10, test_triplets=7)
+    arr = build_triplet_file("svhn", 200, 30, cfg)
+    assert str(arr["dataset"]) == "svhn"
+    assert (len(arr["train_index"]), len(arr["val_index"]), len(arr["test_index"])) == (50, 10, 7)
     assert not set(arr["train_index"]) & set(arr["val_index"])  # disjoint split
     assert np.all(arr["val_d0"] != arr["val_d1"]) and np.all(arr["test_d0"] != arr["test_d1"])
-    train, val = ada.split_indices(200, 0.2, 0)
+    train, val = split_indices(200, 0.2, 0)
     assert len(val) == 40 and len(train) == 160 and set(arr["val_index"]) <= set(val)
-    again = ada.build_triplet_file("svhn", 200, 30, cfg)
+    assert set(arr["train_index"]) <= set(train) and set(arr["test_index"]) <= set(range(30))
+    again = build_triplet_file("svhn", 200, 30, cfg)
     assert all(np.array_equal(arr[k], again[k]) for k in arr)
+    # each dataset draws from its own generator; STL-10 has no training split
+    stl = build_triplet_file("stl10", None, 30, cfg)
+    assert set(stl) == {"dataset", *(f"test_{k}" for k in ("index", "d0", "d1", "p0", "p1"))}
+    assert not np.array_equal(stl["test_d0"], arr["test_d0"])
+    full = build_triplet_file("stl10", None, 30, {**cfg, "test_triplets": None})
+    assert np.array_equal(full["test_index"], np.arange(30))
+    with pytest.raises(ValueError, match="adaptation.val_fraction"):
+        split_indices(10, 1.0, 0)
 
 
-def test_lr_schedule_constant_then_linear():
-    f = ada.lr_lambda(total_steps=10, constant_steps=5)
-    assert [f(s) for s in range(10)] == [1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2]
+def test_triplet_files_by_dataset(tmp_path, demo_plan):
+    cfg = _triplet_config(demo_plan)
+    paths = []
+    for name, n_train in (("stl10", None), ("svhn", 40)):
+        paths.append(save_npz(tmp_path / f"{name}.npz", build_triplet_file(name, n_train, 12, cfg)))
+    files = read_triplet_files(paths)  # any order: each file names its dataset
+    assert set(files) == {"svhn", "stl10"} and "val_index" in files["svhn"]
+    assert set(triplet_set(files["svhn"], "val")) == {"index", "d0", "d1", "p0", "p1"}
+    with pytest.raises(TripletError, match="no 'val' set"):
+        triplet_set(files["stl10"], "val")
+    with pytest.raises(TripletError, match="no triplet file of bapps"):
+        files["bapps"]
+    with pytest.raises(TripletError, match="two triplet files of svhn"):
+        read_triplet_files([paths[1], paths[1]])
+    old = dict(np.load(paths[0]))
+    del old["dataset"]
+    save_npz(tmp_path / "old.npz", old)
+    with pytest.raises(TripletError, match="rerun the adaptation_triplets rule"):
+        read_triplet_files([tmp_path / "old.npz"])
 
 
-def _random_diffs(n, channels, variants, g):
-    return {v: {t: torch.rand(n, c, generator=g) * 0.1 for t, c in channels.items()} for v in variants}
+def test_distort_batch_against_torchvision(prepared):
+    images = svhn.load(prepared("svhn", **SIZES["svhn"]), "test")["images"]
+    bank = ImageBank(images, torch.device("cpu"))
+    darken, blur = NAMES.index("darken"), NAMES.index("blur")
+    trip = {"index": torch.tensor([3, 0, 7]), "d0": torch.tensor([darken] * 3),
+            "d1": torch.tensor([blur] * 3), "p0": torch.tensor([[0.3, 0], [0.1, 0], [0.5, 0]]),
+            "p1": torch.tensor([[4.0, 0], [6.5, 0], [10.0, 0]])}
+    ref, p0, p1 = distort_batch(bank, trip, slice(None), 64)
+    assert ref.shape == p0.shape == p1.shape == (3, 3, 64, 64)
+    for b, i in enumerate([3, 0, 7]):
+        src = torch.from_numpy(np.array(images[i])).permute(2, 0, 1).float() / 255
+        want = TF.resize(src, [64, 64], antialias=True).clamp(0, 1)
+        torch.testing.assert_close(ref[b], want)
+        torch.testing.assert_close(p0[b], (want * float(trip["p0"][b, 0])).clamp(0, 1))
+        s = float(trip["p1"][b, 0])
+        torch.testing.assert_close(p1[b], TF.gaussian_blur(want, [11, 21], [s, s]),
+                                   atol=1e-5, rtol=0)
+    # a slice takes the same triplets as the whole set
+    sub = distort_batch(bank, trip, slice(1, 3), 64)
+    assert torch.equal(sub[2], p1[1:3])
 
 
-def test_loss_by_hand():
-    channels = {3: 4}
-    v = Variant("spatial", True)
-    adapter = ada.FusedAdapter(channels, [v], [0], seed=5, dropout=0.0, sync_weight=10.0)
-    g = torch.Generator().manual_seed(0)
-    d0 = torch.rand(6, 1, 1, generator=g)
-    d1 = torch.rand(6, 1, 1, generator=g)
-    labels = torch.tensor([[0.0], [1.0], [0.0], [1.0], [1.0], [0.0]])
-    total, per, acc = adapter.loss(d0, d1, labels)
-    a, b, y = d0.flatten(), d1.flatten(), labels.flatten()
-    twoafc = ((a < b).float() * (1 - y) + (b < a).float() * y).mean()
-    p = torch.sigmoid(adapter.rank_net(a.view(-1, 1), b.view(-1, 1)).flatten())
-    bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
-    q = 1 / (1 + torch.exp(-(a - b)))
-    sync = -(y * torch.log(q) + (1 - y) * torch.log(1 - q)).mean()
-    expected = bce + (10 * sync if twoafc <= 0.5 else 0.0)
-    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
-    assert float(acc) == pytest.approx(float(twoafc))
+# ----------------------------------------------------------------------------- end to end
 
 
-def test_fused_equals_one_metric_at_a_time():
-    channels = {1: 5, 4: 3}
-    variants = [Variant("spatial", True), Variant("mean", True)]
-    rankings = [0, 1, 2]
-    fused = ada.FusedAdapter(channels, variants, rankings, seed=3, dropout=0.0)
-    singles = {(vi, r): ada.FusedAdapter(channels, [v], [r], seed=3, dropout=0.0)
-               for vi, v in enumerate(variants) for r in rankings}
-    cfg = {"lr": 1e-2, "betas": (0.5, 0.999)}
-    opt = ada.make_optimizer(fused, cfg)
-    opts = {k: ada.make_optimizer(m, cfg) for k, m in singles.items()}
-    g = torch.Generator().manual_seed(0)
-    synced = set()
-    for _ in range(6):
-        diffs0 = _random_diffs(32, channels, variants, g)
-        diffs1 = _random_diffs(32, channels, variants, g)
-        labels = (torch.rand(32, 3, generator=g) > 0.5).float()
-        opt.zero_grad()
-        total, per, acc = fused.loss(fused.distances(diffs0), fused.distances(diffs1), labels)
-        total.backward()
-        opt.step()
-        fused.clamp_()
-        for (vi, r), m in singles.items():
-            o = opts[(vi, r)]
-            o.zero_grad()
-            v = variants[vi]
-            loss, _, acc1 = m.loss(m.distances({v: diffs0[v]}), m.distances({v: diffs1[v]}), labels[:, r:r + 1])
-            loss.backward()
-            o.step()
-            m.clamp_()
-            torch.testing.assert_close(loss.detach(), per[vi, r], rtol=1e-5, atol=1e-6)
-            assert float(acc1) == float(acc[vi, r])
-            if float(acc1) <= 0.5:
-                synced.add((vi, r))
-    for (vi, r), m in singles.items():
-        for t in channels:
-            torch.testing.assert_close(m.weights(0)[t][0], fused.weights(vi)[t][r], rtol=1e-5, atol=1e-6)
-        k = vi * len(rankings) + r
-        for wf, ws in zip(fused.rank_net.weights, m.rank_net.weights, strict=True):
-            torch.testing.assert_close(ws[0], wf[k], rtol=1e-5, atol=1e-6)
-    assert synced, "the sync loss branch was never exercised"
+def _settings(demo_plan, stage):
+    return {**demo_plan.stage_settings("adaptation", stage, torch.get_num_threads()),
+            "device": "cpu"}
 
 
-def test_weights_stay_non_negative():
-    channels = {0: 8}
-    v = Variant("spatial", False)
-    adapter = ada.FusedAdapter(channels, [v], [0, 1], seed=0, dropout=0.5)
-    opt = ada.make_optimizer(adapter, {"lr": 0.5, "betas": (0.5, 0.999)})
-    g = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        d0, d1 = _random_diffs(16, channels, [v], g), _random_diffs(16, channels, [v], g)
-        labels = (torch.rand(16, 2, generator=g) > 0.5).float()
-        opt.zero_grad()
-        m0, m1 = adapter.dropout_masks(16, g, torch.device("cpu")), adapter.dropout_masks(16, g, torch.device("cpu"))
-        loss, _, _ = adapter.loss(adapter.distances(d0, m0), adapter.distances(d1, m1), labels)
-        loss.backward()
-        opt.step()
-        adapter.clamp_()
-        assert float(adapter.weights(0)[0].detach().min()) >= 0.0
-    assert float((adapter.weights(0)[0].detach() == 0).float().sum()) > 0  # the clamp was needed
-    # dropout: masks are 0 or 1/(1-p), switched off in eval mode
-    m = adapter.dropout_masks(1000, g, torch.device("cpu"))[0]
-    assert set(m.unique().tolist()) == {0.0, 2.0} and abs(float(m.mean()) - 1.0) < 0.05
-    adapter.eval()
-    assert adapter.dropout_masks(4, g, torch.device("cpu")) is None
+def _cmd(cmd, **args):
+    argv = []
+    for k, v in args.items():
+        argv += [f"--{k}", *(map(str, v) if isinstance(v, list) else
+                             [json.dumps(v) if isinstance(v, dict) else str(v)])]
+    return cli.run("adaptation", cmd, argv)
 
 
-def test_tiny_train_and_evaluate(tmp_path):
-    """The whole CLI path on tiny arrays with a random-weight AlexNet LPIPS set."""
-    rng = np.random.default_rng(0)
-    svhn, stl = tmp_path / "svhn", tmp_path / "stl10"
-    for d, size in ((svhn, 32), (stl, 96)):
-        d.mkdir()
-        for split in ("train", "test"):
-            np.save(d / f"{split}_images.npy", rng.integers(0, 256, (20, size, size, 3), dtype=np.uint8))
-    cfg = {"lossnets": "lpips_sets", "comparisons": ["spatial", "mean"], "rankings": 2, "runs": 1,
-           "batch_size": 8, "eval_batch_size": 16, "epochs_constant": 1, "epochs_decay": 1,
-           "val_triplets": 4, "test_triplets": 6, "bapps": False}
-    c = json.dumps(cfg)
-    lossnet = json.dumps({"arch": "alexnet", "weights": "random", "weights_dir": "x", "seed": 0})
-    common = json.dumps({"device": "cpu", "precision": "auto"})
-    rk, tr, ts = tmp_path / "rankings.json", tmp_path / "svhn.npz", tmp_path / "stl10.npz"
-    assert ada.main(["rankings", "--config", c, "--out", str(rk)]) == 0
-    assert ada.main(["triplets", "--config", c, "--dataset", "svhn", "--prepared", str(svhn), "--out", str(tr)]) == 0
-    assert ada.main(["triplets", "--config", c, "--dataset", "stl10", "--prepared", str(stl), "--out", str(ts)]) == 0
-    base = ["--config", c, "--lossnet", lossnet, "--common", common, "--net", "alexnet/lpips", "--rankings", str(rk)]
-    out = tmp_path / "adapter.pt"
-    assert ada.main(["train", *base, "--run", "0", "--triplets", str(tr), "--prepared", str(svhn),
-                     "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
-    adapter, meta = ada.load_adapter(out, torch.device("cpu"))
-    assert meta["steps"] == 2 * math.ceil(16 / 8)  # 80% of 20 images, 2 epochs
-    assert all(float(p.detach().min()) >= 0 for p in adapter.channel_weights.values())
-    assert any(float((p.detach() - 1).abs().max()) > 0 for p in adapter.channel_weights.values())  # it trained
-    evals = ["--triplets", f"svhn={tr}", f"stl10={ts}", "--prepared", f"svhn={svhn}", f"stl10={stl}"]
-    assert ada.main(["evaluate", *base, "--run", "0", *evals, "--adapter", str(out),
-                     "--out", str(tmp_path / "scores.parquet")]) == 0
-    assert ada.main(["evaluate", *base, *evals, "--out", str(tmp_path / "baseline.parquet")]) == 0
-    import pandas as pd
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prepared, demo_plan):
+    """rankings -> triplets (SVHN, STL-10) -> train run 0 -> evaluate baseline and run 0,
+    through the command table, on the demo config made small."""
+    root = tmp_path_factory.mktemp("adaptation")
+    data = {d: prepared(d, **SIZES[d]) for d in ("svhn", "stl10", "bapps")}
+    stage = {s: {**demo_plan.stage_config("adaptation", s, "alexnet"), "precision": "fp32"}
+             for s in ("rankings", "triplets", "train", "evaluate")}
+    for s in stage.values():
+        s.update({k: v for k, v in SMALL.items() if k in s})
+    rk = root / "rankings.json"
+    _cmd("rankings", config=stage["rankings"], out=rk)
+    trips = {}
+    for d in ("stl10", "svhn"):
+        trips[d] = root / f"{d}.npz"
+        _cmd("triplets", config=stage["triplets"], prepared=[data[d]], out=trips[d])
+    model = root / "run0" / "adapter.pt"
+    _cmd("train", config=stage["train"], settings=_settings(demo_plan, "train"), net=NET,
+         run=0, rankings=rk, triplets=[trips["svhn"]], prepared=[data["svhn"] / "manifest.json"],
+         workdir=root / "run0" / "train", out=model)
+    evals = {"config": stage["evaluate"], "settings": _settings(demo_plan, "evaluate"),
+             "net": NET, "rankings": rk, "triplets": [trips["stl10"], trips["svhn"]],
+             "prepared": list(data.values())}
+    _cmd("evaluate", **evals, scores=root / "baseline.parquet")
+    _cmd("evaluate", **evals, run=0, model=model, scores=root / "scores.parquet")
+    return {"root": root, "data": data, "trips": trips, "rankings": rk, "model": model,
+            "stage": stage, "evals": evals}
 
-    for name, variant in (("scores", "adapted"), ("baseline", "baseline")):
-        df = pd.read_parquet(tmp_path / f"{name}.parquet")
+
+def test_train_writes_the_adapter(pipeline):
+    adapter, meta = load_adapter(pipeline["model"], torch.device("cpu"))
+    assert meta["steps"] == 2 * math.ceil(16 / 8)  # 16 training images, 1 + 1 epochs
+    assert meta["net"] == NET and meta["run"] == 0 and adapter.rankings == [0, 1]
+    weights = list(adapter.channel_weights.values())
+    assert all(float(p.detach().min()) >= 0 for p in weights)
+    assert any(float((p.detach() - 1).abs().max()) > 0 for p in weights)  # it trained
+    log = pd.read_csv(pipeline["root"] / "run0" / "train" / "metrics.csv")
+    assert log["eval_val_2afc_mean"].dropna().between(0, 1).all()
+
+
+def test_scores_tables(pipeline):
+    for name, variant, run in (("baseline", "baseline", None), ("scores", "adapted", 0)):
+        df = pd.read_parquet(pipeline["root"] / f"{name}.parquet")
+        assert set(df["variant"]) == {variant} and set(df["benchmark"]) == {"adaptation"}
+        trip = df[~df["dataset"].str.startswith("bapps")]
         # 2 comparisons x 2 rankings x (svhn test, svhn val, stl10 test)
-        assert len(df) == 12 and set(df["variant"]) == {variant}
-        assert df["value"].between(0, 1).all() and set(df["ranking"]) == {0, 1}
-        assert set(zip(df["dataset"], df["split"], strict=True)) == {("svhn", "test"), ("svhn", "val"), ("stl10", "test")}
+        assert len(trip) == 12 and set(trip["ranking"]) == {0, 1}
+        assert set(zip(trip["dataset"], trip["split"], strict=True)) == {
+            ("svhn", "test"), ("svhn", "val"), ("stl10", "test")}
+        assert set(trip.loc[trip["split"] == "val", "n"]) == {6}
+        assert df["value"].between(0, 1).all()
+        assert df["run"].isna().all() if run is None else set(df["run"]) == {run}
+        b = df[df["dataset"].str.startswith("bapps")]
+        per_metric = 2 + 1 + 2 + 1  # 2AFC subsets + mean, JND subsets + pooled
+        assert len(b) == 2 * (1 if run is None else 2) * per_metric
+        assert b["ranking"].isna().all() if run is None else set(b["ranking"]) == {0, 1}
+        mean = b[b["split"] == "mean"]
+        assert set(mean["n"]) == {8}  # the triplets of both subsets
+        assert set(b.loc[b["split"] == "pooled", "n"]) == {8}
+
+
+def _hand_distance(extractor, x, y):
+    """Channel-normalised spatial distance by hand: unit channel vectors at every position,
+    squared differences averaged over positions, summed over channels and taps."""
+    with torch.no_grad():
+        fx, fy = extractor(x), extractor(y)
+    total = 0
+    for t in fx:
+        a = fx[t] / (fx[t].pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = fy[t] / (fy[t].pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + (a - b).pow(2).mean((2, 3)).sum(1)
+    return total
+
+
+def _hand_2afc(d0, d1, judge):
+    return float(((d0 < d1).double() * (1 - judge) + (d1 < d0).double() * judge
+                  + 0.5 * (d0 == d1).double()).mean())
+
+
+def test_baseline_scores_by_hand(pipeline):
+    df = pd.read_parquet(pipeline["root"] / "baseline.parquet")
+    spatial = df[(df["comparison"] == "spatial")]
+    job = Job.create(pipeline["stage"]["evaluate"], pipeline["evals"]["settings"])
+    extractor = job.extractor(LossNet.parse(NET), "imagenet")
+    # SVHN test triplets under both rankings
+    files = read_triplet_files([pipeline["trips"]["svhn"]])
+    trip = triplet_set(files["svhn"], "test")
+    bank = ImageBank(svhn.load(pipeline["data"]["svhn"], "test")["images"], job.device)
+    ref, x0, x1 = distort_batch(bank, trip, slice(None), 64)
+    d0, d1 = _hand_distance(extractor, ref, x0), _hand_distance(extractor, ref, x1)
+    labels = ranking_labels(trip["d0"], trip["d1"], positions(load_rankings(
+        pipeline["rankings"])))
+    for r in (0, 1):
+        row = spatial[(spatial["dataset"] == "svhn") & (spatial["split"] == "test")
+                      & (spatial["ranking"] == r)]
+        assert float(row["value"].iloc[0]) == pytest.approx(_hand_2afc(d0, d1, labels[:, r]))
+    # BAPPS 2AFC of one subset (its images are 64 px already)
+    a = bapps.load(pipeline["data"]["bapps"], "2afc", "val", "cnn")
+    img = {k: torch.from_numpy(np.array(a[k])).permute(0, 3, 1, 2).float() / 255
+           for k in ("ref", "p0", "p1")}
+    judge = torch.from_numpy(np.array(a["judge"])).double()
+    want = _hand_2afc(_hand_distance(extractor, img["ref"], img["p0"]),
+                      _hand_distance(extractor, img["ref"], img["p1"]), judge)
+    row = spatial[(spatial["dataset"] == "bapps-2afc") & (spatial["split"] == "cnn")]
+    assert float(row["value"].iloc[0]) == pytest.approx(want)
+
+
+def test_bad_inputs_name_the_fix(pipeline, prepared, tmp_path):
+    with pytest.raises(ada.AdaptationError, match="one prepared folder of svhn or stl10"):
+        ada.triplets(pipeline["stage"]["triplets"], {"bapps": pipeline["data"]["bapps"]},
+                     tmp_path / "x.npz")
+    evals = dict(pipeline["evals"])
+    small = prepared("svhn", train=10, test=5, extra=1)  # fewer images than the triplets index
+    evals["prepared"] = [small, pipeline["data"]["stl10"], pipeline["data"]["bapps"]]
+    with pytest.raises(ada.AdaptationError, match="rerun the adaptation_triplets rule"):
+        _cmd("evaluate", **evals, scores=tmp_path / "s.parquet")
+    rk3 = tmp_path / "rankings3.json"
+    ada.rankings({"rankings": 3, "ranking_seed": 0}, rk3)
+    evals = {**pipeline["evals"], "rankings": rk3}
+    with pytest.raises(ada.AdaptationError, match="rerun adaptation_train"):
+        _cmd("evaluate", **evals, run=0, model=pipeline["model"], scores=tmp_path / "s.parquet")
+    evals = {**pipeline["evals"], "triplets": [pipeline["trips"]["svhn"]]}
+    evals["config"] = {**evals["config"], "eval_datasets": ["stl10", "svhn"]}  # fail at once
+    with pytest.raises(TripletError, match="no triplet file of stl10"):
+        _cmd("evaluate", **evals, scores=tmp_path / "s.parquet")

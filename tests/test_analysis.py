@@ -1,4 +1,5 @@
-"""Analysis: attributes against independent values, statistics against scipy, Pareto by hand, figures."""
+"""Analysis: attributes against independent values, statistics against scipy, Pareto by hand,
+figures."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ SIZE = 96  # one small input size keeps the 14-architecture table fast
 
 @pytest.fixture(scope="module")
 def attrs() -> pd.DataFrame:
-    return lossnet_attributes(list(ARCHS), [1, 2, 3, 4], ["alexnet", "vgg16", "squeezenet1_1"], [SIZE])
+    return lossnet_attributes(
+        list(ARCHS), [1, 2, 3, 4], ["alexnet", "vgg16", "squeezenet1_1"], [SIZE]
+    )
 
 
 def _row(attrs, arch, layer):
@@ -50,7 +53,10 @@ VGG_HEAD = 25088 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000
 # Parameters after the last tap (layer 4), counted by hand from the torchvision definitions.
 TAIL_AFTER_LAYER4 = {
     "alexnet": 9216 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000,  # maxpool, classifier
-    "vgg11": VGG_HEAD, "vgg16": VGG_HEAD, "vgg16_bn": VGG_HEAD, "vgg19": VGG_HEAD,
+    "vgg11": VGG_HEAD,
+    "vgg16": VGG_HEAD,
+    "vgg16_bn": VGG_HEAD,
+    "vgg19": VGG_HEAD,
     "resnet18": 512 * 1000 + 1000,  # fc
     "resnet50": 2048 * 1000 + 1000,
     "resnext50_32x4d": 2048 * 1000 + 1000,
@@ -77,8 +83,14 @@ def test_parameter_counts_match_torchvision_metadata(attrs, arch):
     assert last["params_pct"] == pytest.approx(100 * last["params_to_tap"] / last["params_total"])
     assert last["imagenet_acc1"] == weights_enum(arch).meta["_metrics"]["ImageNet-1K"]["acc@1"]
     rows = attrs[(attrs["arch"] == arch) & (attrs["layer"] != "lpips")].sort_values("layer_index")
-    for col in ("params_to_tap", "depth_pct", "conv_depth_pct", "receptive_field", "matmul_depth",
-                f"flops_{SIZE}"):
+    for col in (
+        "params_to_tap",
+        "depth_pct",
+        "conv_depth_pct",
+        "receptive_field",
+        "matmul_depth",
+        f"flops_{SIZE}",
+    ):
         assert rows[col].is_monotonic_increasing, col
     assert (rows["depth_pct"] <= 100).all() and (rows[f"flops_pct_{SIZE}"] <= 100 + 1e-9).all()
 
@@ -88,7 +100,8 @@ def test_receptive_fields_by_hand(attrs):
     # pool3/2 -> 51+2*8=67 (j 16); conv3 -> 99; conv3 -> 131; conv3 -> 163
     assert [_row(attrs, "alexnet", x)["receptive_field"] for x in (1, 2, 3, 4)] == [11, 51, 99, 163]
     # VGG16: 3x3 convs add 2*jump, 2x2 pools add 1*jump and double it:
-    # relu1_2 1+2+2=5; pool 6, 10, 14; pool 16, 24, 32, 40; pool 44, 60, 76, 92; pool 100, 132, 164, 196
+    # relu1_2 1+2+2=5; pool 6, 10, 14; pool 16, 24, 32, 40; pool 44, 60, 76, 92;
+    # pool 100, 132, 164, 196
     assert [_row(attrs, "vgg16", x)["receptive_field"] for x in (1, 2, 3, 4)] == [5, 14, 40, 196]
     assert _row(attrs, "vgg16", "lpips")["receptive_field"] == 196
 
@@ -114,7 +127,12 @@ def empirical_receptive_field(arch: str, tap: int, size: int) -> tuple[int, int]
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.BatchNorm2d):
-                m.running_mean.zero_(), m.running_var.fill_(1.0), m.weight.fill_(1.0), m.bias.zero_()
+                (
+                    m.running_mean.zero_(),
+                    m.running_var.fill_(1.0),
+                    m.weight.fill_(1.0),
+                    m.bias.zero_(),
+                )
     x = (torch.rand(1, 3, size, size, dtype=torch.float64) + 0.5).requires_grad_(True)
     y = seq(x)
     y[0, :, y.shape[2] // 2, y.shape[3] // 2].sum().backward()
@@ -123,7 +141,9 @@ def empirical_receptive_field(arch: str, tap: int, size: int) -> tuple[int, int]
     return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
 
 
-@pytest.mark.parametrize(("arch", "layer", "size"), [("resnet18", 2, 96), ("squeezenet1_1", 3, 128)])
+@pytest.mark.parametrize(
+    ("arch", "layer", "size"), [("resnet18", 2, 96), ("squeezenet1_1", 3, 128)]
+)
 def test_receptive_field_of_branching_nets_empirically(attrs, arch, layer, size):
     # residual adds (resnet) and Fire concatenations (squeezenet): the graph walk's maximum
     # over branches equals the gradient's extent (inputs large enough to avoid borders)
@@ -136,7 +156,7 @@ def test_structure_from_inspection(attrs):
     assert [_row(attrs, "alexnet", x)["matmul_depth"] for x in (1, 2, 3, 4)] == [1, 2, 3, 5]
     assert [_row(attrs, "vgg16", x)["matmul_depth"] for x in (1, 2, 3, 4)] == [2, 4, 7, 13]
     assert _row(attrs, "resnet50", 4)["matmul_depth"] == 1 + 16 * 3  # stem + 16 bottlenecks
-    # channels at the taps, as the registry table of REFERENCE.md states them
+    # channels at the taps, as the table of docs/lossnets.md states them
     assert [_row(attrs, "alexnet", x)["channels"] for x in (1, 2, 3, 4)] == [64, 192, 384, 256]
     assert _row(attrs, "resnet50", 4)["channels"] == 2048
     assert _row(attrs, "alexnet", "lpips")["channels"] == 64 + 192 + 384 + 256 + 256
@@ -185,8 +205,13 @@ def test_graph_walk_on_toy_modules():
 
 
 def test_flops_hand_count():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-                        nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 10),
+    )
     # 2 FLOPs per multiply-accumulate: out elements x (in channels x kernel area)
     hand = 2 * (8 * 16 * 16) * (3 * 9) + 2 * (16 * 8 * 8) * (8 * 9) + 2 * 1024 * 10
     assert count_flops(net, torch.zeros(1, 3, 16, 16)) == hand
@@ -218,8 +243,12 @@ def test_correlate_matches_scipy():
     ok = ~np.isnan(X) & ~np.isnan(Y)
     assert r["n"] == 8
     p, s = stats.pearsonr(X[ok], Y[ok]), stats.spearmanr(X[ok], Y[ok])
-    assert r["pearson_r"] == pytest.approx(p.statistic) and r["pearson_p"] == pytest.approx(p.pvalue)
-    assert r["spearman_rho"] == pytest.approx(s.statistic) and r["spearman_p"] == pytest.approx(s.pvalue)
+    assert r["pearson_r"] == pytest.approx(p.statistic) and r["pearson_p"] == pytest.approx(
+        p.pvalue
+    )
+    assert r["spearman_rho"] == pytest.approx(s.statistic) and r["spearman_p"] == pytest.approx(
+        s.pvalue
+    )
     assert r["pearson_lo"] <= r["pearson_r"] <= r["pearson_hi"]
     assert r == correlate(X, Y, n_boot=500, seed=1)  # seeded
     exact = correlate([1, 2, 3, 4], [3, 5, 7, 9], n_boot=100)
@@ -249,41 +278,105 @@ def _scores(rows):
 
 
 def test_select_scores_expands_and_averages():
-    rows = [dict(benchmark="super_resolution", dataset=d, split="test", arch="alexnet", layer="1",
-                 variant="x4/standard", run=r, metric="psnr", value=v, n=5)
-            for d, r, v in [("set5", 0, 20.0), ("set5", 1, 22.0), ("set14", 0, 18.0)]]
-    rows.append(dict(benchmark="super_resolution", dataset="set5", split="test", arch="", layer="",
-                     variant="x4/standard", metric="psnr", value=15.0, n=5))  # pixel baseline
-    sel = select_scores(_scores(rows), [{"name": "PSNR", "benchmark": "super_resolution", "metric": "psnr"}])
+    rows = [
+        dict(
+            benchmark="super_resolution",
+            dataset=d,
+            split="test",
+            arch="alexnet",
+            layer="1",
+            variant="x4/standard",
+            run=r,
+            metric="psnr",
+            value=v,
+            n=5,
+        )
+        for d, r, v in [("set5", 0, 20.0), ("set5", 1, 22.0), ("set14", 0, 18.0)]
+    ]
+    rows.append(
+        dict(
+            benchmark="super_resolution",
+            dataset="set5",
+            split="test",
+            arch="",
+            layer="",
+            variant="x4/standard",
+            metric="psnr",
+            value=15.0,
+            n=5,
+        )
+    )  # pixel baseline
+    sel = select_scores(
+        _scores(rows), [{"name": "PSNR", "benchmark": "super_resolution", "metric": "psnr"}]
+    )
     got = dict(zip(sel["score"], sel["value"], strict=True))
     assert got == {"PSNR (set14)": 18.0, "PSNR (set5)": 21.0}
 
 
 def test_attribute_correlations_against_scipy():
     layers = ["1", "2", "3", "4"]
-    attrs = pd.DataFrame({"arch": ["a"] * 4 + ["b"] * 4, "layer": layers * 2, "lossnet": [f"x{i}" for i in range(8)],
-                          "layer_index": [1, 2, 3, 4] * 2,
-                          "features_64": [9.0, 7.0, 4.0, 1.0, 8.0, 8.0, 2.0, 2.0],
-                          "features_288": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]})
+    attrs = pd.DataFrame(
+        {
+            "arch": ["a"] * 4 + ["b"] * 4,
+            "layer": layers * 2,
+            "lossnet": [f"x{i}" for i in range(8)],
+            "layer_index": [1, 2, 3, 4] * 2,
+            "features_64": [9.0, 7.0, 4.0, 1.0, 8.0, 8.0, 2.0, 2.0],
+            "features_288": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+        }
+    )
     values = [0.60, 0.63, 0.64, 0.70, 0.61, 0.62, 0.68, 0.66]
-    rows = [dict(benchmark="similarity", dataset="bapps-2afc", split="mean", arch=a, layer=x,
-                 comparison="spatial", channel_norm=True, metric="2afc", value=v, n=1)
-            for (a, x), v in zip(attrs[["arch", "layer"]].itertuples(index=False), values, strict=True)]
+    rows = [
+        dict(
+            benchmark="similarity",
+            dataset="bapps-2afc",
+            split="mean",
+            arch=a,
+            layer=x,
+            comparison="spatial",
+            channel_norm=True,
+            metric="2afc",
+            value=v,
+            n=1,
+        )
+        for (a, x), v in zip(attrs[["arch", "layer"]].itertuples(index=False), values, strict=True)
+    ]
     sel = select_scores(_scores(rows), [{"name": "2AFC", "metric": "2afc"}])
-    cfg = {"input_sizes": {"similarity": 64}, "attributes": ["layer_index", "features"],
-           "bootstrap": {"n": 50}}
+    cfg = {
+        "input_sizes": {"similarity": 64},
+        "attributes": ["layer_index", "features"],
+        "bootstrap": {"n": 50},
+    }
     out = attribute_correlations(sel, attrs, cfg).set_index("attribute")
-    assert out.loc["layer_index", "pearson_r"] == pytest.approx(stats.pearsonr(attrs["layer_index"], values)[0])
+    assert out.loc["layer_index", "pearson_r"] == pytest.approx(
+        stats.pearsonr(attrs["layer_index"], values)[0]
+    )
     # "features" is taken at the benchmark's input size (64), not another size
-    assert out.loc["features", "pearson_r"] == pytest.approx(stats.pearsonr(attrs["features_64"], values)[0])
-    assert out.loc["features", "spearman_rho"] == pytest.approx(stats.spearmanr(attrs["features_64"], values)[0])
+    assert out.loc["features", "pearson_r"] == pytest.approx(
+        stats.pearsonr(attrs["features_64"], values)[0]
+    )
+    assert out.loc["features", "spearman_rho"] == pytest.approx(
+        stats.spearmanr(attrs["features_64"], values)[0]
+    )
 
 
 def test_arch_best_layer():
-    rows = [dict(benchmark="similarity", dataset="d", split="s", arch=a, layer=x, metric=m, value=v, n=1)
-            for a, x, m, v in [("a", "1", "2afc", 0.6), ("a", "3", "2afc", 0.7), ("a", "lpips", "2afc", 0.9),
-                               ("b", "2", "2afc", 0.65), ("a", "1", "err", 1.0), ("a", "2", "err", 0.5)]]
-    sel = select_scores(_scores(rows), [{"name": "2AFC", "metric": "2afc"}, {"name": "err", "metric": "err"}])
+    rows = [
+        dict(
+            benchmark="similarity", dataset="d", split="s", arch=a, layer=x, metric=m, value=v, n=1
+        )
+        for a, x, m, v in [
+            ("a", "1", "2afc", 0.6),
+            ("a", "3", "2afc", 0.7),
+            ("a", "lpips", "2afc", 0.9),
+            ("b", "2", "2afc", 0.65),
+            ("a", "1", "err", 1.0),
+            ("a", "2", "err", 0.5),
+        ]
+    ]
+    sel = select_scores(
+        _scores(rows), [{"name": "2AFC", "metric": "2afc"}, {"name": "err", "metric": "err"}]
+    )
     best = arch_best(sel, lower_is_better=["err"]).set_index(["score", "arch"])["layer"]
     assert best.to_dict() == {("2AFC", "a"): "3", ("2AFC", "b"): "2", ("err", "a"): "2"}
 
@@ -296,7 +389,16 @@ def test_pareto_front_by_hand():
     cost = [1, 2, 3, 4, 4, 5, 2, np.nan]
     score = [1, 3, 2, 5, 4, 5, 3, 9]
     # C is beaten by B (cheaper, better), E by D (same cost, better), F by D (same score, cheaper)
-    assert pareto_front(cost, score).tolist() == [True, True, False, True, False, False, True, False]
+    assert pareto_front(cost, score).tolist() == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
     # maximising x (accuracy): (70, .6) (75, .5) (72, .65) (80, .4) (72, .6)
     acc, s = [70, 75, 72, 80, 72], [0.6, 0.5, 0.65, 0.4, 0.6]
     assert pareto_front(acc, s, minimize_x=False).tolist() == [False, True, True, True, False]
@@ -310,32 +412,102 @@ def _demo_scores() -> pd.DataFrame:
     rows = []
     for a in ("alexnet", "squeezenet1_1", "resnet18"):
         for x in ("1", "2", "3", "4"):
-            for ds, split, metric in (("bapps-2afc", "mean", "2afc"), ("bapps-jnd", "pooled", "jnd_ap")):
-                rows.append(dict(benchmark="similarity", dataset=ds, split=split, arch=a, layer=x,
-                                 comparison="spatial", channel_norm=True, metric=metric,
-                                 value=0.6 + 0.02 * int(x) + rng.normal(0, 0.01), n=10))
-            rows.append(dict(benchmark="super_resolution", dataset="set5", split="test", arch=a, layer=x,
-                             variant="x4/standard", metric="psnr", value=rng.normal(22, 1), n=5))
+            for ds, split, metric in (
+                ("bapps-2afc", "mean", "2afc"),
+                ("bapps-jnd", "pooled", "jnd_ap"),
+            ):
+                rows.append(
+                    dict(
+                        benchmark="similarity",
+                        dataset=ds,
+                        split=split,
+                        arch=a,
+                        layer=x,
+                        comparison="spatial",
+                        channel_norm=True,
+                        metric=metric,
+                        value=0.6 + 0.02 * int(x) + rng.normal(0, 0.01),
+                        n=10,
+                    )
+                )
+            rows.append(
+                dict(
+                    benchmark="super_resolution",
+                    dataset="set5",
+                    split="test",
+                    arch=a,
+                    layer=x,
+                    variant="x4/standard",
+                    metric="psnr",
+                    value=rng.normal(22, 1),
+                    n=5,
+                )
+            )
     for a in ("alexnet", "squeezenet1_1"):
         for rk in range(3):
             b = rng.uniform(0.5, 0.7)
-            rows.append(dict(benchmark="adaptation", dataset="svhn", split="test", arch=a, layer="lpips",
-                             comparison="spatial", channel_norm=True, variant="baseline", ranking=rk,
-                             metric="2afc", value=b, n=50))
-            rows.append(dict(benchmark="adaptation", dataset="svhn", split="test", arch=a, layer="lpips",
-                             comparison="spatial", channel_norm=True, variant="adapted", ranking=rk, run=0,
-                             metric="2afc", value=b + 0.1, n=50))
+            rows.append(
+                dict(
+                    benchmark="adaptation",
+                    dataset="svhn",
+                    split="test",
+                    arch=a,
+                    layer="lpips",
+                    comparison="spatial",
+                    channel_norm=True,
+                    variant="baseline",
+                    ranking=rk,
+                    metric="2afc",
+                    value=b,
+                    n=50,
+                )
+            )
+            rows.append(
+                dict(
+                    benchmark="adaptation",
+                    dataset="svhn",
+                    split="test",
+                    arch=a,
+                    layer="lpips",
+                    comparison="spatial",
+                    channel_norm=True,
+                    variant="adapted",
+                    ranking=rk,
+                    run=0,
+                    metric="2afc",
+                    value=b + 0.1,
+                    n=50,
+                )
+            )
         for ps, n in (("invert", 11), ("translate", 5)):
-            rows.append(dict(benchmark="probes", dataset="probes", split=ps, arch=a, layer="lpips",
-                             comparison="mean", channel_norm=False, variant="generated", metric="correct",
-                             value=float(n - 1), n=n))
+            rows.append(
+                dict(
+                    benchmark="probes",
+                    dataset="probes",
+                    split=ps,
+                    arch=a,
+                    layer="lpips",
+                    comparison="mean",
+                    channel_norm=False,
+                    variant="generated",
+                    metric="correct",
+                    value=float(n - 1),
+                    n=n,
+                )
+            )
     return _scores(rows)
 
 
 CFG = {
     "input_sizes": {"similarity": SIZE, "super_resolution": SIZE, "adaptation": SIZE},
     "scores": [
-        {"name": "2AFC", "benchmark": "similarity", "dataset": "bapps-2afc", "split": "mean", "metric": "2afc"},
+        {
+            "name": "2AFC",
+            "benchmark": "similarity",
+            "dataset": "bapps-2afc",
+            "split": "mean",
+            "metric": "2afc",
+        },
         {"name": "JND", "benchmark": "similarity", "dataset": "bapps-jnd", "metric": "jnd_ap"},
         {"name": "PSNR", "benchmark": "super_resolution", "metric": "psnr"},
     ],
@@ -378,7 +550,6 @@ def test_tables_and_figures_with_partial_results(attrs, tmp_path, which):
         assert len(no_data) == len(FIGURES)
 
 
-
 # ----------------------------------------------------------------------------- the rules
 
 
@@ -396,9 +567,20 @@ def test_figures_target_and_replot_only(tmp_path):
         assert (results / "figures" / f"{f}.png").stat().st_size > 0
     override = tmp_path / "dpi.yaml"
     override.write_text("analysis:\n  figures: {dpi: 77}\n")
-    dry = snakemake("figures", "-n", "--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
-                    str(override), "--config", f"results_dir={results}",
-                    f"resources_dir={tmp_path / 'resources'}", "benchmarks=[]", timeout=600)
+    dry = snakemake(
+        "figures",
+        "-n",
+        "--cores",
+        "2",
+        "--configfile",
+        str(ROOT / "config" / "demo.yaml"),
+        str(override),
+        "--config",
+        f"results_dir={results}",
+        f"resources_dir={tmp_path / 'resources'}",
+        "benchmarks=[]",
+        timeout=600,
+    )
     # the "Job stats:" table: header, rule, dashes, then "<rule> <count>" lines up to a blank line
     lines = dry.stdout.splitlines()
     start = lines.index("Job stats:") + 3

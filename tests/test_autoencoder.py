@@ -1,4 +1,5 @@
-"""Benchmark 4: the autoencoder, the MLP grid and its selection rule, the train/encode/fit jobs."""
+"""Benchmark 4: the autoencoder, the MLP grid and its selection rule, the train/encode/mlp
+commands (workflow.benchmarks.autoencoder, workflow.models.autoencoder, workflow.models.mlp)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,32 @@ import pandas as pd
 import pytest
 import torch
 
+from workflow import cli
+from workflow.archs import LossNet, UnknownLossNetError
 from workflow.benchmarks import autoencoder as bench
+from workflow.datasets.arrays import CorruptFileError
+from workflow.datasets.bank import EpochSampler
+from workflow.files import save_npz
 from workflow.models.autoencoder import ConvAutoencoder
 from workflow.models.mlp import HIDDEN_GRID, GridSelection, MLPGrid, mlp_name, select_best
-
-COMMON = {"device": "cpu", "precision": "fp32"}
+from workflow.plan import as_json
+from workflow.training import save_model
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # tiny convolutions on a shared 2-core machine: a thread pool only adds contention
+    # tiny convolutions and MLPs on a shared 2-core machine: a thread pool only adds
+    # contention (the commands set the job's threads process-wide; restored at the end)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _padded(images: np.ndarray, pad: int) -> torch.Tensor:
+    """The autoencoder input by hand: NumPy reflect padding, NCHW float in [0, 1]."""
+    x = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -45,8 +58,7 @@ def test_code_size_and_reconstruction_shape(size, enc_side, g):
         y = ae(x)
     assert y.shape == x.shape
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0  # sigmoid output
-    feats = ae.decoder[:3](z)
-    assert feats.shape == (3, 1024, g, g)
+    assert ae.decoder[:3](z).shape == (3, 1024, g, g)
 
 
 def test_unsupported_size_fails_clearly():
@@ -56,45 +68,85 @@ def test_unsupported_size_fails_clearly():
         ConvAutoencoder(64).encode(torch.rand(1, 3, 96, 96))
 
 
-# ----------------------------------------------------------------------------- data helpers
+# ----------------------------------------------------------------------------- data
 
 
-def test_image_bank_matches_numpy_reflect_pad():
-    rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    bank = bench.ImageBank(imgs, 16, torch.device("cpu"))
-    got = bank.batch(torch.tensor([3, 1])).numpy()
-    want = np.pad(imgs[[3, 1]], ((0, 0), (16, 16), (16, 16), (0, 0)), mode="reflect")
-    want = want.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    assert got.shape == (2, 3, 64, 64)
-    np.testing.assert_allclose(got, want, atol=1e-7)
+@pytest.mark.parametrize(("dataset", "pad", "size"), [("svhn", 16, 64), ("stl10", 0, 96)])
+def test_inputs_are_the_reflect_padded_images(prepared, cpu_job, dataset, pad, size):
+    spec = bench.DATASETS[dataset]
+    assert (spec.pad, spec.size) == (pad, size)
+    folder = prepared("svhn") if dataset == "svhn" else prepared(dataset, unlabeled=4)
+    images, labels = bench.load_split({dataset: folder}, dataset, "train", 5, seed=0)
+    assert images.shape == (5, size - 2 * pad, size - 2 * pad, 3) and labels.dtype == np.int64
+    got = bench.inputs(cpu_job("autoencoder", "train"), images, spec)(torch.tensor([3, 1]))
+    assert got.shape == (2, 3, size, size)
+    torch.testing.assert_close(got, _padded(images[[3, 1]], pad), atol=1e-7, rtol=0)
 
 
-def test_seeded_split_is_reproducible_disjoint_and_80_20():
+def test_seeded_subset_and_split():
     tr, va = bench.seeded_split(1000, 0.2, seed=7)
     tr2, va2 = bench.seeded_split(1000, 0.2, seed=7)
     assert len(va) == 200 and len(tr) == 800
     assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
     assert set(tr).isdisjoint(va) and set(tr) | set(va) == set(range(1000))
     assert not np.array_equal(va, bench.seeded_split(1000, 0.2, seed=8)[1])
+    sub = bench.seeded_subset(100, 10, seed=0)
+    assert len(set(sub)) == 10 and list(sub) == sorted(sub) and sub.max() < 100
+    assert np.array_equal(sub, bench.seeded_subset(100, 10, seed=0))
+    assert np.array_equal(bench.seeded_subset(5, None, 0), np.arange(5))
+    assert np.array_equal(bench.seeded_subset(5, 9, 0), np.arange(5))
+    with pytest.raises(ValueError, match="too few"):
+        bench.seeded_split(2, 0.2, seed=0)
 
 
-def test_steps_per_epoch_drops_a_single_trailing_image():
-    assert bench.steps_per_epoch(512, 256) == 2
-    assert bench.steps_per_epoch(513, 256) == 2  # a batch of one cannot train BatchNorm
-    assert bench.steps_per_epoch(514, 256) == 3
-    batches = bench.EpochBatches(10, 4, seed=0)
-    e0 = torch.cat([batches(s) for s in range(3)])
+def test_a_trailing_batch_of_one_image_is_dropped():
+    steps = {n: EpochSampler(n, 256, 0, min_batch=bench.MIN_BATCH).steps_per_epoch
+             for n in (512, 513, 514)}
+    assert steps == {512: 2, 513: 2, 514: 3}  # a batch of one cannot train BatchNorm
+    sampler = EpochSampler(10, 4, 0, min_batch=bench.MIN_BATCH)
+    e0 = torch.cat([sampler(s) for s in range(3)])
     assert sorted(e0.tolist()) == list(range(10))  # one epoch = every item once
 
 
-def test_bad_prepared_array_names_the_file(tmp_path):
+def test_bad_prepared_arrays_name_the_file(tmp_path):
     np.save(tmp_path / "train_images.npy", np.zeros((4, 30, 30, 3), np.uint8))
     np.save(tmp_path / "train_labels.npy", np.zeros(4, np.int64))
-    with pytest.raises(ValueError, match="train_images.npy"):
-        bench.load_split(tmp_path, bench.DATASETS["svhn"], "train")
+    np.save(tmp_path / "extra_images.npy", np.zeros((4, 32, 32, 3), np.uint8))
+    np.save(tmp_path / "extra_labels.npy", np.full(4, 12, np.int64))
+    prepared = {"svhn": tmp_path}
+    with pytest.raises(CorruptFileError, match="train_images.npy"):
+        bench.load_split(prepared, "svhn", "train", None, 0)
+    with pytest.raises(CorruptFileError, match="extra_labels.npy"):
+        bench.load_split(prepared, "svhn", "extra", None, 0)
     with pytest.raises(FileNotFoundError, match="test_images.npy"):
-        bench.load_split(tmp_path, bench.DATASETS["svhn"], "test")
+        bench.load_split(prepared, "svhn", "test", None, 0)
+    with pytest.raises(ValueError, match="--dataset"):
+        bench.load_split(prepared, "mnist", "train", None, 0)
+
+
+def test_net_ids():
+    assert bench.parse_net("pixel") is None
+    assert bench.parse_net("alexnet/1") == LossNet("alexnet", "1")
+    with pytest.raises(UnknownLossNetError, match="--net"):
+        bench.parse_net("alexnet/9")
+
+
+def test_reconstruction_losses_by_hand(cpu_job):
+    import torchvision
+
+    torch.manual_seed(1)
+    out, x = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    pixel, none = bench.reconstruction_loss(cpu_job("autoencoder", "train"), None, "none")
+    assert none is None and float(pixel(out, x)) == pytest.approx(float(((out - x) ** 2).mean()))
+    job = cpu_job("autoencoder", "train", "alexnet")
+    assert (job.weights, job.weights_seed) == ("random", 0)  # the demo's loss networks
+    loss, extractor = bench.reconstruction_loss(job, LossNet("alexnet", "1"), "none")
+    torch.manual_seed(0)  # "random" weights: torchvision's initialisation under the seed
+    relu1 = torchvision.models.alexnet(weights=None).features[:2].eval()
+    with torch.no_grad():  # raw [0, 1] input (normalize: none), alexnet layer 1 = relu1
+        want = float(((relu1(out) - relu1(x)) ** 2).mean())
+        assert float(loss(out, x)) == pytest.approx(want, rel=1e-5)
+    assert not any(p.requires_grad for p in extractor.parameters())
 
 
 # ----------------------------------------------------------------------------- MLP grid
@@ -106,7 +158,8 @@ def test_mlp_grid_architectures():
     assert grid.names[0] == "mlp[]" and grid.names[4] == "mlp[64,32]"
     # parameter counts by hand: sum over layers of in*out + out
     want = [64 * 10 + 10, 64 * 32 + 32 + 32 * 10 + 10, 64 * 64 + 64 + 64 * 10 + 10,
-            64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10, 64 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10,
+            64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10,
+            64 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10,
             64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10,
             64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10]
     assert [sum(p.numel() for p in n.parameters()) for n in grid.nets] == want
@@ -121,7 +174,6 @@ def test_mlp_loss_is_mse_against_one_hot_summed_over_active_nets():
     onehot = torch.eye(3)[y]
     with torch.no_grad():
         per = [float(((net(z) - onehot) ** 2).mean()) for net in grid.nets]
-    with torch.no_grad():
         assert float(grid.loss(z, y)) == pytest.approx(sum(per), rel=1e-6)
         assert float(grid.loss(z, y, [False, True])) == pytest.approx(per[1], rel=1e-6)
 
@@ -138,7 +190,7 @@ def test_inactive_nets_are_not_updated():
         opt.step()
         if active[0] is False:
             frozen = [p.clone() for p in grid.nets[0].parameters()]
-    assert all(torch.equal(a, b) for a, b in zip(frozen, grid.nets[0].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, grid.nets[0].parameters(), strict=True))
     assert not torch.equal(before[-1], list(grid.parameters())[-1])
 
 
@@ -176,41 +228,31 @@ def test_per_net_early_stopping_keeps_each_nets_best_weights():
     assert select_best(sel.best_acc) == 2
 
 
-# ----------------------------------------------------------------------------- the jobs
+# ----------------------------------------------------------------------------- the commands
 
 
-def _toy_prepared(path, n_ae=100, n_train=240, n_test=160, seed=0):
-    """SVHN-format arrays (uint8 [N,32,32,3] + int64 labels) of 4 well separated classes:
-    each class a distinct colour, plus noise."""
-    rng = np.random.default_rng(seed)
-    colours = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 220]])
-    path.mkdir(parents=True, exist_ok=True)
-    for split, n in (("extra", n_ae), ("train", n_train), ("test", n_test)):
-        y = rng.integers(0, 4, n)
-        x = colours[y][:, None, None, :] + rng.normal(0, 20, (n, 32, 32, 3))
-        np.save(path / f"{split}_images.npy", np.clip(x, 0, 255).astype(np.uint8))
-        np.save(path / f"{split}_labels.npy", y.astype(np.int64))
-    return path
-
-
-def _cfg(**train):
-    return {"seed": 0, "val_fraction": 0.2, "eval_batch_size": 512,
-            "train": {"epochs": 2, "patience": 10, "batch_size": 40, "lr": 1e-3,
-                      "normalize": "none", "code_size": 64, **train},
-            "encode": {"batch_size": 64},
-            "mlp": {"epochs": 60, "patience": 10, "batch_size": 32, "lr": 3e-3}}
+def _argv(plan, stage, net, **paths):
+    """The command line the rule writes (plan's config and settings, on the CPU)."""
+    arch = None if net == "pixel" else net.split("/")[0]
+    config = {**plan.stage_config("autoencoder", stage, arch), "precision": "fp32"}
+    settings = {**plan.stage_settings("autoencoder", stage, 1), "device": "cpu"}
+    argv = ["--config", as_json(config), "--settings", as_json(settings)]
+    for k, v in paths.items():
+        argv += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    return argv
 
 
 @pytest.fixture(scope="module")
-def toy_job(tmp_path_factory):
-    """The three jobs on the toy set with the pixel baseline; encoder calls counted."""
-    root = tmp_path_factory.mktemp("ae")
-    prepared = _toy_prepared(root / "prepared")
-    job = root / "pixel" / "svhn" / "run0"
-    cfg = _cfg()
-    torch.manual_seed(0)
-    bench.train_autoencoder(job, "svhn", prepared, "pixel", 0, cfg, COMMON, {}, progress=False)
-    encoded = []
+def pixel_job(tmp_path_factory, demo_plan, prepared):
+    """The three commands of the rules for the pixel baseline on SVHN (demo config);
+    the images the encoder saw are recorded."""
+    root = tmp_path_factory.mktemp("ae") / "pixel" / "svhn" / "run0"
+    data = prepared("svhn")
+    meta = cli.run("autoencoder", "train", [
+        "--net", "pixel", "--dataset", "svhn", "--run", "0",
+        *_argv(demo_plan, "train", "pixel", prepared=[data], workdir=root / "train",
+               out=root / "autoencoder.pt")])
+    encoded: list[int] = []
     orig = ConvAutoencoder.encode
 
     def counting_encode(self, x):
@@ -219,61 +261,156 @@ def toy_job(tmp_path_factory):
 
     ConvAutoencoder.encode = counting_encode
     try:
-        bench.encode_codes(job, "svhn", prepared, cfg, COMMON)
+        cli.run("autoencoder", "encode", ["--dataset", "svhn", *_argv(
+            demo_plan, "encode", "pixel", model=root / "autoencoder.pt", prepared=[data],
+            out=root / "codes.npz")])
     finally:
         ConvAutoencoder.encode = orig
-    return {"job": job, "cfg": cfg, "encoded": encoded, "prepared": prepared}
+    return {"root": root, "meta": meta, "encoded": encoded, "prepared": data}
 
 
-def test_codes_are_computed_once_and_reused_by_all_mlps(toy_job, monkeypatch):
-    job = toy_job["job"]
-    assert sum(toy_job["encoded"]) == 240 + 160  # every labelled image encoded exactly once
-    codes = job / "codes.npz"
+def _fit(demo_plan, job, net="pixel", workdir="mlps", scores="scores.parquet"):
+    root = job["root"]
+    return cli.run("autoencoder", "mlp", [
+        "--net", net, "--dataset", "svhn", "--run", "0",
+        *_argv(demo_plan, "mlp", net, codes=root / "codes.npz", workdir=root / workdir,
+               samples=root / f"{workdir}.parquet", scores=root / scores)])
+
+
+def test_model_file_holds_what_encode_needs(pixel_job):
+    ae, meta = bench.load_autoencoder(pixel_job["root"] / "autoencoder.pt")
+    assert (meta["size"], meta["code_size"], meta["net"], meta["dataset"]) == (64, 64, "pixel",
+                                                                              "svhn")
+    # demo: 40 of the extra images, 32 / 8 split, batch 16 -> 2 steps, 1 epoch
+    assert (meta["n_train"], meta["n_val"], meta["steps"], meta["epochs_run"]) == (32, 8, 2, 1)
+    assert meta == pixel_job["meta"] and isinstance(ae, ConvAutoencoder) and not ae.training
+
+
+def test_codes_are_computed_once_and_reused_by_all_mlps(demo_plan, pixel_job, monkeypatch):
+    root = pixel_job["root"]
+    assert sum(pixel_job["encoded"]) == 100 + 50  # every drawn labelled image encoded once
+    codes = root / "codes.npz"
     stamp, blob = codes.stat().st_mtime_ns, codes.read_bytes()
 
     def forbidden(*a, **k):
-        raise AssertionError("fit-mlps must not run the encoder")
+        raise AssertionError("the mlp command must not run the encoder")
 
     monkeypatch.setattr(ConvAutoencoder, "encode", forbidden)
     monkeypatch.setattr(bench, "load_autoencoder", forbidden)
-    bench.fit_mlps(job, "svhn", 0, toy_job["cfg"], COMMON, progress=False)
+    _fit(demo_plan, pixel_job)
     assert codes.stat().st_mtime_ns == stamp and codes.read_bytes() == blob
-    per = pd.read_parquet(job / "mlps.parquet")
-    assert len(per) == 7 and per["n_train"].eq(192).all() and per["n_test"].eq(160).all()
-    with np.load(codes) as f:
-        assert f["train_codes"].shape == (240, 64) and f["test_codes"].shape == (160, 64)
+    per = pd.read_parquet(root / "mlps.parquet")
+    assert len(per) == 7 and per["n_train"].eq(80).all() and per["n_test"].eq(50).all()
 
 
-def test_trained_autoencoder_codes_beat_chance_and_scores_schema(toy_job):
-    job = toy_job["job"]
-    if not (job / "scores.parquet").exists():
-        bench.fit_mlps(job, "svhn", 0, toy_job["cfg"], COMMON, progress=False)
-    df = pd.read_parquet(job / "scores.parquet")
-    per = pd.read_parquet(job / "mlps.parquet")
-    best = df[(df.variant == "best-val-mlp") & (df.split == "test") & (df.metric == "accuracy")]
-    assert len(best) == 1
-    assert float(best.value.iloc[0]) > 0.7  # 4 classes: chance is 0.25
-    # the reported score follows the stated rule, checked against the per-MLP table
-    k = int(np.argmax(per.val_accuracy.to_numpy()))  # argmax: first of ties
-    assert float(best.value.iloc[0]) == pytest.approx(per.test_accuracy.iloc[k])
+def test_codes_and_pixel_mse_by_hand(pixel_job):
+    # the seeded draws of the labelled splits through the saved autoencoder, padded by NumPy
+    root, data = pixel_job["root"], pixel_job["prepared"]
+    ae, _ = bench.load_autoencoder(root / "autoencoder.pt")
+    with np.load(root / "codes.npz") as f:
+        codes = {k: f[k] for k in f.files}
+    for split, n in (("train", 100), ("test", 50)):
+        idx = bench.seeded_subset(len(np.load(data / f"{split}_images.npy")), n, seed=0)
+        x = _padded(np.load(data / f"{split}_images.npy")[idx], 16)
+        np.testing.assert_array_equal(codes[f"{split}_labels"],
+                                      np.load(data / f"{split}_labels.npy")[idx])
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(codes[f"{split}_codes"]), ae.encode(x),
+                                       rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        mse = float(((ae(x) - x) ** 2).mean())
+    assert float(codes["test_pixel_mse"]) == pytest.approx(mse, rel=1e-5)
+
+
+def _by_hand_accuracy(state: dict, k: int, hidden: list[int], z: np.ndarray, y: np.ndarray):
+    """Net ``k`` of the selection's best weights, as matrix products and LeakyReLU(0.01)."""
+    h = torch.from_numpy(z)
+    for i in range(len(hidden) + 1):
+        w, b = state[f"best.nets.{k}.{2 * i}.weight"], state[f"best.nets.{k}.{2 * i}.bias"]
+        h = h @ w.T + b
+        if i < len(hidden):
+            h = torch.where(h > 0, h, 0.01 * h)
+    return float((h.argmax(1).numpy() == y).mean())
+
+
+def test_scores_follow_the_selection_rule(demo_plan, pixel_job):
+    root = pixel_job["root"]
+    if not (root / "scores.parquet").exists():
+        _fit(demo_plan, pixel_job)
+    df, per = pd.read_parquet(root / "scores.parquet"), pd.read_parquet(root / "mlps.parquet")
+    best = df[(df.variant == "best-val-mlp") & (df.split == "test")]
+    assert len(best) == 1 and best.metric.iloc[0] == "accuracy" and best.n.iloc[0] == 50
+    k = int(np.argmax(per.val_accuracy.to_numpy()))  # argmax: the first of ties
+    assert float(best.value.iloc[0]) == per.test_accuracy.iloc[k]
     assert per.selected.tolist() == [i == k for i in range(7)]
     assert set(df.variant) == {"best-val-mlp", "autoencoder", *per.mlp}
-    assert (df.arch == "").all() and (df.layer == "").all() and (df.benchmark == "autoencoder").all()
-    # every MLP's test accuracy, recomputed from the codes with a majority-free check
-    assert df[(df.split == "test") & df.variant.str.startswith("mlp")].shape[0] == 7
-    # the pixel MSE of the test reconstructions: recompute it from the saved autoencoder
-    ae = bench.load_autoencoder(job / "autoencoder.pt")
-    x = np.load(toy_job["prepared"] / "test_images.npy")
-    xt = torch.nn.functional.pad(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255,
-                                 (16,) * 4, mode="reflect")
-    with torch.no_grad():
-        mse = float(((ae(xt) - xt) ** 2).mean())
-    row = df[df.metric == "pixel_mse"]
-    assert float(row.value.iloc[0]) == pytest.approx(mse, rel=1e-4)
+    assert len(df) == 3 + 2 * 7
+    assert (df.arch == "").all() and (df.layer == "").all() and (df.weights_id == "none").all()
+    assert (df.benchmark == "autoencoder").all() and (df.run == 0).all()
+    pixel = df[df.metric == "pixel_mse"].value.iloc[0]
+    assert pixel == float(np.load(root / "codes.npz")["test_pixel_mse"])
+    # every net's test accuracy, recomputed from the codes and the kept best weights
+    state = torch.load(root / "mlps" / "best.pt", weights_only=True)["modules"]["selection"]
+    with np.load(root / "codes.npz") as f:
+        z, y = f["test_codes"], f["test_labels"]
+    for k, row in per.iterrows():
+        got = _by_hand_accuracy(state, k, json.loads(row.hidden), z, y)
+        assert got == pytest.approx(row.test_accuracy)
+        assert df[(df.variant == row.mlp) & (df.split == "test")].value.iloc[0] == got
 
 
-def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
-    prepared = _toy_prepared(tmp_path / "prepared", n_ae=20, n_train=8, n_test=8)
+def test_loss_network_columns_come_from_the_net_and_the_job(demo_plan, pixel_job):
+    df = _fit(demo_plan, pixel_job, net="alexnet/1", workdir="mlps_alexnet",
+              scores="scores_alexnet.parquet")
+    assert (df.arch == "alexnet").all() and (df.layer == "1").all()
+    assert (df.weights_id == "random").all()  # the demo's weights
+    # the same codes and seeds: the same numbers as the pixel job's fit
+    again = _fit(demo_plan, pixel_job)  # resumes: the fit is already done
+    cols = ["split", "variant", "metric", "value", "n"]
+    pd.testing.assert_frame_equal(df[cols], again[cols])
+
+
+def test_mlps_learn_separable_codes(cpu_job, tmp_path):
+    # codes of four well separated classes: every MLP of the grid must learn them
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (4, 64)).astype(np.float32)
+
+    def draw(n):
+        y = rng.integers(0, 4, n)
+        return centres[y] + rng.normal(0, 0.5, (n, 64)).astype(np.float32), y.astype(np.int64)
+
+    (trz, try_), (tez, tey) = draw(200), draw(100)
+    save_npz(tmp_path / "codes.npz", {"train_codes": trz, "train_labels": try_,
+                                      "test_codes": tez, "test_labels": tey,
+                                      "test_pixel_mse": np.float64(0.1)})
+    job = cpu_job("autoencoder", "mlp")
+    config = {**job.config, "mlp": {**job.config["mlp"], "epochs": 8, "batch_size": 50,
+                                    "lr": 1e-2}}
+    df = bench.fit_mlps(job, config, "pixel", "svhn", 0, tmp_path / "codes.npz",
+                        tmp_path / "mlps", tmp_path / "mlps.parquet", tmp_path / "s.parquet")
+    best = df[(df.variant == "best-val-mlp") & (df.split == "test")].value.iloc[0]
+    assert best > 0.9  # chance is 0.25
+
+
+def test_bad_codes_and_models_fail_clearly(cpu_job, pixel_job, prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match="encode rule"):
+        bench.read_codes(tmp_path / "codes.npz")
+    save_npz(tmp_path / "codes.npz", {"train_codes": np.zeros((4, 64), np.float32)})
+    with pytest.raises(ValueError, match="codes.npz.*rerun the encode rule"):
+        bench.read_codes(tmp_path / "codes.npz")
+    job = cpu_job("autoencoder", "encode")
+    args = {"prepared": {"svhn": prepared("svhn")}, "out": tmp_path / "c.npz"}
+    with pytest.raises(ValueError, match="--model"):
+        bench.encode(job, job.config, "svhn", None, **args)
+    with pytest.raises(ValueError, match="trained on 'svhn', not --dataset 'stl10'"):
+        bench.encode(job, job.config, "stl10", pixel_job["root"] / "autoencoder.pt", **args)
+    save_model(tmp_path / "other.pt", {"autoencoder": torch.nn.Linear(2, 2)}, {"net": "x"})
+    with pytest.raises(ValueError, match="not an autoencoder model file"):
+        bench.encode(job, job.config, "svhn", tmp_path / "other.pt", **args)
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_early_stopping_restores_the_best_epoch(cpu_job, prepared, tmp_path, monkeypatch):
     script = [0.5, 0.2, 0.3, 0.4, 0.1]  # val loss per epoch; patience 2 stops after epoch 4
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -283,19 +420,22 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
         seen.append((x.clone(), out.clone()))
         return torch.tensor(script[len(seen) - 1])
 
-    monkeypatch.setattr(bench, "make_loss", lambda *a, **k: (scripted, None))
-    cfg = _cfg(epochs=5, patience=2, batch_size=16, lr=1e-2)
-    job = tmp_path / "job"
-    info = bench.train_autoencoder(job, "svhn", prepared, "pixel", 0, cfg, COMMON, {},
-                                   progress=False)
-    assert len(seen) == 4 and info["stop_reason"] == "early_stop"
-    assert info["best_epoch"] == 2 and info["best_val_loss"] == pytest.approx(0.2)
-    ae = bench.load_autoencoder(job / "autoencoder.pt")
-    x2, out2 = seen[1]
-    x4, out4 = seen[3]
+    monkeypatch.setattr(bench, "reconstruction_loss", lambda *a, **k: (scripted, None))
+    job = cpu_job("autoencoder", "train")
+    config = {**job.config, "train": {**job.config["train"], "epochs": 5, "patience": 2,
+                                      "batch_size": 16, "lr": 1e-2, "max_images": 20}}
+    meta = bench.train(job, config, "pixel", "svhn", 0, {"svhn": prepared("svhn")},
+                       tmp_path / "train", tmp_path / "ae.pt")
+    assert len(seen) == 4 and meta["stop_reason"] == "early_stop"
+    assert meta["best_epoch"] == 2 and meta["best_val_loss"] == pytest.approx(0.2)
+    assert meta["epochs_run"] == 4 and meta["steps_per_epoch"] == 1  # 16 train images
+    ae, _ = bench.load_autoencoder(tmp_path / "ae.pt")
+    (x2, out2), (x4, out4) = seen[1], seen[3]
     with torch.no_grad():
-        again = ae(x2)
-    torch.testing.assert_close(again, out2)  # the weights of epoch 2, not of the last epoch
-    assert not torch.allclose(ae(x4), out4)
-    saved = json.loads((job / "train.json").read_text())
-    assert saved["epochs_run"] == 4
+        torch.testing.assert_close(ae(x2), out2)  # the weights of epoch 2, not of the last
+        assert not torch.allclose(ae(x4), out4)
+    # a rerun resumes (the fingerprint ignores the checkpoint interval): nothing retrains
+    settings = {**job.settings, "train": {"checkpoint_every": 3}}
+    again = bench.train(cpu_job("autoencoder", "train", **settings), config, "pixel", "svhn",
+                        0, {"svhn": prepared("svhn")}, tmp_path / "train", tmp_path / "ae2.pt")
+    assert again["stop_reason"] == "already_done" and len(seen) == 4

@@ -1,4 +1,5 @@
-"""BAPPS: synthesize -> prepare -> load, failure modes, and the scoring command."""
+"""The BAPPS dataset (workflow/datasets/bapps.py): synthesize -> prepare -> load, pairing by
+stem, and the failure modes of a damaged raw tree."""
 
 from __future__ import annotations
 
@@ -7,29 +8,28 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from workflow.benchmarks import similarity as bench
+from workflow.cli import main
 from workflow.datasets import bapps
-from workflow.lossnets import build_extractor
 from workflow.metrics.similarity import score_2afc
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bapps") / "raw"
-    assert bapps.main(["synthesize", "--raw", str(root), "--seed", "1"]) == 0
-    return root
+def bapps_dirs(prepared) -> tuple[Path, Path]:
+    out = prepared("bapps")
+    return out.parent / "raw", out  # the conftest fixture keeps raw/ next to prepared/
 
 
 @pytest.fixture(scope="module")
-def prepared(raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    bapps.prepare(raw, out, workers=2)
-    return out
+def raw(bapps_dirs) -> Path:
+    return bapps_dirs[0]
+
+
+@pytest.fixture(scope="module")
+def bapps_prepared(bapps_dirs) -> Path:
+    return bapps_dirs[1]
 
 
 def _expected_image(path: Path) -> np.ndarray:
@@ -51,7 +51,8 @@ def test_synthesize_writes_the_upstream_layout(raw):
         assert sorted((root / "jnd" / "val" / s / "same").glob("*.npy"))
 
 
-def test_round_trip(raw, prepared):
+def test_round_trip(raw, bapps_prepared):
+    prepared = bapps_prepared
     import json
 
     manifest = json.loads((prepared / "manifest.json").read_text())
@@ -71,7 +72,8 @@ def test_round_trip(raw, prepared):
         bapps.load(prepared, "2afc", "val", "nonexistent")
 
 
-def test_fake_judgements_are_meaningful(prepared):
+def test_fake_judgements_are_meaningful(bapps_prepared):
+    prepared = bapps_prepared
     # pixel L2 (independent of any network) agrees with the simulated humans above chance
     scores = []
     for s in bapps.TWOAFC_SUBSETS["val"]:
@@ -100,11 +102,13 @@ def test_pairs_by_stem_not_listing_order(raw, tmp_path, monkeypatch):
     assert list(d["names"]) == sorted(d["names"])
     for i, name in enumerate(d["names"]):
         for part in ("ref", "p0"):
-            np.testing.assert_array_equal(d[part][i], _expected_image(tree / "2afc" / "val" / "color" / part / f"{name}.png"))
+            want = _expected_image(tree / "2afc" / "val" / "color" / part / f"{name}.png")
+            np.testing.assert_array_equal(d[part][i], want)
 
 
 def _small_tree(raw: Path, dst: Path) -> Path:
-    shutil.copytree(raw / "dataset" / "2afc" / "val" / "deblur", dst / "dataset" / "2afc" / "val" / "deblur")
+    sub = Path("dataset") / "2afc" / "val" / "deblur"
+    shutil.copytree(raw / sub, dst / sub)
     return dst
 
 
@@ -124,7 +128,8 @@ def test_corrupt_png_names_the_file(raw, tmp_path):
     victim = tree / "dataset" / "2afc" / "val" / "deblur" / "p0" / "000005.png"
     victim.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     out = tmp_path / "out"
-    assert bapps.main(["prepare", "--raw", str(tree), "--out", str(out)]) == 1
+    (tree / "READY").write_text("{}")
+    assert main(["data", "prepare", "bapps", "--raw", str(tree), "--out", str(out)]) == 1
     with pytest.raises(bapps.BappsError, match=str(victim)):
         bapps.prepare(tree, out)
     assert not (out / "manifest.json").exists()
@@ -137,107 +142,11 @@ def test_no_2afc_folder_is_an_error(tmp_path):
         bapps.prepare(tmp_path / "empty", tmp_path / "out")
 
 
-def test_score_cli_rows_for_every_lossnet_and_variant(prepared, tmp_path):
-    nets = ["alexnet/1", "alexnet/lpips"]
-    samples_p, summary_p = tmp_path / "samples.parquet", tmp_path / "summary.parquet"
-    rc = bench.main([
-        "score", "--arch", "alexnet", "--config", '{"batch_size": 5}',
-        "--lossnet", '{"weights": "random", "seed": 0, "lossnets": ["alexnet/1", "alexnet/lpips"]}',
-        "--common", '{"device": "cpu", "precision": "auto"}', "--prepared", str(prepared),
-        "--out-samples", str(samples_p), "--out-summary", str(summary_p), "--threads", "1",
-    ])
-    assert rc == 0
-    summary = pd.read_parquet(summary_p)
-    samples = pd.read_parquet(samples_p)
-    splits_2afc = {*bapps.TWOAFC_SUBSETS["val"], "mean"}
-    for layer in ("1", "lpips"):
-        for method in ("spatial", "mean", "sort", "spatial+mean", "spatial+sort"):
-            for norm in (True, False):
-                rows = summary[(summary.layer == layer) & (summary.comparison == method)
-                               & (summary.channel_norm == norm)]
-                assert set(rows[rows.metric == "2afc"].split) == splits_2afc
-                assert set(rows[rows.metric == "jnd_ap"].split) == {"traditional", "cnn", "pooled"}
-    assert len(summary) == len(nets) * 10 * 10
-    assert summary.value.between(0, 1).all()
-    assert (summary.benchmark == "similarity").all() and summary.config_hash.notna().all()
-    assert (summary.weights_id == "random").all() and (summary.device == "cpu").all()
-
-    # the 2AFC rows follow from the per-sample distances by the formula, computed here by hand
-    s2 = samples[(samples.dataset == "bapps-2afc") & (samples.layer == "lpips")
-                 & (samples.comparison == "sort") & (~samples.channel_norm)]
-    per = []
-    for subset, g in s2.groupby("split", observed=True):
-        agree = np.where(g.d0 < g.d1, 1 - g.judge, np.where(g.d1 < g.d0, g.judge, 0.5)).mean()
-        row = summary[(summary.layer == "lpips") & (summary.comparison == "sort")
-                      & (~summary.channel_norm) & (summary.split == subset)
-                      & (summary.dataset == "bapps-2afc")]
-        assert row.value.item() == pytest.approx(agree)
-        per.append(agree)
-    mean_row = summary[(summary.layer == "lpips") & (summary.comparison == "sort")
-                       & (~summary.channel_norm) & (summary.split == "mean")]
-    assert mean_row.value.item() == pytest.approx(np.mean(per))
-
-    # one distance recomputed directly: LPIPS convention, spatial + channel norm on layer 1
-    d = bapps.load(prepared, "2afc", "val", "superres")
-    ex = build_extractor("alexnet", [1], weights="random", seed=0)
-    with torch.no_grad():
-        x = torch.from_numpy(np.array(d["ref"][2:3])).permute(0, 3, 1, 2).float() / 255
-        y = torch.from_numpy(np.array(d["p1"][2:3])).permute(0, 3, 1, 2).float() / 255
-        fx, fy = ex(x)[1], ex(y)[1]
-        fx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-        fy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-        expected = (fx - fy).pow(2).sum(1).mean().item()
-    got = samples[(samples.dataset == "bapps-2afc") & (samples.split == "superres")
-                  & (samples.item == 2) & (samples.layer == "1") & (samples.comparison == "spatial")
-                  & samples.channel_norm].d1.item()
-    assert got == pytest.approx(expected, rel=1e-5)
-    assert samples[samples.dataset == "bapps-jnd"].d.notna().all()
-
-
-def test_score_cli_fails_cleanly_on_missing_subset(prepared, tmp_path):
-    rc = bench.main([
-        "score", "--arch", "alexnet", "--config", '{"twoafc_subsets": ["traditional"], "jnd_subsets": []}',
-        "--lossnet", '{"weights": "random", "lossnets": ["alexnet/1"]}',
-        "--common", '{"device": "cpu", "precision": "auto"}', "--prepared", str(tmp_path),
-        "--out-samples", str(tmp_path / "a.parquet"), "--out-summary", str(tmp_path / "b.parquet"),
-    ])
-    assert rc == 1
-    assert not (tmp_path / "b.parquet").exists()
-
-
-def test_peak_activation_bytes_by_hand():
-    # alexnet at 64 px: conv1 gives 64 x 15 x 15 floats, the largest tensor of the pass
-    # (the input is 3 x 64 x 64 = 12288); at 224 px conv1 gives 64 x 55 x 55
-    ex = build_extractor("alexnet", [1, 4], weights="random")
-    assert ex.peak_activation_bytes(64) == 4 * 64 * 15 * 15
-    assert ex.peak_activation_bytes(224) == 4 * 64 * 55 * 55
-
-
-@pytest.mark.parametrize("arch", ["squeezenet1_1", "alexnet"])
-def test_chunked_scoring_equals_one_pass(arch):
-    # on the CPU a batch is scored in chunks of items; every chunking gives the numbers of
-    # one pass over the whole batch (the forward and the scoring are per item)
-    from workflow import compare
-    from workflow.lossnets import all_lossnets
-
-    nets = all_lossnets([arch], lpips_sets=[arch])
-    ex = build_extractor(arch, lossnets=nets, weights="random").to(memory_format=torch.channels_last)
-    variants = compare.all_variants()
-    rng = np.random.default_rng(1)
-    ref, p0, p1 = (rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8) for _ in range(3))
-    cpu = torch.device("cpu")
-    whole = bench.Scorer(ex, nets, variants, cpu, "fp32", forward_bytes=None)
-    per_item = ex.peak_activation_bytes(64)
-    assert whole.items_per_pass(3, 7) == 7
-    for items in (1, 3):
-        chunked = bench.Scorer(ex, nets, variants, cpu, "fp32", forward_bytes=3 * items * per_item)
-        assert chunked.items_per_pass(3, 7) == items
-        a, b = whole.twoafc(ref, p0, p1), chunked.twoafc(ref, p0, p1)
-        assert set(a) == set(b) and len(a) == len(nets) * len(variants)
-        for k in a:
-            assert a[k].shape == (2, 7)
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=str(k))
-        ja, jb = whole.jnd(p0, p1), chunked.jnd(p0, p1)
-        for k in ja:
-            assert ja[k].shape == (7,)
-            torch.testing.assert_close(jb[k], ja[k], rtol=1e-5, atol=1e-7, msg=str(k))
+def test_load_checks_shapes_and_dtypes(bapps_prepared, tmp_path):
+    """A stale or damaged prepared array fails in load(), naming the file and the rule."""
+    bad = tmp_path / "bad"
+    shutil.copytree(bapps_prepared, bad)
+    judge = bad / "2afc_val_cnn_judge.npy"
+    np.save(judge, np.zeros(3, np.float64))
+    with pytest.raises(bapps.CorruptFileError, match=r"2afc_val_cnn_judge\.npy.*prepare_dataset"):
+        bapps.load(bad, "2afc", "val", "cnn")

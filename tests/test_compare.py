@@ -32,14 +32,15 @@ HAND = {
 }
 for _n in (False, True):
     for _b in ("mean", "sort"):
-        HAND[Variant(f"spatial+{_b}", _n)] = [a + b for a, b in
-                                              zip(HAND[Variant("spatial", _n)], HAND[Variant(_b, _n)])]
+        _pairs = zip(HAND[Variant("spatial", _n)], HAND[Variant(_b, _n)], strict=True)
+        HAND[Variant(f"spatial+{_b}", _n)] = [a + b for a, b in _pairs]
 
 
 @pytest.mark.parametrize("variant", list(HAND), ids=lambda v: v.name)
 def test_each_method_by_hand(variant):
     diffs = compare.per_channel_diffs({0: X}, {0: Y}, [variant])
-    torch.testing.assert_close(diffs[variant][0], torch.tensor([HAND[variant]]), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(diffs[variant][0], torch.tensor([HAND[variant]]), atol=1e-6,
+                               rtol=1e-6)
     d = compare.distances({0: X}, {0: Y}, [variant])[variant]
     assert d.shape == (1,)
     assert d.item() == pytest.approx(sum(HAND[variant]), abs=1e-6)
@@ -148,7 +149,8 @@ def test_grouped_diffs_equal_plain_formula(channels_last, chunk, threads):
 def _check_grouped_diffs(channels_last, chunk):
     g = torch.Generator().manual_seed(2)
     n = 5  # ref, p0, p1: 3 sets of 5 items, concatenated as one forward pass would give them
-    feats = {1: torch.randn(3 * n, 4, 3, 5, generator=g).relu(), 7: torch.randn(3 * n, 6, 2, 2, generator=g)}
+    feats = {1: torch.randn(3 * n, 4, 3, 5, generator=g).relu(),
+             7: torch.randn(3 * n, 6, 2, 2, generator=g)}
     feats[1][0, :, 1, 2] = 0  # an all-zero position: the epsilon of the channel norm
     if channels_last:
         feats = {t: z.contiguous(memory_format=torch.channels_last) for t, z in feats.items()}

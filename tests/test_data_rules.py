@@ -16,8 +16,14 @@ import yaml
 from http_server import LoopbackServer
 from snakemake_helpers import ROOT, snakemake
 
-from workflow.download import dataset_module, synthesize_dataset
-from workflow.lossnets import ARCHS, weights_url
+from workflow.archs import ARCHS, weights_url
+from workflow.datasets import registry
+from workflow.datasets.registry import module as dataset_module
+
+
+def synthesize_dataset(name, raw, seed, **sizes):
+    draw = {k: sizes.pop(k) for k in ("n_train", "n_val") if k in sizes and name == "coco"}
+    registry.synthesize(name, raw, seed, {"synthetic": sizes, **draw})
 
 DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10")
 
@@ -73,7 +79,7 @@ def sha256(p: Path) -> str:
 def test_download_and_prepare_every_dataset_through_the_rules(tmp_path):
     src = tmp_path / "mirror"
     sizes = {
-        "bapps": {},
+        "bapps": {"n_val": 12, "n_train": 4, "n_jnd": 12, "size": 80},
         "coco": {"train": 24, "val": 6, "n_train": 1, "n_val": 1},
         "sr_test": {"set5": 5, "set14": 14, "bsd100": 3},  # every file FILES names
         "roads": {"train": 2, "valid": 1, "test": 1, "size": 64},
@@ -127,7 +133,8 @@ def test_download_and_prepare_every_dataset_through_the_rules(tmp_path):
     assert m["coco"]["counts"] == {"train": 5, "val": 2}
     # COCO came through ranged reads of the zip, not the whole archive
     assert coco_bytes < (src / "coco/train2014.zip").stat().st_size / 2
-    assert json.loads((res / "raw/coco/selection.json").read_text())["train"]["fetched_by"] == "ranges"
+    selection = json.loads((res / "raw/coco/selection.json").read_text())
+    assert selection["train"]["fetched_by"] == "ranges"
     # the prepared SVHN arrays are the served .mat contents (scipy reads them independently)
     from scipy.io import loadmat
 

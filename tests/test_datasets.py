@@ -15,9 +15,21 @@ import pytest
 from http_server import LoopbackServer
 from PIL import Image
 
-from workflow.datasets import coco, roads, sr_test, stl10, svhn
-from workflow.datasets.common import CorruptFileError
-from workflow.download import Fetcher, prepare_dataset, synthesize_dataset
+from workflow.datasets import coco, registry, roads, sr_test, stl10, svhn
+from workflow.datasets.arrays import CorruptFileError
+from workflow.datasets.fetch import Fetcher
+
+DRAW = ("n_train", "n_val")  # COCO's draw sizes are dataset options, not fake sizes
+
+
+def synthesize_dataset(name, raw, seed, **sizes):
+    options = {"synthetic": {k: v for k, v in sizes.items() if k not in DRAW},
+               **{k: v for k, v in sizes.items() if k in DRAW}}
+    return registry.synthesize(name, raw, seed, options)
+
+
+def prepare_dataset(name, raw, out, workers=None, **options):
+    return registry.prepare(name, raw, out, options, {"threads": workers} if workers else None)
 
 
 def test_svhn_matches_torchvision_reader(tmp_path, monkeypatch):
@@ -100,9 +112,10 @@ def test_corrupt_image_in_prepare_fails_naming_it(tmp_path, capsys):
         prepare_dataset("roads", raw, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
     # and through the command line the rules call: exit 1, the file named on stderr
-    from workflow.download import main
+    from workflow.cli import main
 
-    assert main(["prepare", "roads", "--raw", str(raw), "--out", str(tmp_path / "o2")]) == 1
+    assert main(["data", "prepare", "roads", "--raw", str(raw), "--out",
+                 str(tmp_path / "o2")]) == 1
     assert bad.name in capsys.readouterr().err
 
 
@@ -163,7 +176,8 @@ def test_coco_partial_zip_reads_only_the_needed_members(tmp_path):
     got = served["/coco/zips/train2014.zip"]
     assert got <= spans + 65536 + (size - cd)
     assert got < size / 3
-    assert sorted(p.name for p in (raw / "train2014").iterdir()) == sorted(Path(n).name for n in expected)
+    got_names = sorted(p.name for p in (raw / "train2014").iterdir())
+    assert got_names == sorted(Path(n).name for n in expected)
 
 
 def test_coco_without_range_support_downloads_whole_zip_and_verifies(tmp_path, monkeypatch):
@@ -217,7 +231,7 @@ def test_svhn_mat_with_wrong_shape_fails_naming_it(tmp_path):
 
 
 def test_image_bytes_decoder_names_source():
-    from workflow.datasets.common import decode_image
+    from workflow.datasets.arrays import decode_image
 
     buf = io.BytesIO()
     Image.fromarray(np.full((3, 4, 3), 7, np.uint8)).save(buf, format="PNG")

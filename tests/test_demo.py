@@ -1,5 +1,6 @@
-"""The offline demo, end to end through the real rules: every benchmark writes scores,
-and a second run has nothing to do."""
+"""The offline demo, end to end through the real rules: every benchmark writes scores, a
+second run has nothing to do, and a setting (or one architecture's loss networks) reruns only
+what depends on it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import yaml
 
 from tests.snakemake_helpers import ROOT, demo_args, snakemake
 from workflow.compare import all_variants
-from workflow.config import select_lossnets
+from workflow.plan import Plan, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +24,12 @@ def demo_run(tmp_path_factory):
     return tmp
 
 
-def _demo_config(tmp):
-    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    full = yaml.safe_load((ROOT / "config.yaml").read_text())
-    for k, v in full.items():
-        cfg.setdefault(k, v)
-    return cfg
+def _demo_config():
+    return load_config(ROOT / "config.yaml", ROOT / "config" / "demo.yaml")
 
 
 def test_scores_for_every_benchmark(demo_run):
-    cfg = _demo_config(demo_run)
+    cfg = _demo_config()
     scores = pd.read_parquet(demo_run / "results" / "scores.parquet")
     assert set(scores["benchmark"]) == set(cfg["benchmarks"])
     values = scores["value"].astype(float)
@@ -40,12 +37,12 @@ def test_scores_for_every_benchmark(demo_run):
 
 
 def test_similarity_rows_for_every_lossnet_and_variant(demo_run):
-    cfg = _demo_config(demo_run)
+    cfg = _demo_config()
     scores = pd.read_parquet(demo_run / "results" / "scores.parquet")
     sim = scores[scores["benchmark"] == "similarity"]
     sec = cfg["similarity"]
     variants = all_variants(sec["comparisons"], sec["channel_norm"])
-    for net in select_lossnets(cfg, "similarity"):
+    for net in Plan(cfg).lossnets("similarity"):
         rows = sim[(sim["arch"] == net.arch) & (sim["layer"] == net.layer)]
         for v in variants:
             r = rows[(rows["comparison"] == v.method) & (rows["channel_norm"] == v.channel_norm)]
@@ -60,3 +57,61 @@ def test_rerun_has_nothing_to_do(demo_run):
     proc = snakemake("-n", "--cores", "2", *demo_args(demo_run), timeout=600)
     out = proc.stdout + proc.stderr
     assert "Nothing to be done" in out, out[-3000:]
+
+
+def _planned(demo_run, tmp_path, override: dict, results=None) -> set[str]:
+    """Rules a dry run would run with ``override`` merged into the demo config."""
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    args = ["--configfile", str(ROOT / "config" / "demo.yaml"), str(path), "--config",
+            f"results_dir={results or demo_run / 'results'}",
+            f"resources_dir={demo_run / 'resources'}"]
+    out = snakemake("-n", "--cores", "2", "--quiet", "rules", *args, timeout=600).stdout
+    if "Nothing to be done" in out:
+        return set()
+    lines = out.splitlines()
+    start = lines.index("Job stats:") + 3
+    stop = next(i for i in range(start, len(lines)) if not lines[i].strip())
+    return {line.split()[0]: int(line.split()[1]) for line in lines[start:stop]
+            if line.split()[0] != "total"}
+
+
+@pytest.mark.parametrize("override", [
+    {"similarity": {"batch_size": 7}},
+    {"super_resolution": {"eval_batch_size": 3, "log_every": 1, "checkpoint_every": 1,
+                          "data_on_device": "never"}},
+    {"delineation": {"tile_size": 96, "inference_batch": 2}},
+    {"autoencoder": {"eval_batch_size": 17, "encode": {"batch_size": 5}}},
+    {"adaptation": {"eval_batch_size": 9}},
+    {"device": "auto"},
+], ids=["similarity.batch_size", "sr-settings", "delineation-tiles", "ae-batches",
+        "adaptation.eval_batch_size", "device"])
+def test_settings_rerun_nothing(demo_run, tmp_path, override):
+    assert _planned(demo_run, tmp_path, override) == {}
+
+
+def test_a_result_key_reruns_its_stage_and_what_follows(demo_run, tmp_path):
+    planned = _planned(demo_run, tmp_path, {"delineation": {"tolerance": 2}})
+    assert set(planned) == {"eval_delineation", "gather_scores", "analysis_tables",
+                            "analysis_figures", "all"}, planned
+
+
+def test_adding_a_loss_network_reruns_only_its_architecture(demo_run, tmp_path):
+    """One similarity job per architecture, whose params are that architecture's loss
+    networks: adding one of alexnet's reruns the alexnet job and no other."""
+    results = tmp_path / "results"
+    small = {"similarity": {"lossnets": ["alexnet/1", "resnet18/1"], "lpips_sets": False},
+             "benchmarks": ["similarity"]}
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(small))
+    snakemake("--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"), str(path),
+              "--config", f"results_dir={results}", f"resources_dir={demo_run / 'resources'}",
+              "similarity", timeout=900)
+    grown = {**small, "similarity": {**small["similarity"],
+                                     "lossnets": ["alexnet/1", "alexnet/3", "resnet18/1"]}}
+    planned = _planned(demo_run, tmp_path, grown, results)
+    assert planned.get("score_similarity") == 1, planned
+    log = snakemake("-n", "--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
+                    str(tmp_path / "override.yaml"), "--config", f"results_dir={results}",
+                    f"resources_dir={demo_run / 'resources'}", "similarity", timeout=600).stdout
+    assert "wildcards: arch=alexnet" in log and "arch=resnet18" not in log

@@ -14,6 +14,7 @@ from workflow.distortions import (
     NAMES,
     apply_distortions,
     draw_pairs,
+    resize,
     sample_params,
 )
 
@@ -48,7 +49,8 @@ def test_parameters_in_range(name):
     assert p.shape == (2000, 2)
     assert float(p[:, :cols].min()) >= lo and float(p[:, :cols].max()) <= hi
     # the draw spans the interval (not a constant or a sub-range)
-    assert float(p[:, 0].min()) < lo + 0.05 * (hi - lo) and float(p[:, 0].max()) > hi - 0.05 * (hi - lo)
+    span = 0.05 * (hi - lo)
+    assert float(p[:, 0].min()) < lo + span and float(p[:, 0].max()) > hi - span
     if cols == 1:
         assert torch.all(p[:, 1] == 0)
 
@@ -116,7 +118,8 @@ def test_zoom_enlarges_centred_square():
     assert (int(cols.min()) + int(cols.max())) / 2 == pytest.approx(31.5)
 
 
-@pytest.mark.parametrize(("shift", "rgb"), [(1 / 3, (0, 1, 0)), (-1 / 3, (0, 0, 1)), (0.5, (0, 1, 1))])
+@pytest.mark.parametrize(("shift", "rgb"),
+                         [(1 / 3, (0, 1, 0)), (-1 / 3, (0, 0, 1)), (0.5, (0, 1, 1))])
 def test_hue_shift_of_pure_red(shift, rgb):
     red = torch.zeros(1, 3, 4, 4)
     red[:, 0] = 1.0
@@ -162,3 +165,13 @@ def test_mixed_batch_equals_per_distortion_calls():
         torch.testing.assert_close(out[i : i + 1], single)
     with pytest.raises(ValueError, match="ids"):
         apply_distortions(imgs, torch.full((12,), 6), params)
+
+
+def test_resize_uint8_and_float_like_torchvision():
+    g = torch.Generator().manual_seed(5)
+    u8 = torch.randint(0, 256, (2, 32, 32, 3), generator=g, dtype=torch.uint8)
+    as_float = u8.permute(0, 3, 1, 2).float() / 255
+    want = torch.stack([TF.resize(im, [64, 64], antialias=True) for im in as_float]).clamp(0, 1)
+    torch.testing.assert_close(resize(u8, 64), want)
+    torch.testing.assert_close(resize(as_float, 64), want)
+    assert resize(as_float, 32) is as_float  # already that size: untouched

@@ -10,7 +10,7 @@ import torch
 from workflow import lossnets
 from workflow.lossnets import ARCHS, FeatureExtractor, LossNet, UnknownLossNetError, build_extractor
 
-# REFERENCE.md's table: (channels, stride) at layers 1..4, from the architectures' definitions
+# docs/lossnets.md's table: (channels, stride) at layers 1..4, from the architectures' definitions
 EXPECTED = {
     "alexnet": [(64, 4), (192, 8), (384, 16), (256, 16)],
     "vgg11": [(64, 1), (128, 2), (256, 4), (512, 16)],
@@ -73,7 +73,8 @@ def test_unknown_arch_and_layer_rejected_with_the_list():
     with pytest.raises(UnknownLossNetError) as e:
         LossNet("resnet34", "1")
     assert all(a in str(e.value) for a in ARCHS)
-    with pytest.raises(UnknownLossNetError, match="LPIPS sets exist for alexnet, vgg16, squeezenet1_1"):
+    with pytest.raises(UnknownLossNetError,
+                       match="LPIPS sets exist for alexnet, vgg16, squeezenet1_1"):
         LossNet("resnet18", "lpips")
     with pytest.raises(UnknownLossNetError, match="1, 2, 3, 4 or lpips"):
         LossNet("alexnet", "5")
@@ -187,4 +188,5 @@ def test_in_place_ops_never_overwrite_a_tap(arch):
         assert torch.isfinite(xg.grad).all()
     # the study's taps keep most of torchvision's in-place ops
     ex = build_extractor(arch, spec.layers, weights="random")
-    assert any(getattr(m, "inplace", False) for m in ex.modules()) or arch in ("googlenet", "inception_v3")
+    assert any(getattr(m, "inplace", False) for m in ex.modules()) \
+        or arch in ("googlenet", "inception_v3")

@@ -77,7 +77,8 @@ def test_spatial_channel_norm_equals_lpips_baseline(setup):
 def test_shipped_linear_weights_equal_lpips(setup):
     arch, net, ours, state, x, y = setup
     theirs = _package_model(NETS[arch], True, state)
-    weights = {tap: lin.model[-1].weight.detach().reshape(-1) for tap, lin in zip(net.taps, theirs.lins)}
+    weights = {tap: lin.model[-1].weight.detach().reshape(-1)
+               for tap, lin in zip(net.taps, theirs.lins)}
     assert all((w >= 0).all() for w in weights.values())
     v = Variant("spatial", True)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow.metrics.similarity import jnd_average_precision, score_2afc
+from workflow.metrics.similarity import bapps_rows, jnd_average_precision, score_2afc, twoafc_rate
 
 
 def test_2afc_fractional_judgements_and_ties():
@@ -60,3 +60,36 @@ def test_jnd_ap_flattens_distances():
 
 def test_jnd_ap_without_positives_is_nan():
     assert np.isnan(jnd_average_precision([0.1, 0.2], [0, 0]))
+
+
+def test_twoafc_rate_broadcasts_over_metrics():
+    """[N, V, R] distances against [N, 1, R] labels: each (v, r) scored alone, by hand."""
+    d0 = torch.tensor([[[0.1, 0.5]], [[0.3, 0.3]], [[0.9, 0.2]]])  # N=3, V=1, R=2
+    d1 = torch.tensor([[[0.2, 0.4]], [[0.3, 0.1]], [[0.4, 0.6]]])
+    labels = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]], [[1.0, 1.0]]])
+    got = twoafc_rate(d0, d1, labels)
+    # r=0: agree, tie (0.5), d1<d0 with label 1 -> agree;  r=1: d1<d0 label 1 -> 1,
+    #      d1<d0 label 0 -> 0, d0<d1 label 1 -> 0
+    assert got.shape == (1, 2)
+    assert torch.allclose(got, torch.tensor([[(1 + 0.5 + 1) / 3, (1 + 0 + 0) / 3]]))
+
+
+def test_bapps_rows_by_hand():
+    twoafc = {"a": (np.array([0.1, 0.5]), np.array([0.2, 0.4]), np.array([0.0, 0.0])),
+              "b": (np.array([0.3, 0.3, 0.1]), np.array([0.3, 0.2, 0.2]),
+                    np.array([1.0, 1.0, 0.4]))}
+    jnd = {"x": (np.array([0.1, 0.2]), np.array([1.0, 0.0])),
+           "y": (np.array([0.05, 0.3]), np.array([0.0, 1.0]))}
+    rows = {(r["dataset"], r["split"]): r for r in bapps_rows(twoafc, jnd)}
+    assert rows[("bapps-2afc", "a")]["value"] == 0.5  # one agrees, one does not
+    b = (0.5 + 1.0 + 0.6) / 3  # tie, d1 < d0 with j=1, d0 < d1 with j=0.4
+    assert rows[("bapps-2afc", "b")]["value"] == pytest.approx(b)
+    mean = rows[("bapps-2afc", "mean")]
+    assert mean["value"] == pytest.approx((0.5 + b) / 2) and mean["n"] == 5  # the plain mean
+    assert rows[("bapps-jnd", "x")]["value"] == pytest.approx(1.0)
+    # pooled: order 0.05 (not same), 0.1 (same), 0.2 (not), 0.3 (same): precision at the
+    # recall steps 1/2 and 1 is 1/2 and 2/4, so AP = 0.5 * 0.5 + 0.5 * 0.5
+    pooled = rows[("bapps-jnd", "pooled")]
+    assert pooled["value"] == pytest.approx(0.5) and pooled["n"] == 4
+    assert list(rows) == [("bapps-2afc", "a"), ("bapps-2afc", "b"), ("bapps-2afc", "mean"),
+                          ("bapps-jnd", "x"), ("bapps-jnd", "y"), ("bapps-jnd", "pooled")]

@@ -1,34 +1,37 @@
-"""Super-resolution: metrics vs scikit-image, degradation vs PIL, the network, a tiny run."""
+"""Super-resolution: image metrics vs scikit-image, the network, the training batches, and the
+train / eval commands end to end on the synthetic COCO and test sets."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageFilter
-from scipy.ndimage import gaussian_filter
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from workflow import cli
 from workflow.benchmarks import super_resolution as sr
-from workflow.degrade import degrade, gaussian_blur, reference_target, to_float
-from workflow.metrics.image import psnr, quantize, rgb_to_y, shave, ssim
+from workflow.datasets.arrays import CorruptFileError
+from workflow.datasets.bank import EpochSampler, ImageBank
+from workflow.imaging import crop_to_multiple, degrade, quantize, reference_target, to_float
+from workflow.metrics.image import psnr, rgb_to_y, shave, ssim
 from workflow.models.srnet import SRNet
 from workflow.results import SCORE_COLUMNS
+from workflow.training import load_model
 
-
-def _smooth(rng, h, w, c=3):
-    """Natural-ish uint8 image: smoothed noise stretched over the full range."""
-    a = gaussian_filter(rng.random((h, w, c)), (2, 2, 0))
-    a = (a - a.min()) / (a.max() - a.min())
-    return (a * 255).round().astype(np.uint8)
+CPU = torch.device("cpu")
 
 
 def _nchw(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    return x[0].permute(1, 2, 0).double().numpy()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -43,8 +46,8 @@ def test_psnr_ssim_match_skimage(shape):
     got_s = ssim(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     for i in range(2):
         exp_p = peak_signal_noise_ratio(x[i], y[i], data_range=1)
-        exp_s = structural_similarity(x[i], y[i], channel_axis=0, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False, data_range=1)
+        exp_s = structural_similarity(x[i], y[i], channel_axis=0, gaussian_weights=True,
+                                      sigma=1.5, use_sample_covariance=False, data_range=1)
         assert got_p[i] == pytest.approx(exp_p, abs=1e-4)
         assert got_s[i] == pytest.approx(exp_s, abs=1e-4)
 
@@ -61,46 +64,6 @@ def test_identical_images_give_infinite_psnr_and_unit_ssim():
     x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
     assert torch.isinf(psnr(x, x)).all()
     assert float(ssim(x, x)[0]) == pytest.approx(1.0, abs=1e-12)
-
-
-# ----------------------------------------------------------------------------- degradation
-
-
-@pytest.mark.parametrize("scale", [4, 8])
-def test_degradation_matches_pil_pipeline(scale):
-    rng = np.random.default_rng(3)
-    for a in (_smooth(rng, 96, 128), (rng.random((96, 128, 3)) * 255).astype(np.uint8)):
-        pil = Image.fromarray(a).filter(ImageFilter.GaussianBlur(radius=1))
-        pil = pil.resize((128 // scale, 96 // scale), Image.Resampling.BICUBIC)
-        ref = np.asarray(pil).astype(np.float64)
-        got = degrade(to_float(torch.from_numpy(a)), scale)[0].permute(1, 2, 0).numpy() * 255
-        assert got.shape == ref.shape
-        diff = np.abs(got - ref)
-        # PIL approximates the Gaussian with box blurs; still within a level on average
-        assert diff.mean() < 1.0 and diff.max() <= 3.0 + 1e-6
-        assert np.allclose(got, np.round(got), atol=1e-3)  # 8-bit levels, as a PIL image
-
-
-def test_blur_is_a_normalised_gaussian():
-    img = torch.zeros(1, 3, 15, 15)
-    img[..., 7, 7] = 1.0
-    out = gaussian_blur(img, 1.0)[0, 0].double()
-    r = torch.arange(-3, 4, dtype=torch.float64)
-    g = torch.exp(-(r**2) / 2)
-    g /= g.sum()
-    np.testing.assert_allclose(out[4:11, 4:11].numpy(), torch.outer(g, g).numpy(), atol=1e-6)
-    assert float(out.sum()) == pytest.approx(1.0, abs=1e-5)
-
-
-def test_reference_target_matches_pil_resize_and_center_crop():
-    rng = np.random.default_rng(4)
-    a = _smooth(rng, 120, 200)
-    # PIL: short side to 72 (bilinear), center crop 72
-    pil = Image.fromarray(a).resize((120, 72), Image.Resampling.BILINEAR)
-    ref = np.asarray(pil)[:, 24:96].astype(np.float64)
-    got = reference_target(to_float(torch.from_numpy(a)), 72)[0].permute(1, 2, 0).numpy() * 255
-    assert got.shape == (72, 72, 3)
-    assert np.abs(got - ref).mean() < 1.0 and np.abs(got - ref).max() <= 3.0
 
 
 # ----------------------------------------------------------------------------- network
@@ -123,91 +86,208 @@ def test_srnet_rejects_other_scales():
         SRNet(3)
 
 
+# ----------------------------------------------------------------------------- batches
+
+
+def _labelled(n: int, side: int) -> np.ndarray:
+    """Image i has the value i in channel 0 and position codes in channels 1 and 2."""
+    a = np.zeros((n, side, side, 3), np.uint8)
+    a[..., 0] = np.arange(n)[:, None, None]
+    a[..., 1] = np.arange(side)[None, :, None]  # row
+    a[..., 2] = np.arange(side)[None, None, :]  # column
+    return a
+
+
 def test_train_batches_cover_each_epoch_once():
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3)
-    b = sr.TrainBatches(images, batch=4, seed=0, device=torch.device("cpu"))
-    drawn = torch.cat([b.indices(s) for s in range(5)])  # 20 items = 2 epochs
-    assert sorted(drawn[:10].tolist()) == list(range(10))
-    assert sorted(drawn[10:].tolist()) == list(range(10))
-    assert drawn[:10].tolist() != drawn[10:].tolist()  # reshuffled per epoch
-    x = b(2)
-    assert x.shape == (4, 3, 2, 2) and torch.equal(x[:, 0, 0, 0] * 255, drawn[8:12].float())
+    bank = ImageBank(_labelled(12, 4), CPU)
+    batch = sr.train_batches(bank, EpochSampler(12, 4, seed=0, device=CPU), crop=None)
+    ids = [batch(s)[:, 0, 0, 0].mul(255).round().long() for s in range(6)]  # 2 epochs
+    first, second = torch.cat(ids[:3]).tolist(), torch.cat(ids[3:]).tolist()
+    assert sorted(first) == list(range(12)) and sorted(second) == list(range(12))
+    assert first != second  # reshuffled per epoch
+    # the order is the study's: randperm seeded seed * 1_000_003 + epoch
+    g = torch.Generator().manual_seed(1 * 1_000_003 + 1)
+    batch1 = sr.train_batches(bank, EpochSampler(12, 4, seed=1, device=CPU), crop=None)
+    want = torch.randperm(12, generator=g)[:4].tolist()
+    assert batch1(3)[:, 0, 0, 0].mul(255).round().long().tolist() == want
 
 
-# ----------------------------------------------------------------------------- end to end
+def test_train_batch_crops_are_global_rng_windows_tops_then_lefts():
+    a = _labelled(6, 20)
+    bank = ImageBank(a, CPU)
+    batch = sr.train_batches(bank, EpochSampler(6, 3, seed=0, device=CPU), crop=8)
+    torch.manual_seed(5)
+    x = batch(0)
+    torch.manual_seed(5)
+    tops, lefts = torch.randint(0, 13, (3,)), torch.randint(0, 13, (3,))
+    assert x.shape == (3, 3, 8, 8) and x.is_contiguous()  # NCHW, as the study stacked crops
+    got = (x * 255).round().long()
+    for b in range(3):
+        i = int(got[b, 0, 0, 0])
+        want = a[i, tops[b]:tops[b] + 8, lefts[b]:lefts[b] + 8].transpose(2, 0, 1)
+        np.testing.assert_array_equal(got[b].numpy(), want)
 
 
-@pytest.fixture
-def prepared(tmp_path):
-    rng = np.random.default_rng(5)
-    coco = tmp_path / "coco"
-    coco.mkdir()
-    np.save(coco / "train_images.npy", np.stack([_smooth(rng, 48, 48) for _ in range(6)]))
-    np.save(coco / "val_images.npy", np.stack([_smooth(rng, 48, 48) for _ in range(2)]))
-    test = tmp_path / "sr_test"
-    test.mkdir()
-    for name in ("set5", "set14"):
-        np.savez(test / f"{name}.npz", img_a=_smooth(rng, 45, 61), img_b=_smooth(rng, 42, 44)[..., 0])
-    return coco, test
+def test_crop_as_large_as_the_images_draws_nothing():
+    bank = ImageBank(_labelled(4, 8), CPU)
+    batch = sr.train_batches(bank, EpochSampler(4, 2, seed=0, device=CPU), crop=8)
+    state = torch.get_rng_state()
+    x = batch(0)
+    assert torch.equal(torch.get_rng_state(), state) and x.shape == (2, 3, 8, 8)
 
 
-CFG = {"iterations": 3, "eval_every": 2, "checkpoint_every": 2, "log_every": 1, "val_images": 2,
-       "crop_size": 32, "image_size": 32, "test_sets": ["set5", "set14"]}
-COMMON = {"device": "cpu", "precision": "auto"}
-LOSSNET = {"arch": "squeezenet1_1", "weights": "random", "weights_dir": "unused", "seed": 0}
+def test_validation_psnr_is_the_mean_over_centre_crops():
+    rng = np.random.default_rng(3)
+    a = (rng.random((3, 24, 24, 3)) * 255).astype(np.uint8)
+    net = torch.nn.Upsample(scale_factor=4, mode="nearest")
+    got = sr.validation_psnr(net, ImageBank(a, CPU), 4, 1.0, batch=2, crop=16)
+    want = []
+    for img in a:
+        hr = to_float(torch.from_numpy(img[4:20, 4:20]))
+        out = quantize(net(degrade(hr, 4)))
+        want.append(peak_signal_noise_ratio(_hwc(hr), _hwc(out), data_range=1))
+    assert got == pytest.approx(np.mean(want), abs=1e-9)
 
 
-def test_train_and_eval_end_to_end(tmp_path, prepared):
-    coco, test = prepared
-    model = tmp_path / "out" / "model.pt"
-    meta = sr.train(sr.stage_config(CFG, "train"), COMMON, LOSSNET, "squeezenet1_1", "1", 4, 0,
-                    coco, tmp_path / "out" / "train", model, progress=False)
-    assert meta["steps"] == 3 and meta["best_step"] in (2, 3)
-    assert json.loads(model.with_suffix(".json").read_text())["best_step"] == meta["best_step"]
-    hist = pd.read_csv(tmp_path / "out" / "train" / "metrics.csv")
+# ----------------------------------------------------------------------------- commands
+
+NET = "squeezenet1_1/2"
+
+
+@pytest.fixture(scope="module")
+def stage(demo_plan):
+    """``stage(name, **overrides) -> (config, settings)``: the demo's, on the CPU, fp32."""
+    def get(name: str, **overrides):
+        config = {**demo_plan.stage_config("super_resolution", name, "squeezenet1_1"),
+                  "precision": "fp32", **overrides}
+        settings = {**demo_plan.stage_settings("super_resolution", name,
+                                               torch.get_num_threads()), "device": "cpu"}
+        return config, settings
+
+    return get
+
+
+def _command(name: str, config, settings, **args):
+    argv = ["--net", NET, "--scale", str(args.pop("scale", 4)), "--run", "0",
+            "--config", json.dumps(config), "--settings", json.dumps(settings)]
+    for k, v in args.items():
+        argv += [f"--{k}", str(v)]
+    return cli.run("super_resolution", name, argv)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared, stage):
+    """A 4-step x4 model (32 px crops), trained through the train command."""
+    out = tmp_path_factory.mktemp("sr") / "model.pt"
+    meta = _command("train", *stage("train", crop_size=32), prepared=prepared("coco"),
+                    workdir=out.parent / "train", out=out)
+    return out, meta
+
+
+def test_train_writes_the_best_model_and_its_meta(trained):
+    model, meta = trained
+    assert meta["steps"] == 4 and meta["best_step"] in (2, 4) and meta["scale"] == 4
+    assert meta["stop_reason"] == "max_steps" and meta["train_wall_time_s"] > 0
+    assert load_model(model, {"model": SRNet(4)}) == meta  # the one model file holds the meta
+    assert not model.with_suffix(".json").exists()
+    hist = pd.read_csv(model.parent / "train" / "metrics.csv")
+    assert list(hist["step"]) == [2, 4]
     assert hist["eval_psnr"].max() == pytest.approx(meta["best_val_psnr"])
 
-    summary = sr.evaluate(sr.stage_config(CFG, "eval"), COMMON, LOSSNET, "squeezenet1_1", "1", 4, 0,
-                          model, test, tmp_path / "images.parquet", tmp_path / "scores.parquet")
+
+def test_raising_iterations_continues_the_run(tmp_path, prepared, stage, trained):
+    config, settings = stage("train", crop_size=32, iterations=2)
+    _command("train", config, settings, prepared=prepared("coco"), workdir=tmp_path / "w",
+             out=tmp_path / "m2.pt")
+    config["iterations"] = 4
+    meta = _command("train", config, settings, prepared=prepared("coco"),
+                    workdir=tmp_path / "w", out=tmp_path / "m4.pt")
+    assert meta["resumed_from"] == 2 and meta["steps"] == 4
+    straight, resumed = SRNet(4), SRNet(4)
+    load_model(trained[0], {"model": straight})
+    load_model(tmp_path / "m4.pt", {"model": resumed})
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_evaluate_matches_scikit_image(tmp_path, prepared, stage, trained):
+    model, meta = trained
+    config, settings = stage("eval", test_sets=["set5", "set14"], test_limit=2)
+    summary = _command("eval", config, settings, model=model, prepared=prepared("sr_test"),
+                       samples=tmp_path / "images.parquet", scores=tmp_path / "scores.parquet")
     assert list(summary.columns) == list(SCORE_COLUMNS)
     assert len(summary) == 2 * 2 * 2  # sets x protocols x metrics
     assert set(summary["variant"]) == {"x4/reference", "x4/standard"}
     assert (summary["n"] == 2).all() and summary["value"].notna().all()
+    assert (summary["weights_id"] == "random").all() and (summary["layer"] == "2").all()
+    assert pd.read_parquet(tmp_path / "scores.parquet").equals(summary)
     per_image = pd.read_parquet(tmp_path / "images.parquet")
     assert len(per_image) == 2 * 2 * 2
 
-    # the standard protocol, recomputed independently with scikit-image
     net = SRNet(4)
-    net.load_state_dict(torch.load(model, weights_only=True)["modules"]["model"])
+    load_model(model, {"model": net})
     net.eval()
-    with np.load(test / "set5.npz") as z:
-        img = z["img_a"][:44, :60]  # cropped to a multiple of 4
-    hr = to_float(torch.from_numpy(np.ascontiguousarray(img)))
+    with np.load(prepared("sr_test") / "set5.npz") as z:
+        name = sorted(z.files)[0]
+        img = z[name]
+    hr = to_float(torch.from_numpy(img))
+    row = per_image.set_index(["dataset", "image", "protocol"]).sort_index().loc[("set5", name)]
     with torch.no_grad():
-        out = quantize(net(degrade(hr, 4)))[0].permute(1, 2, 0).numpy().astype(np.float64)
-    y_sr = rgb2ycbcr(out)[4:-4, 4:-4, 0] / 255
-    y_hr = rgb2ycbcr(img.astype(np.float64) / 255)[4:-4, 4:-4, 0] / 255
-    row = per_image.query("dataset == 'set5' and image == 'img_a' and protocol == 'standard'").iloc[0]
-    assert row["psnr"] == pytest.approx(peak_signal_noise_ratio(y_hr, y_sr, data_range=1), abs=1e-4)
-    exp_ssim = structural_similarity(y_hr, y_sr, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False, data_range=1)
-    assert row["ssim"] == pytest.approx(exp_ssim, abs=1e-4)
+        # standard: cropped to a multiple of 4, Y channel, 4 px shaved
+        std = crop_to_multiple(hr, 4)
+        out = _hwc(quantize(net(degrade(std, 4))))
+        y_sr = rgb2ycbcr(out)[4:-4, 4:-4, 0] / 255
+        y_hr = rgb2ycbcr(_hwc(std))[4:-4, 4:-4, 0] / 255
+        # reference: resized and centre-cropped to image_size, RGB, nothing shaved
+        ref = reference_target(hr, config["image_size"])
+        ref_out = _hwc(quantize(net(degrade(ref, 4))))
+    assert row.loc["standard", "psnr"] == pytest.approx(
+        peak_signal_noise_ratio(y_hr, y_sr, data_range=1), abs=1e-6)
+    assert row.loc["standard", "ssim"] == pytest.approx(structural_similarity(
+        y_hr, y_sr, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=1), abs=1e-6)
+    assert row.loc["reference", "psnr"] == pytest.approx(
+        peak_signal_noise_ratio(_hwc(ref), ref_out, data_range=1), abs=1e-6)
+    assert row.loc["reference", "ssim"] == pytest.approx(structural_similarity(
+        _hwc(ref), ref_out, channel_axis=2, gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, data_range=1), abs=1e-6)
     mean = per_image.query("dataset == 'set14' and protocol == 'reference'")["psnr"].mean()
     got = summary.query("dataset == 'set14' and variant == 'x4/reference' and metric == 'psnr'")
-    assert float(got["value"].iloc[0]) == pytest.approx(mean)
+    assert float(got["value"].iloc[0]) == pytest.approx(mean, abs=1e-12)
 
 
-def test_bad_coco_array_is_named(tmp_path, prepared):
-    coco, _ = prepared
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_coco_array_is_named(tmp_path, prepared, stage):
+    coco = shutil.copytree(prepared("coco"), tmp_path / "coco")
     np.save(coco / "train_images.npy", np.zeros((2, 48, 48), np.float32))
-    with pytest.raises(ValueError, match="train_images.npy"):
-        sr.train(CFG, COMMON, LOSSNET, "squeezenet1_1", "1", 4, 0, coco, tmp_path / "w",
-                 tmp_path / "m.pt", progress=False)
+    with pytest.raises(CorruptFileError, match="train_images.npy"):
+        _command("train", *stage("train"), prepared=coco, workdir=tmp_path / "w",
+                 out=tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_too_small_crop_is_rejected(tmp_path, prepared):
-    coco, _ = prepared
+def test_too_small_crop_is_rejected(tmp_path, prepared, stage):
     with pytest.raises(ValueError, match="crop_size"):
-        sr.train({**CFG, "crop_size": 32}, COMMON, LOSSNET, "squeezenet1_1", "1", 8, 0, coco,
-                 tmp_path / "w", tmp_path / "m.pt", progress=False)
+        _command("train", *stage("train", crop_size=32), scale=8, prepared=prepared("coco"),
+                 workdir=tmp_path / "w", out=tmp_path / "m.pt")
+
+
+def test_eval_refuses_a_model_of_another_scale(tmp_path, prepared, stage, trained):
+    with pytest.raises(ValueError, match="x4 model"):
+        _command("eval", *stage("eval"), scale=8, model=trained[0],
+                 prepared=prepared("sr_test"), samples=tmp_path / "i.parquet",
+                 scores=tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match="super_resolution.protocols"):
+        sr.evaluate_image(SRNet(4).eval(), torch.rand(1, 3, 16, 16), 4, "bicubic", 1.0, 16)
+
+
+def test_missing_test_set_names_the_config_key(tmp_path, prepared, stage, trained):
+    empty = tmp_path / "sr_test"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps({"dataset": "sr_test"}))
+    with pytest.raises(FileNotFoundError, match="super_resolution.test_sets"):
+        _command("eval", *stage("eval"), model=trained[0], prepared=empty,
+                 samples=tmp_path / "i.parquet", scores=tmp_path / "s.parquet")

@@ -13,14 +13,19 @@ import pytest
 import torch
 from torch import nn
 
+from workflow.job import Job
 from workflow.training import (
     PREEMPTED_EXIT_CODE,
     NonFiniteLossError,
     Preempted,
     TrainConfig,
     Trainer,
-    load_checkpoint,
+    constant_then_linear,
+    load_model,
+    save_model,
 )
+
+CPU = Job(device=torch.device("cpu"), precision="fp32")
 
 
 def _net(seed: int) -> nn.Module:
@@ -49,9 +54,9 @@ def _make(workdir, init_seed=0, hook=None, eval_fn=None, **cfg):
         return {"score": -float(sum(p.abs().sum() for p in net.parameters()))}
 
     base = dict(max_steps=12, eval_every=4, checkpoint_every=4, seed=3, log_every=2,
-                select_metric="score", progress=False, device="cpu")
+                select_metric="score", progress=False)
     base.update(cfg)
-    tr = Trainer(workdir, {"model": net}, opt, step_fn, TrainConfig(**base), scheduler=sched,
+    tr = Trainer(CPU, workdir, {"model": net}, opt, step_fn, TrainConfig(**base), scheduler=sched,
                  eval_fn=eval_fn or default_eval)
     return tr, net, losses
 
@@ -115,6 +120,7 @@ def test_sigterm_in_subprocess_exits_with_retry_code(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         from torch import nn
+        from workflow.job import Job
         from workflow.training import Trainer, TrainConfig
         torch.manual_seed(0)
         net = nn.Linear(3, 1)
@@ -124,8 +130,9 @@ def test_sigterm_in_subprocess_exits_with_retry_code(tmp_path):
                 os.kill(os.getpid(), signal.SIGUSR1)
             x = torch.randn(4, 3)
             return (net(x) ** 2).mean()
-        Trainer({str(tmp_path)!r}, {{"model": net}}, opt, step_fn,
-                TrainConfig(max_steps=50, checkpoint_every=100, progress=False, device="cpu")).fit()
+        Trainer(Job.create({{"precision": "fp32"}}, {{"device": "cpu"}}), {str(tmp_path)!r},
+                {{"model": net}}, opt, step_fn,
+                TrainConfig(max_steps=50, checkpoint_every=100, progress=False)).fit()
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert p.returncode == PREEMPTED_EXIT_CODE, p.stderr
@@ -141,9 +148,8 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
         loss = (net(torch.ones(1, 2)) ** 2).sum()
         return loss * float("inf") if step == 5 else loss
 
-    tr = Trainer(tmp_path, {"model": net}, opt, step_fn,
-                 TrainConfig(max_steps=20, checkpoint_every=4, log_every=100, progress=False,
-                             device="cpu"))
+    tr = Trainer(CPU, tmp_path, {"model": net}, opt, step_fn,
+                 TrainConfig(max_steps=20, checkpoint_every=4, log_every=100, progress=False))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss (inf|nan) at step 5\b"):
         tr.fit()
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 4
@@ -163,8 +169,8 @@ def test_best_checkpoint_is_selected_and_restored(tmp_path):
     assert res.best_step == 8 and res.best_metric == 3.0
     assert _same(_weights(net), snapshots[8])  # restore_best put the step-8 weights back
     fresh = _net(5)
-    ck = load_checkpoint(res.best_checkpoint, {"model": fresh})
-    assert ck["step"] == 8 and _same(_weights(fresh), snapshots[8])
+    meta = load_model(res.best_checkpoint, {"model": fresh})
+    assert meta["step"] == 8 and _same(_weights(fresh), snapshots[8])
     hist = pd.read_csv(tmp_path / "metrics.csv")
     assert hist.dropna(subset=["eval_psnr"])["eval_psnr"].tolist() == [1.0, 3.0, 2.0, 0.5]
     assert {"step", "loss", "lr", "items_per_s", "eval_psnr"} <= set(hist.columns)
@@ -197,8 +203,8 @@ def test_logged_loss_and_post_step(tmp_path):
     def step_fn(step):
         return net(torch.ones(1, 1)).sum()  # d/dw = 1: w -> w - 0.25, clamped at 0.5
 
-    tr = Trainer(tmp_path, {"model": net}, opt, step_fn,
-                 TrainConfig(max_steps=4, log_every=4, progress=False, device="cpu"),
+    tr = Trainer(CPU, tmp_path, {"model": net}, opt, step_fn,
+                 TrainConfig(max_steps=4, log_every=4, progress=False),
                  post_step=post_step)
     tr.fit()
     assert calls == [1, 2, 3, 4]
@@ -237,5 +243,24 @@ def test_best_checkpoint_rebuilt_when_deleted_before_resume(tmp_path):
     res = tr2.fit()
     assert res.best_step == 4 and res.best_metric == 2.0
     fresh = _net(1)
-    assert load_checkpoint(tmp_path / "best.pt", {"model": fresh})["step"] == 4
+    assert load_model(tmp_path / "best.pt", {"model": fresh})["step"] == 4
     assert _same(_weights(fresh), snapshots[4]) and _same(_weights(net), snapshots[4])
+
+
+def test_saved_model_round_trip_and_errors(tmp_path):
+    """One model format: weights of every module plus meta; a builder may need the meta."""
+    net = _net(7)
+    path = save_model(tmp_path / "m.pt", {"model": net}, {"width": 4, "note": "x"})
+    fresh = _net(8)
+    meta = load_model(path, lambda m: {"model": fresh} if m["width"] == 4 else {})
+    assert meta == {"width": 4, "note": "x"} and _same(_weights(net), _weights(fresh))
+    with pytest.raises(KeyError, match="holds modules"):
+        load_model(path, {"modle": _net(0)})
+    with pytest.raises(FileNotFoundError, match="has its training job run"):
+        load_model(tmp_path / "missing.pt", {"model": fresh})
+
+
+def test_constant_then_linear_schedule():
+    f = constant_then_linear(10, 4)
+    # 1 for the constant steps, then (total - step) / (total - constant), down to 0
+    assert [f(s) for s in (0, 3, 4, 7, 10, 12)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]

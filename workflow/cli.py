@@ -84,7 +84,9 @@ ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "lossnets": (("--lossnets",), {"type": Path, "required": True,
                                    "help": "lossnets.parquet (the loss-network attributes)"}),
     "tables": (("--tables",), {"type": Path, "required": True, "help": "the tables folder"}),
-    "inputs": (("inputs",), {"type": Path, "nargs": "*", "help": "summary files to gather"}),
+    "inputs": (("inputs",), {"type": Path, "nargs": "*", "help": "summary (scores) files"}),
+    "columns": (("--columns",), {"nargs": "*", "default": None,
+                                 "help": "columns to compare (default: value and n)"}),
     "out": (("--out",), {"type": Path, "required": True, "help": "output file or folder"}),
     "configfiles": (("configfiles",), {"type": Path, "nargs": "*",
                                        "help": "config files, later ones win (default: "
@@ -165,6 +167,9 @@ COMMANDS: dict[tuple[str, str], Command] = {
     ("results", "gather"): Command("workflow.results:gather",
                                    "concatenate summary files into the scores table",
                                    ("inputs", "out")),
+    ("results", "compare"): Command("workflow.results:compare",
+                                    "two scores tables equal bit for bit, provenance aside?",
+                                    ("inputs", "columns")),
     ("analysis", "attributes"): Command("workflow.analysis.attributes:write_attributes",
                                         "loss-network attributes -> lossnets.parquet",
                                         ("config", "out")),
@@ -181,7 +186,7 @@ PERF = {
     "similarity": "BAPPS scoring throughput against the lpips package",
     "super_resolution": "SR training steps, reference vs default settings",
     "delineation": "road-delineation training steps",
-    "autoencoder": "autoencoder training steps and the MLP grid",
+    "autoencoder": "autoencoder training images/s, default vs fp32 reference",
     "adaptation": "fused adaptation against one metric at a time",
     "prepare": "PNG decoding throughput of dataset preparation",
     "dag": "CPU time of `snakemake -n` on the full study against an earlier commit",
@@ -226,11 +231,11 @@ def run(group: str, cmd: str, argv: Sequence[str]) -> Any:
         from workflow.datasets.arrays import prepared_folders
 
         ns["prepared"] = prepared_folders(ns["prepared"])
+    fn = _load(spec.target)  # imports torch: before the job's clock starts
     if spec.computes:
         from workflow.job import Job
 
         ns["job"] = Job.create(ns.get("config"), ns.get("settings"))
-    fn = _load(spec.target)
     return fn(**{k: ns[k] for k in spec.args if k in ns})
 
 

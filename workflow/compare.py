@@ -66,7 +66,8 @@ class Variant:
         return tuple(self.method.split("+"))
 
 
-def all_variants(methods: Iterable[str] = METHODS, channel_norm: Iterable[bool] = (True, False)) -> list[Variant]:
+def all_variants(methods: Iterable[str] = METHODS,
+                 channel_norm: Iterable[bool] = (True, False)) -> list[Variant]:
     return [Variant(m, bool(n)) for m in methods for n in channel_norm]
 
 
@@ -202,7 +203,8 @@ def reduce_channels(
         if channel_reduction == "mean":
             r = r / d.shape[-1]
         elif channel_reduction != "sum":
-            raise ValueError(f"channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
+            raise ValueError(f"channel_reduction must be 'sum' or 'mean', "
+                             f"got {channel_reduction!r}")
         total = r if total is None else total + r
     if total is None:
         raise ValueError("no taps to compare")
@@ -241,7 +243,8 @@ def _sort_columns(t: Tensor) -> Tensor:
 
 
 def _selector(idx: Sequence[int]) -> Callable[[Tensor], Tensor]:
-    """Pick image sets ``idx`` along dim 0: a view (broadcast for one repeated set) where possible."""
+    """Pick image sets ``idx`` along dim 0: a view (broadcast for one repeated set) where
+    possible."""
     if len(set(idx)) == 1:
         return lambda t: t[idx[0]:idx[0] + 1]  # one set against several: broadcast, no copy
     if list(idx) == list(range(idx[0], idx[0] + len(idx))):
@@ -312,7 +315,8 @@ def grouped_diffs(
             if norm:  # AFTER the transform: sorted-then-normalised (module docstring)
                 t_k = channel_normalize(t_k, dim=-1)
             # subtract, square in place, average over positions: [pairs, chunk, C]
-            d[(base, norm)][:, i:i + step] = torch.sub(sel_a(t_k), sel_b(t_k)).square_().mean(dim=-2)
+            diff = torch.sub(sel_a(t_k), sel_b(t_k))
+            d[(base, norm)][:, i:i + step] = diff.square_().mean(dim=-2)
 
     workers = torch.get_num_threads()
     if workers > 1 and len(tasks) > 1 and all(z.device.type == "cpu" for z, *_ in tasks):

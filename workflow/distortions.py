@@ -24,6 +24,9 @@ blur       ``GaussianBlur((11, 21), sigma=(4, 10))``: kernel 11 wide x 21 tall,
 zoom       ``RandomAffine(0, scale=(1.1, 2))``: scale about the centre, nearest,
            black fill
 =========  ===================================================================
+
+The blur is :func:`workflow.imaging.gaussian_blur` with one sigma per image (THE Gaussian
+kernel of the project); resizing is :func:`workflow.imaging.resize`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from workflow.imaging import gaussian_blur, to_float
+from workflow.imaging import resize as _resize
 
 PARAM_DIM = 2
 NAMES = ("rotate", "translate", "darken", "hue", "blur", "zoom")
@@ -85,12 +91,14 @@ def _warp(images: Tensor, theta: Tensor) -> Tensor:
     xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=dev, dtype=torch.float32)
     ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=dev, dtype=torch.float32)
     base = torch.stack(
-        [xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w), torch.ones(h, w, device=dev)], dim=-1
+        [xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w), torch.ones(h, w, device=dev)],
+        dim=-1,
     ).view(1, h * w, 3)
     scale = torch.tensor([0.5 * w, 0.5 * h], device=dev, dtype=torch.float32)
     rescaled = theta.float().transpose(1, 2) / scale  # [N, 3, 2]
     grid = torch.bmm(base.expand(n, -1, -1), rescaled).view(n, h, w, 2)
-    out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
+                        align_corners=False)
     return out.to(images.dtype)
 
 
@@ -130,32 +138,6 @@ def _per_image(x: Tensor, images: Tensor) -> Tensor:
     return x.to(images.device, images.dtype).view(-1, 1, 1, 1)
 
 
-# ----------------------------------------------------------------------------- blur
-
-
-def gaussian_kernel1d(size: int, sigma: Tensor) -> Tensor:
-    """``[N, size]`` normalised Gaussian taps (torchvision's ``_get_gaussian_kernel1d``)."""
-    half = (size - 1) * 0.5
-    x = torch.linspace(-half, half, steps=size, device=sigma.device, dtype=torch.float32)
-    pdf = torch.exp(-0.5 * (x.view(1, -1) / sigma.float().view(-1, 1)) ** 2)
-    return pdf / pdf.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(images: Tensor, sigma: Tensor, kernel: tuple[int, int] = BLUR_KERNEL) -> Tensor:
-    """Separable blur with one sigma per image; ``kernel`` is (width, height), reflect padding."""
-    n, c, h, w = images.shape
-    kw, kh = kernel
-    if kh // 2 >= h or kw // 2 >= w:
-        raise ValueError(f"blur kernel {kernel} needs images larger than {kw // 2}x{kh // 2} (got {w}x{h})")
-    x = F.pad(images.float(), [kw // 2, kw // 2, kh // 2, kh // 2], mode="reflect")
-    x = x.reshape(1, n * c, h + 2 * (kh // 2), w + 2 * (kw // 2))
-    kx = gaussian_kernel1d(kw, sigma).repeat_interleave(c, dim=0).view(n * c, 1, 1, kw)
-    ky = gaussian_kernel1d(kh, sigma).repeat_interleave(c, dim=0).view(n * c, 1, kh, 1)
-    x = F.conv2d(x, kx.to(x.device), groups=n * c)
-    x = F.conv2d(x, ky.to(x.device), groups=n * c)
-    return x.view(n, c, h, w).to(images.dtype)
-
-
 # ----------------------------------------------------------------------------- the six
 
 
@@ -167,7 +149,8 @@ class Distortion:
     low: float
     high: float
 
-    def sample_params(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    def sample_params(self, n: int, generator: torch.Generator | None = None, device=None
+                      ) -> Tensor:
         """``[n, PARAM_DIM]`` parameters on the generator's device (column 1 only for translate)."""
         dev = _device_of(generator, device)
         p = torch.zeros(n, PARAM_DIM, device=dev)
@@ -178,14 +161,16 @@ class Distortion:
         return p
 
     def pixel_offsets(self, params: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """translate: fractions of width / height -> integer pixel offsets (as torchvision rounds)."""
+        """translate: fractions of width / height -> integer pixel offsets (rounded, as
+        torchvision does)."""
         h, w = size
         return torch.round(params[:, 0] * w), torch.round(params[:, 1] * h)
 
     def apply(self, images: Tensor, params: Tensor) -> Tensor:
         _check_images(images)
         if params.shape[0] != images.shape[0]:
-            raise ValueError(f"{self.name}: {params.shape[0]} parameter rows for {images.shape[0]} images")
+            raise ValueError(f"{self.name}: {params.shape[0]} parameter rows for "
+                             f"{images.shape[0]} images")
         if images.shape[0] == 0:
             return images
         p = params.to(images.device).float()
@@ -205,7 +190,8 @@ class Distortion:
             hue = torch.remainder(hsv[:, 0] + p[:, 0].view(-1, 1, 1), 1.0)
             return hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1)).to(images.dtype)
         if self.name == "blur":
-            return gaussian_blur(images, p[:, 0])
+            # torchvision's GaussianBlur: one sigma for both axes, reflect padding
+            return gaussian_blur(images, p[:, 0], BLUR_KERNEL, padding="reflect")
         raise ValueError(f"unknown distortion {self.name!r}")
 
 
@@ -250,16 +236,13 @@ def apply_distortions(images: Tensor, ids: Tensor, params: Tensor) -> Tensor:
 
 
 def resize(images: Tensor, size: int) -> Tensor:
-    """uint8 NHWC or float NCHW -> float NCHW in [0, 1] at ``size`` x ``size`` (bilinear, antialiased)."""
-    if images.dtype == torch.uint8:
-        images = images.permute(0, 3, 1, 2).float() / 255.0
-    if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                               antialias=True).clamp(0.0, 1.0)
-    return images
+    """uint8 NHWC or float NCHW -> float NCHW in [0, 1] at ``size`` x ``size`` (bilinear,
+    antialiased: :func:`workflow.imaging.resize`)."""
+    return _resize(to_float(images) if images.dtype == torch.uint8 else images, size)
 
 
-def draw_pairs(n: int, generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
+def draw_pairs(n: int, generator: torch.Generator | None = None, device=None
+               ) -> tuple[Tensor, Tensor]:
     """Two distinct distortion ids per image, uniform over ordered pairs."""
     dev = _device_of(generator, device)
     k = len(DISTORTIONS)
@@ -279,7 +262,8 @@ def positions(rankings: Sequence[Sequence[int]]) -> Tensor:
     pos = torch.empty(len(rankings), len(DISTORTIONS), dtype=torch.long)
     for r, order in enumerate(rankings):
         if sorted(order) != list(range(len(DISTORTIONS))):
-            raise ValueError(f"ranking {r} is not a permutation of 0..{len(DISTORTIONS) - 1}: {order}")
+            raise ValueError(f"ranking {r} is not a permutation of "
+                             f"0..{len(DISTORTIONS) - 1}: {order}")
         pos[r, torch.tensor(list(order))] = torch.arange(len(DISTORTIONS))
     return pos
 
@@ -291,8 +275,7 @@ def ranking_labels(d0: Tensor, d1: Tensor, pos: Tensor) -> Tensor:
 
 
 __all__ = [
-    "BLUR_KERNEL", "BY_NAME", "DISTORTIONS", "Distortion", "NAMES", "PARAM_DIM", "apply_distortions",
-    "draw_pairs", "gaussian_blur", "hsv_to_rgb", "positions", "random_rankings", "ranking_labels",
-    "resize", "rgb_to_hsv", "sample_params",
+    "BLUR_KERNEL", "BY_NAME", "DISTORTIONS", "Distortion", "NAMES", "PARAM_DIM",
+    "apply_distortions", "draw_pairs", "hsv_to_rgb", "positions", "random_rankings",
+    "ranking_labels", "resize", "rgb_to_hsv", "sample_params",
 ]
-

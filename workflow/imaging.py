@@ -31,7 +31,8 @@ __all__ = ["center_crop", "crop_to_multiple", "degrade", "downscale", "gaussian_
 
 
 def to_float(images: Tensor) -> Tensor:
-    """uint8 ``[N, H, W, C]`` (or ``[H, W, C]``) -> float ``[N, C, H, W]`` in [0, 1], same device."""
+    """uint8 ``[N, H, W, C]`` (or ``[H, W, C]``) -> float ``[N, C, H, W]`` in [0, 1], on the
+    same device."""
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[-1] not in (1, 3):
@@ -47,7 +48,13 @@ def masks_to_float(masks: Tensor) -> Tensor:
 def to_images(batch: np.ndarray | Tensor, device: torch.device, size: int | None = None,
               channels_last: bool = False) -> Tensor:
     """A uint8 NHWC batch (NumPy, memory-mapped or not, or a tensor) -> float NCHW in [0, 1]
-    on ``device``, resized to ``size`` x ``size`` there when it differs."""
+    on ``device``, resized to ``size`` x ``size`` there when it differs.
+
+    The result keeps the NHWC strides of its source (a permuted view, as ``to_float`` makes
+    it) unless ``channels_last`` asks for that layout explicitly; call ``.contiguous()`` where
+    a contiguous NCHW batch is wanted (convolutions on the CPU pick their kernel by layout,
+    so the two give results that differ in the last bits).
+    """
     if isinstance(batch, np.ndarray):
         batch = torch.from_numpy(np.array(batch))  # a private copy: a memory map is read-only
     x = to_float(batch.to(device, non_blocking=True))
@@ -152,8 +159,9 @@ def _blur_per_image(images: Tensor, sigma: Tensor, kernel: tuple[int, int], padd
                          f"(got {w}x{h})")
     x = F.pad(images.float(), [kw // 2, kw // 2, kh // 2, kh // 2], mode=padding)
     x = x.reshape(1, n * c, h + 2 * (kh // 2), w + 2 * (kw // 2))
-    kx = gaussian_kernel1d(kw, sigma).repeat_interleave(c, dim=0).view(n * c, 1, 1, kw)
-    ky = gaussian_kernel1d(kh, sigma).repeat_interleave(c, dim=0).view(n * c, 1, kh, 1)
+    kx = gaussian_kernel1d(kw, sigma, device=x.device).repeat_interleave(c, dim=0)
+    ky = gaussian_kernel1d(kh, sigma, device=x.device).repeat_interleave(c, dim=0)
+    kx, ky = kx.view(n * c, 1, 1, kw), ky.view(n * c, 1, kh, 1)
     x = F.conv2d(x, kx.to(x.device), groups=n * c)
     x = F.conv2d(x, ky.to(x.device), groups=n * c)
     return x.view(n, c, h, w).to(images.dtype)

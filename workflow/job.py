@@ -118,10 +118,11 @@ class Job:
         """The job's autocast context (bf16 on CUDA by default, a no-op in fp32)."""
         return autocast(self.device, self.precision)
 
-    def to_device(self, x: Tensor) -> Tensor:
-        """Move a batch to the device, channels_last for 4-D tensors where the job uses it."""
+    def to_device(self, x: Tensor, channels_last: bool | None = None) -> Tensor:
+        """Move a batch to the device, channels_last for 4-D tensors where the job uses it
+        (or where ``channels_last`` says so)."""
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
+        if (self.channels_last if channels_last is None else channels_last) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

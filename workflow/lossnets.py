@@ -88,7 +88,8 @@ def load_backbone(
             path = Path(weights)
             if not path.exists():
                 raise FileNotFoundError(
-                    f"weights file for {arch} not found: {path} (config key weights / weights_paths)"
+                    f"weights file for {arch} not found: {path} (config key "
+                    f"lossnets.weights / lossnets.weights_paths)"
                 )
         model = _build_model(arch, pretrained_layout=True)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -154,7 +155,8 @@ class FeatureExtractor(nn.Module):
     parameters are frozen.
     """
 
-    def __init__(self, backbone: nn.Module, arch: str, taps: Sequence[int], normalize: str = "imagenet"):
+    def __init__(self, backbone: nn.Module, arch: str, taps: Sequence[int],
+                 normalize: str = "imagenet"):
         super().__init__()
         spec = arch_spec(arch)
         if normalize not in ("imagenet", "none"):
@@ -193,7 +195,9 @@ class FeatureExtractor(nn.Module):
             peak = [3 * hw[0] * hw[1]]
 
             def hook(_m, _i, out) -> None:
-                for t in out.values() if isinstance(out, dict) else (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(out, dict):
+                    out = list(out.values())
+                for t in out if isinstance(out, tuple | list) else (out,):
                     if isinstance(t, Tensor):
                         peak[0] = max(peak[0], t.numel())
 
@@ -241,7 +245,8 @@ def build_extractor(
     return FeatureExtractor(backbone, arch, sorted(wanted), normalize)
 
 
-def feature_loss(extractor: FeatureExtractor, taps: Sequence[int], output: Tensor, target: Tensor) -> Tensor:
+def feature_loss(extractor: FeatureExtractor, taps: Sequence[int], output: Tensor,
+                 target: Tensor) -> Tensor:
     """Deep perceptual loss: mean squared error of features at ``taps`` (summed over taps).
 
     The target's features carry no gradient.

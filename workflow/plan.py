@@ -108,9 +108,9 @@ STAGES: dict[str, dict[str, Stage]] = {
                        settings=("eval_batch_size", "train.checkpoint_every")),
         "encode": Stage(("seed", "encode.max_train_images", "encode.max_test_images"),
                         settings=("encode.batch_size",), lossnet=False),
+        # lossnet: the scores' weights_id is the loss network's (the codes depend on it)
         "mlp": Stage(("seed", "val_fraction", "mlp.hidden", "mlp.epochs", "mlp.patience",
-                      "mlp.batch_size", "mlp.lr"),
-                     settings=("mlp.checkpoint_every",), lossnet=False),
+                      "mlp.batch_size", "mlp.lr"), settings=("mlp.checkpoint_every",)),
     },
     "adaptation": {
         "rankings": Stage(("rankings", "ranking_seed"), lossnet=False, torch=False),
@@ -154,17 +154,23 @@ BENCHMARK_DATASETS: dict[str, tuple[str, ...]] = {
 # ----------------------------------------------------------------------------- the config
 
 
+def _load_yaml(text: str) -> Any:
+    """YAML with libyaml's C parser where PyYAML has it (several times faster)."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 @cache
 def _schemas() -> tuple[dict[str, Any], Any]:
     """The root schema and a registry of every schema file (for their relative ``$ref``s)."""
-    import yaml
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
 
     registry = Registry()
     root: dict[str, Any] = {}
     for path in sorted(SCHEMAS.glob("*.schema.yaml")):
-        schema = yaml.safe_load(path.read_text())
+        schema = _load_yaml(path.read_text())
         schema["$id"] = _SCHEMA_BASE + path.name
         registry = registry.with_resource(schema["$id"], Resource.from_contents(
             schema, default_specification=DRAFT202012))
@@ -238,11 +244,9 @@ def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
 def load_config(*files: str | Path, overrides: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:
     """Merge config files (later ones win) and ``overrides``, then :func:`complete_config`."""
-    import yaml
-
     config: dict[str, Any] = {}
     for f in files:
-        merge_config(config, yaml.safe_load(Path(f).read_text()) or {})
+        merge_config(config, _load_yaml(Path(f).read_text()) or {})
     merge_config(config, overrides or {})
     return complete_config(config)
 
@@ -318,8 +322,8 @@ class Plan:
         """Loss networks of one benchmark, from ``<benchmark>.lossnets``.
 
         ``all`` is the grid, ``lpips_sets`` the LPIPS sets, or a list of ``arch/layer`` ids.
-        Where the section has an ``lpips_sets`` switch it adds the LPIPS sets; where it has
-        none (adaptation, probes) ``all`` includes them.
+        Where the section has an ``lpips_sets`` switch it adds the LPIPS sets; in adaptation
+        and probes (no switch) ``all`` includes them; delineation has none.
         """
         sec = self.config[benchmark]
         chosen = sec["lossnets"]
@@ -332,7 +336,7 @@ class Plan:
                 nets = [LossNet.parse(str(s)) for s in chosen]
         except UnknownLossNetError as e:
             raise UnknownLossNetError(f"config key {benchmark}.lossnets: {e}") from None
-        if sec.get("lpips_sets", chosen == "all"):
+        if sec.get("lpips_sets", chosen == "all" and benchmark in ("adaptation", "probes")):
             nets += self.lpips_sets()
         return list(dict.fromkeys(nets))
 

@@ -69,7 +69,8 @@ _CODE_VERSION: str | None = None
 
 
 def code_version() -> str:
-    """``git describe`` of the checkout, with ``-dirty`` when it has changes; else the package version."""
+    """``git describe`` of the checkout, with ``-dirty`` when it has changes; else the package
+    version."""
     global _CODE_VERSION
     if _CODE_VERSION is None:
         try:
@@ -118,3 +119,52 @@ def gather(inputs: Iterable[str | os.PathLike], out: str | os.PathLike) -> pd.Da
           else pd.DataFrame(columns=list(SCORE_COLUMNS)).astype(SCORE_COLUMNS))
     write_parquet(df, out)
     return df
+
+
+KEY_COLUMNS = ("benchmark", "dataset", "split", "arch", "layer", "comparison", "channel_norm",
+               "variant", "ranking", "run", "metric")
+
+
+class ScoresDiffer(ValueError):
+    """Two scores tables that differ; the message says where."""
+
+
+def compare(inputs: list[str | os.PathLike], columns: list[str] | None = None) -> pd.DataFrame:
+    """Compare two scores tables row by row (matched on the key columns), provenance aside.
+
+    Values must be equal bit for bit (NaN equals NaN). ``columns``: compare only these (default:
+    every non-key, non-provenance column: ``value`` and ``n``). Raises :class:`ScoresDiffer`
+    listing what differs; returns the joined table when they agree.
+    """
+    if len(inputs) != 2:
+        raise ScoresDiffer(f"compare takes two scores tables, got {len(inputs)}")
+    a, b = (validate_scores(pd.read_parquet(p), str(p)) for p in inputs)
+    keys = list(KEY_COLUMNS)
+    cols = columns or [c for c in SCORE_COLUMNS if c not in keys and c not in PROVENANCE]
+    problems = []
+    for name, df in (("first", a), ("second", b)):
+        dup = df.duplicated(keys, keep=False)
+        if dup.any():
+            problems.append(f"{inputs[0 if name == 'first' else 1]}: {int(dup.sum())} rows "
+                            f"share their key columns")
+    joined = a[keys + cols].merge(b[keys + cols], on=keys, how="outer", suffixes=("_a", "_b"),
+                                  indicator=True)
+    for side, label in (("left_only", inputs[0]), ("right_only", inputs[1])):
+        only = joined[joined["_merge"] == side]
+        if len(only):
+            where = only.groupby(["benchmark", "metric"], observed=True).size().to_dict()
+            problems.append(f"{len(only)} rows only in {label}: {where}")
+    both = joined[joined["_merge"] == "both"]
+    for c in cols:
+        x, y = both[f"{c}_a"], both[f"{c}_b"]
+        same = (x == y).fillna(False) | (x.isna() & y.isna())
+        if not same.all():
+            bad = both[~same]
+            where = bad.groupby(["benchmark", "dataset", "split"], observed=True).size()
+            problems.append(f"{c}: {int((~same).sum())} of {len(both)} rows differ, e.g. "
+                            f"{where.head(5).to_dict()}")
+    print(f"{len(both)} rows matched on {', '.join(keys)}; compared {', '.join(cols)}")
+    if problems:
+        raise ScoresDiffer("the scores tables differ:\n  " + "\n  ".join(problems))
+    print("identical")
+    return joined

@@ -21,7 +21,7 @@ Usage::
     def step_fn(step: int):
         idx = torch.randint(0, n_train, (4,), device=trainer.device)  # global RNG: checkpointed
         lr, hr = batch(idx)
-        loss = feature_loss(extractor, taps, net(lr), hr)          # runs under the harness's autocast
+        loss = feature_loss(extractor, taps, net(lr), hr)  # under the job's autocast
         return loss, 4                                             # (loss, items) or just loss
 
     def eval_fn(step: int) -> dict[str, float]:                   # no_grad, modules in eval mode
@@ -249,9 +249,11 @@ def save_model(path: str | Path, modules: Mapping[str, nn.Module | Mapping[str, 
     return Path(path)
 
 
-def load_model(path: str | Path,
-               modules: Mapping[str, nn.Module] | Callable[[dict[str, Any]], Mapping[str, nn.Module]]
-               | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+ModulesOrBuilder = Mapping[str, nn.Module] | Callable[[dict[str, Any]], Mapping[str, nn.Module]]
+
+
+def load_model(path: str | Path, modules: ModulesOrBuilder | None = None,
+               map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load the weights of a file of :func:`save_model` (or a harness ``last.pt``) into
     ``modules``; return its ``meta``.
 
@@ -386,11 +388,8 @@ class Trainer:
         return self.job.autocast()
 
     def to_device(self, x: Tensor) -> Tensor:
-        """Move a batch to the device, channels_last for 4-D tensors when enabled."""
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        """Move a batch to the device, channels_last for 4-D tensors when the harness uses it."""
+        return self.job.to_device(x, self.channels_last)
 
     def _say(self, msg: str) -> None:
         print(f"[train {self.description}] {msg}", file=sys.stderr, flush=True)
@@ -420,7 +419,8 @@ class Trainer:
     def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
         for k, m in self.modules.items():
             if k not in ckpt["modules"]:
-                raise KeyError(f"{self.last_path} has no module {k!r} (holds {sorted(ckpt['modules'])})")
+                raise KeyError(f"{self.last_path} has no module {k!r} "
+                               f"(holds {sorted(ckpt['modules'])})")
             m.load_state_dict(ckpt["modules"][k])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt["scheduler"] is not None:
@@ -451,7 +451,8 @@ class Trainer:
         self._best_modules = modules if self.cfg.select_metric is not None else None
         self._write_best(modules, self.step, metric)
 
-    def _write_best(self, modules: Mapping[str, Any], step: int | None, metric: float | None) -> None:
+    def _write_best(self, modules: Mapping[str, Any], step: int | None,
+                    metric: float | None) -> None:
         save_model(self.best_path, modules, {"fingerprint": self.fingerprint, "step": step,
                                              "metric": metric,
                                              "select_metric": self.cfg.select_metric})
@@ -466,7 +467,8 @@ class Trainer:
                                f"restart this training run from scratch") from e
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("fingerprint") != self.fingerprint:
             self._say(f"{self.last_path} belongs to a different configuration "
-                      f"(fingerprint {ckpt.get('fingerprint')} != {self.fingerprint}); starting afresh")
+                      f"(fingerprint {ckpt.get('fingerprint')} != {self.fingerprint}); "
+                      f"starting afresh")
             self.last_path.unlink()
             self.best_path.unlink(missing_ok=True)
             return None
@@ -509,7 +511,8 @@ class Trainer:
             self._pending.clear()
             raise NonFiniteLossError(
                 f"{self.description}: non-finite loss {value} at step {step} (0-based step index). "
-                f"The last good checkpoint is {self.last_path if self.last_path.exists() else 'none'}."
+                f"The last good checkpoint is "
+                f"{self.last_path if self.last_path.exists() else 'none'}."
                 f" Lower the learning rate, set precision: fp32, or check the inputs for NaN.")
         self._pending.clear()
         return float(vals.mean())

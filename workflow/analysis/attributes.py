@@ -157,7 +157,8 @@ def walk_child(child: nn.Module, facts: GraphFacts) -> GraphFacts:
     for i, node in enumerate(gm.graph.nodes):
         bit[node] = 1 << i
         if node.op == "placeholder":
-            flows[node] = _Flow(facts.flow.rf, facts.flow.jump, facts.flow.glob, facts.flow.matmuls, 0)
+            f = facts.flow
+            flows[node] = _Flow(f.rf, f.jump, f.glob, f.matmuls, 0)
             continue
         if node.op == "output":
             out = flows[node.all_input_nodes[0]]
@@ -208,7 +209,8 @@ def walk_child(child: nn.Module, facts: GraphFacts) -> GraphFacts:
         elif node.op == "call_function" and target in _POOL_FNS:
             kernel = _fn_arg(node, 1, "kernel_size")
             stride = _fn_arg(node, 2, "stride") or kernel
-            dilation = _fn_arg(node, 4, "dilation", 1) if target in (F.max_pool2d, torch.max_pool2d) else 1
+            pooled = target in (F.max_pool2d, torch.max_pool2d)
+            dilation = _fn_arg(node, 4, "dilation", 1) if pooled else 1
             base = _window(base, kernel, stride, dilation)
         elif node.op == "call_function" and target in _GLOBAL_FNS:
             base.glob = True
@@ -219,7 +221,8 @@ def walk_child(child: nn.Module, facts: GraphFacts) -> GraphFacts:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def flops_per_child(model: nn.Module, arch: str, size: int) -> tuple[list[float], list[tuple], float]:
+def flops_per_child(model: nn.Module, arch: str, size: int
+                    ) -> tuple[list[float], list[tuple], float]:
     """Cumulative FLOPs after each container child, their output shapes, and the full pass.
 
     One forward pass of the whole model (eval mode, batch 1) under FlopCounterMode;
@@ -335,7 +338,8 @@ def arch_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) ->
 
 
 def lossnet_attributes(
-    archs: Sequence[str], layers: Sequence[str | int], lpips_sets: Sequence[str], sizes: Sequence[int]
+    archs: Sequence[str], layers: Sequence[str | int], lpips_sets: Sequence[str],
+    sizes: Sequence[int],
 ) -> pd.DataFrame:
     """The attribute table of every loss network of the grid (+ LPIPS sets)."""
     sizes = sorted({int(s) for s in sizes})

@@ -1,7 +1,7 @@
 """Correlation tables: loss-network attributes vs scores, and scores vs scores.
 
-``python -m workflow analysis.correlations --scores scores.parquet --lossnets lossnets.parquet
---config JSON --outdir DIR`` writes, each as Parquet + Markdown + LaTeX:
+``python -m workflow analysis tables --scores scores.parquet --lossnets lossnets.parquet
+--config JSON --out DIR`` writes, each as Parquet + Markdown + LaTeX:
 
 - ``scores_by_lossnet``: the selected scores (config ``analysis.scores``), one row per loss network;
 - ``attribute_correlations``: Pearson and Spearman (with p-values and seeded percentile
@@ -103,7 +103,8 @@ def select_scores(scores: pd.DataFrame, selectors: Sequence[Mapping[str, Any]]) 
 
 
 def input_size(cfg: Mapping[str, Any], benchmark: str, dataset: str) -> int | None:
-    """The input side of a score: ``analysis.input_sizes`` at ``benchmark/dataset`` or ``benchmark``."""
+    """The input side of a score: ``analysis.input_sizes`` at ``benchmark/dataset`` or
+    ``benchmark``."""
     sizes = cfg.get("input_sizes", {})
     for key in (f"{benchmark}/{dataset}", benchmark):
         if key in sizes:
@@ -167,7 +168,8 @@ def correlate(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, confid
         for name, v in (("pearson", r), ("spearman", rho)):
             v = v[~np.isnan(v)]
             if len(v):
-                res[f"{name}_lo"], res[f"{name}_hi"] = (float(q) for q in np.quantile(v, [a, 1 - a]))
+                lo, hi = np.quantile(v, [a, 1 - a])
+                res[f"{name}_lo"], res[f"{name}_hi"] = float(lo), float(hi)
     return res
 
 
@@ -183,7 +185,8 @@ def _single_layer(df: pd.DataFrame, include_lpips: bool) -> pd.DataFrame:
     return df if include_lpips else df[df["layer"].astype(str) != "lpips"]
 
 
-def attribute_correlations(selected: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
+def attribute_correlations(selected: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]
+                           ) -> pd.DataFrame:
     boot = cfg.get("bootstrap", {})
     attributes = cfg.get("attributes", list(DEFAULT_ATTRIBUTES))
     rows = []
@@ -247,8 +250,10 @@ def score_correlations(selected: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.Dat
                                        "spearman_lo", "spearman_hi"])
 
 
-def pareto_points(selected: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """Points of the Pareto views: (cost or ImageNet accuracy, score) per loss network, with the front."""
+def pareto_points(selected: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]
+                  ) -> pd.DataFrame:
+    """Points of the Pareto views: (cost or ImageNet accuracy, score) per loss network, with
+    the front."""
     p = cfg.get("pareto", {})
     cost = p.get("cost", "flops")
     views = [(s, cost, True) for s in p.get("cost_scores", ["2AFC", "JND"])]
@@ -272,8 +277,8 @@ def pareto_points(selected: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str,
                 "value": joined["value"].to_numpy(float),
                 "on_front": pareto_front(x, joined["value"].to_numpy(float), minimize),
             }))
-    cols = ["view", "score", "metric", "x_attribute", "input_size", "minimize_x", "lossnet", "arch", "layer",
-            "x", "value", "on_front"]
+    cols = ["view", "score", "metric", "x_attribute", "input_size", "minimize_x", "lossnet",
+            "arch", "layer", "x", "value", "on_front"]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
@@ -295,7 +300,8 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_table(df: pd.DataFrame, stem: Path, title: str, note: str = "") -> None:
-    """``stem``.parquet (the data); .md, .tex and .html (formatted for reading; the report shows the html)."""
+    """``stem``.parquet (the data); .md, .tex and .html (formatted for reading; the report
+    shows the html)."""
     write_parquet(df, stem.with_suffix(".parquet"))
     shown = _display(df)
     md = f"# {title}\n\n"
@@ -316,11 +322,13 @@ def write_table(df: pd.DataFrame, stem: Path, title: str, note: str = "") -> Non
                f"<h3>{title}</h3><p>{note}</p>{body}</body></html>\n", stem.with_suffix(".html"))
 
 
-def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any], outdir: Path) -> dict:
+def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any], outdir: Path
+               ) -> dict:
     selected = select_scores(scores, cfg.get("scores", []))
     boot = cfg.get("bootstrap", {})
     how = (f"{int(boot.get('n', 2000))} seeded bootstrap resamples (seed {boot.get('seed', 0)}), "
-           f"{100 * float(boot.get('confidence', 0.95)):g}% percentile intervals; p-values from scipy.")
+           f"{100 * float(boot.get('confidence', 0.95)):g}% percentile intervals; p-values "
+           f"from scipy.")
     wide = scores_wide(selected)
     attr_corr = attribute_correlations(selected, attrs, cfg)
     score_corr = score_correlations(selected, cfg)
@@ -330,14 +338,17 @@ def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]
     write_table(attr_corr, outdir / "attribute_correlations",
                 "Loss-network attributes vs scores", how)
     write_table(score_corr, outdir / "score_correlations",
-                "Correlations between scores (per loss network; per architecture at its best layer)", how)
+                "Correlations between scores (per loss network; per architecture at its best "
+                "layer)", how)
     write_table(pareto, outdir / "pareto", "Pareto frontiers",
-                "on_front: no other loss network has a better score at a lower cost (or higher accuracy).")
+                "on_front: no other loss network has a better score at a lower cost (or higher "
+                "accuracy).")
     return {"scores": selected["score"].nunique() if not selected.empty else 0,
             "attribute_pairs": len(attr_corr), "score_pairs": len(score_corr)}
 
 
-def read_inputs(scores_path: str | Path, lossnets_path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_inputs(scores_path: str | Path, lossnets_path: str | Path
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     for p, fix in ((scores_path, "run `snakemake scores` first"),
                    (lossnets_path, "run `snakemake lossnet_attributes` first")):
         if not Path(p).exists():
@@ -346,7 +357,8 @@ def read_inputs(scores_path: str | Path, lossnets_path: str | Path) -> tuple[pd.
     attrs = pd.read_parquet(lossnets_path)
     missing = {"arch", "layer", "lossnet"} - set(attrs.columns)
     if missing:
-        raise ValueError(f"{lossnets_path}: not a loss-network attribute table (no {sorted(missing)}); "
+        raise ValueError(f"{lossnets_path}: not a loss-network attribute table "
+                         f"(no {sorted(missing)}); "
                          f"rebuild it with `snakemake lossnet_attributes`")
     attrs = attrs.astype({"arch": "string", "layer": "string"})
     return scores, attrs

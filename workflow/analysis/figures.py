@@ -1,7 +1,7 @@
 """Figures of the analysis (seaborn; PNG + SVG), built from whatever results exist.
 
-``python -m workflow analysis.figures --scores scores.parquet --tables DIR --config JSON --outdir DIR``
-writes ``<outdir>/<name>.png`` and ``.svg`` for every name in ``FIGURES``:
+``python -m workflow analysis figures --scores scores.parquet --tables DIR --config JSON --out DIR``
+writes ``<out>/<name>.png`` and ``.svg`` for every name in ``FIGURES``:
 
 - ``scores_by_layer``: each selected score (config ``analysis.scores``) against the extraction
   layer 1..4, one line per architecture, one panel per score;
@@ -36,7 +36,7 @@ from scipy import stats  # noqa: E402
 
 from workflow.analysis import FIGURE_FORMATS as FORMATS  # noqa: E402
 from workflow.analysis import FIGURES  # noqa: E402
-from workflow.analysis.correlations import AnalysisConfigError, select_scores  # noqa: E402
+from workflow.analysis.correlations import select_scores  # noqa: E402
 from workflow.archs import ARCHS  # noqa: E402
 from workflow.files import atomic_path  # noqa: E402
 from workflow.results import validate_scores  # noqa: E402
@@ -86,7 +86,8 @@ def no_data(stem: Path, title: str, why: str, dpi: int) -> str:
     fig, ax = plt.subplots(figsize=(5, 2.5))
     ax.axis("off")
     ax.set_title(title)
-    ax.text(0.5, 0.5, f"no data\n{why}", ha="center", va="center", wrap=True, transform=ax.transAxes)
+    ax.text(0.5, 0.5, f"no data\n{why}", ha="center", va="center", wrap=True,
+            transform=ax.transAxes)
     save(fig, stem, dpi)
     return f"{stem.name}: no data ({why})"
 
@@ -128,7 +129,8 @@ def scores_by_layer(selected: pd.DataFrame, cfg: Mapping[str, Any], colors, stem
     single = selected[selected["layer"].astype(str).isin(["1", "2", "3", "4"])]
     if single.empty:
         return no_data(stem, "Scores by extraction layer",
-                       "no selected score (config analysis.scores) has single-layer loss networks", dpi)
+                       "no selected score (config analysis.scores) has single-layer loss "
+                       "networks", dpi)
     names = list(dict.fromkeys(single["score"]))
     fig, axes = _grid(len(names), fig_cfg)
     archs = _ordered_archs(single["arch"])
@@ -155,7 +157,8 @@ def _pareto_panel(ax: plt.Axes, d: pd.DataFrame, colors, log_x: bool) -> None:
     front = d.assign(px=x)[d["on_front"].astype(bool)].sort_values("px")
     if not front.empty:
         minimize = bool(d["minimize_x"].iloc[0])
-        # staircase: lower cost -> lower score (steps-post); higher accuracy -> lower score (steps-pre)
+        # staircase: lower cost -> lower score (steps-post);
+        # higher accuracy -> lower score (steps-pre)
         ax.plot(front["px"], front["value"], color="black", lw=1, zorder=2,
                 drawstyle="steps-post" if minimize else "steps-pre", label="Pareto frontier")
         ax.scatter(front["px"], front["value"], s=110, facecolors="none", edgecolors="black",
@@ -167,10 +170,13 @@ def pareto_figure(pareto: pd.DataFrame, cfg: Mapping[str, Any], colors, stem: Pa
     fig_cfg = cfg.get("figures", {})
     dpi = int(fig_cfg.get("dpi", 150))
     title = "ImageNet accuracy vs score" if accuracy else "Cost vs score"
-    d = pareto[(pareto["x_attribute"] == "imagenet_acc1") == accuracy] if not pareto.empty else pareto
+    if not pareto.empty:
+        pareto = pareto[(pareto["x_attribute"] == "imagenet_acc1") == accuracy]
+    d = pareto
     if d.empty:
         key = "accuracy_scores" if accuracy else "cost_scores"
-        return no_data(stem, title, f"none of the scores of config analysis.pareto.{key} is in the results", dpi)
+        return no_data(stem, title, f"none of the scores of config analysis.pareto.{key} is in "
+                                    f"the results", dpi)
     names = list(dict.fromkeys(d["score"]))
     fig, axes = _grid(len(names), fig_cfg)
     for ax, name in zip(axes.flat, names, strict=False):
@@ -196,11 +202,13 @@ def correlation_heatmap(corr: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) 
     dpi = int(fig_cfg.get("dpi", 150))
     d = corr.dropna(subset=["pearson_r"]) if not corr.empty else corr
     if d.empty:
-        return no_data(stem, "Attribute correlations", "no attribute/score pair with 3+ loss networks", dpi)
+        return no_data(stem, "Attribute correlations",
+                       "no attribute/score pair with 3+ loss networks", dpi)
     r = d.pivot_table(index="attribute", columns="score", values="pearson_r", sort=False)
     p = d.pivot_table(index="attribute", columns="score", values="pearson_p", sort=False)
     annot = r.map(lambda v: f"{v:.2f}") + p.reindex_like(r).map(lambda v: "*" if v < 0.05 else "")
-    fig, ax = plt.subplots(layout="constrained", figsize=(2.0 + 0.9 * r.shape[1], 1.0 + 0.38 * r.shape[0]))
+    fig, ax = plt.subplots(layout="constrained",
+                           figsize=(2.0 + 0.9 * r.shape[1], 1.0 + 0.38 * r.shape[0]))
     sns.heatmap(r, annot=annot.to_numpy(), fmt="", cmap="vlag", vmin=-1, vmax=1, center=0, ax=ax,
                 cbar_kws={"label": "Pearson r"}, linewidths=0.5)
     ax.set_xlabel("score")
@@ -216,7 +224,8 @@ def adaptation_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], colors, stem
     dpi = int(fig_cfg.get("dpi", 150))
     a = cfg.get("adaptation", {})
     base_v, adapt_v = a.get("baseline_variant", "baseline"), a.get("adapted_variant", "adapted")
-    rows = scores[(scores["benchmark"] == "adaptation") & (scores["metric"] == a.get("metric", "2afc"))
+    rows = scores[(scores["benchmark"] == "adaptation")
+                  & (scores["metric"] == a.get("metric", "2afc"))
                   & (scores["split"] == a.get("split", "test")) & scores["ranking"].notna()]
     if a.get("datasets"):
         rows = rows[rows["dataset"].isin(list(a["datasets"]))]
@@ -233,7 +242,8 @@ def adaptation_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], colors, stem
     for ax, name in zip(axes.flat, names, strict=False):
         g = d[d["dataset"] == name]
         for arch, ga in g.groupby("arch", sort=False):
-            ax.scatter(ga["baseline"], ga["adapted"], s=18, color=colors.get(arch, "0.5"), alpha=0.8)
+            ax.scatter(ga["baseline"], ga["adapted"], s=18, color=colors.get(arch, "0.5"),
+                       alpha=0.8)
         lo = float(min(g["baseline"].min(), g["adapted"].min()))
         hi = float(max(g["baseline"].max(), g["adapted"].max()))
         ax.plot([lo, hi], [lo, hi], color="0.4", ls="--", lw=1)
@@ -271,12 +281,14 @@ def probes_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> s
                        line=rows["lossnet"] + " (" + rows["norm"] + ")",
                        order=rows["set_name"].map(sets) * 100 + rows["comp"].map(comps))
     rows = rows.sort_values(["order", "line"], kind="stable")
-    val = rows.pivot_table(index="line", columns="column", values="value", aggfunc="mean", sort=False)
+    val = rows.pivot_table(index="line", columns="column", values="value", aggfunc="mean",
+                           sort=False)
     n = rows.pivot_table(index="line", columns="column", values="n", aggfunc="max", sort=False)
     frac = val / n.reindex_like(val)
     annot = val.map(lambda v: "" if np.isnan(v) else f"{v:g}") + "/" + n.reindex_like(val).map(
         lambda v: "" if pd.isna(v) else f"{int(v)}")
-    fig, ax = plt.subplots(layout="constrained", figsize=(2.0 + 0.75 * val.shape[1], 1.2 + 0.35 * val.shape[0]))
+    fig, ax = plt.subplots(layout="constrained",
+                           figsize=(2.0 + 0.75 * val.shape[1], 1.2 + 0.35 * val.shape[0]))
     sns.heatmap(frac.astype(float), annot=annot.to_numpy(), fmt="", cmap="Greens", vmin=0, vmax=1,
                 ax=ax, cbar_kws={"label": "fraction of pairs correct"}, linewidths=0.5,
                 annot_kws={"fontsize": "x-small"})
@@ -287,7 +299,8 @@ def probes_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> s
     return f"{stem.name}: {val.shape[0]} x {val.shape[1]}"
 
 
-def run_figures(scores: pd.DataFrame, tables: Path, cfg: Mapping[str, Any], outdir: Path) -> list[str]:
+def run_figures(scores: pd.DataFrame, tables: Path, cfg: Mapping[str, Any], outdir: Path
+                ) -> list[str]:
     fig_cfg = cfg.get("figures", {})
     _style(fig_cfg)
     colors = arch_colors(fig_cfg.get("palette", "tab20"))

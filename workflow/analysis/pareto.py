@@ -27,7 +27,8 @@ def pareto_front(x: np.ndarray, score: np.ndarray, minimize_x: bool = True) -> n
     return ok & ~dominated
 
 
-def front_line(x: np.ndarray, score: np.ndarray, minimize_x: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def front_line(x: np.ndarray, score: np.ndarray, minimize_x: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
     """The frontier's points sorted along ``x``, for drawing it as a step line."""
     mask = pareto_front(x, score, minimize_x)
     xs, ss = np.asarray(x, float)[mask], np.asarray(score, float)[mask]

@@ -106,7 +106,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
         _merge_move(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    from workflow.results import write_json
+    from workflow.files import write_json
 
     write_json({"key": key, "archive": archive.name, "files": files}, marker)
     return files

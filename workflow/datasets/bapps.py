@@ -63,7 +63,7 @@ class BappsError(CorruptFileError):
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth random colour field with a sharp rectangle: structure a CNN responds to."""
     low = (rng.random((6, 6, 3)) * 255).astype(np.uint8)
-    img = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
+    img = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), np.float32) / 255
     y0, x0 = rng.integers(0, size // 2, 2)
     h, w = rng.integers(size // 6, size // 2, 2)
     img[y0:y0 + h, x0:x0 + w] = rng.random(3)
@@ -76,7 +76,8 @@ def _distort(img: np.ndarray, strength: float, kind: int, rng: np.random.Generat
         out = img + rng.normal(0, 0.3 * strength, img.shape)
     elif kind == 1:  # blur
         pil = Image.fromarray((img * 255).astype(np.uint8))
-        out = np.asarray(pil.filter(ImageFilter.GaussianBlur(float(4 * strength))), np.float32) / 255
+        blurred = pil.filter(ImageFilter.GaussianBlur(float(4 * strength)))
+        out = np.asarray(blurred, np.float32) / 255
     else:  # colour cast
         out = img + 0.5 * strength * (rng.random(3) - 0.5)
     return np.clip(out, 0, 1)
@@ -142,7 +143,8 @@ def find_roots(raw_dir: Path) -> dict[str, Path]:
     """The ``2afc`` and ``jnd`` folders under ``raw_dir``, wherever the archives put them."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
-        raise BappsError(f"BAPPS raw folder {raw_dir} does not exist; download or synthesize it first")
+        raise BappsError(f"BAPPS raw folder {raw_dir} does not exist; download or synthesize "
+                         f"it first")
     found: dict[str, list[Path]] = {"2afc": [], "jnd": []}
     for dirpath, dirnames, _ in os.walk(raw_dir):
         depth = len(Path(dirpath).relative_to(raw_dir).parts)
@@ -170,14 +172,16 @@ def _pairs(subset_dir: Path, kind: str) -> list[str]:
     for part, suffix in PARTS[kind].items():
         folder = subset_dir / part
         if not folder.is_dir():
-            raise BappsError(f"{folder} is missing (expected {', '.join(PARTS[kind])} under {subset_dir})")
+            raise BappsError(f"{folder} is missing (expected {', '.join(PARTS[kind])} "
+                             f"under {subset_dir})")
         stems[part] = {p.stem: p for p in folder.iterdir() if p.suffix.lower() == suffix}
     union = set().union(*stems.values())
     for part, have in stems.items():
         for stem in sorted(union - set(have)):
             other = next(p[stem] for p in stems.values() if stem in p)
             raise BappsError(
-                f"{other} has no partner in {subset_dir / part}/ (expected {stem}{PARTS[kind][part]}); "
+                f"{other} has no partner in {subset_dir / part}/ "
+                f"(expected {stem}{PARTS[kind][part]}); "
                 f"the raw tree is incomplete: fetch or synthesize it again"
             )
     return sorted(union)
@@ -219,7 +223,8 @@ def _subsets(roots: dict[str, Path]) -> list[tuple[str, str, str, Path]]:
     return out
 
 
-def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int = IMAGE_SIZE) -> dict:
+def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
+            size: int = IMAGE_SIZE) -> dict:
     """Decode the raw tree into arrays in ``out_dir``; ``manifest.json`` is written last.
 
     Everything is built in a staging folder and moved in only when every file
@@ -246,8 +251,9 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int 
                         labels = np.array(list(pool.map(_read_label, paths)), dtype=np.float32)
                         np.save(stage / f"{prefix}_{part}.npy", labels)
                         continue
-                    arr = np.lib.format.open_memmap(stage / f"{prefix}_{part}.npy", mode="w+",
-                                                    dtype=np.uint8, shape=(len(paths), size, size, 3))
+                    arr = np.lib.format.open_memmap(
+                        stage / f"{prefix}_{part}.npy", mode="w+", dtype=np.uint8,
+                        shape=(len(paths), size, size, 3))
 
                     def fill(i: int, arr=arr, paths=paths) -> None:
                         arr[i] = _read_image(paths[i], size)
@@ -263,7 +269,8 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None, size: int 
         arrays = {}
         for p in sorted(stage.iterdir()):
             a = np.load(p, mmap_mode="r")
-            arrays[p.name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": sha256_file(p)}
+            arrays[p.name] = {"shape": list(a.shape), "dtype": str(a.dtype),
+                              "sha256": sha256_file(p)}
             del a
             os.replace(p, out_dir / p.name)
     finally:
@@ -297,7 +304,8 @@ def load(prepared_dir: Path, kind: str, split: str, subset: str) -> dict[str, np
     for part in [*PARTS[kind], "names"]:
         p = prepared_dir / f"{prefix}_{part}.npy"
         if not p.exists():
-            have = sorted({"_".join(f.name.split("_")[:3]) for f in prepared_dir.glob("*_names.npy")})
+            have = sorted({"_".join(f.name.split("_")[:3])
+                           for f in prepared_dir.glob("*_names.npy")})
             raise BappsError(f"{p} not found: BAPPS {kind}/{split}/{subset} was not prepared "
                              f"(prepared: {', '.join(have) or 'nothing'})")
         out[part] = np.load(p, mmap_mode="r")

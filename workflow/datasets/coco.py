@@ -282,7 +282,8 @@ def prepare(raw_dir: Path, out_dir: Path, n_train: int | None = None, n_val: int
         p = out_dir / f"{split}_images.npy"
         decode_into_npy(p, paths, _target, (SIZE, SIZE, 3), workers, desc=f"coco {split}")
         arrays[p.name] = array_entry(p)
-        p = save_npy(out_dir / f"{split}_names.npy", np.array([Path(m).name for m in sel["members"]]))
+        names = np.array([Path(m).name for m in sel["members"]])
+        p = save_npy(out_dir / f"{split}_names.npy", names)
         arrays[p.name] = array_entry(p)
         counts[split] = len(paths)
     return write_manifest(out_dir, {

@@ -333,7 +333,8 @@ class Fetcher:
                     "Accept-Encoding": "identity"})
                 with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                     if resp.status != 206:
-                        raise RangeUnsupported(f"{url} ignored a Range request (HTTP {resp.status})")
+                        raise RangeUnsupported(
+                            f"{url} ignored a Range request (HTTP {resp.status})")
                     data = resp.read()
                 if len(data) != end - start:
                     raise _Truncated(f"{len(data)} of {end - start} bytes")
@@ -343,7 +344,8 @@ class Fetcher:
                 if isinstance(e, urllib.error.HTTPError) and e.code not in RETRY_STATUS:
                     raise DownloadError(f"HTTP {e.code} for a range of {url}") from None
                 if attempt >= self.retries:
-                    raise DownloadError(f"could not read bytes {start}-{end} of {url}: {e}") from None
+                    raise DownloadError(
+                        f"could not read bytes {start}-{end} of {url}: {e}") from None
                 time.sleep(self.backoff_s * 2 ** attempt)
         raise AssertionError("unreachable")
 

@@ -56,7 +56,8 @@ def read_labels(path: Path, n: int) -> np.ndarray:
     y = np.fromfile(path, dtype=np.uint8).astype(np.int64)
     if y.size != n or (y.size and (y.min() < 1 or y.max() > 10)):
         raise CorruptFileError(f"{path}: expected {n} labels in 1..10, got {y.size} "
-                               f"(range {y.min() if y.size else '-'}..{y.max() if y.size else '-'})")
+                               f"(range {y.min() if y.size else '-'}.."
+                               f"{y.max() if y.size else '-'})")
     return y - 1
 
 

@@ -117,4 +117,5 @@ def pool_counts(counts: Mapping[str, Tensor]) -> dict[str, int]:
 def delineation_scores(prediction: Tensor, reference: Tensor, threshold: float = 0.3,
                        tolerance: int = 0) -> dict[str, float]:
     """Pooled completeness / correctness / quality over a batch of images."""
-    return scores_from_counts(pool_counts(match_counts(prediction, reference, threshold, tolerance)))
+    counts = match_counts(prediction, reference, threshold, tolerance)
+    return scores_from_counts(pool_counts(counts))

@@ -86,7 +86,8 @@ def jnd_average_precision(d, same) -> float:
     which leaves the order unsorted (its bug; fixed here). NaN when no pair
     was judged the same (recall undefined).
     """
-    d = (d.detach().float().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)).reshape(-1)
+    d = d.detach().float().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)
+    d = d.reshape(-1)
     s = (same.detach().float().cpu().numpy() if isinstance(same, torch.Tensor)
          else np.asarray(same)).astype(np.float64).reshape(-1)
     _check_sizes(d.size, s.size)

@@ -1,4 +1,4 @@
-"""The convolutional autoencoder of the dimensionality-reduction benchmark (REFERENCE.md).
+"""The convolutional autoencoder of the dimensionality-reduction benchmark (docs/autoencoder.md).
 
 Encoder: four 4x4 convolutions with stride 2 and no padding (3 -> 32 -> 64 -> 128 -> 256),
 each followed by BatchNorm and ReLU, flattened, then a linear map to the code (z = 64).
@@ -45,7 +45,8 @@ def _bn_relu(conv: nn.Module, channels: int) -> list[nn.Module]:
 
 
 class ConvAutoencoder(nn.Module):
-    """``encode(x) -> [N, code_size]``, ``decode(z) -> [N, 3, size, size]``, ``forward = decode(encode)``."""
+    """``encode(x) -> [N, code_size]``, ``decode(z) -> [N, 3, size, size]``,
+    ``forward = decode(encode)``."""
 
     def __init__(self, size: int, code_size: int = CODE_SIZE):
         super().__init__()

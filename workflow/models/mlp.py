@@ -1,10 +1,12 @@
-"""The grid of small MLPs that classify autoencoder codes (REFERENCE.md, benchmark 4).
+"""The grid of small MLPs that classify autoencoder codes (docs/autoencoder.md), and how the
+grid trains.
 
 Seven nets with hidden layers ``HIDDEN_GRID`` and LeakyReLU activations, trained against
 one-hot targets with MSE. They are small, so all seven train together on one device: one
 ``MLPGrid`` holds them, the training loss is the sum of the nets' losses (the nets share no
 parameter, so each gets exactly its own gradient and its own Adam state), and a
 ``GridSelection`` keeps every net's own early-stopping state and best weights.
+:func:`fit_grid` runs that training through :class:`workflow.training.Trainer`.
 
 Per-net early stopping monitors validation accuracy: a net improves when its accuracy is
 strictly higher than its best so far (ties keep the earlier epoch); after ``patience``
@@ -19,11 +21,21 @@ comes first in ``HIDDEN_GRID`` (the simpler one).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-HIDDEN_GRID: tuple[tuple[int, ...], ...] = ((), (32,), (64,), (32, 32), (64, 32), (64, 64), (128, 128))
+from workflow.datasets.bank import EpochSampler
+from workflow.job import Job, seed_everything
+from workflow.training import TrainConfig, Trainer
+
+__all__ = ["HIDDEN_GRID", "GridSelection", "MLPGrid", "build_mlp", "fit_grid", "mlp_name",
+           "select_best"]
+
+HIDDEN_GRID: tuple[tuple[int, ...], ...] = ((), (32,), (64,), (32, 32), (64, 32), (64, 64),
+                                            (128, 128))
 
 
 def mlp_name(hidden: Sequence[int]) -> str:
@@ -142,3 +154,49 @@ def select_best(val_acc: Sequence[float] | Tensor) -> int:
         if v > vals[best]:
             best = k
     return best
+
+
+def fit_grid(job: Job, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
+             hidden: Sequence[Sequence[int]], *, epochs: int, patience: int, batch_size: int,
+             lr: float, seed: int, workdir: Path, n_classes: int = 10,
+             checkpoint_every: int | None = None, fingerprint: str | None = None
+             ) -> tuple[GridSelection, int]:
+    """Train every MLP of the grid together with Adam, one evaluation per epoch, resuming
+    from ``workdir``.
+
+    Args: ``train`` / ``val`` (codes, labels) on the job's device; ``seed`` initialises the
+    nets and seeds the epoch order (trailing batches of one code are dropped).
+    Returns: the selection state of the last improvement (each net's best weights, its
+    validation accuracy and step) and the steps per epoch.
+    """
+    (train_z, train_y), (val_z, val_y) = train, val
+    seed_everything(seed)  # initialisation; the harness reseeds the training RNGs itself
+    grid = MLPGrid(train_z.shape[1], n_classes, [tuple(h) for h in hidden])
+    selection = GridSelection(grid, int(patience))
+    opt = torch.optim.Adam(grid.parameters(), lr=float(lr))
+    sampler = EpochSampler(len(train_z), int(batch_size), seed, job.device, min_batch=2)
+    spe = sampler.steps_per_epoch
+    state: dict[str, Any] = {"active": None, "epoch": -1}
+
+    def step_fn(step: int):
+        if state["epoch"] != step // spe:  # nets stop only at evaluations, i.e. at epoch ends
+            state["active"], state["epoch"] = selection.active.tolist(), step // spe
+        idx = sampler(step)
+        return grid.loss(train_z[idx], train_y[idx], state["active"]), len(idx)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        acc = grid.accuracy(val_z, val_y)
+        selection.update(grid, acc, step)
+        return {"improvements": float(selection.improvements),
+                "active": float(selection.active.sum()), "best_val_accuracy": float(acc.max())}
+
+    # every net improving counts, so the harness's patience stops exactly when the last net
+    # has gone `patience` epochs without improving (see GridSelection)
+    config = TrainConfig(max_steps=int(epochs) * spe, eval_every=spe,
+                         checkpoint_every=checkpoint_every or spe, seed=seed,
+                         select_metric="improvements", select_mode="max",
+                         patience=int(patience), log_every=max(1, min(100, spe)))
+    Trainer(job, workdir, modules={"grid": grid, "selection": selection}, optimizer=opt,
+            step_fn=step_fn, eval_fn=eval_fn, config=config, fingerprint=fingerprint,
+            description=f"mlps {workdir}").fit()
+    return selection, spe

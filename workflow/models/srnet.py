@@ -45,7 +45,8 @@ class SRNet(nn.Module):
         super().__init__()
         n_up = int(round(math.log2(scale))) if scale > 0 else -1
         if scale < 2 or 2**n_up != scale:
-            raise ValueError(f"scale must be a power of two >= 2 (the study uses 4 and 8), got {scale}")
+            raise ValueError(f"scale must be a power of two >= 2 (the study uses 4 and 8), "
+                             f"got {scale}")
         self.scale = scale
         self.head = ConvBN(3, channels, 9)
         self.residual = nn.Sequential(*[ResidualBlock(channels) for _ in range(n_residual)])

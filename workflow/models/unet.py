@@ -1,4 +1,5 @@
-"""The refinement U-Net of the road-delineation benchmark (REFERENCE.md, after Mosinska et al. 2018).
+"""The refinement U-Net of the road-delineation benchmark (docs/delineation.md; after Mosinska
+et al. 2018), and its tiled inference.
 
 Input: 4 channels, the RGB image in [0, 1] and the previous road prediction in [0, 1].
 Encoder: four blocks of a 4x4 convolution with stride 2 and padding 1, BatchNorm and ReLU,
@@ -23,15 +24,24 @@ ever sees the zero map in training, exactly as in the reference; the benchmark r
 pass K = 1, 2, 3 at test time so the effect of feeding back is visible rather than summed.
 
 Receptive field: an output pixel depends on input pixels at most ``RECEPTIVE_RADIUS`` px away
-(per axis). Tiled inference whose tiles overlap by at least that margin, with tile origins on
-multiples of 16, reproduces whole-image inference (``workflow.benchmarks.delineation``).
+(per axis). Tiled inference (:func:`predict_tiled`) whose tiles keep at least that margin at
+every inner edge, with tile origins on multiples of 16 (so every tile sees the same phase of
+the four stride-2 stages as the whole image), reproduces whole-image inference; the tile
+size then only trades memory for speed.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+__all__ = ["RECEPTIVE_RADIUS", "SIDE_MULTIPLE", "RefinementUNet", "kept_span", "pad_to_multiple",
+           "padded_side", "predict_tiled", "tile_starts"]
 
 ENCODER_CHANNELS = (4, 8, 16, 32, 32)
 SIDE_MULTIPLE = 16  # four stride-2 stages
@@ -43,7 +53,8 @@ RECEPTIVE_RADIUS = 45
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.BatchNorm2d(cout),
+                         nn.ReLU())
 
 
 class RefinementUNet(nn.Module):
@@ -68,7 +79,8 @@ class RefinementUNet(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != ENCODER_CHANNELS[0]:
-            raise ValueError(f"RefinementUNet expects [N, 4, H, W] (RGB + prediction), got {tuple(x.shape)}")
+            raise ValueError(f"RefinementUNet expects [N, 4, H, W] (RGB + prediction), got "
+                             f"{tuple(x.shape)}")
         if x.shape[-2] % SIDE_MULTIPLE or x.shape[-1] % SIDE_MULTIPLE:
             raise ValueError(
                 f"RefinementUNet input sides must be multiples of {SIDE_MULTIPLE}, got "
@@ -88,13 +100,15 @@ class RefinementUNet(nn.Module):
         return torch.sigmoid(self.logits(x))
 
     def refine(self, image: Tensor, passes: int, previous: Tensor | None = None) -> list[Tensor]:
-        """Run ``passes`` refinement passes on RGB ``image`` [N, 3, S, S]; return every pass's output.
+        """Run ``passes`` refinement passes on RGB ``image`` [N, 3, S, S]; return every pass's
+        output.
 
         Pass 1 sees ``previous`` (default: zeros) as channel 4, pass k the output of pass k - 1.
         """
         if passes < 1:
             raise ValueError(f"refinement passes must be >= 1, got {passes}")
-        pred = image.new_zeros(image.shape[0], 1, *image.shape[-2:]) if previous is None else previous
+        pred = (image.new_zeros(image.shape[0], 1, *image.shape[-2:]) if previous is None
+                else previous)
         outputs = []
         for _ in range(passes):
             pred = self(torch.cat([image, pred.to(image.dtype)], 1))
@@ -119,3 +133,75 @@ def pad_to_multiple(x: Tensor, multiple: int = SIDE_MULTIPLE, mode: str = "refle
     if mode == "reflect" and (ph >= h or pw >= w):
         mode = "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+# ----------------------------------------------------------------------------- tiled inference
+
+
+def tile_starts(size: int, tile: int, margin: int) -> list[int]:
+    """Tile origins along one axis: stride ``tile - 2 margin``, the last one flush with the end.
+
+    With ``size``, ``tile`` and ``margin`` multiples of 8 and 16 as the config asks, every
+    origin lies on the 16-px grid.
+    """
+    if size <= tile:
+        return [0]
+    stride = tile - 2 * margin
+    if stride <= 0:
+        raise ValueError(f"tile margin {margin} px must be less than half of the tile side "
+                         f"{tile} px")
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] != size - tile:
+        starts.append(size - tile)
+    return starts
+
+
+def kept_span(start: int, tile: int, size: int, margin: int) -> tuple[int, int]:
+    """The part ``[lo, hi)`` of a tile that is trusted: all but ``margin`` px at its edges
+    inside the image (an image border is a border of whole-image inference too)."""
+    lo = start + (margin if start > 0 else 0)
+    hi = start + tile - (margin if start + tile < size else 0)
+    return lo, hi
+
+
+@torch.no_grad()
+def predict_tiled(model: RefinementUNet, image: Tensor, passes: int, *, tile: int, margin: int,
+                  batch: int,
+                  autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                  ) -> list[Tensor]:
+    """Road probabilities of ``passes`` refinement passes for images [N, 3, H, W] in [0, 1].
+
+    The images are padded (reflection) to a multiple of 16 at the bottom/right, cut into
+    ``tile`` x ``tile`` tiles whose origins lie on the 16-px grid and overlap by ``2 margin``,
+    and every output pixel is taken from a tile in which it lies at least ``margin`` px from
+    any cut edge. With ``margin >= RECEPTIVE_RADIUS`` (45) the result equals whole-image
+    inference on the padded image up to float summation order, so ``tile`` and ``batch``
+    (tiles per forward) only trade memory for speed. Each pass runs over the whole image
+    before the next starts, because a tile of pass k needs pass k-1's prediction in its
+    margins. ``autocast``: the job's autocast context. Returns K tensors [N, 1, H, W] (float32).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    n, _, h, w = image.shape
+    x = pad_to_multiple(image.to(device, torch.float32))
+    hp, wp = x.shape[-2:]
+    th, tw = min(tile, hp), min(tile, wp)
+    ys = [(s, *kept_span(s, th, hp, margin)) for s in tile_starts(hp, th, margin)]
+    xs = [(s, *kept_span(s, tw, wp, margin)) for s in tile_starts(wp, tw, margin)]
+    grid = [(i, y, xx) for i in range(n) for y in ys for xx in xs]
+    pred = x.new_zeros(n, 1, hp, wp)
+    outputs = []
+    for _ in range(passes):
+        inp = torch.cat([x, pred], 1)
+        new = torch.empty_like(pred)
+        for b in range(0, len(grid), batch):
+            chunk = grid[b:b + batch]
+            tiles = torch.stack([inp[i, :, y0:y0 + th, x0:x0 + tw]
+                                 for i, (y0, _, _), (x0, _, _) in chunk])
+            with autocast():
+                out = model(tiles).float()
+            for k, (i, (y0, ylo, yhi), (x0, xlo, xhi)) in enumerate(chunk):
+                new[i, :, ylo:yhi, xlo:xhi] = out[k, :, ylo - y0:yhi - y0, xlo - x0:xhi - x0]
+        pred = new
+        outputs.append(pred[:, :, :h, :w])
+    return outputs

@@ -1,2 +1,2 @@
-"""Benchmark commands: ``python -m workflow bench NAME`` measures speed against a baseline
-measured in the same run and writes the figures into a section of BENCHMARKS.md."""
+"""Speed measurements: `python -m workflow perf NAME` times this project against a baseline in
+the same run and writes one section of BENCHMARKS.md (see ``workflow.cli.PERF``)."""

@@ -1,4 +1,4 @@
-"""``python -m workflow bench adaptation``: fused adaptation vs one metric at a time.
+"""``python -m workflow perf adaptation``: fused adaptation vs one metric at a time.
 
 For each LPIPS loss network, times training steps of the fused adapter (every
 comparison x ranking metric on one extractor pass per batch) and steps of single
@@ -17,32 +17,32 @@ import argparse
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from workflow import runtime
-from workflow.bench.report import machine_description, update_section
-from workflow.benchmarks.adaptation import (
-    FusedAdapter,
-    adaptation_step,
-    make_optimizer,
-    tap_channels,
-)
+from workflow.archs import LossNet
+from workflow.benchmarks.adaptation import adaptation_step
 from workflow.compare import METHODS, Variant
+from workflow.datasets.bank import ImageBank
 from workflow.distortions import positions, random_rankings
-from workflow.lossnets import LossNet, build_extractor
+from workflow.job import Job
+from workflow.models.adapter import FusedAdapter, make_optimizer, tap_channels
+from workflow.perf.report import machine_description, update_section
 
 
-def _time_steps(extractor, adapter: FusedAdapter, images, pos, batch: int, steps: int, warmup: int,
-                device: torch.device, precision: str) -> float:
-    """Seconds per optimisation step (distort, extract, compare, loss, backward, Adam, clamp)."""
-    opt = make_optimizer(adapter, {"lr": 1e-3, "betas": (0.5, 0.999)})
+def _time_steps(job: Job, extractor, adapter: FusedAdapter, bank: ImageBank, pos, batch: int,
+                steps: int, warmup: int) -> float:
+    """Seconds per optimisation step (distort, extract, compare, loss, backward, Adam, clamp),
+    as the trainer runs it (under the job's autocast)."""
+    device = job.device
+    opt = make_optimizer(adapter, 1e-3, (0.5, 0.999))
     gen = torch.Generator(device=device).manual_seed(0)
-    ac = runtime.autocast(device, precision)
 
     def one() -> None:
-        idx = torch.randint(0, images.shape[0], (batch,), device=device, generator=gen)
+        idx = torch.randint(0, len(bank), (batch,), device=device, generator=gen)
         opt.zero_grad(set_to_none=True)
-        loss, _ = adaptation_step(extractor, adapter, images, idx, pos, 64, gen, ac)
+        with job.autocast():
+            loss, _ = adaptation_step(job, extractor, adapter, bank, idx, pos, 64, gen)
         loss.backward()
         opt.step()
         adapter.clamp_()
@@ -62,50 +62,59 @@ def _time_steps(extractor, adapter: FusedAdapter, images, pos, batch: int, steps
     return (clock() - t0) / steps
 
 
-def bench_net(net: LossNet, rankings: int, methods: Sequence[str], batch: int, steps: int, warmup: int,
-              device: torch.device, precision: str, weights: str) -> dict:
-    extractor = build_extractor(net.arch, lossnets=[net], weights=weights, weights_dir="resources/weights").to(device)
+def bench_net(job: Job, net: LossNet, rankings: int, methods: Sequence[str], batch: int,
+              steps: int, warmup: int) -> dict:
+    device = job.device
+    extractor = job.extractor(net)
     channels = tap_channels(extractor, 64, device)
-    images = torch.randint(0, 256, (4096, 32, 32, 3), dtype=torch.uint8, device=device)  # SVHN-shaped
-    orders = random_rankings(rankings, 0)
-    pos = positions(orders).to(device)
+    rng = np.random.default_rng(0)
+    bank = ImageBank(rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8), device)  # SVHN-shaped
+    pos = positions(random_rankings(rankings, 0)).to(device)
     variants = [Variant(m, True) for m in methods]
     fused = FusedAdapter(channels, variants, range(rankings)).to(device)
-    t_fused = _time_steps(extractor, fused, images, pos, batch, steps, warmup, device, precision)
+    t_fused = _time_steps(job, extractor, fused, bank, pos, batch, steps, warmup)
     per_method = {}
     for v in variants:  # one ranking per comparison: the ranking does not change the cost
         single = FusedAdapter(channels, [v], [0]).to(device)
-        per_method[v.method] = _time_steps(extractor, single, images, pos[:1], batch, steps, warmup, device,
-                                           precision)
+        per_method[v.method] = _time_steps(job, extractor, single, bank, pos[:1], batch, steps,
+                                           warmup)
     t_separate = rankings * sum(per_method.values())
-    return {"net": net.id, "fused_s": t_fused, "per_method_s": per_method, "separate_s": t_separate,
-            "speedup": t_separate / t_fused, "metrics": rankings * len(variants)}
+    return {"net": net.id, "fused_s": t_fused, "per_method_s": per_method,
+            "separate_s": t_separate, "speedup": t_separate / t_fused,
+            "metrics": rankings * len(variants)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow bench adaptation")
-    ap.add_argument("--nets", nargs="+", default=["alexnet/lpips", "vgg16/lpips", "squeezenet1_1/lpips"])
+    ap = argparse.ArgumentParser(prog="python -m workflow perf adaptation")
+    ap.add_argument("--nets", nargs="+",
+                    default=["alexnet/lpips", "vgg16/lpips", "squeezenet1_1/lpips"])
     ap.add_argument("--rankings", type=int, default=20)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--runs", type=int, default=4, help="runs per network (same factor both sides)")
     ap.add_argument("--batch", type=int, default=None, help="default: 1024 on CUDA, 32 on CPU")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 2 on CPU)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps (default: 10 on CUDA, 2 on CPU)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--weights", default="random", help="random | imagenet (speed does not depend on it)")
+    ap.add_argument("--weights", default="random",
+                    help="random | imagenet (speed does not depend on it)")
+    ap.add_argument("--weights-dir", default="resources/weights")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-report", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is written")
+    ap.add_argument("--no-report", action="store_true",
+                    help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
-    device = runtime.pick_device(args.device)
-    precision = runtime.resolve_precision(args.precision, device)
-    runtime.configure(device, precision, args.threads or runtime.job_threads(default=torch.get_num_threads()))
+    job = Job.create({"precision": args.precision, "weights": args.weights},
+                     {"device": args.device, "threads": args.threads,
+                      "weights_dir": args.weights_dir})
+    device, precision = job.device, job.precision
     batch = args.batch or (1024 if device.type == "cuda" else 32)
     steps = args.steps or (10 if device.type == "cuda" else 2)
     results = []
     for name in args.nets:
-        r = bench_net(LossNet.parse(name), args.rankings, args.methods, batch, steps, args.warmup, device,
-                      precision, args.weights)
+        r = bench_net(job, LossNet.parse(name), args.rankings, args.methods, batch, steps,
+                      args.warmup)
         results.append(r)
         print(f"{r['net']}: fused {r['fused_s']:.3f} s/step for {r['metrics']} metrics; separate "
               f"{r['separate_s']:.3f} s/step; speed-up {r['speedup']:.1f}x", flush=True)
@@ -115,9 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         "## Adaptation: fused training vs one metric at a time",
         "",
-        f"Machine: {machine_description(device)}; precision {precision}; batch {batch}; {steps} timed "
-        f"steps after {args.warmup} warm-up; {args.rankings} rankings x {len(args.methods)} comparisons "
-        f"(channel-normalised); weights {args.weights}; SVHN-shaped inputs resized to 64x64.",
+        f"Machine: {machine_description(device)}; precision {precision}; batch {batch}; "
+        f"{steps} timed steps after {args.warmup} warm-up; {args.rankings} rankings x "
+        f"{len(args.methods)} comparisons (channel-normalised); weights {args.weights}; "
+        "SVHN-shaped inputs resized to 64x64.",
         f"Times are {'wall' if device.type == 'cuda' else 'process CPU'} seconds per step. "
         "Separate = rankings x sum over comparisons of the step time of one metric trained alone "
         "(its own distortion draw, extractor pass and comparison); process start-up excluded, so "
@@ -126,15 +136,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| loss network | fused s/step | separate s/step (all metrics) | speed-up |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {r['net']} | {r['fused_s']:.4f} | {r['separate_s']:.3f} | {r['speedup']:.1f}x |" for r in results]
-    lines += ["", f"Projected whole grid ({len(results)} networks x {len(args.methods)} comparisons x "
-                  f"{args.rankings} rankings x {args.runs} runs): {grid:.1f}x faster fused "
-                  f"(target >= 20x).", "",
-              "Per-comparison step time of one metric alone (s): "
-              + "; ".join(f"{r['net']}: " + ", ".join(f"{m} {t:.3f}" for m, t in r["per_method_s"].items())
-                          for r in results)]
+    lines += [f"| {r['net']} | {r['fused_s']:.4f} | {r['separate_s']:.3f} | {r['speedup']:.1f}x |"
+              for r in results]
+    per_method = "; ".join(f"{r['net']}: " + ", ".join(f"{m} {t:.3f}"
+                                                       for m, t in r["per_method_s"].items())
+                           for r in results)
+    lines += ["", f"Projected whole grid ({len(results)} networks x {len(args.methods)} "
+                  f"comparisons x {args.rankings} rankings x {args.runs} runs): {grid:.1f}x faster "
+                  f"fused (target >= 20x).", "",
+              f"Per-comparison step time of one metric alone (s): {per_method}"]
     md = "\n".join(lines)
     print(md)
     if not args.no_report:
-        update_section("adaptation", md)
+        update_section("adaptation", md, args.out)
     return 0

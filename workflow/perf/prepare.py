@@ -1,8 +1,8 @@
-"""``python -m workflow bench prepare``: PNG decoding speed of dataset preparation, 1 worker
+"""``python -m workflow perf prepare``: PNG decoding speed of dataset preparation, 1 worker
 vs all cores, in the same run on the same BAPPS-like tree.
 
 Measures BAPPS's own ``prepare`` (decode + 64x64 resize of every patch, arrays written) and
-the shared decoder every other dataset uses (``workflow.datasets.common.decode_into_npy``)
+the shared decoder every other dataset uses (``workflow.datasets.arrays.decode_into_npy``)
 on the same PNG files, and writes the ``prepare`` section of BENCHMARKS.md.
 """
 
@@ -36,7 +36,7 @@ def run(n_val: int, n_train: int, n_jnd: int, size: int, workers: list[int], rep
     from PIL import Image
 
     from workflow.datasets import bapps
-    from workflow.datasets.common import decode_image, decode_into_npy
+    from workflow.datasets.arrays import decode_image, decode_into_npy
 
     raw = scratch / "raw"
     bapps.synthesize(raw, seed=0, n_val=n_val, n_train=n_train, n_jnd=n_jnd, size=size)
@@ -54,7 +54,7 @@ def run(n_val: int, n_train: int, n_jnd: int, size: int, workers: list[int], rep
                      "images": len(pngs), "seconds": t})
         t = _time(lambda w=w: decode_into_npy(scratch / f"shared{w}.npy", pngs, shared,
                                               (64, 64, 3), workers=w), repeats)
-        rows.append({"what": "common.decode_into_npy (decode, resize 64)", "workers": w,
+        rows.append({"what": "arrays.decode_into_npy (decode, resize 64)", "workers": w,
                      "images": len(pngs), "seconds": t})
     return rows
 
@@ -62,7 +62,7 @@ def run(n_val: int, n_train: int, n_jnd: int, size: int, workers: list[int], rep
 def markdown(rows: list[dict], size: int, repeats: int, load: float) -> str:
     import torch
 
-    from workflow.bench.report import machine_description
+    from workflow.perf.report import machine_description
 
     base = {r["what"]: r["seconds"] for r in rows if r["workers"] == 1}
     lines = [
@@ -85,7 +85,7 @@ def markdown(rows: list[dict], size: int, repeats: int, load: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow bench prepare", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m workflow perf prepare", description=__doc__)
     ap.add_argument("--n-val", type=int, default=24, help="triplets per val subset (6 subsets)")
     ap.add_argument("--n-train", type=int, default=8, help="triplets per train subset (3)")
     ap.add_argument("--n-jnd", type=int, default=24, help="pairs per JND subset (2)")
@@ -100,14 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     if 1 not in workers:
         workers = [1, *workers]
     load = os.getloadavg()[0]
-    scratch = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    scratch = Path(tempfile.mkdtemp(prefix="perf-prepare-"))
     try:
         rows = run(args.n_val, args.n_train, args.n_jnd, args.size, workers, args.repeats, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     md = markdown(rows, args.size, args.repeats, load)
     print(md)
-    from workflow.bench.report import update_section
+    from workflow.perf.report import update_section
 
     update_section("prepare", md, args.out)
     return 0

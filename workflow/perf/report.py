@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from workflow.results import write_text
+from workflow.files import write_text
 
 HEADER = (
     "# Benchmarks\n\n"
-    "Figures written by `python -m workflow bench NAME` (one section per command; rerun a\n"
+    "Figures written by `python -m workflow perf NAME` (one section per command; rerun a\n"
     "command to refresh its section). Every speed is a ratio against a baseline measured\n"
     "in the same run on the same device.\n"
 )
@@ -22,7 +22,8 @@ HEADER = (
 
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+        return (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), "
+                f"torch {torch.__version__}")
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -31,7 +32,8 @@ def machine_description(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return (f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def update_section(name: str, markdown: str, path: str | Path = "BENCHMARKS.md") -> Path:
@@ -44,6 +46,9 @@ def update_section(name: str, markdown: str, path: str | Path = "BENCHMARKS.md")
         fcntl.flock(lf, fcntl.LOCK_EX)
         text = path.read_text() if path.exists() else HEADER
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+        if pattern.search(text):
+            text = pattern.sub(lambda _: block, text)
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
         write_text(text, path)
     return path

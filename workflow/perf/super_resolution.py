@@ -1,4 +1,4 @@
-"""``python -m workflow bench super_resolution``: SR training throughput and the study's cost.
+"""``python -m workflow perf super_resolution``: SR training throughput and the study's cost.
 
 For each loss network (default alexnet/2 and vgg16/2) and each configuration, the
 real harness step (``Trainer.train_step``: the benchmark's own step function with
@@ -15,9 +15,9 @@ same device in the same process, configurations interleaved:
 FLOPs of one step come from ``torch.utils.flop_counter.FlopCounterMode``; achieved
 TFLOP/s = FLOPs per step x steps per second. The projection for the full grid is
 112 models (56 loss networks x 2 scales) x 800,000 training images (200,000 iterations at
-batch 4) at the measured mean throughput of the measured loss networks, i.e. an estimate that treats them as
-representative of the grid (validation and test scoring excluded: under 1% of the
-steps' work). Weights are random (nothing is downloaded; the cost is the same).
+batch 4) at the measured mean throughput of the measured loss networks, i.e. an estimate
+that treats them as representative of the grid (validation and test scoring excluded: under
+1% of the steps' work). Weights are random (nothing is downloaded; the cost is the same).
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from workflow import runtime
-from workflow.bench.report import machine_description, update_section
-from workflow.benchmarks.super_resolution import TrainBatches
-from workflow.degrade import degrade
-from workflow.lossnets import LossNet, build_extractor, feature_loss
+from workflow.archs import LossNet
+from workflow.benchmarks.super_resolution import train_batches
+from workflow.datasets.bank import EpochSampler, ImageBank
+from workflow.imaging import degrade
+from workflow.job import Job
+from workflow.lossnets import feature_loss
 from workflow.models.srnet import SRNet
+from workflow.perf.report import machine_description, update_section
 from workflow.training import TrainConfig, Trainer
 
 GRID_MODELS = 112
@@ -63,29 +65,36 @@ def bf16_peak(device: torch.device) -> float | None:
     return None
 
 
-def build(net_id: LossNet, scale: int, batch: int, size: int, device: torch.device,
-          precision: str, channels_last: bool, compile_: bool, workdir: Path) -> Trainer:
+def make_job(device: str, precision: str, threads: int | None) -> Job:
+    """The job of one configuration (random loss-network weights: nothing is read)."""
+    return Job.create({"precision": precision, "weights": "random"},
+                      {"device": device, "threads": threads})
+
+
+def build(job: Job, net_id: LossNet, scale: int, batch: int, size: int, channels_last: bool,
+          compile_: bool, workdir: Path) -> Trainer:
     """A harness around the benchmark's step on random uint8 images kept on the device."""
+    device = job.device
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (max(64, batch * 4), size, size, 3), dtype=torch.uint8,
-                           device=device)
+    images = torch.randint(0, 256, (max(64, batch * 4), size, size, 3), dtype=torch.uint8)
+    bank = ImageBank(images.numpy(), device, "always")
     net = SRNet(scale)
-    extractor = build_extractor(net_id.arch, lossnets=[net_id], weights="random", normalize="none")
+    extractor = job.extractor(net_id, "none", channels_last=channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    batches = TrainBatches(images, batch, 0, device)
+    batches = train_batches(bank, EpochSampler(len(bank), batch, 0, device), None)
     trainer: Trainer
 
-    def step_fn(step: int):
+    def step_fn(step: int):  # the benchmark's step (workflow.benchmarks.super_resolution.train)
         with torch.autocast(device.type, enabled=False):
             hr = batches(step)
             lr = degrade(hr, scale)
         out = net(trainer.to_device(lr))
         return feature_loss(extractor, net_id.taps, out, trainer.to_device(hr)), batch
 
-    cfg = TrainConfig(max_steps=10**9, checkpoint_every=None, precision=precision,
-                      compile=compile_, device=str(device), channels_last=channels_last,
-                      progress=False)
-    trainer = Trainer(workdir, {"model": net}, opt, step_fn, cfg, aux_modules={"lossnet": extractor})
+    cfg = TrainConfig(max_steps=10**9, checkpoint_every=None, compile=compile_,
+                      channels_last=channels_last, progress=False)
+    trainer = Trainer(job, workdir, {"model": net}, opt, step_fn, cfg,
+                      aux_modules={"lossnet": extractor})
     return trainer
 
 
@@ -98,6 +107,7 @@ def step_flops(trainer: Trainer) -> int:
 
 def time_steps(trainer: Trainer, start: int, steps: int) -> float:
     """Seconds per step over ``steps`` steps (one sync at each end, as in training)."""
+    trainer.job.configure()  # its TF32 switches: the configurations are interleaved
     _sync(trainer.device)
     t = time.perf_counter()
     for s in range(start, start + steps):
@@ -108,15 +118,17 @@ def time_steps(trainer: Trainer, start: int, steps: int) -> float:
 
 
 def measure(net_id: LossNet, configs: dict[str, dict[str, Any]], scale: int, size: int,
-            device: torch.device, steps: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
+            jobs: dict[str, Job], steps: int, warmup: int, repeats: int
+            ) -> list[dict[str, Any]]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_sr_") as tmp:
-        trainers = {name: build(net_id, scale, c["batch"], size, device, c["precision"],
+    with tempfile.TemporaryDirectory(prefix="perf_sr_") as tmp:
+        trainers = {name: build(jobs[c["precision"]], net_id, scale, c["batch"], size,
                                 c["channels_last"], c["compile"], Path(tmp) / name)
                     for name, c in configs.items()}
         flops = {name: step_flops(tr) for name, tr in trainers.items()}
         for tr in trainers.values():  # warm-up: allocator, cudnn autotuning, compilation
-            time_steps(tr, 1, warmup)
+            if warmup:
+                time_steps(tr, 1, warmup)
         times: dict[str, list[float]] = {n: [] for n in trainers}
         for r in range(repeats):  # interleaved, so drift in machine load hits all alike
             for name, tr in trainers.items():
@@ -130,7 +142,7 @@ def measure(net_id: LossNet, configs: dict[str, dict[str, Any]], scale: int, siz
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow bench super_resolution",
+    ap = argparse.ArgumentParser(prog="python -m workflow perf super_resolution",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--lossnets", nargs="+", default=["alexnet/2", "vgg16/2"])
     ap.add_argument("--scale", type=int, default=4)
@@ -142,15 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--big-batch", type=int, default=None, help="also time default at this batch")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is rewritten")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = runtime.pick_device(args.device)
+    # one job per precision: it resolves the device and sets the threads and TF32 switches
+    auto = make_job(args.device, "auto", args.threads)
+    device, default_precision = auto.device, auto.precision
+    jobs = {"fp32": make_job(args.device, "fp32", args.threads), default_precision: auto}
     gpu = device.type == "cuda"
     steps = args.steps or (50 if gpu else 2)
     warmup = args.warmup if args.warmup is not None else (20 if gpu else 1)
-    default_precision = runtime.resolve_precision("auto", device)
     configs: dict[str, dict[str, Any]] = {
         "reference": {"precision": "fp32", "channels_last": False, "compile": False, "batch": 4},
         "default": {"precision": default_precision, "channels_last": gpu, "compile": False,
@@ -159,18 +172,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compile:
         configs["default+compile"] = {**configs["default"], "compile": True}
     if args.big_batch:
-        configs[f"default, batch {args.big_batch}"] = {**configs["default"], "batch": args.big_batch}
+        configs[f"default, batch {args.big_batch}"] = {**configs["default"],
+                                                      "batch": args.big_batch}
     rows = []
     for text in args.lossnets:
-        rows += measure(LossNet.parse(text), configs, args.scale, args.size, device, steps, warmup,
-                        args.repeats)
+        rows += measure(LossNet.parse(text), configs, args.scale, args.size, jobs, steps,
+                        warmup, args.repeats)
         for r in rows[-len(configs):]:
             print(f"{r['lossnet']} {r['config']}: {r['images_per_s']:.2f} images/s, "
                   f"{r['tflops']:.3f} TFLOP/s ({r['gflop_per_step']:.1f} GFLOP/step)", flush=True)
-    print(_markdown(rows, configs, device, args, steps, warmup, default_precision))
+    md = _markdown(rows, configs, device, args, steps, warmup, default_precision)
+    print(md)
     if not args.no_write:
-        update_section(f"super_resolution-{device.type}",
-                       _markdown(rows, configs, device, args, steps, warmup, default_precision))
+        update_section(f"super_resolution-{device.type}", md, args.out)
     return 0
 
 
@@ -182,7 +196,7 @@ def _markdown(rows: list[dict[str, Any]], configs: dict[str, dict[str, Any]], de
     lines = [
         f"## super_resolution: SR training throughput ({device.type})",
         "",
-        f"Machine: {machine_description(device)}. Command: `python -m workflow bench "
+        f"Machine: {machine_description(device)}. Command: `python -m workflow perf "
         f"super_resolution` (x{args.scale}, {args.size}x{args.size} targets, random weights and "
         f"images; median of {args.repeats} interleaved repetitions of {steps} steps after "
         f"{warmup} warm-up steps). Each step is the harness's full step: on-device blur + "
@@ -204,10 +218,11 @@ def _markdown(rows: list[dict[str, Any]], configs: dict[str, dict[str, Any]], de
         ratio = r["images_per_s"] / ref[r["lossnet"]]["images_per_s"]
         hours = GRID_MODELS * STUDY_IMAGES / r["images_per_s"] / 3600
         pct = f" | {100 * r['tflops'] / peak:.1f}%" if peak else ""
-        lines.append(f"| {r['lossnet']} | {r['config']}{' (compiled)' if r['compile'] else ''} | "
-                     f"{r['precision']} | {'NHWC' if r['channels_last'] else 'NCHW'} | {r['batch']} | "
-                     f"{r['images_per_s']:.2f} | {r['gflop_per_step']:.1f} | {r['tflops']:.3f}{pct} | "
-                     f"{ratio:.2f}x | {hours:,.0f} |")
+        compiled = " (compiled)" if r["compile"] else ""
+        layout = "NHWC" if r["channels_last"] else "NCHW"
+        lines.append(f"| {r['lossnet']} | {r['config']}{compiled} | {r['precision']} | {layout} | "
+                     f"{r['batch']} | {r['images_per_s']:.2f} | {r['gflop_per_step']:.1f} | "
+                     f"{r['tflops']:.3f}{pct} | {ratio:.2f}x | {hours:,.0f} |")
     by_cfg: dict[str, list[float]] = {}
     for r in rows:
         by_cfg.setdefault(r["config"], []).append(

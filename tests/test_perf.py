@@ -1,11 +1,11 @@
-"""The similarity benchmark command (workflow.bench.similarity): its FLOP figures and a smoke run."""
+"""Speed measurements (workflow/perf/): the figures they compute by formula, and smoke runs."""
 
 from __future__ import annotations
 
 import pytest
 
-from workflow.bench import similarity as sb
 from workflow.lossnets import all_lossnets, build_extractor
+from workflow.perf import similarity as sb
 
 
 def test_forward_flops_of_alexnet_by_hand():
@@ -40,3 +40,19 @@ def test_bench_command_prints_every_column(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| alexnet |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 8 and cells[3] == "5 x 10" and float(cells[4]) > 0
+
+
+def test_dag_measurement_parses_the_job_count(tmp_path, monkeypatch):
+    """`perf dag` counts the jobs of a dry run from Snakemake's job table."""
+    import subprocess
+
+    from workflow.perf import dag
+
+    class Done:
+        returncode = 0
+        stdout = "Job stats:\njob   count\n---  -----\nall  1\ntotal  750\n"
+        stderr = ""
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
+    cpu, wall, jobs = dag.dry_run(tmp_path, tmp_path, bytecode=True)
+    assert jobs == 750 and cpu >= 0 and wall >= 0

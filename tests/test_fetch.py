@@ -11,8 +11,8 @@ from collections import namedtuple
 import pytest
 from http_server import LoopbackServer
 
-from workflow import download as dl
 from workflow.datasets import RemoteFile
+from workflow.datasets import fetch as dl
 
 DATA = bytes(range(256)) * 97 + b"tail"  # 24,836 bytes, not a multiple of anything
 
@@ -150,30 +150,18 @@ def test_read_range_returns_exact_bytes(tmp_path):
 
 def test_weights_hash_prefix_check(tmp_path, monkeypatch):
     """torchvision's rule: the sha256 of a weight file starts with the hash in its name."""
-    import workflow.weights as w
+    import workflow.datasets.weights as w
 
     good_name = f"tinynet-{sha(DATA)[:8]}.pth"
     bad_name = f"tinynet-{'f' * 8 if not sha(DATA).startswith('f' * 8) else '0' * 8}.pth"
     names = {"alexnet": good_name, "vgg11": bad_name}
     with LoopbackServer({f"/models/{n}": DATA for n in names.values()}) as srv:
         monkeypatch.setattr(w, "weights_filename", lambda a: names[a])
-        monkeypatch.setattr(w, "weights_url", lambda a: f"https://download.pytorch.org/models/{names[a]}")
+        monkeypatch.setattr(w, "weights_url",
+                            lambda a: f"https://download.pytorch.org/models/{names[a]}")
         paths = w.fetch_weights(["alexnet"], tmp_path, mirror=srv.url, progress=False)
         assert paths == [tmp_path / good_name] and paths[0].read_bytes() == DATA
         with pytest.raises(dl.DownloadError, match="does not start with"):
             w.fetch_weights(["vgg11"], tmp_path, mirror=srv.url, progress=False)
     assert not (tmp_path / bad_name).exists()
     shutil.rmtree(tmp_path)
-
-
-def test_weights_input_is_the_file_a_job_reads():
-    # every training / scoring rule takes its loss network's weights file as an input:
-    # the torchvision file for imagenet, the state_dict itself for a path, nothing for random
-    cfg = {"resources_dir": "res", "lossnets": {"archs": ["alexnet", "vgg16"], "weights": "imagenet",
-                                                "weights_paths": {"vgg16": "my/vgg.pth"}}}
-    assert dl.weights_input(cfg, "alexnet") == ["res/weights/alexnet-owt-7be5be79.pth"]
-    assert dl.weights_input(cfg, "vgg16") == ["my/vgg.pth"]
-    cfg["lossnets"]["weights"] = "random"
-    assert dl.weights_input(cfg, "alexnet") == []
-    cfg["lossnets"]["weights"] = "my/alex.pth"
-    assert dl.weights_input(cfg, "alexnet") == ["my/alex.pth"]

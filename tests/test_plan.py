@@ -1,0 +1,232 @@
+"""The planning module (workflow/plan.py): the complete config, the stage table, the jobs.
+
+Config errors must stop before the DAG is built and name the key; every schema key has a
+description and a default and is classified exactly once (what a result depends on, a
+setting, or a DAG key); the module the rules import must not import torch or pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.snakemake_helpers import ROOT, snakemake
+from workflow.archs import UnknownLossNetError
+from workflow.plan import (
+    BENCHMARKS,
+    DAG_KEYS,
+    STAGES,
+    ConfigError,
+    Plan,
+    _resolve,
+    _schemas,
+    complete_config,
+    load_config,
+    schema_leaves,
+)
+
+
+def _full() -> dict:
+    return load_config(ROOT / "config.yaml")
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+def _walk(schema, base, path=""):
+    """(dotted key, resolved schema) of every property, recursively through objects."""
+    for key, sub in schema.get("properties", {}).items():
+        sub, b = _resolve(sub, base)
+        yield path + key, sub
+        if "properties" in sub:
+            yield from _walk(sub, b, f"{path}{key}.")
+
+
+def test_every_key_has_a_description_and_a_default():
+    root, _ = _schemas()
+    missing_desc, missing_default = [], []
+    for key, sub in _walk(root, root["$id"]):
+        if "description" not in sub:
+            missing_desc.append(key)
+        if "default" not in sub and "properties" not in sub:
+            missing_default.append(key)
+    assert not missing_desc, f"keys without a description: {missing_desc}"
+    assert not missing_default, f"keys without a default: {missing_default}"
+
+
+@pytest.mark.parametrize("benchmark", BENCHMARKS)
+def test_every_key_is_classified_exactly_once(benchmark):
+    """A key is what a stage's results depend on, a setting, or a DAG key: never unlisted
+    (it would silently not rerun anything) and never a setting of one stage and a dependency
+    of the same stage."""
+    leaves = set(schema_leaves(benchmark))
+    listed = set(DAG_KEYS[benchmark])
+    for name, stage in STAGES[benchmark].items():
+        assert not set(stage.depends) & set(stage.settings), (benchmark, name)
+        assert not (set(stage.depends) | set(stage.settings)) & set(DAG_KEYS[benchmark])
+        listed |= set(stage.depends) | set(stage.settings)
+    assert listed == leaves, (f"unclassified: {sorted(leaves - listed)}, "
+                              f"not in the schema: {sorted(listed - leaves)}")
+
+
+def test_defaults_are_the_study_and_are_applied_once():
+    cfg = complete_config({})
+    assert cfg == _full()  # config.yaml sets only where things go
+    assert cfg["super_resolution"]["iterations"] == 200_000
+    assert cfg["autoencoder"]["train"]["patience"] == 10
+    assert cfg["delineation"]["max_tiles"] == {"train": None, "valid": None, "test": None}
+    # a user's value wins over the default, nested or not
+    cfg = complete_config({"autoencoder": {"train": {"lr": 0.5}}})
+    assert cfg["autoencoder"]["train"]["lr"] == 0.5
+    assert cfg["autoencoder"]["train"]["epochs"] == 50
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"presicion": "fp32"}, ["presicion", "Additional properties"]),
+    ({"precision": "fp16"}, ["precision", "fp16"]),
+    ({"similarity": {"batchsize": 3}}, ["similarity", "batchsize"]),
+    ({"autoencoder": {"train": {"lr": -1}}}, ["autoencoder.train.lr"]),
+])
+def test_a_bad_config_names_the_key(config, words):
+    with pytest.raises(ConfigError) as e:
+        complete_config(config)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_snakemake_stops_on_a_bad_config_before_the_dag(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"similarity": {"batchsize": 3}}))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(path), check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "similarity" in out and "batchsize" in out, out[-2000:]
+
+
+def test_snakemake_lint_is_clean():
+    proc = snakemake("--lint", "--configfile", str(ROOT / "config" / "demo.yaml"), check=False,
+                     timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- loss networks
+
+
+def test_full_config_selects_the_study_grid():
+    plan = Plan(_full())
+    nets = plan.lossnets("similarity")
+    assert len([n for n in nets if n.layer != "lpips"]) == 56
+    assert {n.arch for n in nets if n.layer == "lpips"} == {"alexnet", "vgg16", "squeezenet1_1"}
+    assert len(plan.lossnets("delineation")) == 56  # no LPIPS sets in delineation
+    assert [n.id for n in plan.lossnets("adaptation")] == [
+        "alexnet/lpips", "vgg16/lpips", "squeezenet1_1/lpips"]
+    # 56 networks x 2 scales; 57 autoencoders (56 + pixel) x 2 datasets
+    assert len(plan.jobs("super_resolution")) == 112
+    assert len(plan.jobs("autoencoder")) == 114
+
+
+def test_unknown_arch_lists_known_ones():
+    cfg = _full()
+    cfg["similarity"]["lossnets"] = ["alexnett/2"]
+    with pytest.raises(UnknownLossNetError) as e:
+        Plan(cfg).lossnets("similarity")
+    msg = str(e.value)
+    assert "similarity.lossnets" in msg and "alexnett" in msg and "squeezenet1_1" in msg
+
+
+def test_weights_inputs_follow_the_config(tmp_path):
+    state = tmp_path / "mine.pth"
+    cfg = load_config(ROOT / "config.yaml", overrides={
+        "resources_dir": "R", "lossnets": {"weights_paths": {"vgg16": str(state)}}})
+    plan = Plan(cfg)
+    assert plan.weights_input("alexnet") == ["R/weights/alexnet-owt-7be5be79.pth"]
+    assert plan.weights_input("vgg16") == [str(state)]
+    assert plan.weights_input("pixel") == [] and "vgg16" not in plan.imagenet_archs()
+    cfg["lossnets"]["weights"] = "random"
+    assert Plan(cfg).weights_input("alexnet") == []
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def test_stage_params_hold_only_what_the_result_depends_on():
+    plan = Plan(_full())
+    train = plan.stage_config("super_resolution", "train", "alexnet")
+    for setting in ("checkpoint_every", "log_every", "data_on_device", "eval_batch_size"):
+        assert setting not in train
+    assert train["lr"] == 0.001 and train["precision"] == "auto"
+    assert train["weights"] == "imagenet" and train["weights_seed"] == 0
+    evaluation = plan.stage_config("super_resolution", "eval", "alexnet")
+    assert "weights" not in evaluation and "lr" not in evaluation  # the model is an input
+    settings = plan.stage_settings("super_resolution", "train", threads=3)
+    assert settings["threads"] == 3 and settings["eval_batch_size"] == 8
+    assert settings["weights_dir"] == "resources/weights" and settings["device"] == "auto"
+    # nested keys keep their nesting
+    ae = plan.stage_config("autoencoder", "train", "alexnet")
+    assert ae["train"]["epochs"] == 50 and "checkpoint_every" not in ae["train"]
+    assert "weights" not in plan.stage_config("autoencoder", "train", "pixel")
+
+
+def test_similarity_job_depends_on_its_own_loss_networks_only():
+    cfg = _full()
+    before = {a: Plan(cfg).stage_config("similarity", "score", a) for a in ("alexnet", "vgg16")}
+    cfg["similarity"]["lossnets"] = ["alexnet/2", "vgg16/3"]
+    after = Plan(cfg).stage_config("similarity", "score", "vgg16")
+    assert after["lossnets"] == ["vgg16/3", "vgg16/lpips"]
+    assert before["vgg16"]["lossnets"] != after["lossnets"]
+    assert {k: v for k, v in after.items() if k != "lossnets"} == \
+        {k: v for k, v in before["vgg16"].items() if k != "lossnets"}
+
+
+def test_settings_param_is_derived_from_threads():
+    """Snakemake never counts a param that is a function of ``threads`` as a rerun trigger
+    (rules._is_deriving_function): that is what makes a setting a setting."""
+    from snakemake.rules import Rule
+
+    plan = Plan(_full())
+    assert Rule._is_deriving_function(plan.settings_param("similarity", "score"))
+    assert not Rule._is_deriving_function(plan.config_param("similarity", "score"))
+    wildcards = type("W", (), {"arch": "alexnet"})()
+    settings = json.loads(plan.settings_param("similarity", "score")(wildcards, 4))
+    assert settings["batch_size"] == 128 and settings["threads"] == 4
+
+
+# ----------------------------------------------------------------------------- no torch
+
+
+FAKE = """raise ImportError("{name} was imported while the DAG was built")\n"""
+
+
+@pytest.fixture
+def no_torch(tmp_path):
+    """A PYTHONPATH folder whose torch and torchvision fail to import (pandas cannot be faked:
+    Snakemake's SLURM plugin imports it)."""
+    for name in ("torch", "torchvision"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(FAKE.format(name=name))
+    return tmp_path
+
+
+def test_plan_imports_neither_torch_nor_pandas():
+    code = ("import sys, workflow.plan as p; p.Plan(p.load_config('config.yaml')); "
+            "bad = [m for m in ('torch', 'pandas', 'numpy') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_full_study_dag_builds_without_torch(no_torch, tmp_path):
+    """`snakemake -n` of the full study with a torch that cannot be imported: only the
+    planning module (and Snakemake) run while the DAG is built."""
+    import os
+
+    env_path = f"{no_torch}{os.pathsep}{ROOT}"
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--quiet", "rules",
+           "--snakefile", str(ROOT / "Snakefile"), "--config",
+           f"results_dir={tmp_path / 'out'}", f"resources_dir={tmp_path / 'res'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": env_path})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "train_sr" in out and "score_similarity" in out
