@@ -14,7 +14,6 @@ from workflow.distortions import (
     NAMES,
     apply_distortions,
     draw_pairs,
-    resize,
     sample_params,
 )
 
@@ -165,13 +164,3 @@ def test_mixed_batch_equals_per_distortion_calls():
         torch.testing.assert_close(out[i : i + 1], single)
     with pytest.raises(ValueError, match="ids"):
         apply_distortions(imgs, torch.full((12,), 6), params)
-
-
-def test_resize_uint8_and_float_like_torchvision():
-    g = torch.Generator().manual_seed(5)
-    u8 = torch.randint(0, 256, (2, 32, 32, 3), generator=g, dtype=torch.uint8)
-    as_float = u8.permute(0, 3, 1, 2).float() / 255
-    want = torch.stack([TF.resize(im, [64, 64], antialias=True) for im in as_float]).clamp(0, 1)
-    torch.testing.assert_close(resize(u8, 64), want)
-    torch.testing.assert_close(resize(as_float, 64), want)
-    assert resize(as_float, 32) is as_float  # already that size: untouched

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workflow.imaging import gaussian_blur, to_float
-from workflow.imaging import resize as _resize
+from workflow.imaging import gaussian_blur
 
 PARAM_DIM = 2
 NAMES = ("rotate", "translate", "darken", "hue", "blur", "zoom")
@@ -235,12 +234,6 @@ def apply_distortions(images: Tensor, ids: Tensor, params: Tensor) -> Tensor:
     return out
 
 
-def resize(images: Tensor, size: int) -> Tensor:
-    """uint8 NHWC or float NCHW -> float NCHW in [0, 1] at ``size`` x ``size`` (bilinear,
-    antialiased: :func:`workflow.imaging.resize`)."""
-    return _resize(to_float(images) if images.dtype == torch.uint8 else images, size)
-
-
 def draw_pairs(n: int, generator: torch.Generator | None = None, device=None
                ) -> tuple[Tensor, Tensor]:
     """Two distinct distortion ids per image, uniform over ordered pairs."""
@@ -277,5 +270,5 @@ def ranking_labels(d0: Tensor, d1: Tensor, pos: Tensor) -> Tensor:
 __all__ = [
     "BLUR_KERNEL", "BY_NAME", "DISTORTIONS", "Distortion", "NAMES", "PARAM_DIM",
     "apply_distortions", "draw_pairs", "hsv_to_rgb", "positions", "random_rankings",
-    "ranking_labels", "resize", "rgb_to_hsv", "sample_params",
+    "ranking_labels", "rgb_to_hsv", "sample_params",
 ]
