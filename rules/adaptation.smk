@@ -29,7 +29,7 @@ rule adaptation_rankings:
 
 rule adaptation_triplets:
     input:
-        lambda w: plan.prepared(w.dataset),
+        plan.prepared("{dataset}"),
     output:
         f"{OUT}/adaptation/triplets/{{dataset}}.npz",
     wildcard_constraints:
@@ -56,7 +56,7 @@ rule adaptation_train:
     params:
         config=plan.config_param("adaptation", "train"),
         settings=plan.settings_param("adaptation", "train"),
-        workdir=lambda w, output: os.path.join(os.path.dirname(output.model), "train"),
+        workdir=f"{ADAPTATION_DIR}/run{{run}}/train",
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/train_run{{run}}.log",
     threads: 2
@@ -65,7 +65,8 @@ rule adaptation_train:
     shell:
         "python -m workflow adaptation train --net {wildcards.arch}/{wildcards.layer}"
         " --run {wildcards.run}"
-        " --config {params.config:q} --settings {params.settings:q} --rankings {input.rankings:q}"
+        " --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --rankings {input.rankings:q}"
         " --triplets {input.triplets:q} --prepared {input.svhn:q} --workdir {params.workdir:q}"
         " --out {output.model:q} > {log:q} 2>&1"
 
@@ -86,7 +87,8 @@ rule adaptation_baseline:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow adaptation evaluate --net {wildcards.arch}/{wildcards.layer}"
-        " --config {params.config:q} --settings {params.settings:q} --rankings {input.rankings:q}"
+        " --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --rankings {input.rankings:q}"
         " --triplets {input.triplets:q} --prepared {input.prepared:q} --scores {output:q}"
         " > {log:q} 2>&1"
 
@@ -109,7 +111,8 @@ rule adaptation_evaluate:
     shell:
         "python -m workflow adaptation evaluate --net {wildcards.arch}/{wildcards.layer}"
         " --run {wildcards.run}"
-        " --config {params.config:q} --settings {params.settings:q} --rankings {input.rankings:q}"
+        " --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --rankings {input.rankings:q}"
         " --triplets {input.triplets:q} --prepared {input.prepared:q} --model {input.model:q}"
         " --scores {output:q} > {log:q} 2>&1"
 
@@ -159,7 +162,8 @@ rule probes_score:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow probes score --net {wildcards.arch}/{wildcards.layer}"
-        " --config {params.config:q} --settings {params.settings:q} --images {input.images:q}"
+        " --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --images {input.images:q}"
         " --scores {output:q} > {log:q} 2>&1"
 
 

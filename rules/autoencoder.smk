@@ -13,7 +13,7 @@ AE_WILDCARDS = {"net": r"pixel|[a-z0-9_]+/(?:[1-4]|lpips)", "dataset": "svhn|stl
 
 rule train_autoencoder:
     input:
-        data=lambda w: plan.prepared(w.dataset),
+        data=plan.prepared("{dataset}"),
         weights=plan.weights_param(),
     output:
         model=f"{AE_DIR}/autoencoder.pt",
@@ -22,7 +22,7 @@ rule train_autoencoder:
     params:
         config=plan.config_param("autoencoder", "train"),
         settings=plan.settings_param("autoencoder", "train"),
-        workdir=lambda w, output: os.path.join(os.path.dirname(output.model), "train"),
+        workdir=f"{AE_DIR}/train",
     log:
         f"{AE_LOG}_train.log",
     threads: 2
@@ -31,13 +31,13 @@ rule train_autoencoder:
     shell:
         "python -m workflow autoencoder train --net {wildcards.net}"
         " --dataset {wildcards.dataset} --run {wildcards.run} --config {params.config:q}"
-        " --settings {params.settings:q} --prepared {input.data:q}"
+        " --settings {params.settings:q} --threads {threads} --prepared {input.data:q}"
         " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule encode:
     input:
-        data=lambda w: plan.prepared(w.dataset),
+        data=plan.prepared("{dataset}"),
         model=f"{AE_DIR}/autoencoder.pt",
     output:
         f"{AE_DIR}/codes.npz",
@@ -53,7 +53,8 @@ rule encode:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow autoencoder encode --dataset {wildcards.dataset}"
-        " --config {params.config:q} --settings {params.settings:q} --model {input.model:q}"
+        " --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --model {input.model:q}"
         " --prepared {input.data:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -68,7 +69,7 @@ rule fit_mlps:
     params:
         config=plan.config_param("autoencoder", "mlp"),
         settings=plan.settings_param("autoencoder", "mlp"),
-        workdir=lambda w, output: os.path.join(os.path.dirname(output.scores), "mlps"),
+        workdir=f"{AE_DIR}/mlps",
     log:
         f"{AE_LOG}_fit_mlps.log",
     threads: 1
@@ -77,7 +78,7 @@ rule fit_mlps:
     shell:
         "python -m workflow autoencoder mlp --net {wildcards.net}"
         " --dataset {wildcards.dataset} --run {wildcards.run} --config {params.config:q}"
-        " --settings {params.settings:q} --codes {input.codes:q}"
+        " --settings {params.settings:q} --threads {threads} --codes {input.codes:q}"
         " --workdir {params.workdir:q} --samples {output.samples:q} --scores {output.scores:q}"
         " > {log:q} 2>&1"
 

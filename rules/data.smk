@@ -51,7 +51,7 @@ else:
             f"{RES}/raw/{{dataset}}/READY",
         params:
             options=lambda w: plan.data_options(w.dataset, "download"),
-            mirror=plan.setting(lambda w: plan.mirror(w.dataset)),
+            mirror=plan.mirror_param(),
             urls=lambda w: " ".join(plan.dataset_urls(w.dataset)),
             raw=lambda w, output: os.path.dirname(output[0]),
         message:
@@ -72,7 +72,6 @@ rule prepare_dataset:
         f"{RES}/prepared/{{dataset}}/manifest.json",
     params:
         options=lambda w: plan.data_options(w.dataset, "prepare"),
-        settings=plan.threads_settings(),
         raw=lambda w, input: os.path.dirname(input[0]),
         out=lambda w, output: os.path.dirname(output[0]),
     log:
@@ -82,7 +81,7 @@ rule prepare_dataset:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow data prepare {wildcards.dataset} --raw {params.raw:q}"
-        " --out {params.out:q} --options {params.options:q} --settings {params.settings:q}"
+        " --out {params.out:q} --options {params.options:q} --threads {threads}"
         " > {log:q} 2>&1"
 
 
@@ -92,7 +91,7 @@ rule download_weights:
         plan.weight_files(),
     params:
         archs=" ".join(plan.weight_archs()),
-        mirror=plan.setting(lambda w: plan.mirror("weights")),
+        mirror=plan.mirror_param("weights"),
         folder=lambda w, output: os.path.dirname(output[0]),
     message:
         f"download ImageNet weights: {' '.join(plan.weight_urls())}"

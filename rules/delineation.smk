@@ -20,7 +20,7 @@ rule train_delineation:
     params:
         config=plan.config_param("delineation", "train"),
         settings=plan.settings_param("delineation", "train"),
-        workdir=lambda w, output: os.path.join(os.path.dirname(output.model), "train"),
+        workdir=f"{DELINEATION_DIR}/train",
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/train_run{{run}}.log",
     threads: 2
@@ -29,6 +29,7 @@ rule train_delineation:
     shell:
         "python -m workflow delineation train --net {wildcards.arch}/{wildcards.layer}"
         " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads}"
         " --prepared {input.roads:q} --workdir {params.workdir:q} --out {output.model:q}"
         " > {log:q} 2>&1"
 
@@ -51,6 +52,7 @@ rule eval_delineation:
     shell:
         "python -m workflow delineation eval --net {wildcards.arch}/{wildcards.layer}"
         " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads}"
         " --model {input.model:q} --prepared {input.roads:q} --samples {output.samples:q}"
         " --scores {output.scores:q} > {log:q} 2>&1"
 

@@ -23,7 +23,7 @@ rule score_similarity:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow similarity score --config {params.config:q}"
-        " --settings {params.settings:q} --prepared {input.bapps:q}"
+        " --settings {params.settings:q} --threads {threads} --prepared {input.bapps:q}"
         " --samples {output.samples:q} --scores {output.scores:q} > {log:q} 2>&1"
 
 

@@ -17,7 +17,7 @@ rule train_sr:
     params:
         config=plan.config_param("super_resolution", "train"),
         settings=plan.settings_param("super_resolution", "train"),
-        workdir=lambda w, output: os.path.join(os.path.dirname(output.model), "train"),
+        workdir=f"{SR_DIR}/train",
     log:
         f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/train_x{{scale}}_run{{run}}.log",
     threads: 2
@@ -26,7 +26,7 @@ rule train_sr:
     shell:
         "python -m workflow super_resolution train --net {wildcards.arch}/{wildcards.layer}"
         " --scale {wildcards.scale} --run {wildcards.run} --config {params.config:q}"
-        " --settings {params.settings:q} --prepared {input.coco:q}"
+        " --settings {params.settings:q} --threads {threads} --prepared {input.coco:q}"
         " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
@@ -48,7 +48,8 @@ rule eval_sr:
     shell:
         "python -m workflow super_resolution eval --net {wildcards.arch}/{wildcards.layer}"
         " --scale {wildcards.scale} --run {wildcards.run} --config {params.config:q}"
-        " --settings {params.settings:q} --model {input.model:q} --prepared {input.sr_test:q}"
+        " --settings {params.settings:q}"
+        " --threads {threads} --model {input.model:q} --prepared {input.sr_test:q}"
         " --samples {output.samples:q} --scores {output.scores:q} > {log:q} 2>&1"
 
 

@@ -59,7 +59,7 @@ def test_rerun_has_nothing_to_do(demo_run):
     assert "Nothing to be done" in out, out[-3000:]
 
 
-def _planned(demo_run, tmp_path, override: dict, results=None) -> set[str]:
+def _planned(demo_run, tmp_path, override: dict, results=None) -> dict[str, int]:
     """Rules a dry run would run with ``override`` merged into the demo config."""
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(override))
@@ -68,7 +68,7 @@ def _planned(demo_run, tmp_path, override: dict, results=None) -> set[str]:
             f"resources_dir={demo_run / 'resources'}"]
     out = snakemake("-n", "--cores", "2", "--quiet", "rules", *args, timeout=600).stdout
     if "Nothing to be done" in out:
-        return set()
+        return {}
     lines = out.splitlines()
     start = lines.index("Job stats:") + 3
     stop = next(i for i in range(start, len(lines)) if not lines[i].strip())
@@ -106,12 +106,13 @@ def test_adding_a_loss_network_reruns_only_its_architecture(demo_run, tmp_path):
     path.write_text(yaml.safe_dump(small))
     snakemake("--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"), str(path),
               "--config", f"results_dir={results}", f"resources_dir={demo_run / 'resources'}",
-              "similarity", timeout=900)
+              "--", "similarity", timeout=900)
     grown = {**small, "similarity": {**small["similarity"],
                                      "lossnets": ["alexnet/1", "alexnet/3", "resnet18/1"]}}
     planned = _planned(demo_run, tmp_path, grown, results)
     assert planned.get("score_similarity") == 1, planned
     log = snakemake("-n", "--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
                     str(tmp_path / "override.yaml"), "--config", f"results_dir={results}",
-                    f"resources_dir={demo_run / 'resources'}", "similarity", timeout=600).stdout
+                    f"resources_dir={demo_run / 'resources'}", "--", "similarity",
+                    timeout=600).stdout
     assert "wildcards: arch=alexnet" in log and "arch=resnet18" not in log

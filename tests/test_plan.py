@@ -160,8 +160,8 @@ def test_stage_params_hold_only_what_the_result_depends_on():
     assert train["weights"] == "imagenet" and train["weights_seed"] == 0
     evaluation = plan.stage_config("super_resolution", "eval", "alexnet")
     assert "weights" not in evaluation and "lr" not in evaluation  # the model is an input
-    settings = plan.stage_settings("super_resolution", "train", threads=3)
-    assert settings["threads"] == 3 and settings["eval_batch_size"] == 8
+    settings = plan.stage_settings("super_resolution", "train")
+    assert settings["eval_batch_size"] == 8 and "threads" not in settings
     assert settings["weights_dir"] == "resources/weights" and settings["device"] == "auto"
     # nested keys keep their nesting
     ae = plan.stage_config("autoencoder", "train", "alexnet")
@@ -180,17 +180,20 @@ def test_similarity_job_depends_on_its_own_loss_networks_only():
         {k: v for k, v in before["vgg16"].items() if k != "lossnets"}
 
 
-def test_settings_param_is_derived_from_threads():
-    """Snakemake never counts a param that is a function of ``threads`` as a rerun trigger
-    (rules._is_deriving_function): that is what makes a setting a setting."""
-    from snakemake.rules import Rule
+def test_settings_param_is_not_a_rerun_trigger():
+    """Snakemake records only params of built-in types for its params trigger
+    (persistence._serialize_param): a Setting is left out, yet the shell gets its JSON."""
+    from snakemake.persistence import UNREPRESENTABLE, PersistenceBase
 
     plan = Plan(_full())
-    assert Rule._is_deriving_function(plan.settings_param("similarity", "score"))
-    assert not Rule._is_deriving_function(plan.config_param("similarity", "score"))
+    setting = plan.settings_param("similarity", "score")
+    assert PersistenceBase._serialize_param_builtin(None, setting) is UNREPRESENTABLE
+    assert json.loads(str(setting)) == {"batch_size": 128, "device": "auto",
+                                        "weights_dir": "resources/weights"}
+    config = plan.config_param("similarity", "score")
     wildcards = type("W", (), {"arch": "alexnet"})()
-    settings = json.loads(plan.settings_param("similarity", "score")(wildcards, 4))
-    assert settings["batch_size"] == 128 and settings["threads"] == 4
+    assert PersistenceBase._serialize_param_builtin(None, config(wildcards)) != UNREPRESENTABLE
+    assert str(plan.mirror_param("weights")) == ""
 
 
 # ----------------------------------------------------------------------------- no torch

@@ -59,7 +59,9 @@ ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "config": (("--config",), {"type": json_arg, "required": True,
                                "help": "what the result depends on (JSON or @file)"}),
     "settings": (("--settings",), {"type": json_arg, "default": {},
-                                   "help": "how the job runs: device, threads, batch sizes"}),
+                                   "help": "how the job runs: device, batch sizes, ..."}),
+    "threads": (("--threads",), {"type": int, "default": None,
+                                 "help": "CPU threads of the job (the rule's threads)"}),
     "options": (("--options",), {"type": json_arg, "default": {},
                                  "help": "config data.<name> (JSON or @file)"}),
     "seed": (("--seed",), {"type": int, "default": 0, "help": "config data.seed"}),
@@ -91,7 +93,7 @@ ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "configfiles": (("configfiles",), {"type": Path, "nargs": "*",
                                        "help": "config files, later ones win (default: "
                                                "config.yaml)"}),
-    "job": ((), {}),  # the Job, built from --config and --settings (which it implies)
+    "job": ((), {}),  # the Job, built from --config, --settings and --threads (it implies them)
 }
 
 _B = "workflow.benchmarks."
@@ -209,8 +211,10 @@ def parser(group: str, cmd: str) -> argparse.ArgumentParser:
     spec = COMMANDS[(group, cmd)]
     ap = argparse.ArgumentParser(prog=f"python -m workflow {group} {cmd}", description=spec.help)
     names = list(spec.args)
-    if spec.computes:  # the job is built from --config and --settings
+    if spec.computes:  # the job is built from --config, --settings and --threads
         names += [n for n in ("config", "settings") if n not in names]
+    if "settings" in names:
+        names.append("threads")
     for name in names:
         flags, kwargs = ARGS[name]
         if flags:
@@ -227,6 +231,8 @@ def run(group: str, cmd: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for one command and call its function; return what it returns."""
     spec = COMMANDS[(group, cmd)]
     ns = vars(parser(group, cmd).parse_args(list(argv)))
+    if ns.get("threads") is not None:
+        ns["settings"] = {**ns.get("settings", {}), "threads": ns.pop("threads")}
     if "prepared" in ns and ns["prepared"] is not None:
         from workflow.datasets.arrays import prepared_folders
 

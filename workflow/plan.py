@@ -21,8 +21,10 @@ Three things live here:
 
 A rule's ``--config`` (its params) holds the stage's ``depends`` keys plus ``precision`` and,
 where a loss network is used, its ``weights`` and ``weights_seed``. Its ``--settings`` hold
-``device``, ``threads``, ``weights_dir`` and the stage's ``settings`` keys; the settings param
-is a function of the rule's ``threads``, which Snakemake never counts as a rerun trigger.
+``device``, ``weights_dir`` and the stage's ``settings`` keys (and the CLI adds the rule's
+``--threads``). A settings param is a :class:`Setting`: Snakemake records only params it can
+represent (built-in types) for its rerun trigger, so a :class:`Setting` never reruns a job,
+while the shell command still receives its JSON.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from workflow.archs import (
     weights_url,
 )
 
-__all__ = ["BENCHMARKS", "DAG_KEYS", "DATASETS", "STAGES", "ConfigError", "Plan", "Stage",
+__all__ = ["BENCHMARKS", "DAG_KEYS", "DATASETS", "STAGES", "ConfigError", "Plan", "Setting", "Stage",
            "as_json", "complete_config", "load_config", "merge_config", "show_config"]
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
@@ -58,6 +60,26 @@ PIXEL = "pixel"  # the autoencoder's pixel-MSE baseline, in place of a loss netw
 
 class ConfigError(ValueError):
     """A config that fails its schema; the message names the key and what is allowed."""
+
+
+class Setting:
+    """A rule param that reaches the shell command as compact JSON (``{params.x:q}``) but is
+    not part of Snakemake's params rerun trigger, which records only params of built-in types
+    (``persistence._serialize_param``). Use it for what changes how a job runs, never what
+    it computes. ``Setting(d)[key]`` is ``d[key]`` rendered the same way."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __getitem__(self, key: str) -> Setting:
+        return Setting(self.value.get(key, "") if isinstance(self.value, Mapping)
+                       else self.value[key])
+
+    def __str__(self) -> str:
+        return self.value if isinstance(self.value, str) else as_json(self.value)
+
+    def __repr__(self) -> str:
+        return f"Setting({self.value!r})"
 
 
 # ----------------------------------------------------------------------------- stages
@@ -223,11 +245,12 @@ def _validate(config: Mapping[str, Any]) -> None:
 
 
 def complete_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``config`` and fill every missing key with its schema default, in place."""
-    _validate(config)
+    """Fill every missing key with its schema default, in place, and validate the result
+    (one pass: a default never hides a wrong key or value of the user's, and a broken
+    default fails here too)."""
     root, _ = _schemas()
     _fill_defaults(config, root, root["$id"])
-    _validate(config)  # the defaults themselves must fit (a broken schema fails here)
+    _validate(config)
     return config
 
 
@@ -446,10 +469,6 @@ class Plan:
 
         return urls(name)
 
-    @staticmethod
-    def threads_settings() -> Callable[[Any, int], str]:
-        """The ``--settings`` of a job that only needs its thread count (dataset preparation)."""
-        return lambda wildcards, threads: as_json({"threads": int(threads)})
 
     # ------------------------------------------------------------------ params
 
@@ -469,36 +488,41 @@ class Plan:
             cfg["lossnets"] = [n.id for n in self.lossnets(benchmark) if n.arch == arch]
         return cfg
 
-    def stage_settings(self, benchmark: str, stage: str, threads: int = 1) -> dict[str, Any]:
-        """How the stage runs: device, threads, the weights folder and its ``settings`` keys."""
+    def stage_settings(self, benchmark: str, stage: str) -> dict[str, Any]:
+        """How the stage runs: device, the weights folder and its ``settings`` keys (the
+        rule's threads reach the command as ``--threads``)."""
         spec = STAGES[benchmark][stage]
         return {**_pick(self.config[benchmark], spec.settings),
-                "device": self.config["device"], "threads": int(threads),
-                "weights_dir": f"{self.res}/weights"}
+                "device": self.config["device"], "weights_dir": f"{self.res}/weights"}
 
-    def config_param(self, benchmark: str, stage: str) -> Callable[[Any], str]:
-        """A rule param (a function of the wildcards): the stage's config as JSON."""
+    def config_param(self, benchmark: str, stage: str) -> Callable[[Any], str] | str:
+        """A rule param: the stage's config as JSON. A function of the job's architecture
+        where it depends on it (a loss network's weights, similarity's loss networks), else
+        one string (Snakemake then has no function to call per job)."""
+        spec = STAGES[benchmark][stage]
+        if not spec.lossnet and benchmark != "similarity":
+            return as_json(self.stage_config(benchmark, stage))
+
         def param(wildcards: Any) -> str:
             return as_json(self.stage_config(benchmark, stage, _job_arch(wildcards)))
 
         return param
 
-    def settings_param(self, benchmark: str, stage: str) -> Callable[[Any, int], str]:
-        """A rule param derived from the rule's threads: never a rerun trigger."""
-        def param(wildcards: Any, threads: int) -> str:
-            return as_json(self.stage_settings(benchmark, stage, threads))
-
-        return param
+    def settings_param(self, benchmark: str, stage: str) -> Setting:
+        """A rule param that is never a rerun trigger: the stage's settings."""
+        return Setting(self.stage_settings(benchmark, stage))
 
     def weights_param(self) -> Callable[[Any], list[str]]:
         """A rule input function: the loss network's weights file of the job, if any."""
         return lambda wildcards: self.weights_input(_job_arch(wildcards))
 
-    @staticmethod
-    def setting(fn: Callable[[Any], Any]) -> Callable[[Any, int], Any]:
-        """Make a param of ``fn(wildcards)`` that is not a rerun trigger (a setting, such as a
-        download mirror): Snakemake derives it from the rule's threads."""
-        return lambda wildcards, threads: fn(wildcards)
+    def mirror_param(self, name: str | None = None) -> Setting | Callable[[Any], Setting]:
+        """The download mirror (config ``data.mirrors``) of ``name``, or of the job's
+        ``{dataset}``, as a rule param that is never a rerun trigger: where the bytes come
+        from, not what they are (the checksums decide that)."""
+        if name is not None:
+            return Setting(self.mirror(name))
+        return lambda wildcards: Setting(self.mirror(wildcards.dataset))
 
     def targets(self, pattern: str, benchmark: str) -> list[str]:
         """``pattern`` (with ``{arch}``, ``{layer}``, ``{run}``... fields) for every job."""

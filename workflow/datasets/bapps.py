@@ -25,19 +25,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from workflow.datasets import RemoteFile
+from workflow.datasets import sources
 from workflow.datasets.arrays import CorruptFileError, default_workers, expect
 from workflow.files import sha256_file, write_json
 
-BASE_URL = "https://perceptual-similarity.s3.us-west-2.amazonaws.com/dataset/"
-FILES: list[RemoteFile] = [
-    RemoteFile(BASE_URL + "twoafc_train.tar.gz", extract=True, size=5_300_000_000,
-               sha256="b4f5c772c7cd88ac44bcb4ff0741745d434c05f0094f2bfb262ddcd0055bf393"),
-    RemoteFile(BASE_URL + "twoafc_val.tar.gz", extract=True, size=1_100_000_000,
-               sha256="41486671b06de923e7ba277c4797d4d9d86d609863ba35ecdb576133f8b9d859"),
-    # no published checksum: the downloader records the sha256 it saw
-    RemoteFile(BASE_URL + "jnd.tar.gz", extract=True, size=200_000_000),
-]
+FILES = sources.BAPPS
 
 IMAGE_SIZE = 64
 TWOAFC_SUBSETS = {

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from workflow.datasets import RemoteFile
+from workflow.datasets import sources
 from workflow.datasets.arrays import (
     CorruptFileError,
     array_entry,
@@ -46,14 +46,7 @@ from workflow.datasets.arrays import (
 from workflow.datasets.fetch import RangeUnsupported
 from workflow.files import atomic_path, save_npy, write_json
 
-FILES = [
-    RemoteFile("http://images.cocodataset.org/zips/train2014.zip",
-               sha256="ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775",
-               size=13_510_573_713),
-    RemoteFile("http://images.cocodataset.org/zips/val2014.zip",
-               sha256="fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0",
-               size=6_645_013_297),
-]
+FILES = sources.COCO
 SPLITS = {"train": FILES[0], "val": FILES[1]}
 SIZE = 288
 

@@ -36,8 +36,11 @@ def module(name: str) -> ModuleType:
 
 
 def urls(name: str) -> list[str]:
-    """The upstream URLs of a dataset (what ``snakemake -n download`` lists)."""
-    return [f.url for f in module(name).FILES]
+    """The upstream URLs of a dataset (what ``snakemake -n download`` lists), read from
+    :mod:`workflow.datasets.sources` without importing the dataset's module."""
+    from workflow.datasets.sources import FILES
+
+    return [f.url for f in FILES[name]]
 
 
 def _accepted(fn: Any, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from urllib.parse import urljoin
 
 import numpy as np
 
-from workflow.datasets import RemoteFile
+from workflow.datasets import RemoteFile, sources
 from workflow.datasets.arrays import (
     CorruptFileError,
     array_entry,
@@ -38,13 +38,9 @@ from workflow.datasets.arrays import (
 )
 from workflow.files import atomic_path, save_npy, write_text
 
-BASE = "https://www.cs.toronto.edu/~vmnih/data/mass_roads"
-SPLITS = ("train", "valid", "test")
-KINDS = {"sat": ".tiff", "map": ".tif"}
-FILES = [
-    RemoteFile(f"{BASE}/{split}/{kind}/", filename=f"{split}/{kind}/index.html")
-    for split in SPLITS for kind in KINDS
-]
+SPLITS = sources.ROADS_SPLITS
+KINDS = sources.ROADS_KINDS
+FILES = sources.ROADS
 _TILE = re.compile(r"^[^/?#]+\.tiff?$", re.I)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from workflow.datasets import RemoteFile
+from workflow.datasets import sources
 from workflow.datasets.arrays import (
     CorruptFileError,
     decode_image,
@@ -33,21 +33,10 @@ from workflow.datasets.arrays import (
 from workflow.datasets.fakes import photo
 from workflow.files import atomic_path, save_npz
 
-SELFEXSR = "https://raw.githubusercontent.com/jbhuang0604/SelfExSR/master/data"
-BSDS_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/bsds/"
-            "BSDS300-images.tgz")
-SET_SIZES = {"Set5": 5, "Set14": 14}
+FILES = sources.SR_TEST
+SET_SIZES = sources.SR_SETS
 SETS = ("set5", "set14", "bsd100")
-
-
-def _hr_name(i: int) -> str:
-    return f"img_{i:03d}_SRF_2_HR.png"
-
-
-FILES = [
-    RemoteFile(f"{SELFEXSR}/{s}/image_SRF_2/{_hr_name(i)}", filename=f"{s}/{_hr_name(i)}")
-    for s, n in SET_SIZES.items() for i in range(1, n + 1)
-] + [RemoteFile(BSDS_URL, extract=True)]
+_hr_name = sources.sr_hr_name
 
 
 def synthesize(raw_dir: Path, seed: int, set5: int, set14: int, bsd100: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from workflow.datasets import RemoteFile
+from workflow.datasets import sources
 from workflow.datasets.arrays import CorruptFileError, array_entry, raw_checksums, write_manifest
 from workflow.datasets.fakes import pattern_images
 from workflow.datasets.svhn import labelled_split
@@ -29,10 +29,7 @@ from workflow.files import atomic_path, save_npy
 FOLDER = "stl10_binary"
 SPLITS = ("train", "test", "unlabeled")
 CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
-FILES = [
-    RemoteFile("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
-               md5="91f7769df0f17e558f3565bffb0c7dfb", extract=True),
-]
+FILES = sources.STL10
 SIDE = 96
 IMAGE_BYTES = 3 * SIDE * SIDE
 

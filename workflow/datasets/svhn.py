@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from workflow.datasets import RemoteFile
+from workflow.datasets import sources
 from workflow.datasets.arrays import (
     CorruptFileError,
     array_entry,
@@ -29,14 +29,7 @@ from workflow.datasets.fakes import pattern_images
 from workflow.files import atomic_path, save_npy
 
 SPLITS = ("train", "test", "extra")
-FILES = [
-    RemoteFile("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
-               md5="e26dedcc434d2e4c54c9b2d4a06d8373"),
-    RemoteFile("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
-               md5="eb5a983be6a315427106f1b164d9cef3"),
-    RemoteFile("http://ufldl.stanford.edu/housenumbers/extra_32x32.mat",
-               md5="a93ce644f1a588dc4d68dda5feec44a7"),
-]
+FILES = sources.SVHN
 
 
 def synthesize(raw_dir: Path, seed: int, train: int, test: int, extra: int) -> None:
