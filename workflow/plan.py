@@ -46,8 +46,8 @@ from workflow.archs import (
     weights_url,
 )
 
-__all__ = ["BENCHMARKS", "DAG_KEYS", "DATASETS", "STAGES", "ConfigError", "Plan", "Setting", "Stage",
-           "as_json", "complete_config", "load_config", "merge_config", "show_config"]
+__all__ = ["BENCHMARKS", "DAG_KEYS", "DATASETS", "STAGES", "ConfigError", "Plan", "Setting",
+           "Stage", "as_json", "complete_config", "load_config", "merge_config", "show_config"]
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 _SCHEMA_BASE = "https://lossnet-bench.invalid/schemas/"
