@@ -139,6 +139,18 @@ def array_entry(path: Path) -> dict[str, Any]:
     return {"shape": list(a.shape), "dtype": str(a.dtype)}
 
 
+def save_split(out_dir: str | os.PathLike, split: str, arrays: dict[str, np.ndarray]
+               ) -> dict[str, Any]:
+    """``{split}_{key}.npy`` for every array (atomically); their manifest entries by file."""
+    from workflow.files import save_npy
+
+    entries = {}
+    for key, arr in arrays.items():
+        p = save_npy(Path(out_dir) / f"{split}_{key}.npy", arr)
+        entries[p.name] = array_entry(p)
+    return entries
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
     """``manifest.json`` (written last: it is the rule output benchmarks depend on)."""
     write_json(manifest, Path(out_dir) / "manifest.json")

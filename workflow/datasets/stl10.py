@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from workflow.datasets import sources
-from workflow.datasets.arrays import CorruptFileError, array_entry, raw_checksums, write_manifest
+from workflow.datasets.arrays import CorruptFileError, raw_checksums, save_split, write_manifest
 from workflow.datasets.fakes import pattern_images
 from workflow.datasets.svhn import labelled_split
-from workflow.files import atomic_path, save_npy
+from workflow.files import atomic_path
 
 FOLDER = "stl10_binary"
 SPLITS = ("train", "test", "unlabeled")
@@ -102,9 +102,7 @@ def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = 
             yp = src / f"{split}_y.bin"
             y = read_labels(yp, len(x))
             sources.append(f"{FOLDER}/{yp.name}")
-        for key, arr in (("images", x), ("labels", y)):
-            p = save_npy(out_dir / f"{split}_{key}.npy", arr)
-            arrays[p.name] = array_entry(p)
+        arrays |= save_split(out_dir, split, {"images": x, "labels": y})
         counts[split] = int(len(x))
         del x, y
     return write_manifest(out_dir, {

@@ -19,14 +19,14 @@ import numpy as np
 from workflow.datasets import sources
 from workflow.datasets.arrays import (
     CorruptFileError,
-    array_entry,
     expect,
     load_arrays,
     raw_checksums,
+    save_split,
     write_manifest,
 )
 from workflow.datasets.fakes import pattern_images
-from workflow.files import atomic_path, save_npy
+from workflow.files import atomic_path
 
 SPLITS = ("train", "test", "extra")
 FILES = sources.SVHN
@@ -79,9 +79,7 @@ def prepare(raw_dir: Path, out_dir: Path, splits: list[str] | tuple[str, ...] = 
         if not src.exists():
             raise CorruptFileError(f"{src} is missing; download the dataset again")
         x, y = read_mat(src)
-        for key, arr in (("images", x), ("labels", y)):
-            p = save_npy(out_dir / f"{split}_{key}.npy", arr)
-            arrays[p.name] = array_entry(p)
+        arrays |= save_split(out_dir, split, {"images": x, "labels": y})
         counts[split] = int(len(y))
         del x, y
     return write_manifest(out_dir, {
