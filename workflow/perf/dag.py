@@ -28,7 +28,7 @@ BASELINE = "49daa64"
 
 def dry_run(checkout: Path, scratch: Path, bytecode: bool) -> tuple[float, float, int]:
     """CPU seconds and wall seconds of one ``snakemake -n`` in ``checkout``; jobs planned."""
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--quiet", "rules",
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1",
            "--config", f"results_dir={scratch / 'results'}", f"resources_dir={scratch / 'res'}"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(checkout)
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## dag: `snakemake -n` on the full study",
         "",
         f"Command: `python -m workflow perf dag{' '.join([''] + list(argv or []))}`. "
-        f"`snakemake -n --cores 1 --quiet rules` on `config.yaml` (every benchmark, nothing on "
+        f"`snakemake -n --cores 1` on `config.yaml` (every benchmark, nothing on "
         f"disk, so every job is planned), this checkout against commit {base} in a temporary "
         f"worktree, same Python environment, median of {args.repeats} interleaved runs after "
         f"one warm-up each; {pyc}. CPU = user + system time of the Snakemake process; "
