@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"This checkout builds the DAG in {ratio:.0%} of the baseline's CPU time "
         f"({'at most' if ratio <= 0.5 else 'more than'} half); "
         f"{r['import']['cpu']:.1f} s of its {r['this']['cpu']:.1f} s is Snakemake importing "
-        f"itself and its plugins (the SLURM plugin imports pandas), which no workflow changes, "
+        f"itself and its plugins (pandas among them), which no workflow changes, "
         f"and the baseline spent {r['baseline']['cpu'] - r['this']['cpu']:.1f} s more.",
     ])
     print(md)
