@@ -126,7 +126,7 @@ class Preempted(SystemExit):
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run (all plain values, so a rule param can fill them)."""
+    """Settings of one training run (plain values; the benchmark fills them from its config)."""
 
     max_steps: int
     eval_every: int | None = None  # steps between evaluations; None/0: only after the last step
@@ -152,14 +152,6 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
         if int(self.log_every) < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise KeyError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
