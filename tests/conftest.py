@@ -108,7 +108,7 @@ def cpu_job(demo_plan):
         config, base = {"precision": "fp32", "weights": "random"}, {}
         if benchmark is not None:
             config = {**demo_plan.stage_config(benchmark, stage, arch), "precision": "fp32"}
-            base = demo_plan.stage_settings(benchmark, stage, torch.get_num_threads())
+            base = demo_plan.stage_settings(benchmark, stage)
         return Job.create(config, {**base, "device": "cpu", "threads": torch.get_num_threads(),
                                    **settings})
 

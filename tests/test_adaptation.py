@@ -147,8 +147,8 @@ def test_distort_batch_against_torchvision(prepared):
 
 
 def _settings(demo_plan, stage):
-    return {**demo_plan.stage_settings("adaptation", stage, torch.get_num_threads()),
-            "device": "cpu"}
+    return {**demo_plan.stage_settings("adaptation", stage),
+            "threads": torch.get_num_threads(), "device": "cpu"}
 
 
 def _cmd(cmd, **args):

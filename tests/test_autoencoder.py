@@ -235,7 +235,7 @@ def _argv(plan, stage, net, **paths):
     """The command line the rule writes (plan's config and settings, on the CPU)."""
     arch = None if net == "pixel" else net.split("/")[0]
     config = {**plan.stage_config("autoencoder", stage, arch), "precision": "fp32"}
-    settings = {**plan.stage_settings("autoencoder", stage, 1), "device": "cpu"}
+    settings = {**plan.stage_settings("autoencoder", stage), "threads": 1, "device": "cpu"}
     argv = ["--config", as_json(config), "--settings", as_json(settings)]
     for k, v in paths.items():
         argv += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]

@@ -302,7 +302,8 @@ def _train(demo_plan, data, workdir, **over):
     cfg = {**demo_plan.stage_config("delineation", "train", NET.arch), "precision": "fp32",
            **{k: v for k, v in TINY.items() if k in ("epochs", "batch_size", "crop_size",
                                                      "tile_margin")}, **over}
-    settings = {**demo_plan.stage_settings("delineation", "train", torch.get_num_threads()),
+    settings = {**demo_plan.stage_settings("delineation", "train"),
+                "threads": torch.get_num_threads(),
                 **TINY_SETTINGS, "device": "cpu"}
     out = workdir / "model.pt"
     _cli("train", cfg, settings, net=NET.id, run=0, prepared=data, workdir=workdir,
@@ -320,7 +321,8 @@ def test_train_and_eval_end_to_end(demo_plan, prepared, tmp_path):
     cfg = {**demo_plan.stage_config("delineation", "eval", NET.arch), "precision": "fp32",
            **{k: v for k, v in TINY.items() if k in ("tile_margin", "reference_size",
                                                      "tolerance", "passes")}}
-    settings = {**demo_plan.stage_settings("delineation", "eval", torch.get_num_threads()),
+    settings = {**demo_plan.stage_settings("delineation", "eval"),
+                "threads": torch.get_num_threads(),
                 **TINY_SETTINGS, "device": "cpu"}
     samples, scores = tmp_path / "tiles.parquet", tmp_path / "scores.parquet"
     _cli("eval", cfg, settings, net=NET.id, run=0, model=model, prepared=data,

@@ -160,8 +160,8 @@ def stage(demo_plan):
     def get(name: str, **overrides):
         config = {**demo_plan.stage_config("super_resolution", name, "squeezenet1_1"),
                   "precision": "fp32", **overrides}
-        settings = {**demo_plan.stage_settings("super_resolution", name,
-                                               torch.get_num_threads()), "device": "cpu"}
+        settings = {**demo_plan.stage_settings("super_resolution", name),
+                    "threads": torch.get_num_threads(), "device": "cpu"}
         return config, settings
 
     return get
