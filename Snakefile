@@ -7,11 +7,21 @@
 # `python -m workflow GROUP COMMAND` with --config (what its result depends on: a rerun
 # trigger) and --settings (how it runs: never a rerun trigger).
 
+import os
+
 from snakemake.utils import min_version
 
+from workflow import recovery
 from workflow.plan import Plan
 
 min_version("9.0")
+
+# Interrupted runs (docs/reruns.md): the main process removes locks of dead runs, and every
+# job learns the pid of the Snakemake that started it (a trainer stops when it is gone).
+# The workflow profile (profiles/default) adds --rerun-incomplete and the rerun triggers.
+if workflow.is_main_process:
+    recovery.claim(".snakemake")
+shell.prefix(f"export LOSSNET_OWNER_PID={os.getpid()}; ")
 
 
 report: "workflow/report/workflow.rst"
@@ -65,6 +75,10 @@ rule gather_scores:
         [p for b in plan.enabled() for p in BENCH_OUTPUTS[b]],
     output:
         f"{OUT}/scores.parquet",
+    params:
+        # the input set as a param (relative to results_dir): dropping a loss network
+        # reruns this job although no file changed (the "input" trigger is off)
+        parts=sorted(os.path.relpath(p, OUT) for b in plan.enabled() for p in BENCH_OUTPUTS[b]),
     log:
         f"{OUT}/logs/gather_scores.log",
     shell:
@@ -74,3 +88,7 @@ rule gather_scores:
 rule scores:
     input:
         f"{OUT}/scores.parquet",
+
+
+onstart:
+    recovery.sweep([RES, OUT])

@@ -34,7 +34,7 @@ def _net(seed: int) -> nn.Module:
                          nn.Dropout(0.3), nn.Conv2d(4, 3, 3, padding=1))
 
 
-def _make(workdir, init_seed=0, hook=None, eval_fn=None, **cfg):
+def _make(workdir, init_seed=0, hook=None, eval_fn=None, key=None, **cfg):
     """A trainer whose data and dropout come from the global RNG (so resume must restore it)."""
     net = _net(init_seed)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -57,7 +57,7 @@ def _make(workdir, init_seed=0, hook=None, eval_fn=None, **cfg):
                 select_metric="score", progress=False)
     base.update(cfg)
     tr = Trainer(CPU, workdir, {"model": net}, opt, step_fn, TrainConfig(**base), scheduler=sched,
-                 eval_fn=eval_fn or default_eval)
+                 eval_fn=eval_fn or default_eval, key=key)
     return tr, net, losses
 
 
@@ -213,13 +213,113 @@ def test_logged_loss_and_post_step(tmp_path):
     assert pd.read_csv(tmp_path / "metrics.csv")["loss"].tolist() == [0.6875]
 
 
-def test_changed_fingerprint_starts_afresh(tmp_path):
-    tr, _, _ = _make(tmp_path, max_steps=4)
+def test_another_resume_key_trains_afresh_and_keeps_the_old_run(tmp_path, capsys):
+    key = {"config": {"lr": 0.01}, "job": {"run": 0}, "inputs": {"coco": "sha256:aa"}}
+    tr, _, _ = _make(tmp_path, max_steps=4, key=key)
     tr.fit()
-    tr2, _, losses = _make(tmp_path, max_steps=4)
-    tr2.fingerprint = "other-config"
+    old = {p: (tmp_path / p).read_bytes() for p in ("last.pt", "best.pt", "metrics.csv")}
+    # the same key resumes the finished run: nothing trains
+    again, _, losses = _make(tmp_path, max_steps=4, key=dict(key))
+    assert again.fit().resumed_from == 4 and losses == []
+    capsys.readouterr()
+    changed = {**key, "inputs": {"coco": "sha256:bb"}, "config": {"lr": 0.02}}
+    tr2, _, losses = _make(tmp_path, max_steps=4, key=changed)
     res = tr2.fit()
     assert res.resumed_from is None and len(losses) == 4
+    err = capsys.readouterr().err
+    assert "config.lr 0.01 -> 0.02" in err and "input coco changed" in err
+    kept = tmp_path / "superseded" / tr.fingerprint
+    assert {p: (kept / p).read_bytes() for p in old} == old  # moved aside, byte for byte
+    # a checkpoint written without a key (an older version) is not resumed either
+    tr3, _, losses = _make(tmp_path, max_steps=4)
+    assert tr3.fit().resumed_from is None and len(losses) == 4
+    assert "without a resume key" in capsys.readouterr().err
+    assert (tmp_path / "superseded" / tr2.fingerprint / "last.pt").exists()
+
+
+def test_resume_key_is_content_not_paths_or_intervals(tmp_path):
+    from workflow.training import resume_key
+
+    a, b = tmp_path / "a", tmp_path / "moved" / "b"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text('{"counts": {"train": 3}}\n')
+    job = Job(device=torch.device("cpu"), precision="fp32", config={"lr": 1e-3, "iterations": 9})
+    k = resume_key(job, {"coco": a}, continues=("iterations",), net="alexnet/2", run=0)
+    assert k == resume_key(job, {"coco": b}, continues=("iterations",), net="alexnet/2", run=0)
+    assert "iterations" not in k["config"] and k["job"] == {"net": "alexnet/2", "run": 0}
+    (b / "manifest.json").write_text('{"counts": {"train": 2}}\n')
+    assert k != resume_key(job, {"coco": b}, continues=("iterations",), net="alexnet/2", run=0)
+    # the loss network's weights file is an input by content
+    w = tmp_path / "w.pt"
+    torch.save({"x": torch.ones(2)}, w)
+    wjob = Job(device=torch.device("cpu"), precision="fp32", weights=str(w), config={})
+    k1 = resume_key(wjob, arch="alexnet")
+    torch.save({"x": torch.zeros(2)}, w)
+    assert k1 != resume_key(wjob, arch="alexnet") and "lossnet_weights" in k1["inputs"]
+
+
+def test_content_id_ignores_write_stamps(tmp_path):
+    import time
+
+    import numpy as np
+
+    from workflow.files import content_id, save_npz
+    from workflow.training import save_model
+
+    save_npz(tmp_path / "a.npz", {"z": np.arange(6.0)})
+    first = content_id(tmp_path / "a.npz")
+    time.sleep(1.1)  # zip members carry the write time
+    save_npz(tmp_path / "a.npz", {"z": np.arange(6.0)})
+    assert content_id(tmp_path / "a.npz") == first
+    net = nn.Linear(2, 2)
+    save_model(tmp_path / "m.pt", {"model": net}, {"wall_time_s": 1.0})
+    m1 = content_id(tmp_path / "m.pt")
+    save_model(tmp_path / "m.pt", {"model": net}, {"wall_time_s": 2.0})
+    assert content_id(tmp_path / "m.pt") == m1
+    with torch.no_grad():
+        net.weight[0, 0] += 1
+    save_model(tmp_path / "m.pt", {"model": net}, {"wall_time_s": 2.0})
+    assert content_id(tmp_path / "m.pt") != m1
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("workflow.training.LOCK_WAIT_S", 1.0)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(tmp_path / ".trainer.lock")!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"pid %d on here" % os.getpid())
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        tr, _, losses = _make(tmp_path, max_steps=4)
+        with pytest.raises(RuntimeError, match=f"another process \\(pid {holder.pid} on here"):
+            tr.fit()
+        assert losses == [] and not (tmp_path / "last.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    tr, _, losses = _make(tmp_path, max_steps=4)  # the lock dies with its holder
+    assert tr.fit().steps == 4
+
+
+def test_trainer_stops_when_its_snakemake_is_gone(tmp_path, monkeypatch, capsys):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    monkeypatch.setenv("LOSSNET_OWNER_PID", str(gone.pid))
+    tr, _, losses = _make(tmp_path, max_steps=50, checkpoint_every=0, eval_every=0,
+                          select_metric=None)
+    with pytest.raises(Preempted) as e:
+        tr.fit()
+    assert e.value.code == PREEMPTED_EXIT_CODE and len(losses) == 1
+    assert f"pid {gone.pid}) is gone" in capsys.readouterr().err
+    monkeypatch.setenv("LOSSNET_OWNER_PID", str(os.getpid()))  # alive: resumes and finishes
+    tr, _, losses = _make(tmp_path, max_steps=50, checkpoint_every=0, eval_every=0,
+                          select_metric=None)
+    assert tr.fit().resumed_from == 1 and len(losses) == 49
 
 
 def test_best_checkpoint_rebuilt_when_deleted_before_resume(tmp_path):

@@ -17,8 +17,11 @@ arguments; commands that compute get ``job``, the :class:`workflow.job.Job` buil
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -264,8 +267,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         # the project's own errors name the file or key and what to do: one line says it;
         # anything else is a bug and keeps its traceback
+        atexit.register(_keep_attempt_log)  # after the error or traceback is printed
         if not (type(e).__module__.startswith("workflow.") or isinstance(e, FileNotFoundError)):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BaseException:  # preempted (exit 75), interrupted
+        atexit.register(_keep_attempt_log)
+        raise
     return 0
+
+
+def _keep_attempt_log() -> None:
+    """A failed attempt's log survives the retry: Snakemake deletes a job's log before each
+    attempt, so the rule log (this process's stdout, ``> {log}``) is copied to
+    ``<log>.attempt<N>`` when the command fails."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        log = Path(os.readlink("/proc/self/fd/1"))
+    except OSError:
+        return
+    if log.suffix != ".log" or not log.is_file():
+        return
+    n = 1
+    while log.with_name(f"{log.name}.attempt{n}").exists():
+        n += 1
+    try:
+        shutil.copyfile(log, log.with_name(f"{log.name}.attempt{n}"))
+    except OSError:
+        pass

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "file_hashes", "save_npy", "save_npz", "sha256_file", "write_json",
-           "write_parquet", "write_text"]
+__all__ = ["atomic_path", "content_id", "file_hashes", "save_npy", "save_npz", "sha256_file",
+           "write_json", "write_parquet", "write_text"]
 
 CHUNK = 1 << 20
 
@@ -32,7 +32,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
+    from workflow.recovery import tmp_prefix  # the writer's host and pid: swept when dead
+
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=suffix or path.suffix or ".tmp",
                                dir=path.parent)
     os.close(fd)
     try:
@@ -91,3 +93,43 @@ def file_hashes(path: str | os.PathLike, algos: Iterable[str] = ("sha256",)) -> 
 
 def sha256_file(path: str | os.PathLike) -> str:
     return file_hashes(path)["sha256"]
+
+
+def content_id(path: str | os.PathLike) -> str:
+    """A digest of what ``path`` holds, not of how it was written: a prepared folder by its
+    ``manifest.json`` (deterministic JSON naming every source, count and checksum), an
+    ``.npz`` by its arrays (NumPy stamps each write with the time), a model file of
+    :func:`workflow.training.save_model` by its tensors (its meta holds wall times), any
+    other file by its bytes. Used by resume keys (:func:`workflow.training.resume_key`)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: it is an input of this job; rerun the rule "
+                                f"that makes it")
+    h = hashlib.sha256()
+    if p.suffix == ".npz":
+        import numpy as np
+
+        with np.load(p, allow_pickle=False) as z:
+            for name in sorted(z.files):
+                a = np.ascontiguousarray(z[name])
+                h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+                h.update(a.tobytes())
+        return "npz:" + h.hexdigest()[:16]
+    if p.suffix == ".pt":
+        import torch
+
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # not a plain tensor file: its bytes identify it
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("modules"), dict):
+            for mod in sorted(obj["modules"]):
+                for name, t in sorted(obj["modules"][mod].items()):
+                    t = t.detach().contiguous().cpu()
+                    h.update(f"{mod}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel()
+                             else b"")
+            return "model:" + h.hexdigest()[:16]
+    return "sha256:" + sha256_file(p)[:16]

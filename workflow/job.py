@@ -151,6 +151,16 @@ class Job:
             ext = ext.to(memory_format=torch.channels_last)
         return ext
 
+    def weights_file(self, arch: str) -> Path | None:
+        """The file the loss network ``arch``'s weights come from (None for random weights)."""
+        if self.weights == "random":
+            return None
+        if self.weights == "imagenet":
+            from workflow.archs import weights_filename
+
+            return self.weights_dir / weights_filename(arch)
+        return Path(self.weights)
+
     # ------------------------------------------------------------------ provenance
 
     def elapsed(self) -> float:

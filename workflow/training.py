@@ -58,12 +58,21 @@ Semantics
   improvement larger than ``min_delta``. With ``restore_best`` (default) the
   modules hold the best weights when ``fit`` returns.
 * Checkpoints: ``workdir/last.pt`` every ``checkpoint_every`` steps, at the end, and
-  on SIGTERM / SIGUSR1 (SLURM preemption, ``--signal=USR1@120``). It holds every
-  module's state, the optimizer, scheduler, GradScaler (if one is passed), the step,
-  best-metric info, early-stopping counters, the metrics history and every RNG state.
-  All writes are atomic (temp name + rename). ``fingerprint=`` (e.g. a hash of the
-  rule's params) guards against resuming from a checkpoint of a different
-  configuration: a mismatching ``last.pt`` is discarded with a message.
+  on SIGTERM / SIGUSR1 (SLURM preemption, ``--signal=USR1@120``) / SIGINT (Ctrl-C). It
+  holds every module's state, the optimizer, scheduler, GradScaler (if one is passed), the
+  step, best-metric info, early-stopping counters, the metrics history and every RNG state.
+  All writes are atomic (temp name + rename). ``key=`` (:func:`resume_key`: the stage's
+  result-relevant config, the job's identity and the content of every input) decides
+  what a checkpoint belongs to: a ``last.pt`` with another key is never resumed; it is
+  moved aside to ``workdir/superseded/<its key>/`` (with its ``best.pt`` and
+  ``metrics.csv``) and the log says in one line what changed. Paths, intervals and
+  placement are no part of a key, so moving the data folder or changing
+  ``checkpoint_every`` resumes.
+* One writer: ``fit`` holds an exclusive lock on ``workdir/.trainer.lock``; a second
+  trainer on the same folder (a rerun while an orphaned one still runs) stops at once,
+  naming the pid that holds it. A trainer started by Snakemake (``LOSSNET_OWNER_PID`` in
+  its environment, set by the Snakefile) checkpoints and exits when that Snakemake
+  process is gone (killed with SIGKILL), instead of running on unnoticed.
 * Signals: the handlers only set a flag; at the next step boundary the harness
   writes ``last.pt`` and raises ``Preempted`` (a ``SystemExit``) with exit code
   ``PREEMPTED_EXIT_CODE`` = 75 (EX_TEMPFAIL, "try again"), so Snakemake's
@@ -84,9 +93,12 @@ Semantics
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -101,12 +113,75 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from workflow.files import atomic_path
+from workflow.files import atomic_path, content_id
 from workflow.job import Job, seed_everything
 
+LOCK_WAIT_S = 60.0  # how long a trainer waits for another one on its folder to exit
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: the job was stopped by a signal; rerun to resume
 CHECKPOINT_FORMAT = 1
 MODEL_FORMAT = "lossnet-bench/model-1"
+
+
+def resume_key(job: Job, inputs: Mapping[str, str | os.PathLike | None] | None = None,
+               continues: tuple[str, ...] = (), arch: str | None = None, **identity: Any
+               ) -> dict[str, Any]:
+    """What a training run's checkpoints belong to, as a JSON-able dict.
+
+    ``job.config`` (the stage's result-relevant config: settings such as intervals, batch
+    sizes for evaluation or the device are not in it) less the ``continues`` keys (those a
+    finished run may be extended by, e.g. ``iterations``), the job's ``identity`` (net,
+    run, scale...), and the content (:func:`workflow.files.content_id`) of every input:
+    the prepared data, upstream models, and the weights file of the loss network ``arch``.
+    """
+    ins = {name: content_id(p) for name, p in sorted((inputs or {}).items()) if p is not None}
+    weights = job.weights_file(arch) if arch else None
+    if weights is not None:
+        ins["lossnet_weights"] = content_id(weights)
+    return {"config": {k: v for k, v in job.config.items() if k not in continues},
+            "job": dict(identity), "inputs": ins}
+
+
+def _key_hash(key: Mapping[str, Any]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def describe_change(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> str:
+    """One line naming what differs between two resume keys."""
+    if not old or not new:
+        return "it was written without a resume key (by an older version or another run)"
+    a, b = _flat(old), _flat(new)
+    parts = []
+    for k in sorted(a.keys() | b.keys()):
+        if a.get(k, "<none>") == b.get(k, "<none>"):
+            continue
+        where = k.replace("inputs.", "input ", 1) if k.startswith("inputs.") else k
+        if k.startswith("inputs."):
+            parts.append(f"{where} changed")
+        else:
+            parts.append(f"{where} {a.get(k, '<none>')!r} -> {b.get(k, '<none>')!r}")
+    return "; ".join(parts[:6]) + (f"; and {len(parts) - 6} more" if len(parts) > 6 else "")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -311,7 +386,7 @@ class Trainer:
         aux_modules: Mapping[str, nn.Module] | None = None,
         generators: Mapping[str, torch.Generator] | None = None,
         scaler: torch.amp.GradScaler | None = None,
-        fingerprint: str | None = None,
+        key: Mapping[str, Any] | None = None,
         description: str | None = None,
     ) -> None:
         if not modules:
@@ -327,7 +402,8 @@ class Trainer:
         self.cfg = config
         self.generators = dict(generators or {})
         self.scaler = scaler
-        self.fingerprint = fingerprint
+        self.key = dict(key) if key is not None else None
+        self.fingerprint = _key_hash(self.key) if self.key is not None else None
         self.description = description or self.workdir.name
         if config.select_metric is not None and eval_fn is None:
             raise ValueError(f"select_metric={config.select_metric!r} needs an eval_fn")
@@ -392,6 +468,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
+            "key": self.key,
             "config": asdict(self.cfg),
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
@@ -458,14 +535,67 @@ class Trainer:
             raise RuntimeError(f"cannot read checkpoint {self.last_path} ({e}); delete it to "
                                f"restart this training run from scratch") from e
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("fingerprint") != self.fingerprint:
-            self._say(f"{self.last_path} belongs to a different configuration "
-                      f"(fingerprint {ckpt.get('fingerprint')} != {self.fingerprint}); "
-                      f"starting afresh")
-            self.last_path.unlink()
-            self.best_path.unlink(missing_ok=True)
+            what = (describe_change(ckpt.get("key"), self.key)
+                    if ckpt.get("format") == CHECKPOINT_FORMAT else
+                    f"checkpoint format {ckpt.get('format')} != {CHECKPOINT_FORMAT}")
+            kept = self._set_aside(str(ckpt.get("fingerprint") or "unkeyed"))
+            self._say(f"not resuming {self.last_path}: {what}; kept it in {kept}, training "
+                      f"afresh")
             return None
         self.load_state_dict(ckpt)
         return self.step
+
+    def _set_aside(self, name: str) -> Path:
+        """Move last.pt, best.pt and metrics.csv to ``workdir/superseded/<name>[-n]/``."""
+        dest = self.workdir / "superseded" / name
+        n = 1
+        while dest.exists():
+            dest, n = self.workdir / "superseded" / f"{name}-{n}", n + 1
+        dest.mkdir(parents=True)
+        for p in (self.last_path, self.best_path, self.metrics_path):
+            if p.exists():
+                os.replace(p, dest / p.name)
+        return dest
+
+    @contextmanager
+    def _single_writer(self):
+        """Hold ``workdir/.trainer.lock`` while training (released when the process dies)."""
+        path = self.workdir / ".trainer.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline, said = time.monotonic() + LOCK_WAIT_S, False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{self.workdir} is being trained by another process ({holder}); two "
+                        f"writers would interleave their checkpoints. Wait for it to finish "
+                        f"or stop it, then rerun") from None
+                if not said:  # e.g. the trainer of a killed Snakemake, checkpointing
+                    self._say(f"waiting up to {LOCK_WAIT_S:.0f}s for {holder} to release "
+                              f"{path}")
+                    said = True
+                time.sleep(0.5)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _owner_gone(self) -> int | None:
+        """The pid of the Snakemake process that started this job, if it has died."""
+        pid = int(os.environ.get("LOSSNET_OWNER_PID") or 0)
+        if pid <= 1 or pid == os.getpid():
+            return None
+        now = time.monotonic()
+        if now - getattr(self, "_owner_checked", 0.0) < 1.0:
+            return None
+        self._owner_checked = now
+        return None if _alive(pid) else pid
 
     # ------------------------------------------------------------------ signals
 
@@ -477,7 +607,10 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be installed from the main thread
             return
-        sigs = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+        # SIGINT too: Ctrl-C reaches every process of the terminal's group, the trainer
+        # included; it checkpoints at the next step instead of losing the steps since the last
+        sigs = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1")
+                                                 else [])
         old = {s: signal.signal(s, self._on_signal) for s in sigs}
         try:
             yield
@@ -583,21 +716,33 @@ class Trainer:
         self._log_row(**{f"eval_{k}": v for k, v in metrics.items()})
         sel = self.cfg.select_metric
         if sel is None:
+            self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.5g}"
+                                                        for k, v in metrics.items()))
             return False
         if sel not in metrics:
             raise KeyError(f"eval_fn returned {sorted(metrics)}, which lacks select_metric {sel!r}")
         value = metrics[sel]
+        others = "".join(f", {k} {v:.5g}" for k, v in metrics.items() if k != sel)
         if _is_better(value, self.best_metric, self.cfg.select_mode, self.cfg.min_delta):
             self.best_metric, self.best_step, self.bad_evals = value, self.step, 0
             self._save_best(value)
+            verdict = "new best"
         else:
             self.bad_evals += 1
+            verdict = (f"best {self.best_metric:.5g} at step {self.best_step}"
+                       + (f", {self.bad_evals}/{self.cfg.patience} without improvement"
+                          if self.cfg.patience is not None else ""))
+        self._say(f"step {self.step}: validation {sel} {value:.5g} ({verdict}){others}")
         return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience
 
     def fit(self) -> TrainResult:
         """Train to ``max_steps`` (or early stop), resuming from ``workdir/last.pt`` if present."""
-        cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
+        with self._single_writer():
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
+        cfg = self.cfg
         self._t_start = time.perf_counter()
         seed_everything(cfg.seed)
         resumed = self._try_resume()
@@ -635,10 +780,20 @@ class Trainer:
                         self.finished = "early_stop"
                     elif last:
                         self.finished = "max_steps"
+                    gone = self._owner_gone() if self._stop_signal is None else None
+                    if gone is not None:
+                        self._stop_signal = -gone
                     if do_ckpt or do_eval or stop or last or self._stop_signal is not None:
                         self.save_checkpoint()
                         self.write_metrics()
                         self._reset_window()
+                    if self._stop_signal is not None and self._stop_signal < 0:
+                        msg = (f"the Snakemake process that started this job (pid "
+                               f"{-self._stop_signal}) is gone; checkpoint written at step "
+                               f"{s} to {self.last_path}; run the same snakemake command "
+                               f"again to resume")
+                        self._say(msg)
+                        raise Preempted(f"{self.description}: {msg}")
                     if self._stop_signal is not None:
                         name = signal.Signals(self._stop_signal).name
                         msg = (f"{name} received; checkpoint written at step {s} to "
@@ -647,8 +802,9 @@ class Trainer:
                         self._say(msg)  # SystemExit with an int code prints nothing itself
                         raise Preempted(f"{self.description}: {msg}")
                     if stop:
-                        self._say(f"early stop at step {s}: no improvement of "
-                                  f"{cfg.select_metric} in {cfg.patience} evaluations")
+                        self._say(f"early stop at step {s}: {cfg.select_metric} did not "
+                                  f"improve in {cfg.patience} evaluations (best "
+                                  f"{self.best_metric:.5g} at step {self.best_step})")
                         break
         finally:
             bar.close()

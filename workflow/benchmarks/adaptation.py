@@ -46,8 +46,8 @@ from workflow.models.adapter import (
     make_optimizer,
     tap_channels,
 )
-from workflow.results import config_hash, score_frame
-from workflow.training import TrainConfig, Trainer, constant_then_linear, save_model
+from workflow.results import score_frame
+from workflow.training import TrainConfig, Trainer, constant_then_linear, resume_key, save_model
 
 __all__ = ["AdaptationError", "adaptation_step", "evaluate", "feature_diffs", "rankings",
            "set_distances", "train", "triplet_2afc", "triplets"]
@@ -207,7 +207,9 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int, rankings: Pat
                                                    pos, size, gen),
                       tc, sched, eval_fn, post_step=lambda _s: adapter.clamp_(),
                       aux_modules={"lossnet": extractor}, generators={"triplets": gen},
-                      fingerprint=config_hash({"config": dict(config), "net": net, "run": run}),
+                      key=resume_key(job, {"rankings": rankings, "prepared_svhn": prepared["svhn"],
+                                           **{f"triplets_{i}": t for i, t in enumerate(triplets)}},
+                                     arch=lossnet.arch, net=net, run=int(run)),
                       description=f"adaptation {lossnet.id} run {run}")
     result = trainer.fit()
     meta = {**adapter.describe(), "net": lossnet.id, "run": int(run), "seed": seed,

@@ -29,8 +29,8 @@ from workflow.job import Job, seed_everything
 from workflow.lossnets import feature_loss
 from workflow.models.autoencoder import ConvAutoencoder
 from workflow.models.mlp import fit_grid, select_best
-from workflow.results import config_hash, score_frame
-from workflow.training import TrainConfig, Trainer, load_model, save_model
+from workflow.results import score_frame
+from workflow.training import TrainConfig, Trainer, load_model, resume_key, save_model
 
 __all__ = ["BEST_VARIANT", "DATASETS", "MIN_BATCH", "PIXEL", "DatasetSpec", "encode",
            "fit_mlps", "inputs", "load_autoencoder", "load_split", "parse_net", "read_codes",
@@ -110,9 +110,12 @@ def inputs(job: Job, images: np.ndarray, spec: DatasetSpec) -> Callable[[Tensor]
                    channels_last=job.channels_last)
 
 
-def _fingerprint(job: Job, net: str, dataset: str, run: int) -> str:
-    # what a checkpoint belongs to: the stage config and the job, never paths or intervals
-    return config_hash({"config": dict(job.config), "net": net, "dataset": dataset, "run": run})
+def _key(job: Job, net: str, dataset: str, run: int, inputs: Mapping[str, Path]
+         ) -> dict[str, Any]:
+    # what a checkpoint belongs to: the stage config, the job and its inputs' content
+    lossnet = parse_net(net)
+    return resume_key(job, inputs, arch=lossnet and lossnet.arch, net=net, dataset=dataset,
+                      run=run)
 
 
 def reconstruction_loss(job: Job, net: LossNet | None, normalize: str
@@ -165,7 +168,7 @@ def train(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: int 
                            checkpoint_every=job.setting("train")["checkpoint_every"] or spe,
                            seed=seed + run, select_metric="val_loss", select_mode="min",
                            patience=int(tcfg["patience"]), log_every=max(1, min(100, spe))),
-        fingerprint=_fingerprint(job, net, dataset, run),
+        key=_key(job, net, dataset, run, {dataset: prepared[dataset]}),
         description=f"autoencoder {net} {dataset} run{run}")
     result = trainer.fit()  # restores the best epoch's weights
     best = None if result.best_step is None else result.best_step // spe
@@ -269,7 +272,7 @@ def fit_mlps(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: i
         mcfg["hidden"], epochs=mcfg["epochs"], patience=mcfg["patience"],
         batch_size=mcfg["batch_size"], lr=mcfg["lr"], seed=seed + run, workdir=workdir,
         n_classes=N_CLASSES, checkpoint_every=job.setting("mlp")["checkpoint_every"],
-        fingerprint=_fingerprint(job, net, dataset, run))
+        key=_key(job, net, dataset, run, {"codes": codes}))
     test_y = torch.from_numpy(data["test_labels"]).long().to(dev)
     test_acc = selection.best.accuracy(torch.from_numpy(data["test_codes"]).float().to(dev),
                                        test_y).cpu().tolist()

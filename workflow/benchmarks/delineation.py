@@ -40,8 +40,8 @@ from workflow.job import Job, seed_everything
 from workflow.lossnets import feature_loss
 from workflow.metrics.delineation import COUNT_KEYS, match_counts, scores_from_counts
 from workflow.models.unet import RefinementUNet, predict_tiled
-from workflow.results import config_hash, score_frame
-from workflow.training import TrainConfig, Trainer, load_model, save_model
+from workflow.results import score_frame
+from workflow.training import TrainConfig, Trainer, load_model, resume_key, save_model
 
 __all__ = ["evaluate", "make_trainer", "score_tiles", "summarize", "train"]
 
@@ -141,7 +141,8 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
                  train_tiles: Mapping[str, np.ndarray],
                  valid_tiles: Mapping[str, np.ndarray] | None, workdir: str | Path, *,
                  max_steps: int | None = None, log_every: int | None = None,
-                 progress: bool = True) -> tuple[Trainer, RefinementUNet, dict[str, Any]]:
+                 progress: bool = True, inputs: Mapping[str, Path] | None = None
+                 ) -> tuple[Trainer, RefinementUNet, dict[str, Any]]:
     """The U-Net, its loss and data wired into the training harness.
 
     Args: the job, the train stage's config, the loss network, the run index, the training
@@ -193,11 +194,11 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
         eval_every=int(config["eval_every_epochs"]) * spe, checkpoint_every=spe, seed=seed,
         select_metric="quality" if eval_fn else None, select_mode="max",
         log_every=log_every or max(1, min(100, spe)), progress=progress)
-    # raising epochs extends a finished run, so it is no part of the fingerprint
-    fingerprint = config_hash({"config": {k: v for k, v in job.config.items() if k != "epochs"},
-                               "net": net.id, "run": run, "n_train": len(sat)})
+    # raising epochs extends a finished run, so it is no part of the resume key
+    key = resume_key(job, inputs, continues=("epochs",), arch=net.arch, net=net.id, run=run,
+                     n_train=len(sat))
     trainer = Trainer(job, workdir, {"model": model}, optimizer, step_fn, tc, eval_fn=eval_fn,
-                      aux_modules={"lossnet": extractor}, fingerprint=fingerprint,
+                      aux_modules={"lossnet": extractor}, key=key,
                       description=f"delineation {net.id} run{run}")
     info = {"net": net.id, "run": run, "epochs": int(config["epochs"]), "steps_per_epoch": spe,
             "device": str(job.device), "precision": job.precision, "data_on_device": sat.where,
@@ -217,7 +218,8 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int | None,
     lossnet, run = LossNet.parse(net), int(run or 0)
     valid = _load(prepared, config, "valid")
     trainer, model, info = make_trainer(job, config, lossnet, run, _load(prepared, config,
-                                                                         "train"), valid, workdir)
+                                                                         "train"), valid, workdir,
+                                        inputs={"roads": prepared["roads"]})
     result = trainer.fit()  # leaves the best weights in the model
     info |= {"steps": result.steps, "best_step": result.best_step,
              "best_valid_quality": result.best_metric, "stop_reason": result.stop_reason,

@@ -48,8 +48,8 @@ from workflow.job import Job, seed_everything
 from workflow.lossnets import feature_loss
 from workflow.metrics.image import psnr, rgb_to_y, shave, ssim
 from workflow.models.srnet import SRNet
-from workflow.results import config_hash, score_frame
-from workflow.training import TrainConfig, Trainer, load_model, save_model
+from workflow.results import score_frame
+from workflow.training import TrainConfig, Trainer, load_model, resume_key, save_model
 
 __all__ = ["PROTOCOLS", "evaluate", "evaluate_image", "super_resolve", "train",
            "train_batches", "validation_psnr"]
@@ -171,16 +171,15 @@ def train(job: Job, config: Mapping[str, Any], net: str, scale: int, run: int | 
                                         int(job.setting("eval_batch_size")),
                                         config["crop_size"], job.channels_last)}
 
-    fingerprint = config_hash({"config": {k: v for k, v in job.config.items()
-                                          if k not in _CONTINUES},
-                               "net": lossnet.id, "scale": scale, "run": run})
+    key = resume_key(job, {"coco": prepared["coco"]}, continues=_CONTINUES, arch=lossnet.arch,
+                     net=lossnet.id, scale=scale, run=run)
     tcfg = TrainConfig(max_steps=int(config["iterations"]), eval_every=int(config["eval_every"]),
                        checkpoint_every=int(job.setting("checkpoint_every")),
                        log_every=int(job.setting("log_every")),
                        compile=bool(job.setting("compile")), seed=seed, select_metric="psnr",
                        select_mode="max")
     trainer = Trainer(job, workdir, {"model": model}, opt, step_fn, tcfg, eval_fn=eval_fn,
-                      aux_modules={"lossnet": extractor}, fingerprint=fingerprint,
+                      aux_modules={"lossnet": extractor}, key=key,
                       description=f"sr {lossnet.id} x{scale} run{run}")
     result = trainer.fit()
     if result.best_checkpoint is None:

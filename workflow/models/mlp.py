@@ -20,7 +20,7 @@ comes first in ``HIDDEN_GRID`` (the simpler one).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,7 @@ def select_best(val_acc: Sequence[float] | Tensor) -> int:
 def fit_grid(job: Job, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
              hidden: Sequence[Sequence[int]], *, epochs: int, patience: int, batch_size: int,
              lr: float, seed: int, workdir: Path, n_classes: int = 10,
-             checkpoint_every: int | None = None, fingerprint: str | None = None
+             checkpoint_every: int | None = None, key: Mapping[str, Any] | None = None
              ) -> tuple[GridSelection, int]:
     """Train every MLP of the grid together with Adam, one evaluation per epoch, resuming
     from ``workdir``.
@@ -197,6 +197,6 @@ def fit_grid(job: Job, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
                          select_metric="improvements", select_mode="max",
                          patience=int(patience), log_every=max(1, min(100, spe)))
     Trainer(job, workdir, modules={"grid": grid, "selection": selection}, optimizer=opt,
-            step_fn=step_fn, eval_fn=eval_fn, config=config, fingerprint=fingerprint,
+            step_fn=step_fn, eval_fn=eval_fn, config=config, key=key,
             description=f"mlps {workdir}").fit()
     return selection, spe

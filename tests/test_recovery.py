@@ -1,0 +1,140 @@
+"""Running the same command again after an interruption (workflow.recovery, docs/reruns.md):
+stale locks of dead runs are removed, litter of dead writers is swept, a failed attempt's
+log survives its retry, and Snakemake killed during training (SIGKILL, Ctrl-C) completes on
+the unchanged command with the scores of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.snakemake_helpers import ROOT, SNAKEMAKE, snakemake
+from workflow import recovery
+
+
+def _py(code: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_stale_locks_are_removed_only_when_no_run_is_alive(tmp_path):
+    locks = tmp_path / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.input.lock").write_text("x\n")
+    sm = str(tmp_path / ".snakemake")
+    claim = f"from workflow.recovery import claim; print(len(claim({sm!r})))"
+    alive = _py(claim + "\nimport time; print('up', flush=True); time.sleep(60)")
+    try:
+        assert alive.stdout.readline().strip() == "1"  # no one else alive: stale, removed
+        assert alive.stdout.readline().strip() == "up"
+        (locks / "1.output.lock").write_text("y\n")  # now a living run's lock
+        other = _py(claim)
+        out, err = other.communicate(timeout=60)
+        assert out.strip() == "0" and (locks / "1.output.lock").exists(), err
+    finally:
+        alive.kill()
+        alive.wait()
+    out, err = _py(claim).communicate(timeout=60)  # its holder died (SIGKILL): stale now
+    assert out.strip() == "1" and "stale lock" in err and not list(locks.iterdir())
+
+
+def test_sweep_removes_litter_of_dead_writers_only(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = recovery.HOST
+    dead = tmp_path / "a" / f".last.pt.tmp~{host}~{gone.pid}~abcdefgh.pt"
+    live = tmp_path / "a" / f"{recovery.tmp_prefix('scores.parquet')}abcdefgh.parquet"
+    stage = tmp_path / f".prepare~{host}~{gone.pid}~xyz12345"
+    far_fresh = tmp_path / ".x.npy.tmp~node7~12~abcdefgh.npy"
+    far_old = tmp_path / ".y.npy.tmp~node7~13~abcdefgh.npy"
+    keep = tmp_path / "a" / ".hidden.parquet"
+    dead.parent.mkdir()
+    for p in (dead, live, far_fresh, far_old, keep):
+        p.write_bytes(b"0")
+    (stage / "inner").mkdir(parents=True)
+    day = time.time() - recovery.OTHER_HOST_GRACE_S - 60
+    os.utime(far_old, (day, day))
+    said = []
+    removed = recovery.sweep([tmp_path, tmp_path / "missing"], say=said.append)
+    assert set(removed) == {dead, stage, far_old}
+    assert live.exists() and far_fresh.exists() and keep.exists() and not stage.exists()
+    assert said and "3 temporary" in said[0]
+
+
+def test_failed_attempt_keeps_its_log(tmp_path):
+    log = tmp_path / "job.log"
+    for attempt in (1, 2):
+        with open(log, "w") as f:  # what `> {log}` does on every attempt
+            rc = subprocess.run([sys.executable, "-m", "workflow", "results", "gather", "--out",
+                                 str(tmp_path / "s.parquet"), str(tmp_path / "missing.parquet")],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        assert rc != 0
+        kept = log.with_name(f"job.log.attempt{attempt}")
+        assert kept.read_text() == log.read_text() and "missing.parquet" in kept.read_text()
+
+
+# ------------------------------------------------------------------ killed during training
+
+SMALL = {"benchmarks": ["super_resolution"],
+         "super_resolution": {"lossnets": ["alexnet/2"], "lpips_sets": False, "scales": [4],
+                              "iterations": 300, "eval_every": 100, "checkpoint_every": 10,
+                              "log_every": 50}}
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    """The README's demo command on a one-job super-resolution config, run to the end once."""
+    root = tmp_path_factory.mktemp("recovery")
+    (root / "small.yaml").write_text(yaml.safe_dump(SMALL))
+    args = ["--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
+            str(root / "small.yaml"), "--config", f"resources_dir={root / 'resources'}"]
+    snakemake(*args, f"results_dir={root / 'reference'}", workdir=root, timeout=900)
+    return root, args
+
+
+def _scores(results) -> pd.DataFrame:
+    df = pd.read_parquet(results / "scores.parquet")
+    return df.drop(columns=["wall_time_s"]).sort_values(list(df.columns[:8])).reset_index(
+        drop=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_during_training_the_same_command_completes(small_study, sig):
+    root, args = small_study
+    results = root / f"killed-{sig.name}"
+    cmd = [*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), *args, f"results_dir={results}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = results / "super_resolution" / "alexnet" / "2" / "x4" / "run0" / "train" / "last.pt"
+    try:
+        deadline = time.monotonic() + 600
+        while not ckpt.exists():  # training has begun and written a checkpoint
+            assert proc.poll() is None, "snakemake ended before the first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        else:
+            os.kill(proc.pid, signal.SIGKILL)  # Snakemake alone: its trainer is orphaned
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (results / "scores.parquet").exists()
+    rerun = snakemake(*args, f"results_dir={results}", workdir=root, timeout=900)
+    assert "resumed from" in (results / "logs" / "super_resolution" / "alexnet" / "2"
+                              / "train_x4_run0.log").read_text(), rerun.stderr[-3000:]
+    pd.testing.assert_frame_equal(_scores(results), _scores(root / "reference"))
+    litter = [p for d in (results, root / "resources") for p in d.rglob("*")
+              if ".tmp~" in p.name or p.name.startswith(".prepare~")]
+    assert litter == []
