@@ -238,3 +238,29 @@ def test_image_bytes_decoder_names_source():
     assert decode_image(buf.getvalue()).shape == (3, 4, 3)
     with pytest.raises(CorruptFileError, match="member.png"):
         decode_image(b"garbage", name="member.png")
+
+
+def test_svhn_float_labels_and_pixels_fail_prepare_naming_the_file(tmp_path):
+    from scipy.io import savemat
+
+    raw = tmp_path / "raw"
+    synthesize_dataset("svhn", raw, seed=0, train=4, test=4, extra=4)
+    x = np.zeros((32, 32, 3, 4), np.uint8)
+    bad = raw / "test_32x32.mat"
+    savemat(bad, {"X": x, "y": np.array([[1.0], [2.5], [3.0], [4.0]])})
+    with pytest.raises(CorruptFileError, match=f"{bad}: y must hold whole digit labels"):
+        prepare_dataset("svhn", raw, tmp_path / "out")
+    savemat(bad, {"X": x.astype(np.float32), "y": np.ones((4, 1), np.uint8)})
+    with pytest.raises(CorruptFileError, match=f"{bad}: X must be uint8"):
+        prepare_dataset("svhn", raw, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_coco_selection_with_wrong_counts_fails_naming_it(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize_dataset("coco", raw, seed=0, train=6, val=3, n_train=4, n_val=2)
+    sel = json.loads((raw / "selection.json").read_text())
+    sel["train"]["members"] = sel["train"]["members"][:3]  # one member lost
+    (raw / "selection.json").write_text(json.dumps(sel))
+    with pytest.raises(CorruptFileError, match=r"selection\.json: the train draw lists 3"):
+        prepare_dataset("coco", raw, tmp_path / "out", n_train=4, n_val=2)

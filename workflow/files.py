@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DiskFullError", "atomic_path", "disk_full_errors", "ensure_free", "file_hashes",
-           "payload_bytes", "save_npy", "save_npz", "sha256_file", "write_json", "write_parquet",
-           "write_text"]
+           "payload_bytes", "reserve", "save_npy", "save_npz", "sha256_file", "write_json",
+           "write_parquet", "write_text"]
 
 CHUNK = 1 << 20
 # Free space kept on top of what a write needs: a file system filled to the last byte breaks
@@ -114,6 +114,24 @@ def disk_full_errors(path: str | os.PathLike, what: str | None = None):
         if _is_full(e, path):
             raise _full_error(path, what or path.name, e) from e
         raise
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the blocks of an existing (sparse) file, such as a fresh ``np.memmap``, so a
+    full disk fails here with :class:`DiskFullError` instead of a SIGBUS when the pages are
+    written back. A file system without ``posix_fallocate`` is left as it is."""
+    path = Path(path)
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with disk_full_errors(path), open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno in _FULL_ERRNOS:
+                    raise
+                # EOPNOTSUPP / EINVAL: not supported here; the free-space check has to do
 
 
 def payload_bytes(obj: Any) -> int:
