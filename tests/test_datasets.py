@@ -264,3 +264,29 @@ def test_coco_selection_with_wrong_counts_fails_naming_it(tmp_path):
     (raw / "selection.json").write_text(json.dumps(sel))
     with pytest.raises(CorruptFileError, match=r"selection\.json: the train draw lists 3"):
         prepare_dataset("coco", raw, tmp_path / "out", n_train=4, n_val=2)
+
+
+def test_download_extracts_with_the_configured_archive_limits(tmp_path):
+    """config data.<dataset>.archive_limits reaches the extraction (via the command's
+    --settings, as the download rule passes it) and the refusal names the key."""
+    from workflow.cli import main
+
+    src = tmp_path / "src"
+    synthesize_dataset("stl10", src, seed=0, train=2, test=2, unlabeled=2)
+    blob = (src / "stl10_binary.tar.gz").read_bytes()  # 7 members
+    pin = json.dumps({"checksums": {"stl10_binary.tar.gz": hashlib.sha256(blob).hexdigest()}})
+    with LoopbackServer({"/~acoates/stl10/stl10_binary.tar.gz": blob}) as srv:
+        base = ["data", "fetch", "stl10", "--options", pin, "--mirror", srv.url]
+        raw = tmp_path / "raw"
+        assert main([*base, "--raw", str(raw), "--settings",
+                     json.dumps({"archive_limits": {"max_members": 5}})]) == 1
+        assert not (raw / "READY").exists() and not (raw / "stl10_binary").exists()
+        with pytest.raises(Exception, match="raise config key "
+                                            "data.stl10.archive_limits.max_members"):
+            registry.download("stl10", raw, json.loads(pin), mirror=srv.url, progress=False,
+                              settings={"archive_limits": {"max_members": 5}})
+        assert main([*base, "--raw", str(raw), "--settings",
+                     json.dumps({"archive_limits": {"max_members": 7}})]) == 0
+    assert (raw / "READY").exists()
+    assert (raw / "stl10_binary" / "train_X.bin").read_bytes() == \
+        (src / "stl10_binary" / "train_X.bin").read_bytes()

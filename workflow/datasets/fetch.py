@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from workflow.datasets import RemoteFile
-from workflow.files import DiskFullError, file_hashes, write_json
+from workflow.files import DiskFullError, disk_full_errors, file_hashes, write_json
 
 CHUNK = 1 << 20
 USER_AGENT = "lossnet-bench-downloader/1.0 (+urllib)"
@@ -374,7 +374,8 @@ def _download_part(url: str, part: Path, timeout_s: float, progress: bool, label
                 chunk = resp.read(CHUNK)
                 if not chunk:
                     break
-                f.write(chunk)
+                with disk_full_errors(part, f"the download of {url}"):  # .part kept
+                    f.write(chunk)
                 got += len(chunk)
                 bar.update(len(chunk))
     if remaining is not None and got < remaining:
