@@ -212,7 +212,7 @@ def test_archive_limits_reach_the_download_as_a_setting_only():
     for purpose in ("download", "prepare", "synthesize"):
         assert "archive_limits" not in json.loads(plan.data_options("stl10", purpose))
     bapps = plan.data_settings_param()(type("W", (), {"dataset": "bapps"})())
-    assert json.loads(str(bapps))["archive_limits"]["max_members"] == 2_000_000
+    assert json.loads(str(bapps))["archive_limits"]["max_members"] == 5_000_000
     assert str(plan.data_settings_param()(type("W", (), {"dataset": "coco"})())) == "{}"
 
 

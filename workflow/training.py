@@ -101,7 +101,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from workflow.files import atomic_path
+from workflow.files import atomic_path, payload_bytes
 from workflow.job import Job, seed_everything
 
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: the job was stopped by a signal; rerun to resume
@@ -433,7 +433,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()
-        with atomic_path(self.last_path) as tmp:
+        with atomic_path(self.last_path, need=payload_bytes(state)) as tmp:
             torch.save(state, tmp)
         return self.last_path
 
