@@ -290,3 +290,25 @@ def test_download_extracts_with_the_configured_archive_limits(tmp_path):
     assert (raw / "READY").exists()
     assert (raw / "stl10_binary" / "train_X.bin").read_bytes() == \
         (src / "stl10_binary" / "train_X.bin").read_bytes()
+
+
+def test_roads_tiles_missing_from_what_the_index_lists_fail_prepare(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize_dataset("roads", raw, seed=0, train=3, valid=1, test=1, size=64)
+    stem = sorted((raw / "train" / "sat").glob("*.tiff"))[1].stem
+    (raw / "train" / "sat" / f"{stem}.tiff").unlink()  # a pair lost: they still pair up
+    (raw / "train" / "map" / f"{stem}.tif").unlink()
+    with pytest.raises(CorruptFileError, match=r"train/sat/index\.html lists 3 tiles but 2 "
+                                               rf"are in .*\['{stem}'\]"):
+        prepare_dataset("roads", raw, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_sr_test_download_must_hold_the_real_set_sizes(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize_dataset("sr_test", raw, seed=0, set5=5, set14=3, bsd100=3)
+    prepare_dataset("sr_test", raw, tmp_path / "out")  # a fake may be smaller
+    (raw / "READY").write_text(json.dumps({"source": "download"}))
+    with pytest.raises(CorruptFileError, match=f"{raw / 'Set14'}: 3 images of set14, the real "
+                                               f"set has 14"):
+        prepare_dataset("sr_test", raw, tmp_path / "out2")
