@@ -52,6 +52,7 @@ else:
         params:
             options=lambda w: plan.data_options(w.dataset, "download"),
             mirror=plan.mirror_param(),
+            settings=plan.data_settings_param(),
             urls=lambda w: " ".join(plan.dataset_urls(w.dataset)),
             raw=lambda w, output: os.path.dirname(output[0]),
         message:
@@ -62,7 +63,8 @@ else:
             "../envs/workflow.yaml"
         shell:
             "python -m workflow data fetch {wildcards.dataset} --raw {params.raw:q}"
-            " --options {params.options:q} --mirror {params.mirror:q} > {log:q} 2>&1"
+            " --options {params.options:q} --mirror {params.mirror:q}"
+            " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule prepare_dataset:

@@ -8,6 +8,11 @@
   without range support;
 * ``drop[path] = (k, n)``: the first ``k`` GETs of ``path`` send the headers (full
   Content-Length) and only ``n`` body bytes, then close the connection (a dropped download);
+* ``short_length[path] = n``: a GET without a Range header announces Content-Length ``n``
+  and sends the first ``n`` bytes (a proxy that cut the file); ranged requests see the whole
+  file;
+* ``no_length``: paths answered without Content-Length, the body ending when the connection
+  closes (an HTTP/1.0-style body whose truncation cannot be seen);
 * accounting: ``body_bytes[path]`` (body bytes actually written) and ``requests`` (method,
   path, Range header) for assertions such as "only the needed members were read".
 
@@ -32,6 +37,8 @@ class LoopbackServer:
         self.files: dict[str, Path | bytes] = dict(files or {})
         self.no_ranges = no_ranges
         self.drop: dict[str, tuple[int, int]] = {}
+        self.short_length: dict[str, int] = {}
+        self.no_length: set[str] = set()
         self.body_bytes: dict[str, int] = defaultdict(int)
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
@@ -101,9 +108,15 @@ class LoopbackServer:
                         self.end_headers()
                         return
                     status = 206
+                if not rng and self.path in srv.short_length:
+                    end = min(end, srv.short_length[self.path])
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(end - start))
+                if self.path in srv.no_length:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(end - start))
                 if not srv.no_ranges:
                     self.send_header("Accept-Ranges", "bytes")
                 if status == 206:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from workflow.cli import main
 from workflow.datasets import bapps
+from workflow.files import DiskFullError
 from workflow.metrics.similarity import score_2afc
 
 
@@ -150,3 +151,41 @@ def test_load_checks_shapes_and_dtypes(bapps_prepared, tmp_path):
     np.save(judge, np.zeros(3, np.float64))
     with pytest.raises(bapps.CorruptFileError, match=r"2afc_val_cnn_judge\.npy.*prepare_dataset"):
         bapps.load(bad, "2afc", "val", "cnn")
+
+
+@pytest.mark.parametrize("kind,value", [("judge", np.nan), ("judge", 7.0), ("judge", -0.25),
+                                        ("same", np.inf)])
+def test_out_of_range_or_nan_judgement_fails_prepare_naming_the_file(raw, tmp_path, kind,
+                                                                      value):
+    if kind == "judge":
+        tree = _small_tree(raw, tmp_path / "raw")
+        victim = tree / "dataset" / "2afc" / "val" / "deblur" / "judge" / "000004.npy"
+    else:
+        sub = Path("dataset") / "jnd" / "val" / "cnn"
+        shutil.copytree(raw / sub, tmp_path / "raw" / sub)
+        (tmp_path / "raw" / "dataset" / "2afc").mkdir()  # find_roots needs one
+        tree = tmp_path / "raw"
+        victim = tree / sub / "same" / "000002.npy"
+    np.save(victim, np.array([value], np.float32))
+    out = tmp_path / "out"
+    with pytest.raises(bapps.BappsError, match=r"not a fraction in \[0, 1\]") as e:
+        bapps.prepare(tree, out, workers=2)
+    assert str(e.value).startswith(f"{victim}: judgement {float(np.float32(value))!r}")
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.npy"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".prepare~")]
+
+
+def test_prepare_checks_free_space_before_writing(raw, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    tree = _small_tree(raw, tmp_path / "raw")
+    n = len(list((tree / "dataset/2afc/val/deblur/ref").glob("*.png")))
+    need = 3 * n * 64 * 64 * 3 + n * 64  # 3 patches + judgement and name per triplet
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 5000, 5000))
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError) as e:
+        bapps.prepare(tree, out, workers=2)
+    assert str(e.value).startswith(f"disk full at {out}: the prepared BAPPS arrays")
+    assert f"{need:,} bytes" in str(e.value) and "5,000 bytes" in str(e.value)
+    assert list(out.iterdir()) == []

@@ -81,7 +81,7 @@ def test_download_and_prepare_every_dataset_through_the_rules(tmp_path):
     sizes = {
         "bapps": {"n_val": 12, "n_train": 4, "n_jnd": 12, "size": 80},
         "coco": {"train": 24, "val": 6, "n_train": 1, "n_val": 1},
-        "sr_test": {"set5": 5, "set14": 14, "bsd100": 3},  # every file FILES names
+        "sr_test": {"set5": 5, "set14": 14, "bsd100": 100},  # the real sizes
         "roads": {"train": 2, "valid": 1, "test": 1, "size": 64},
         "svhn": {"train": 16, "test": 8, "extra": 8},
         "stl10": {"train": 4, "test": 4, "unlabeled": 4},
@@ -128,7 +128,7 @@ def test_download_and_prepare_every_dataset_through_the_rules(tmp_path):
     m = {ds: json.loads((res / "prepared" / ds / "manifest.json").read_text()) for ds in DATASETS}
     assert m["svhn"]["counts"] == {"train": 16, "test": 8, "extra": 8}
     assert m["stl10"]["counts"] == {"train": 4, "test": 4, "unlabeled": 4}
-    assert m["sr_test"]["counts"] == {"set5": 5, "set14": 14, "bsd100": 3}
+    assert m["sr_test"]["counts"] == {"set5": 5, "set14": 14, "bsd100": 100}
     assert m["roads"]["counts"] == {"train": 2, "valid": 1, "test": 1}
     assert m["coco"]["counts"] == {"train": 5, "val": 2}
     # COCO came through ranged reads of the zip, not the whole archive

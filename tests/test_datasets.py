@@ -238,3 +238,77 @@ def test_image_bytes_decoder_names_source():
     assert decode_image(buf.getvalue()).shape == (3, 4, 3)
     with pytest.raises(CorruptFileError, match="member.png"):
         decode_image(b"garbage", name="member.png")
+
+
+def test_svhn_float_labels_and_pixels_fail_prepare_naming_the_file(tmp_path):
+    from scipy.io import savemat
+
+    raw = tmp_path / "raw"
+    synthesize_dataset("svhn", raw, seed=0, train=4, test=4, extra=4)
+    x = np.zeros((32, 32, 3, 4), np.uint8)
+    bad = raw / "test_32x32.mat"
+    savemat(bad, {"X": x, "y": np.array([[1.0], [2.5], [3.0], [4.0]])})
+    with pytest.raises(CorruptFileError, match=f"{bad}: y must hold whole digit labels"):
+        prepare_dataset("svhn", raw, tmp_path / "out")
+    savemat(bad, {"X": x.astype(np.float32), "y": np.ones((4, 1), np.uint8)})
+    with pytest.raises(CorruptFileError, match=f"{bad}: X must be uint8"):
+        prepare_dataset("svhn", raw, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_coco_selection_with_wrong_counts_fails_naming_it(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize_dataset("coco", raw, seed=0, train=6, val=3, n_train=4, n_val=2)
+    sel = json.loads((raw / "selection.json").read_text())
+    sel["train"]["members"] = sel["train"]["members"][:3]  # one member lost
+    (raw / "selection.json").write_text(json.dumps(sel))
+    with pytest.raises(CorruptFileError, match=r"selection\.json: the train draw lists 3"):
+        prepare_dataset("coco", raw, tmp_path / "out", n_train=4, n_val=2)
+
+
+def test_download_extracts_with_the_configured_archive_limits(tmp_path):
+    """config data.<dataset>.archive_limits reaches the extraction (via the command's
+    --settings, as the download rule passes it) and the refusal names the key."""
+    from workflow.cli import main
+
+    src = tmp_path / "src"
+    synthesize_dataset("stl10", src, seed=0, train=2, test=2, unlabeled=2)
+    blob = (src / "stl10_binary.tar.gz").read_bytes()  # 7 members
+    pin = json.dumps({"checksums": {"stl10_binary.tar.gz": hashlib.sha256(blob).hexdigest()}})
+    with LoopbackServer({"/~acoates/stl10/stl10_binary.tar.gz": blob}) as srv:
+        base = ["data", "fetch", "stl10", "--options", pin, "--mirror", srv.url]
+        raw = tmp_path / "raw"
+        assert main([*base, "--raw", str(raw), "--settings",
+                     json.dumps({"archive_limits": {"max_members": 5}})]) == 1
+        assert not (raw / "READY").exists() and not (raw / "stl10_binary").exists()
+        with pytest.raises(Exception, match="raise config key "
+                                            "data.stl10.archive_limits.max_members"):
+            registry.download("stl10", raw, json.loads(pin), mirror=srv.url, progress=False,
+                              settings={"archive_limits": {"max_members": 5}})
+        assert main([*base, "--raw", str(raw), "--settings",
+                     json.dumps({"archive_limits": {"max_members": 7}})]) == 0
+    assert (raw / "READY").exists()
+    assert (raw / "stl10_binary" / "train_X.bin").read_bytes() == \
+        (src / "stl10_binary" / "train_X.bin").read_bytes()
+
+
+def test_roads_tiles_missing_from_what_the_index_lists_fail_prepare(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize_dataset("roads", raw, seed=0, train=3, valid=1, test=1, size=64)
+    stem = sorted((raw / "train" / "sat").glob("*.tiff"))[1].stem
+    (raw / "train" / "sat" / f"{stem}.tiff").unlink()  # a pair lost: they still pair up
+    (raw / "train" / "map" / f"{stem}.tif").unlink()
+    with pytest.raises(CorruptFileError, match=r"train/sat/index\.html lists 3 tiles but 2 "
+                                               rf"are in .*\['{stem}'\]"):
+        prepare_dataset("roads", raw, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_sr_test_download_must_hold_the_real_set_sizes(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize_dataset("sr_test", raw, seed=0, set5=5, set14=3, bsd100=3)
+    prepare_dataset("sr_test", raw, tmp_path / "out")  # a fake may be smaller
+    (raw / "READY").write_text(json.dumps({"source": "download"}))
+    with pytest.raises(CorruptFileError, match=f"{raw / 'Set14'}: 3 images of set14, the real "
+                                               f"set has 14"):
+        prepare_dataset("sr_test", raw, tmp_path / "out2")

@@ -108,7 +108,7 @@ Usage = namedtuple("Usage", "total used free")
 def test_disk_shortfall_fails_before_any_request_when_size_is_known(tmp_path, monkeypatch):
     monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
     with LoopbackServer({"/f": DATA}) as srv:
-        with pytest.raises(dl.DiskSpaceError, match="not enough free disk"):
+        with pytest.raises(dl.DiskSpaceError, match=f"disk full at {tmp_path}: not enough free"):
             dl.fetch_remote(RemoteFile(f"{srv.url}/f", size=len(DATA)), tmp_path, progress=False)
         assert srv.requests == []
     assert list(tmp_path.iterdir()) == []
@@ -165,3 +165,74 @@ def test_weights_hash_prefix_check(tmp_path, monkeypatch):
             w.fetch_weights(["vgg11"], tmp_path, mirror=srv.url, progress=False)
     assert not (tmp_path / bad_name).exists()
     shutil.rmtree(tmp_path)
+
+
+# --------------------------------------------------------------------------- lengths
+
+
+def _book_entries(tmp_path):
+    p = tmp_path / "checksums.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def test_short_body_without_checksum_is_refused_and_not_recorded(tmp_path):
+    book = dl.ChecksumBook(tmp_path / "checksums.json")
+    with LoopbackServer({"/f": DATA}) as srv:
+        srv.drop["/f"] = (10, 6000)  # every GET: full Content-Length, 6,000 bytes, hang up
+        with pytest.raises(dl.DownloadError, match="after 2 attempts"):
+            dl.fetch(f"{srv.url}/f", tmp_path / "f", book=book, retries=1, backoff_s=0.01,
+                     progress=False)
+    book.save()
+    assert not (tmp_path / "f").exists() and _book_entries(tmp_path) == {}
+
+
+def test_short_content_length_without_checksum_is_refused(tmp_path):
+    """A body that matches a too-short Content-Length (the file was cut upstream of us)."""
+    book = dl.ChecksumBook(tmp_path / "checksums.json")
+    with LoopbackServer({"/set5/img.png": DATA}) as srv:
+        srv.short_length["/set5/img.png"] = 4000
+        with pytest.raises(dl.LengthError, match=r"announced 4,000 bytes .* holds more"):
+            dl.fetch(f"{srv.url}/set5/img.png", tmp_path / "img.png", book=book,
+                     progress=False)
+        book.save()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checksums.json"]
+        assert _book_entries(tmp_path) == {}
+        # the next run, once the server is right again, gets and records the whole file
+        del srv.short_length["/set5/img.png"]
+        dl.fetch(f"{srv.url}/set5/img.png", tmp_path / "img.png", book=book, progress=False)
+        book.save()
+    assert (tmp_path / "img.png").read_bytes() == DATA
+    assert _book_entries(tmp_path)["img.png"]["size"] == len(DATA)
+
+
+def test_body_without_length_is_refused_without_checksum_and_kept_with_one(tmp_path):
+    with LoopbackServer({"/f": DATA}, no_ranges=True) as srv:
+        srv.no_length.add("/f")
+        book = dl.ChecksumBook(tmp_path / "checksums.json")
+        with pytest.raises(dl.LengthError, match="no Content-Length"):
+            dl.fetch(f"{srv.url}/f", tmp_path / "f", book=book, progress=False)
+        book.save()
+        assert not (tmp_path / "f").exists() and _book_entries(tmp_path) == {}
+        # a known checksum decides instead: accepted
+        dl.fetch(f"{srv.url}/f", tmp_path / "g", sha256=sha(DATA), progress=False)
+    assert (tmp_path / "g").read_bytes() == DATA
+
+
+def test_recorded_size_is_checked_on_later_runs(tmp_path):
+    book = dl.ChecksumBook(tmp_path / "checksums.json")
+    with LoopbackServer({"/a/f": DATA}) as srv:
+        dl.fetch(f"{srv.url}/a/f", tmp_path / "f", book=book, progress=False)
+        book.save()
+        # the file is lost and the server now serves a shorter one, consistently
+        (tmp_path / "f").unlink()
+        srv.files["/a/f"] = DATA[:10_000]
+        book2 = dl.ChecksumBook(tmp_path / "checksums.json")
+        with pytest.raises(dl.LengthError, match=r"received 10,000 bytes, but f was recorded "
+                                                 r"with 24,836 bytes"):
+            dl.fetch(f"{srv.url}/a/f", tmp_path / "f", book=book2, progress=False)
+        assert not (tmp_path / "f").exists() and not (tmp_path / "f.part").exists()
+        # a file on disk of another size than recorded is fetched again without hashing it
+        srv.files["/a/f"] = DATA
+        (tmp_path / "f").write_bytes(DATA[:-1])
+        dl.fetch(f"{srv.url}/a/f", tmp_path / "f", book=book2, progress=False)
+    assert (tmp_path / "f").read_bytes() == DATA

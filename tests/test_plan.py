@@ -196,6 +196,26 @@ def test_settings_param_is_not_a_rerun_trigger():
     assert str(plan.mirror_param("weights")) == ""
 
 
+def test_archive_limits_reach_the_download_as_a_setting_only():
+    """Raising an archive limit reruns nothing: it is in no rule's params trigger, and the
+    download command gets it through --settings."""
+    from snakemake.persistence import UNREPRESENTABLE, PersistenceBase
+
+    cfg = _full()
+    cfg["data"]["stl10"]["archive_limits"]["max_members"] = 7
+    plan = Plan(cfg)
+    wildcards = type("W", (), {"dataset": "stl10"})()
+    setting = plan.data_settings_param()(wildcards)
+    assert PersistenceBase._serialize_param_builtin(None, setting) is UNREPRESENTABLE
+    assert json.loads(str(setting)) == {"archive_limits": {
+        "max_members": 7, "max_ratio": 100, "max_member_ratio": 200}}
+    for purpose in ("download", "prepare", "synthesize"):
+        assert "archive_limits" not in json.loads(plan.data_options("stl10", purpose))
+    bapps = plan.data_settings_param()(type("W", (), {"dataset": "bapps"})())
+    assert json.loads(str(bapps))["archive_limits"]["max_members"] == 5_000_000
+    assert str(plan.data_settings_param()(type("W", (), {"dataset": "coco"})())) == "{}"
+
+
 # ----------------------------------------------------------------------------- no torch
 
 

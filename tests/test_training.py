@@ -364,3 +364,37 @@ def test_constant_then_linear_schedule():
     f = constant_then_linear(10, 4)
     # 1 for the constant steps, then (total - step) / (total - constant), down to 0
     assert [f(s) for s in (0, 3, 4, 7, 10, 12)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+
+
+def test_checkpoint_on_a_full_disk_says_disk_full_at_its_path(tmp_path, monkeypatch):
+    """The free space is checked before the write (needed vs available), and a write that
+    fails on a full disk (torch's stream loses errno) is reported as such, never as an
+    iostream error; the last good checkpoint survives."""
+    import shutil
+    from collections import namedtuple
+
+    from workflow.files import DiskFullError, payload_bytes
+
+    tr, _, _ = _make(tmp_path, max_steps=4, eval_every=100)
+    tr.fit()
+    good = (tmp_path / "last.pt").read_bytes()
+    need = payload_bytes(tr.state_dict())
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(DiskFullError) as e:
+        tr.save_checkpoint()
+    assert str(e.value).startswith(f"disk full at {tmp_path}: last.pt needs")
+    assert f"{need:,} bytes" in str(e.value) and "4,096 bytes) available" in str(e.value)
+
+    def failing_save(obj, f, *a, **k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: Usage(10**9, 10**9 - need - (16 << 20), need + (16 << 20)))
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr("workflow.files.NEARLY_FULL", need + (32 << 20))  # "now full"
+    with pytest.raises(DiskFullError, match=f"disk full at {tmp_path / 'last.pt'} while "
+                                            f"writing last.pt .*iostream error"):
+        tr.save_checkpoint()
+    assert (tmp_path / "last.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -107,7 +107,7 @@ COMMANDS: dict[tuple[str, str], Command] = {
     # data
     ("data", "fetch"): Command("workflow.datasets.registry:download",
                                "download (and extract) one dataset, then write READY",
-                               ("name", "raw", "options", "mirror")),
+                               ("name", "raw", "options", "mirror", "settings")),
     ("data", "synthesize"): Command("workflow.datasets.registry:synthesize",
                                     "write a small fake dataset in the upstream layout",
                                     ("name", "raw", "seed", "options")),

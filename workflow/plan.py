@@ -453,6 +453,7 @@ class Plan:
         download | prepare) depends on: synthetic sizes reach synthesize only, pinned
         checksums download only, so resizing the fakes never re-prepares real data."""
         opts = copy.deepcopy(self.config["data"].get(dataset) or {})
+        opts.pop("archive_limits", None)  # a setting: data_settings_param
         if purpose != "synthesize":
             opts.pop("synthetic", None)
         if purpose != "download":
@@ -523,6 +524,16 @@ class Plan:
         if name is not None:
             return Setting(self.mirror(name))
         return lambda wildcards: Setting(self.mirror(wildcards.dataset))
+
+    def data_settings_param(self) -> Callable[[Any], Setting]:
+        """How the job's ``{dataset}`` is downloaded, as a rule param that is never a rerun
+        trigger: the archive limits its extraction enforces (config
+        ``data.<dataset>.archive_limits``); they refuse or allow, never change the bytes."""
+        def param(wildcards: Any) -> Setting:
+            limits = (self.config["data"].get(wildcards.dataset) or {}).get("archive_limits")
+            return Setting({"archive_limits": limits} if limits else {})
+
+        return param
 
     def targets(self, pattern: str, benchmark: str) -> list[str]:
         """``pattern`` (with ``{arch}``, ``{layer}``, ``{run}``... fields) for every job."""

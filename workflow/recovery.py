@@ -17,9 +17,9 @@ knows that no other Snakemake of this working directory is alive, so any lock le
 nothing is touched and Snakemake's own lock check applies as always.
 
 Temporary names carry their writer: ``.<name>.tmp~<host>~<pid>~<random><suffix>`` (and
-``.prepare~<host>~<pid>~<random>`` for staging folders). :func:`sweep` removes those whose
-writer is a dead process of this host, and those of other hosts that nobody has modified
-for a day (a cluster node that died), and leaves everything else alone.
+``.prepare~...``, ``.synth~...``, ``.extract~...`` for staging folders). :func:`sweep`
+removes those whose writer is a dead process of this host, and those of other hosts that
+nobody has modified for a day (a cluster node that died), and leaves everything else alone.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 __all__ = ["claim", "mkdtemp", "sweep", "tmp_prefix"]
 
 HOST = socket.gethostname().replace("~", "-")
-_TAG = re.compile(r"^\.(?:.+\.tmp|prepare)~(?P<host>[^~/]+)~(?P<pid>\d+)~")
+_TAG = re.compile(r"^\.(?:.+\.tmp|prepare|synth|extract)~(?P<host>[^~/]+)~(?P<pid>\d+)~")
 _ALIVE_FD: int | None = None
 OTHER_HOST_GRACE_S = 24 * 3600
 
@@ -48,9 +48,13 @@ def tmp_prefix(name: str) -> str:
     return f".{name}.tmp~{HOST}~{os.getpid()}~"
 
 
-def mkdtemp(parent: str | os.PathLike) -> Path:
-    """A staging folder in ``parent`` named after its writer (swept when it is dead)."""
-    return Path(tempfile.mkdtemp(prefix=f".prepare~{HOST}~{os.getpid()}~", dir=parent))
+def mkdtemp(parent: str | os.PathLike, kind: str = "prepare") -> Path:
+    """A staging folder in ``parent`` named after its writer (swept when it is dead);
+    ``kind``: ``prepare``, ``synth`` or ``extract``."""
+    if kind not in ("prepare", "synth", "extract"):
+        raise ValueError(f"staging folder kind {kind!r}: prepare, synth or extract")
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{kind}~{HOST}~{os.getpid()}~", dir=parent))
 
 
 def _alive(pid: int) -> bool:

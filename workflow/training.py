@@ -113,7 +113,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from workflow.files import atomic_path, content_id
+from workflow.files import atomic_path, content_id, payload_bytes
 from workflow.job import Job, seed_everything
 
 LOCK_WAIT_S = 60.0  # how long a trainer waits for another one on its folder to exit
@@ -510,7 +510,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()
-        with atomic_path(self.last_path) as tmp:
+        with atomic_path(self.last_path, need=payload_bytes(state)) as tmp:
             torch.save(state, tmp)
         return self.last_path
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from workflow.files import atomic_path, write_json
+from workflow.files import atomic_path, reserve, write_json
 
 
 class CorruptFileError(ValueError):
@@ -119,9 +119,11 @@ def decode_into_npy(path: str | os.PathLike, items: Sequence[Any],
     """
     path = Path(path)
     workers = workers or default_workers()
-    with atomic_path(path, suffix=".npy") as tmp:
+    need = len(items) * int(np.prod(shape, dtype=np.int64))
+    with atomic_path(path, suffix=".npy", need=need) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(items), *shape))
+        reserve(tmp)  # a full disk fails here (DiskFullError), not as a SIGBUS mid-decode
 
         def one(i: int) -> None:
             a = decode(items[i])

@@ -11,13 +11,18 @@ bilinear filter (what the LPIPS data loader does), into uint8 NHWC arrays named
 ``2afc_<split>_<subset>_{ref,p0,p1,judge,names}.npy`` and
 ``jnd_val_<subset>_{p0,p1,same,names}.npy``; ``manifest.json`` is written last.
 Files are paired by stem, never by listing order.
+
+Checked while preparing, each failure naming the file: every judgement file holds exactly
+one finite value in [0, 1] (the fraction of observers who chose p1, or who said "same"), every
+patch decodes, every stem has all its parts; the free space for the arrays is checked
+before the first one is written.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,9 +30,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from workflow import recovery
 from workflow.datasets import sources
 from workflow.datasets.arrays import CorruptFileError, default_workers, expect
-from workflow.files import sha256_file, write_json
+from workflow.files import (
+    disk_full_errors,
+    ensure_free,
+    reserve,
+    sha256_file,
+    write_json,
+)
 
 FILES = sources.BAPPS
 
@@ -43,6 +55,8 @@ PARTS = {
     "jnd": {"p0": ".png", "p1": ".png", "same": ".npy"},
 }
 LABEL = {"2afc": "judge", "jnd": "same"}
+MEANING = {"judge": "the fraction of observers who chose p1",
+           "same": "the fraction of observers who said the pair looks the same"}
 
 
 class BappsError(CorruptFileError):
@@ -90,7 +104,7 @@ def synthesize(raw_dir: Path, seed: int, n_val: int, n_train: int, n_jnd: int, s
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    stage = Path(tempfile.mkdtemp(prefix=".synth-", dir=raw_dir))
+    stage = recovery.mkdtemp(raw_dir, "synth")
     try:
         for split, subsets in TWOAFC_SUBSETS.items():
             n, votes = (n_val, 5) if split == "val" else (n_train, 2)
@@ -193,13 +207,21 @@ def _read_image(path: Path, size: int) -> np.ndarray:
 
 
 def _read_label(path: Path) -> float:
+    """The one judgement of a ``.npy`` file, checked: finite and in [0, 1]."""
     try:
         a = np.load(path)
         if a.size != 1:
             raise ValueError(f"expected one value, got shape {a.shape}")
-        return float(a.reshape(-1)[0])
+        value = float(a.reshape(-1)[0])
     except Exception as e:
-        raise BappsError(f"{path}: unreadable judgement ({type(e).__name__}: {e})") from None
+        raise BappsError(f"{path}: unreadable judgement ({type(e).__name__}: {e}); the raw "
+                         f"file is damaged: fetch or synthesize the dataset again") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise BappsError(
+            f"{path}: judgement {value!r} is not a fraction in [0, 1] ({MEANING[path.parent.name]}"
+            f"); the raw file is damaged or not from BAPPS: fetch or synthesize the dataset "
+            f"again")
+    return value
 
 
 def _subsets(roots: dict[str, Path]) -> list[tuple[str, str, str, Path]]:
@@ -227,15 +249,24 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
     workers = workers or max(2, default_workers())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    items = []
+    for kind, split, subset, sdir in _subsets(roots):
+        stems = _pairs(sdir, kind)
+        if not stems:
+            raise BappsError(f"{sdir} holds no {kind} items")
+        items.append((kind, split, subset, sdir, stems))
+    n_images = sum(len(st) * sum(sfx == ".png" for sfx in PARTS[k].values())
+                   for k, _, _, _, st in items)
+    # images, plus a float32 judgement and a short name per item
+    ensure_free(out_dir, n_images * size * size * 3 + sum(len(i[4]) for i in items) * 64,
+                f"the prepared BAPPS arrays ({n_images:,} patches of {size}x{size})")
+    stage = recovery.mkdtemp(out_dir)
     t0 = time.perf_counter()
     counts: dict[str, int] = {}
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            for kind, split, subset, sdir in _subsets(roots):
-                stems = _pairs(sdir, kind)
-                if not stems:
-                    raise BappsError(f"{sdir} holds no {kind} items")
+        with ThreadPoolExecutor(workers) as pool, \
+                disk_full_errors(out_dir, "the prepared BAPPS arrays"):
+            for kind, split, subset, sdir, stems in items:
                 prefix = f"{kind}_{split}_{subset}"
                 for part, suffix in PARTS[kind].items():
                     paths = [sdir / part / f"{s}{suffix}" for s in stems]
@@ -246,6 +277,7 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
                     arr = np.lib.format.open_memmap(
                         stage / f"{prefix}_{part}.npy", mode="w+", dtype=np.uint8,
                         shape=(len(paths), size, size, 3))
+                    reserve(stage / f"{prefix}_{part}.npy")  # ENOSPC now, not SIGBUS later
 
                     def fill(i: int, arr=arr, paths=paths) -> None:
                         arr[i] = _read_image(paths[i], size)
@@ -258,13 +290,13 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
                 counts[f"{kind}/{split}/{subset}"] = len(stems)
                 print(f"{kind}/{split}/{subset}: {len(stems)} items "
                       f"({time.perf_counter() - t0:.1f}s)", flush=True)
-        arrays = {}
-        for p in sorted(stage.iterdir()):
-            a = np.load(p, mmap_mode="r")
-            arrays[p.name] = {"shape": list(a.shape), "dtype": str(a.dtype),
-                              "sha256": sha256_file(p)}
-            del a
-            os.replace(p, out_dir / p.name)
+            arrays = {}
+            for p in sorted(stage.iterdir()):
+                a = np.load(p, mmap_mode="r")
+                arrays[p.name] = {"shape": list(a.shape), "dtype": str(a.dtype),
+                                  "sha256": sha256_file(p)}
+                del a
+                os.replace(p, out_dir / p.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     ready = raw_dir / "READY"

@@ -267,6 +267,13 @@ def prepare(raw_dir: Path, out_dir: Path, n_train: int | None = None, n_val: int
                 raise ValueError(f"{raw_dir} holds a draw with {name}={have}, but config key "
                                  f"data.coco.{name} is {want}; rerun the download "
                                  f"(`snakemake --cores 1 -R download_dataset {raw_dir}/READY`)")
+        if not (len(sel["members"]) == len(sel["crc32"]) == int(sel["n"])
+                and len(set(sel["members"])) == len(sel["members"])):
+            raise CorruptFileError(
+                f"{sel_path}: the {split} draw lists {len(sel['members'])} members "
+                f"({len(set(sel['members']))} distinct) and {len(sel['crc32'])} CRC-32s for "
+                f"n = {sel['n']}; rerun the download "
+                f"(`snakemake --cores 1 -R download_dataset {raw_dir}/READY`)")
         paths = [raw_dir / m for m in sel["members"]]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:

@@ -9,10 +9,17 @@ dependency):
 * retries with exponential backoff on network errors and 5xx / 408 / 429 answers; other
   4xx answers fail at once (retrying a 404 only wastes time).
 * a tqdm progress bar with size and rate.
-* checksums: sha256 and/or md5 where published; where none is, the sha256 we saw is
-  recorded in ``checksums.json`` in the dataset's raw folder and later runs verify against
-  it. A mismatch deletes the bad file and raises ``ChecksumError`` naming the URL, the
-  expected and the actual hash.
+* checksums: sha256 and/or md5 where published; where none is, the sha256 and the size we
+  saw are recorded in ``checksums.json`` in the dataset's raw folder and later runs verify
+  against them. A mismatch deletes the bad file and raises ``ChecksumError`` naming the URL,
+  the expected and the actual hash.
+* lengths, checksum or not: the bytes received must be what the server announced
+  (Content-Length, or the total of a resumed answer's Content-Range; a chunked body must end
+  with its last chunk), and a recorded size must match. Where no checksum is known, a body
+  without any announced length is refused (it cannot be told from a truncated one), and a
+  ranged probe past the last byte checks that the server holds nothing more (a short
+  Content-Length, as from a proxy that cut the file). A refused download is never placed
+  under its final name nor recorded.
 * a free-disk check before any byte is written (``shutil.disk_usage`` against the declared
   size or the Content-Length).
 * atomic placement: only a complete, verified file is renamed onto ``dest``.
@@ -44,7 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from workflow.datasets import RemoteFile
-from workflow.files import file_hashes, write_json
+from workflow.files import DiskFullError, disk_full_errors, file_hashes, write_json
 
 CHUNK = 1 << 20
 USER_AGENT = "lossnet-bench-downloader/1.0 (+urllib)"
@@ -67,8 +74,13 @@ class ChecksumError(DownloadError):
         self.url, self.algo, self.expected, self.actual = url, algo, expected, actual
 
 
-class DiskSpaceError(DownloadError):
-    pass
+class DiskSpaceError(DownloadError, DiskFullError):
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        DiskFullError.__init__(self, message, path)
+
+
+class LengthError(DownloadError):
+    """A download whose length is wrong or cannot be confirmed; never placed or recorded."""
 
 
 # ----------------------------------------------------------------------------- mirrors
@@ -152,10 +164,10 @@ def check_disk(folder: Path, need: int, url: str) -> None:
     free = shutil.disk_usage(folder).free
     if free < need + DISK_MARGIN:
         raise DiskSpaceError(
-            f"not enough free disk for {url}: {need / 1e9:.2f} GB needed (+{DISK_MARGIN >> 20} MiB "
-            f"headroom), {free / 1e9:.2f} GB free in {folder}. Free space or point "
-            f"resources_dir at a larger file system."
-        )
+            f"disk full at {folder}: not enough free disk for {url}: {need / 1e9:.2f} GB "
+            f"({need:,} bytes) needed (+{DISK_MARGIN >> 20} MiB headroom), {free / 1e9:.2f} GB "
+            f"({free:,} bytes) available. Free space or point resources_dir at a larger file "
+            f"system.", folder)
 
 
 def _open(url: str, offset: int, timeout: float):
@@ -189,6 +201,11 @@ def fetch(
     expected = _expected(sha256, md5, recorded)
     algos = sorted(set(expected) | {"sha256"})
 
+    want_size = recorded.get("size") if recorded and not (sha256 or md5) else None
+    if dest.exists() and want_size is not None and dest.stat().st_size != want_size:
+        print(f"{dest}: {dest.stat().st_size:,} bytes != the recorded {want_size:,}; "
+              f"fetching again", file=sys.stderr)
+        dest.unlink()
     if dest.exists():
         got = file_hashes(dest, algos)
         bad = [a for a in expected if got[a] != expected[a]]
@@ -207,9 +224,9 @@ def fetch(
     attempt = 0
     while True:
         try:
-            _download_part(url, part, timeout_s, progress, dest.name)
+            total, trusted = _download_part(url, part, timeout_s, progress, dest.name)
             break
-        except DiskSpaceError:
+        except (DiskSpaceError, LengthError):
             raise
         except urllib.error.HTTPError as e:
             if e.code not in RETRY_STATUS or attempt >= retries:
@@ -231,6 +248,7 @@ def fetch(
               file=sys.stderr)
         time.sleep(delay)
 
+    _check_length(url, part, dest, total, trusted, want_size, bool(expected), timeout_s)
     got = file_hashes(part, algos)
     for algo, exp in expected.items():
         if got[algo] != exp:
@@ -246,7 +264,75 @@ class _Truncated(Exception):
     """The server closed the connection before Content-Length bytes arrived."""
 
 
-def _download_part(url: str, part: Path, timeout_s: float, progress: bool, label: str) -> None:
+def _check_length(url: str, part: Path, dest: Path, total: int | None, trusted: bool,
+                  want_size: int | None, checksum: bool, timeout_s: float) -> None:
+    """Refuse ``part`` (deleting it, unless the bytes may still be good) when its length is
+    wrong or, without a checksum to decide, cannot be confirmed."""
+    size = part.stat().st_size
+    fix = ("Nothing was kept under its final name nor recorded. Rerun the download; if it "
+           "keeps failing, check the URL or mirror (config data.mirrors), or pin the file's "
+           "sha256 in data.<dataset>.checksums once you have confirmed a copy.")
+    if total is not None and size != total:
+        part.unlink(missing_ok=True)
+        raise LengthError(f"{url}: received {size:,} bytes, the server announced {total:,}. "
+                          + fix)
+    if want_size is not None and size != want_size:
+        part.unlink(missing_ok=True)
+        raise LengthError(f"{url}: received {size:,} bytes, but {dest.name} was recorded with "
+                          f"{want_size:,} bytes (checksums.json of {dest.parent}): a "
+                          f"truncated or changed file. " + fix)
+    if checksum or want_size is not None:
+        return
+    if not trusted:
+        raise LengthError(
+            f"{url}: the server sent no Content-Length (and no chunked encoding), so a "
+            f"truncated transfer cannot be told from a complete one, and no checksum is known. "
+            f"The {size:,} bytes are kept in {part} only. " + fix)
+    if _more_beyond(url, size, timeout_s):
+        part.unlink(missing_ok=True)
+        raise LengthError(
+            f"{url}: the server announced {size:,} bytes (Content-Length) but holds more "
+            f"beyond them (a ranged request past the end got data): a short Content-Length, "
+            f"e.g. from a proxy that cut the file. " + fix)
+
+
+def _more_beyond(url: str, size: int, timeout_s: float) -> bool:
+    """Whether the server has bytes past ``size`` (a ranged probe; False when it cannot
+    tell, e.g. no range support and the same Content-Length again)."""
+    try:
+        resp = _open(url, size, timeout_s) if size else None
+    except urllib.error.HTTPError:
+        return False  # 416 (nothing beyond: the length holds) or an error: cannot tell more
+    except (urllib.error.URLError, http.client.HTTPException, OSError):
+        return False  # inconclusive: the announced length was received in full
+    if resp is None:
+        return False
+    with resp:
+        length = resp.headers.get("Content-Length")
+        if resp.status == 206:
+            start = _content_range(resp.headers.get("Content-Range"))[0]
+            return start == size and (length is None or int(length) > 0)
+        # 200: the range was ignored; a whole body longer than what we got says it all
+        return length is not None and int(length) > size
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total length) of a ``Content-Range: bytes a-b/total`` header."""
+    if not value:
+        return None, None
+    try:
+        unit, _, rest = value.strip().partition(" ")
+        span, _, total = rest.partition("/")
+        first = int(span.split("-")[0]) if span and span != "*" else None
+        return first, (int(total) if total and total != "*" else None)
+    except ValueError:
+        return None, None
+
+
+def _download_part(url: str, part: Path, timeout_s: float, progress: bool, label: str
+                   ) -> tuple[int | None, bool]:
+    """Fetch (the rest of) ``url`` into ``part``; return (the total length the server
+    announced or None, whether the body's length was confirmed)."""
     from tqdm import tqdm
 
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +345,13 @@ def _download_part(url: str, part: Path, timeout_s: float, progress: bool, label
             raise _Truncated(f"range {have}- not satisfiable; restarting") from None
         raise
     with resp:
+        announced = None
         if have and resp.status == 206:
+            first, announced = _content_range(resp.headers.get("Content-Range"))
+            if first != have:  # not the bytes we asked for: start over
+                part.unlink()
+                raise _Truncated(f"asked for bytes {have}-, got Content-Range "
+                                 f"{resp.headers.get('Content-Range')!r}; restarting")
             mode = "ab"
         else:  # 200: the server ignored the range (or there was none): whole body
             have, mode = 0, "wb"
@@ -268,6 +360,11 @@ def _download_part(url: str, part: Path, timeout_s: float, progress: bool, label
         if remaining is not None:
             check_disk(part.parent, remaining, url)
         total = have + remaining if remaining is not None else None
+        if announced is not None and total is not None and announced != total:
+            part.unlink()
+            raise _Truncated(f"Content-Range total {announced} != {have} + Content-Length "
+                             f"{remaining}; restarting")
+        trusted = remaining is not None or bool(getattr(resp, "chunked", False))
         with open(part, mode) as f, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
             desc=label[:40], disable=not progress, mininterval=1.0, file=sys.stderr,
@@ -277,11 +374,13 @@ def _download_part(url: str, part: Path, timeout_s: float, progress: bool, label
                 chunk = resp.read(CHUNK)
                 if not chunk:
                     break
-                f.write(chunk)
+                with disk_full_errors(part, f"the download of {url}"):  # .part kept
+                    f.write(chunk)
                 got += len(chunk)
                 bar.update(len(chunk))
     if remaining is not None and got < remaining:
         raise _Truncated(f"connection closed after {have + got} of {total} bytes")
+    return (announced if announced is not None else total), trusted
 
 
 def fetch_remote(

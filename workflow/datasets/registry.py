@@ -49,13 +49,16 @@ def _accepted(fn: Any, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def download(name: str, raw: str | os.PathLike, options: Mapping[str, Any] | None = None,
-             mirror: str | None = None, progress: bool = True) -> dict[str, Any]:
+             mirror: str | None = None, progress: bool = True,
+             settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fetch (and extract) a dataset into ``raw``, then write ``raw/READY``.
 
     ``options`` is config ``data.<name>`` without its synthetic sizes: pinned ``checksums``
     replace the built-in ones; the rest goes to the module's own ``download`` if it has one.
+    ``settings``: ``archive_limits`` (config ``data.<name>.archive_limits``), what an archive
+    may hold before extraction refuses it.
     """
-    from workflow.datasets.archives import extract_archive
+    from workflow.datasets.archives import ArchiveLimits, extract_archive
     from workflow.datasets.fetch import Fetcher
 
     opts = dict(options or {})
@@ -63,6 +66,8 @@ def download(name: str, raw: str | os.PathLike, options: Mapping[str, Any] | Non
     raw.mkdir(parents=True, exist_ok=True)
     (raw / "READY").unlink(missing_ok=True)
     mod = module(name)
+    limits = ArchiveLimits.from_config((settings or {}).get("archive_limits"),
+                                       key=f"data.{name}.archive_limits")
     fetcher = Fetcher(raw, mirror=mirror or None, progress=progress,
                       checksums=opts.pop("checksums", None))
     try:
@@ -74,7 +79,7 @@ def download(name: str, raw: str | os.PathLike, options: Mapping[str, Any] | Non
                 path = fetcher.fetch(rf)
                 entry = fetcher.book.get(path) or {}
                 if rf.extract:
-                    extract_archive(path, raw, key=entry.get("sha256"))
+                    extract_archive(path, raw, key=entry.get("sha256"), limits=limits)
                 files[rf.name] = entry
             info = {"files": files}
     finally:
@@ -112,7 +117,7 @@ def prepare(name: str, raw: str | os.PathLike, out: str | os.PathLike,
 
     ``settings``: ``threads``, the decoding threads (the rule's threads; all cores if unset).
     """
-    from workflow.files import write_json
+    from workflow.files import disk_full_errors, write_json
 
     raw, out = Path(raw), Path(out)
     if not (raw / "READY").exists():
@@ -125,7 +130,8 @@ def prepare(name: str, raw: str | os.PathLike, out: str | os.PathLike,
     workers = int((settings or {}).get("threads") or 0)
     if workers and "workers" in inspect.signature(fn).parameters:
         kwargs["workers"] = workers
-    manifest = fn(raw, out, **kwargs)
+    with disk_full_errors(out, f"the prepared {name} arrays"):
+        manifest = fn(raw, out, **kwargs)
     if not (out / "manifest.json").exists():
         write_json(manifest, out / "manifest.json")
     return manifest

@@ -138,6 +138,17 @@ def _pairs(raw_dir: Path, split: str) -> list[str]:
                                f"(e.g. {odd}); download roads again")
     if not stems["sat"]:
         raise CorruptFileError(f"{raw_dir / split}/sat has no *.tiff tiles; download roads again")
+    for kind, suffix in KINDS.items():  # the index page says which tiles the split has
+        index = raw_dir / split / kind / "index.html"
+        if index.exists():
+            listed = {n[: -len(suffix)] for n in tile_links(index.read_text(errors="replace"),
+                                                            suffix)}
+            if listed != stems[kind]:
+                odd = sorted(listed ^ stems[kind])[:5]
+                raise CorruptFileError(
+                    f"{index} lists {len(listed)} tiles but {len(stems[kind])} are in "
+                    f"{index.parent} (e.g. {odd} differ); the download is incomplete: "
+                    f"download roads again")
     return sorted(stems["sat"])
 
 

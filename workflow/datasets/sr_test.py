@@ -73,6 +73,16 @@ def synthesize(raw_dir: Path, seed: int, set5: int, set14: int, bsd100: int) -> 
     extract_archive(archive, raw_dir)
 
 
+def _downloaded(raw_dir: Path) -> bool:
+    """Whether ``raw_dir`` holds the real download (READY says so), not a synthetic fake."""
+    import json
+
+    try:
+        return json.loads((raw_dir / "READY").read_text()).get("source") == "download"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _set_paths(raw_dir: Path) -> dict[str, list[tuple[str, Path]]]:
     out: dict[str, list[tuple[str, Path]]] = {}
     for folder in SET_SIZES:
@@ -86,6 +96,17 @@ def _set_paths(raw_dir: Path) -> dict[str, list[tuple[str, Path]]]:
         raise CorruptFileError(f"{ids_file} is missing: BSDS300-images.tgz was not extracted; "
                                f"download sr_test again")
     ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    if len(set(ids)) != len(ids) or not all(i.isdigit() for i in ids):
+        raise CorruptFileError(f"{ids_file}: expected distinct numeric image ids, one a line; "
+                               f"download sr_test again")
+    if _downloaded(raw_dir):  # the real sets have exactly these sizes
+        want = {**{f.lower(): n for f, n in SET_SIZES.items()}, "bsd100": 100}
+        have = {**{k: len(v) for k, v in out.items()}, "bsd100": len(ids)}
+        for name, n in want.items():
+            if have[name] != n:
+                where = ids_file if name == "bsd100" else raw_dir / name.capitalize()
+                raise CorruptFileError(f"{where}: {have[name]} images of {name}, the real set "
+                                       f"has {n}; download sr_test again")
     out["bsd100"] = [(i, raw_dir / "BSDS300" / "images" / "test" / f"{i}.jpg") for i in ids]
     return out
 

@@ -63,7 +63,18 @@ def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: expected X [32, 32, 3, N] and y [N, 1]; got X "
             f"{None if x is None else x.shape}, y {None if y is None else y.shape}"
         )
-    labels = y.reshape(-1).astype(np.int64)
+    if x.dtype != np.uint8:
+        raise CorruptFileError(f"{path}: X must be uint8 pixels, got {x.dtype}; delete it and "
+                               f"download it again")
+    y = y.reshape(-1)
+    if not np.issubdtype(y.dtype, np.integer) and not (
+            np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all()
+            and (y == np.round(y)).all()):
+        raise CorruptFileError(f"{path}: y must hold whole digit labels 1..10, got {y.dtype} "
+                               f"values such as {y[:3].tolist()}; delete it and download it again")
+    labels = y.astype(np.int64)
+    if labels.size == 0:
+        raise CorruptFileError(f"{path}: holds no images; delete it and download it again")
     if labels.min() < 1 or labels.max() > 10:
         raise CorruptFileError(f"{path}: labels outside 1..10 ({labels.min()}..{labels.max()})")
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8), labels % 10
