@@ -5,6 +5,7 @@ what depends on it."""
 from __future__ import annotations
 
 import math
+import subprocess
 
 import pandas as pd
 import pytest
@@ -88,6 +89,19 @@ def _planned(demo_run, tmp_path, override: dict, results=None) -> dict[str, int]
         "adaptation.eval_batch_size", "device"])
 def test_settings_rerun_nothing(demo_run, tmp_path, override):
     assert _planned(demo_run, tmp_path, override) == {}
+
+
+def test_moving_resources_dir_reruns_nothing(demo_run, tmp_path):
+    """Input paths are no rerun trigger (profiles/default): the data folder moved (mv keeps
+    modification times; cp -a here, to leave the shared run alone) retrains nothing."""
+    moved = tmp_path / "elsewhere"
+    subprocess.run(["cp", "-a", str(demo_run / "resources"), str(moved)], check=True)
+    path = tmp_path / "none.yaml"
+    path.write_text("{}\n")
+    out = snakemake("-n", "--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
+                    str(path), "--config", f"results_dir={demo_run / 'results'}",
+                    f"resources_dir={moved}", timeout=600).stdout
+    assert "Nothing to be done" in out, out[-3000:]
 
 
 def test_a_result_key_reruns_its_stage_and_what_follows(demo_run, tmp_path):

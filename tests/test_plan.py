@@ -148,6 +148,29 @@ def test_weights_inputs_follow_the_config(tmp_path):
     assert Plan(cfg).weights_input("alexnet") == []
 
 
+def test_a_benchmark_network_outside_the_grid_gets_its_weights_fetched():
+    cfg = load_config(ROOT / "config.yaml", overrides={
+        "resources_dir": "R", "lossnets": {"archs": ["alexnet"]},
+        "super_resolution": {"lossnets": ["vgg16/2"]}})
+    plan = Plan(cfg)
+    assert "R/weights/vgg16-397923af.pth" in plan.weight_files()
+    assert plan.weights_input("vgg16") == ["R/weights/vgg16-397923af.pth"]
+
+
+@pytest.mark.parametrize("sr, words", [
+    ({"crop_size": 32, "scales": [4, 8]}, ["super_resolution.crop_size (32)", "4px inputs at x8",
+                                           "at least 40"]),
+    ({"crop_size": 300}, ["super_resolution.crop_size (300)", "288px"]),
+])
+def test_sr_crop_is_checked_against_the_scales_at_dag_build(sr, words):
+    cfg = load_config(ROOT / "config.yaml", overrides={"super_resolution": sr})
+    with pytest.raises(ConfigError) as e:
+        Plan(cfg)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    cfg["benchmarks"] = ["similarity"]  # not run: not checked
+    Plan(cfg)
+
+
 # ----------------------------------------------------------------------------- params
 
 

@@ -211,6 +211,27 @@ def test_raising_iterations_continues_the_run(tmp_path, prepared, stage, trained
         assert torch.equal(a, b), k
 
 
+def test_other_training_data_trains_afresh_and_keeps_the_old_run(tmp_path, prepared, stage,
+                                                                  capsys):
+    """The resume key holds the prepared data's content: a finished run is not resumed
+    for other training images (it was, silently, when only the config was keyed)."""
+    config, settings = stage("train", crop_size=32, iterations=2)
+    workdir = tmp_path / "train"
+    _command("train", config, settings, prepared=prepared("coco"), workdir=workdir,
+             out=tmp_path / "a.pt")
+    again = _command("train", config, settings, prepared=prepared("coco"), workdir=workdir,
+                     out=tmp_path / "b.pt")
+    assert again["resumed_from"] == 2  # same data, same key: the finished run is reused
+    capsys.readouterr()
+    other = prepared("coco", train=48)  # a larger archive: another draw of 32 images
+    meta = _command("train", config, settings, prepared=other, workdir=workdir,
+                    out=tmp_path / "c.pt")
+    assert meta["resumed_from"] is None and meta["steps"] == 2
+    assert "input coco changed" in capsys.readouterr().err
+    kept = list((workdir / "superseded").glob("*/last.pt"))
+    assert len(kept) == 1
+
+
 def test_evaluate_matches_scikit_image(tmp_path, prepared, stage, trained):
     model, meta = trained
     config, settings = stage("eval", test_sets=["set5", "set14"], test_limit=2)

@@ -330,6 +330,26 @@ class Plan:
         self.config = complete_config(config)
         self.res = str(self.config["resources_dir"])
         self.out = str(self.config["results_dir"])
+        self._cross_check()
+
+    def _cross_check(self) -> None:
+        """What the schema cannot say, checked at DAG build instead of when a job runs."""
+        from workflow.datasets.sources import COCO_SIZE
+
+        for b in self.enabled():
+            self.lossnets(b)  # an unknown loss network id is named with its config key
+        sr = self.config["super_resolution"]
+        if "super_resolution" in self.enabled():
+            size = int(sr["crop_size"] or COCO_SIZE)
+            if size > COCO_SIZE:
+                raise ConfigError(f"config key super_resolution.crop_size ({size}) exceeds the "
+                                  f"{COCO_SIZE}px prepared COCO images; use at most {COCO_SIZE}")
+            for scale in sr["scales"]:
+                if size // int(scale) < 5:  # the 9x9 reflection-padded head needs 5 pixels
+                    raise ConfigError(
+                        f"config key super_resolution.crop_size ({size}) gives {size // scale}px "
+                        f"inputs at x{scale} (super_resolution.scales); use a crop of at least "
+                        f"{5 * int(scale)} or drop that scale")
 
     # ------------------------------------------------------------------ loss networks
 
@@ -384,9 +404,12 @@ class Plan:
         return f"{self.res}/weights/{weights_filename(arch)}"
 
     def imagenet_archs(self) -> list[str]:
-        """Configured architectures (grid + LPIPS sets) whose weights are ``imagenet``."""
+        """Architectures whose weights are ``imagenet``: the grid's, the LPIPS sets' and those
+        of every enabled benchmark's loss networks (a benchmark may name one outside the
+        grid; its weights are fetched too)."""
         ln = self.config["lossnets"]
-        archs = dict.fromkeys([*ln["archs"], *ln["lpips_sets"]])
+        used = [a for b in self.enabled() for a in self.archs(b) if a != PIXEL]
+        archs = dict.fromkeys([*ln["archs"], *ln["lpips_sets"], *used])
         return [a for a in archs if self.weights(a) == "imagenet"]
 
     def weight_archs(self) -> list[str]:

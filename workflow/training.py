@@ -311,7 +311,7 @@ def save_model(path: str | Path, modules: Mapping[str, nn.Module | Mapping[str, 
                              (m.state_dict() if isinstance(m, nn.Module) else m).items()}
                          for k, m in modules.items()},
              "meta": dict(meta or {})}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need=payload_bytes(state)) as tmp:
         torch.save(state, tmp)
     return Path(path)
 

@@ -48,7 +48,7 @@ from workflow.files import atomic_path, save_npy, write_json
 
 FILES = sources.COCO
 SPLITS = {"train": FILES[0], "val": FILES[1]}
-SIZE = 288
+SIZE = sources.COCO_SIZE
 
 
 # ----------------------------------------------------------------------------- the draw

@@ -21,6 +21,7 @@ BAPPS = [
     RemoteFile(BAPPS_URL + "jnd.tar.gz", extract=True, size=200_000_000),
 ]
 
+COCO_SIZE = 288  # prepared COCO images: short side resized to 288, centre crop (the study's)
 COCO = [
     RemoteFile("http://images.cocodataset.org/zips/train2014.zip",
                sha256="ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775",
