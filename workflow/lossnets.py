@@ -29,7 +29,12 @@ from workflow.archs import (  # noqa: F401  (re-exported: the registry belongs w
     weights_id,
     weights_url,
 )
-from workflow.datasets.weights import WeightsFileError, read_state_dict, torchvision_keys
+from workflow.datasets.weights import (
+    WeightsFileError,
+    read_state_dict,
+    refetch,
+    torchvision_keys,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,8 +73,8 @@ def _where(arch: str, weights: str, weights_dir: str | Path) -> tuple[Path, str]
 
 
 def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
-                   taps: Iterable[int] | None = None, where: str = "the weights file"
-                   ) -> dict[str, Tensor]:
+                   taps: Iterable[int] | None = None, where: str = "the weights file",
+                   fix: str = "") -> dict[str, Tensor]:
     """The entries of ``state`` to load into ``model`` (a :func:`_build_model` of ``arch``).
 
     ``state`` is a file's state_dict as published or saved; legacy key names are renamed
@@ -92,8 +97,9 @@ def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
     if deepest >= len(names):
         raise ValueError(f"{arch} has {len(names)} children; tap {deepest} out of range")
     tapped = tuple(f"{base}{n}." for n in names[: deepest + 1])
-    needs = f"{arch} needs it up to {base}{names[deepest]} (child {deepest}, the deepest tap)"
-    fix = f"give {arch} weights (later layers, e.g. a classifier head, may differ)"
+    needs = (f"the layers up to {base}{names[deepest]} (child {deepest}, the deepest tap) "
+             f"must be {arch}'s; later ones, e.g. a classifier head, may differ")
+    fix = fix or f"give a {arch} state_dict"
     own = model.state_dict()
     for key, param in own.items():
         if not key.startswith(tapped):
@@ -155,8 +161,8 @@ def load_backbone(
         raise FileNotFoundError(f"weights file for {arch} not found: {path} (config key {key})")
     state = read_state_dict(path, key)
     model = _build_model(arch, pretrained_layout=True)
-    model.load_state_dict(fit_state_dict(model, arch, state, taps, f"{path} (config key {key})"),
-                          strict=False)
+    picked = fit_state_dict(model, arch, state, taps, f"{path} (config key {key})", refetch(key))
+    model.load_state_dict(picked, strict=False)
     return model.eval()  # in-place ops stay as torchvision builds them; see FeatureExtractor
 
 

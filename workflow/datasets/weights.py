@@ -24,8 +24,8 @@ from workflow.archs import weights_filename, weights_url
 from workflow.datasets.fetch import ChecksumBook, DownloadError, fetch, mirror_url
 from workflow.files import sha256_file
 
-__all__ = ["WeightsFileError", "fetch_weights", "read_state_dict", "torchvision_keys",
-           "verify_weights_file"]
+__all__ = ["WeightsFileError", "fetch_weights", "read_state_dict", "refetch",
+           "torchvision_keys", "verify_weights_file"]
 
 
 class WeightsFileError(ValueError):
@@ -102,6 +102,13 @@ def _start(path: Path) -> str:
     return f"the text {text.splitlines()[0] if text.strip() else text!r}"
 
 
+def refetch(key: str) -> str:
+    """How to replace a bad file of config key ``key``: the ImageNet files are fetched again
+    (the empty string for a user's own file)."""
+    return ("delete it and fetch it again with `snakemake --cores 1 download_weights`"
+            if key == "lossnets.weights" else "")
+
+
 def read_state_dict(path: str | Path, key: str) -> dict[str, Any]:
     """The ``{name: tensor}`` state_dict in ``path``, read with ``weights_only=True``.
 
@@ -114,7 +121,7 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, Any]:
 
     path = Path(path)
     where = f"{path} (config key {key})"
-    fix = "save one with torch.save(model.state_dict(), path)"
+    fix = refetch(key) or "save one with torch.save(model.state_dict(), path)"
     kind = _sniff(path)
     if kind == "empty":
         raise WeightsFileError(f"{where} is empty; {fix}")
@@ -142,10 +149,10 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, Any]:
                 f"{where} holds pickled Python objects{what}, not only tensors: a whole model "
                 f"saved with torch.save(model)? torch.load(weights_only=True) does not run "
                 f"them; {fix}") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(e).__name__
         raise WeightsFileError(
-            f"{where} cannot be read by torch.load ({first}); a truncated download? "
-            f"Fetch or save it again") from None
+            f"{where} cannot be read by torch.load ({first}): a truncated download? "
+            f"{refetch(key) or 'Fetch or save it again'}") from None
     if not isinstance(obj, Mapping):
         raise WeightsFileError(
             f"{where} holds a {type(obj).__name__}, not a state_dict (a dict of parameter "
