@@ -86,7 +86,6 @@ def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
     head, GoogLeNet's and Inception-v3's auxiliary heads) may differ or be absent: their
     entries are kept where name and shape fit, ignored otherwise.
     """
-
     spec = arch_spec(arch)
     state = torchvision_keys(spec.builder, state)
     taps = sorted(set(taps)) if taps else sorted({*spec.layers, *(spec.lpips or ())})
