@@ -29,6 +29,12 @@ from workflow.archs import (  # noqa: F401  (re-exported: the registry belongs w
     weights_id,
     weights_url,
 )
+from workflow.datasets.weights import (
+    WeightsFileError,
+    read_state_dict,
+    refetch,
+    torchvision_keys,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,46 +65,103 @@ def _build_model(arch: str, pretrained_layout: bool) -> nn.Module:
     return builder(**kwargs)
 
 
+def _where(arch: str, weights: str, weights_dir: str | Path) -> tuple[Path, str]:
+    """The file ``weights`` names for ``arch`` and the config key that named it."""
+    if weights == "imagenet":
+        return Path(weights_dir) / weights_filename(arch), "lossnets.weights"
+    return Path(weights), f"lossnets.weights_paths.{arch}"
+
+
+def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
+                   taps: Iterable[int] | None = None, where: str = "the weights file",
+                   fix: str = "") -> dict[str, Tensor]:
+    """The entries of ``state`` to load into ``model`` (a :func:`_build_model` of ``arch``).
+
+    ``state`` is a file's state_dict as published or saved; legacy key names are renamed
+    first, as torchvision's loader renames them (:func:`torchvision_keys`). Only the children
+    up to the deepest of ``taps`` (default: every tap of the table for ``arch``) compute a
+    loss network's features: their keys and shapes must be exactly the model's
+    (``num_batches_tracked`` may be absent, as in files saved before PyTorch 0.4.1), or a
+    :class:`WeightsFileError` names the first key that differs. Later layers (the classifier
+    head, GoogLeNet's and Inception-v3's auxiliary heads) may differ or be absent: their
+    entries are kept where name and shape fit, ignored otherwise.
+    """
+    spec = arch_spec(arch)
+    state = torchvision_keys(spec.builder, state)
+    taps = sorted(set(taps)) if taps else sorted({*spec.layers, *(spec.lpips or ())})
+    container = model.features if spec.container == "features" else model
+    base = "features." if spec.container == "features" else ""
+    names = [n for n, _ in container.named_children()]
+    deepest = taps[-1]
+    if deepest >= len(names):
+        raise ValueError(f"{arch} has {len(names)} children; tap {deepest} out of range")
+    tapped = tuple(f"{base}{n}." for n in names[: deepest + 1])
+    needs = (f"the layers up to {base}{names[deepest]} (child {deepest}, the deepest tap) "
+             f"must be {arch}'s; later ones, e.g. a classifier head, may differ")
+    fix = fix or f"give a {arch} state_dict"
+    own = model.state_dict()
+    for key, param in own.items():
+        if not key.startswith(tapped):
+            continue
+        if key not in state:
+            if key.endswith(".num_batches_tracked"):
+                continue
+            keys = list(state)
+            if all(k.startswith("module.") for k in keys):
+                hint = ("its keys start with 'module.': a DataParallel model's; save "
+                        "model.module.state_dict()")
+            else:
+                hint = f"its first key is {keys[0]!r}: a state_dict of another architecture?"
+            raise WeightsFileError(
+                f"{where} is not a {arch} state_dict: it has no key {key!r} ({hint}); {needs}; "
+                f"{fix}")
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise WeightsFileError(
+                f"{where} does not fit {arch}: key {key!r} has shape {list(state[key].shape)} "
+                f"in the file, {arch} needs {list(param.shape)}; {needs}; {fix}")
+    extra = next((k for k in state if k.startswith(tapped) and k not in own), None)
+    if extra is not None:
+        raise WeightsFileError(
+            f"{where} does not fit {arch}: it has the key {extra!r}, which {arch} does not "
+            f"have; {needs}; {fix}")
+    return {k: v for k, v in state.items() if k in own
+            and (k.startswith(tapped) or tuple(v.shape) == tuple(own[k].shape))}
+
+
 def load_backbone(
     arch: str,
     weights: str = "imagenet",
     weights_dir: str | Path = "resources/weights",
     seed: int = 0,
+    taps: Iterable[int] | None = None,
 ) -> nn.Module:
     """The torchvision model with the requested weights, in eval mode, no download.
 
     ``weights``: ``"imagenet"`` reads ``weights_dir/<torchvision file name>``;
     ``"random"`` uses torchvision's initialisation under ``torch.manual_seed(seed)``;
-    anything else is a path to a state_dict file.
+    anything else is a path to a state_dict file. A file is read as torchvision publishes
+    it (zip or legacy serialisation, DenseNet's legacy key names, GoogLeNet's and
+    Inception-v3's auxiliary heads) or as a fine-tune saved it; only the layers up to the
+    deepest of ``taps`` must match (:func:`fit_state_dict`).
     """
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _build_model(arch, pretrained_layout=False)
-    else:
+        return model.eval()
+    path, key = _where(arch, weights, weights_dir)
+    if not path.exists():
         if weights == "imagenet":
-            path = Path(weights_dir) / weights_filename(arch)
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"ImageNet weights for {arch} are missing: {path}. Fetch them on a machine "
-                    f"with internet access with `snakemake --cores 1 download_weights` "
-                    f"(they come from {weights_url(arch)}), or set weights: random."
-                )
-        else:
-            path = Path(weights)
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"weights file for {arch} not found: {path} (config key "
-                    f"lossnets.weights / lossnets.weights_paths)"
-                )
-        model = _build_model(arch, pretrained_layout=True)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise RuntimeError(
-                f"{path} does not fit {arch}: missing keys {missing[:5]}... Is it a {arch} "
-                f"state_dict?"
+            raise FileNotFoundError(
+                f"ImageNet weights for {arch} are missing: {path}. Fetch them on a machine "
+                f"with internet access with `snakemake --cores 1 download_weights` "
+                f"(they come from {weights_url(arch)}), or set weights: random."
             )
+        raise FileNotFoundError(f"weights file for {arch} not found: {path} (config key {key})")
+    state = read_state_dict(path, key)
+    model = _build_model(arch, pretrained_layout=True)
+    picked = fit_state_dict(model, arch, state, taps, f"{path} (config key {key})", refetch(key))
+    model.load_state_dict(picked, strict=False)
     return model.eval()  # in-place ops stay as torchvision builds them; see FeatureExtractor
 
 
@@ -241,7 +304,7 @@ def build_extractor(
         wanted.update(net.taps)
     if not wanted:
         wanted = set(arch_spec(arch).layers)
-    backbone = load_backbone(arch, weights, weights_dir, seed=seed)
+    backbone = load_backbone(arch, weights, weights_dir, seed=seed, taps=wanted)
     return FeatureExtractor(backbone, arch, sorted(wanted), normalize)
 
 

@@ -251,7 +251,21 @@ def complete_config(config: dict[str, Any]) -> dict[str, Any]:
     root, _ = _schemas()
     _fill_defaults(config, root, root["$id"])
     _validate(config)
+    _check_weights_paths(config)
     return config
+
+
+def _check_weights_paths(config: Mapping[str, Any]) -> None:
+    """Every ``lossnets.weights_paths`` entry names an architecture of the registry and a file
+    (checked when the DAG is built, not in the job that would read it)."""
+    for arch, path in config["lossnets"]["weights_paths"].items():
+        if arch not in ARCHS:
+            raise ConfigError(
+                f"config key lossnets.weights_paths: {arch!r} (file {path}) is not an "
+                f"architecture of the registry; valid names: {', '.join(ARCHS)}")
+        if not str(path).strip():
+            raise ConfigError(f"config key lossnets.weights_paths.{arch}: the path is empty; "
+                              f"give the state_dict file, or remove the entry")
 
 
 def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,18 +4,33 @@ Each file is downloaded with the shared client (resume, retries, progress, disk 
 placement), then checked the way torchvision checks it: the file's sha256 must start with the
 hash in its name. A file that fails is deleted. Benchmark jobs read the folder and never
 download.
+
+:func:`read_state_dict` reads a weights file as torchvision publishes it (or as a user saved
+one): the zip serialisation of PyTorch >= 1.6 and the legacy (pickle) serialisation of the
+older files, with ``torch.load(weights_only=True)``, so no code in the file runs. What is not
+a state_dict is refused with the file, the config key and the fix named.
+:func:`torchvision_keys` renames the legacy keys of the published DenseNet files the way
+torchvision's own loader does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from workflow.archs import weights_filename, weights_url
 from workflow.datasets.fetch import ChecksumBook, DownloadError, fetch, mirror_url
 from workflow.files import sha256_file
 
-__all__ = ["fetch_weights", "verify_weights_file"]
+__all__ = ["WeightsFileError", "fetch_weights", "read_state_dict", "refetch",
+           "torchvision_keys", "verify_weights_file"]
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot give a loss network its weights; the message names the
+    file, the config key and what to do."""
 
 
 def _hash_prefix(name: str) -> str | None:
@@ -58,3 +73,121 @@ def fetch_weights(archs: Iterable[str], out: str | Path, mirror: str | None = No
     finally:
         book.save()
     return paths
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _sniff(path: Path) -> str:
+    """The file's serialisation from its first bytes: zip (torch >= 1.6, TorchScript),
+    pickle (torch.save's legacy format), tar (PyTorch's format before 2017), empty, other."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return "pickle" if head[:1] == b"\x80" else "other"
+
+
+def _start(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(48)
+    try:
+        text = head.decode()
+    except UnicodeDecodeError:
+        return f"bytes {head[:16]!r}"
+    return f"the text {text.splitlines()[0] if text.strip() else text!r}"
+
+
+def refetch(key: str) -> str:
+    """How to replace a bad file of config key ``key``: the ImageNet files are fetched again
+    (the empty string for a user's own file)."""
+    return ("delete it and fetch it again with `snakemake --cores 1 download_weights`"
+            if key == "lossnets.weights" else "")
+
+
+def read_state_dict(path: str | Path, key: str) -> dict[str, Any]:
+    """The ``{name: tensor}`` state_dict in ``path``, read with ``weights_only=True``.
+
+    ``key`` is the config key that named the file (it goes into every message). Refused with
+    a :class:`WeightsFileError`: an empty, text or truncated file, PyTorch's pre-2017 tar
+    format (``weights_only`` cannot read it), a TorchScript archive, a pickled module or
+    other Python objects, and anything that is not a mapping of names to tensors.
+    """
+    import torch
+
+    path = Path(path)
+    where = f"{path} (config key {key})"
+    fix = refetch(key) or "save one with torch.save(model.state_dict(), path)"
+    kind = _sniff(path)
+    if kind == "empty":
+        raise WeightsFileError(f"{where} is empty; {fix}")
+    if kind == "other":
+        raise WeightsFileError(
+            f"{where} is not a PyTorch file: it starts with {_start(path)} (a Git LFS pointer "
+            f"or an error page saved in its place?); {fix}")
+    if kind == "tar":
+        raise WeightsFileError(
+            f"{where} is in PyTorch's tar serialisation (before 2017), which "
+            f"torch.load(weights_only=True) refuses; if you trust the file, re-save it once "
+            f"with torch.save(torch.load(path, weights_only=False), path)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "TorchScript" in text:
+            raise WeightsFileError(
+                f"{where} is a TorchScript archive, not a state_dict; save "
+                f"torch.jit.load(path).state_dict() with torch.save") from None
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" (it needs {found.group(1)})" if found else ""
+            raise WeightsFileError(
+                f"{where} holds pickled Python objects{what}, not only tensors: a whole model "
+                f"saved with torch.save(model)? torch.load(weights_only=True) does not run "
+                f"them; {fix}") from None
+        first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(e).__name__
+        raise WeightsFileError(
+            f"{where} cannot be read by torch.load ({first}): a truncated download? "
+            f"{refetch(key) or 'Fetch or save it again'}") from None
+    if not isinstance(obj, Mapping):
+        raise WeightsFileError(
+            f"{where} holds a {type(obj).__name__}, not a state_dict (a dict of parameter "
+            f"names to tensors); {fix}")
+    if not obj:
+        raise WeightsFileError(f"{where} holds an empty dict, not a state_dict; {fix}")
+    for name, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
+            hint = (f" (a training checkpoint? its entry {nested[0]!r} may be the state_dict: "
+                    f"save that entry alone)" if nested else "")
+            raise WeightsFileError(
+                f"{where} is not a state_dict: its entry {name!r} is a {type(value).__name__}, "
+                f"not a tensor{hint}; {fix}")
+    return dict(obj)
+
+
+# torchvision.models.densenet._load_state_dict: the published DenseNet files (and any state_dict
+# saved before module names could not hold '.') name a dense layer's modules 'norm.1', 'relu.1',
+# 'conv.1', 'norm.2', ...; the modules are now 'norm1', 'conv1', ...
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def torchvision_keys(builder: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with the keys torchvision's loader of ``builder`` renames renamed.
+
+    Only the DenseNets have such a loader (the legacy key pattern above, the same regular
+    expression as torchvision's); every other architecture's file loads as it is.
+    """
+    if not builder.startswith("densenet"):
+        return dict(state)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        m = _DENSENET_LEGACY.match(key)
+        out[m.group(1) + m.group(2) if m else key] = value
+    return out
