@@ -1,13 +1,17 @@
 """SLURM: the profiles, the job shell, and the demo DAG on a live single-node cluster.
 
 The live test starts a throwaway cluster on 127.0.0.1 with tests/slurm/start-slurm.sh
-(partitions `cpu` and `gpu`, one fake GPU; needs root, installs Debian's slurm-wlm and munge
+(partitions `cpu` and `gpu`, fake GPUs of model `fakegpu`, node feature `ci_node`; needs root, installs Debian's slurm-wlm and munge
 when missing), runs a reduced demo DAG (similarity + super-resolution) through the CI profile
 tests/slurm/profile and, at the same time, locally, and checks from SLURM's own records and
 the job logs that
 
-* GPU rules ran on the `gpu` partition with a GPU granted, CPU rules on `cpu`, downloads and
-  synthesis (localrules) on the submitting host, and grouped rules in one submission;
+* GPU rules ran on the `gpu` partition with a GPU of the profile's model (`gpu_model`) on a
+  node with the profile's feature (`constraint`), CPU rules on `cpu`, every job with the CPUs
+  of its `cpus_per_task` (the run is started with --cores 2) and the profile's QOS
+  (`slurm-qos`, read from the sbatch lines: without accounting SLURM does not record it),
+  downloads and synthesis (localrules) on the submitting host, and grouped rules in one
+  submission;
 * a training job signalled like a time-limit warning (`scancel --signal=TERM`, what the
   profile's `--signal=TERM@300` does) writes a checkpoint, exits 75, is retried and resumes
   from that checkpoint's step;
@@ -419,6 +423,15 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
     train_log = (out["slurm"] / "results" / "logs" / "super_resolution" / arch / layer
                  / f"train_x{SR_SCALE}_run0.log")
 
+    # every sbatch call the plugin makes, recorded on its way to the real sbatch (this cluster
+    # keeps no accounting, so a job's QOS is accepted but shows as (null) in scontrol)
+    shim, sbatch_log = tmp_path / "bin", tmp_path / "sbatch_calls.log"
+    shim.mkdir()
+    (shim / "sbatch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {sbatch_log}\n'
+                                 f'exec {shutil.which("sbatch", path=env["PATH"])} "$@"\n')
+    (shim / "sbatch").chmod(0o755)
+    env = {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}
+
     before = set(_scontrol_jobs(env))
     common = ["--configfile", str(config)]
     runs = {
@@ -484,17 +497,31 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
         rules, log = rules_by_job[jid], logs[jid]
         shells = re.findall(r"\[job-shell\] host=.*", log)  # one per rule job it ran
         assert shells, f"job {jid} ({rules}) has no [job-shell] line:\n{log[-3000:]}"
+        # the CPUs SLURM granted are the profile's cpus_per_task, whatever --cores said
+        cpus = {str(ci_profile["set-resources"].get(r, {}).get(
+            "cpus_per_task", ci_profile["default-resources"]["cpus_per_task"])) for r in rules}
+        assert {rec["NumCPUs"]} == cpus, (jid, rules, rec)
         if rules & gpu_rules:
             assert rec["Partition"] == "gpu", (jid, rules, rec)
-            assert re.search(r"gpu[:=]1\b", rec.get("TresPerJob", "")), (jid, rules, rec)
+            # the GPU model and the node constraint, through the plugin's resources
+            assert re.search(r"gpu:fakegpu[:=]1\b", rec.get("TresPerJob", "")), (jid, rules, rec)
+            assert rec["Features"] == "ci_node", (jid, rules, rec)
             for line in shells:
                 assert "partition=gpu" in line and "slurm_gpus_on_node=1" in line, line
                 assert "cuda_visible_devices=none" not in line, line
         else:
             assert rec["Partition"] == "cpu", (jid, rules, rec)
             assert "gpu" not in rec.get("TresPerJob", ""), (jid, rules, rec)
+            assert rec["Features"] in ("", "(null)"), (jid, rules, rec)
             for line in shells:
                 assert "partition=cpu" in line and "slurm_gpus_on_node=0" in line, line
+        for line in shells:
+            assert f"slurm_cpus_per_task={rec['NumCPUs']}" in line, line
+    # the QOS (the plugin's slurm-qos setting) went into every submission
+    calls = sbatch_log.read_text().splitlines()
+    assert len(calls) == len(seen), (calls, sorted(seen))
+    assert all(f"--qos={ci_profile['slurm-qos']}" in call.split("--wrap")[0]
+               for call in calls), calls
     # the two similarity jobs shared one submission (groups + group-components)
     sim_jobs = [j for j, rules in rules_by_job.items() if "score_similarity" in rules]
     assert len(sim_jobs) == 1, f"score_similarity ran in SLURM jobs {sim_jobs}:\n{report}"
