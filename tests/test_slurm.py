@@ -1,10 +1,10 @@
 """SLURM: the profiles, the job shell, and the demo DAG on a live single-node cluster.
 
 The live test starts a throwaway cluster on 127.0.0.1 with tests/slurm/start-slurm.sh
-(partitions `cpu` and `gpu`, fake GPUs of model `fakegpu`, node feature `ci_node`; needs root, installs Debian's slurm-wlm and munge
-when missing), runs a reduced demo DAG (similarity + super-resolution) through the CI profile
-tests/slurm/profile and, at the same time, locally, and checks from SLURM's own records and
-the job logs that
+(partitions `cpu` and `gpu`, fake GPUs of model `fakegpu`, node feature `ci_node`; needs
+root, installs Debian's slurm-wlm and munge when missing), runs a reduced demo DAG
+(similarity + super-resolution) through the CI profile tests/slurm/profile and, at the same
+time, locally, and checks from SLURM's own records and the job logs that
 
 * GPU rules ran on the `gpu` partition with a GPU of the profile's model (`gpu_model`) on a
   node with the profile's feature (`constraint`), CPU rules on `cpu`, every job with the CPUs
