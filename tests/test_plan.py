@@ -38,12 +38,17 @@ def _full() -> dict:
 
 
 def _walk(schema, base, path=""):
-    """(dotted key, resolved schema) of every property, recursively through objects."""
+    """(dotted key, resolved schema) of every property, recursively through objects and the
+    objects of lists (``analysis.scores[].name``)."""
     for key, sub in schema.get("properties", {}).items():
         sub, b = _resolve(sub, base)
         yield path + key, sub
         if "properties" in sub:
             yield from _walk(sub, b, f"{path}{key}.")
+        items = sub.get("items")
+        if isinstance(items, dict):
+            items, ib = _resolve(items, b)
+            yield from _walk(items, ib, f"{path}{key}[].")
 
 
 def test_every_key_has_a_description_and_a_default():
@@ -52,7 +57,8 @@ def test_every_key_has_a_description_and_a_default():
     for key, sub in _walk(root, root["$id"]):
         if "description" not in sub:
             missing_desc.append(key)
-        if "default" not in sub and "properties" not in sub:
+        # (keys of list items have no default: the item as written is the whole value)
+        if "default" not in sub and "properties" not in sub and "[]" not in key:
             missing_default.append(key)
     assert not missing_desc, f"keys without a description: {missing_desc}"
     assert not missing_default, f"keys without a default: {missing_default}"
