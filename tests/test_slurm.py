@@ -433,6 +433,11 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
     env = {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}
 
     before = set(_scontrol_jobs(env))
+
+    def ours(rec: dict[str, str]) -> bool:
+        # a job of this run logs into this run's folder (another run may share the cluster)
+        return rec.get("StdOut", "").startswith(str(logdir))
+
     common = ["--configfile", str(config)]
     runs = {
         "slurm": _Run("slurm", ["--profile", str(CI_PROFILE), "--cores", "2", *common,
@@ -454,7 +459,7 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
         while not all(r.done() for r in runs.values()):
             assert time.monotonic() < deadline, "runs did not end in time"
             for jid, rec in _scontrol_jobs(env).items():
-                if jid not in before:
+                if jid not in before and ours(rec):
                     seen[jid] = rec
             if killed is None and (sr_dir / "train" / "last.pt").exists():
                 running = [j for j, r in seen.items() if r.get("JobState") == "RUNNING"
@@ -470,13 +475,13 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
                     stopped_log = text
             time.sleep(0.5)
         for jid, rec in _scontrol_jobs(env).items():
-            if jid not in before:
+            if jid not in before and ours(rec):
                 seen[jid] = rec
     finally:
         for r in runs.values():
             r.close()
         leftover = [str(j) for j, r in _scontrol_jobs(env).items()
-                    if j not in before and r.get("JobState") in ("PENDING", "RUNNING")]
+                    if j not in before and ours(r) and r.get("JobState") in ("PENDING", "RUNNING")]
         if leftover:
             subprocess.run(["scancel", *leftover], env=env, timeout=30)
 
