@@ -87,9 +87,10 @@ def test_auto_picks_mps_where_cuda_does_not_exist(fake_mps, capsys):
     assert pick_device("mps") == torch.device("mps")
     assert capsys.readouterr().err == ""  # the fallback is on: nothing to warn about
     fake_mps.delenv("PYTORCH_ENABLE_MPS_FALLBACK")
-    pick_device("mps")
-    err = capsys.readouterr().err
-    assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in err and "warning: device mps" in err
+    for name in ("mps", "auto"):
+        assert pick_device(name).type == "mps"
+        err = capsys.readouterr().err
+        assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in err and "warning: device mps" in err, name
 
 
 def test_mps_precision_and_autocast(fake_mps):

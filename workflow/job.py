@@ -54,10 +54,10 @@ def pick_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else MPS when available, else CPU. ``cuda`` without a
     CUDA GPU, or ``mps`` without MPS, is an error."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if mps_available() else "cpu")
-    dev = torch.device(name)
+        dev = torch.device("cuda" if torch.cuda.is_available()
+                           else "mps" if mps_available() else "cpu")
+    else:
+        dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config key device is 'cuda' but no CUDA GPU is visible to this job")
     if dev.type == "mps" and not mps_available():
