@@ -34,6 +34,18 @@ configfile: "config.yaml"
 plan = Plan(config)
 RES, OUT = plan.res, plan.out
 
+# GPU rules take one unit of the `gpu` resource (plan.gpus: device auto, cuda or mps). A local
+# run puts at most `--resources gpu=N` of them on the machine's GPUs at once; N defaults to 1
+# here. A cluster run (`--jobs`, as in the slurm profile) leaves placement to the cluster and
+# gets no default (a global limit of 1 would run one GPU job at a time on the whole cluster).
+if "gpu" not in workflow.global_resources and workflow.global_resources["_nodes"].value is None:
+    workflow.global_resources["gpu"] = 1
+
+# Ops that Apple's MPS backend lacks run on the CPU instead of stopping the job (torch reads
+# this once, at import, so it must be in the jobs' environment: they inherit Snakemake's).
+if plan.config["device"] in ("auto", "mps"):
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+
 # Each rules file lists the per-job summary Parquet files (scores schema) of its benchmark
 # here; `gather_scores` concatenates those of the enabled benchmarks.
 BENCH_OUTPUTS: dict[str, list[str]] = {}

@@ -59,6 +59,8 @@ rule adaptation_train:
         workdir=f"{ADAPTATION_DIR}/run{{run}}/train",
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/train_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("adaptation", "train"),
     threads: 2
     conda:
         "../envs/workflow.yaml"
@@ -82,6 +84,8 @@ rule adaptation_baseline:
         settings=plan.settings_param("adaptation", "evaluate"),
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/baseline.log",
+    resources:
+        gpu=plan.gpus("adaptation", "evaluate"),
     threads: 2
     conda:
         "../envs/workflow.yaml"
@@ -105,6 +109,8 @@ rule adaptation_evaluate:
         settings=plan.settings_param("adaptation", "evaluate"),
     log:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/evaluate_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("adaptation", "evaluate"),
     threads: 2
     conda:
         "../envs/workflow.yaml"
@@ -157,6 +163,8 @@ rule probes_score:
         settings=plan.settings_param("probes", "score"),
     log:
         f"{OUT}/logs/probes/{{arch}}/{{layer}}.log",
+    resources:
+        gpu=plan.gpus("probes", "score"),
     threads: 1
     conda:
         "../envs/workflow.yaml"

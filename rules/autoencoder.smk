@@ -25,6 +25,8 @@ rule train_autoencoder:
         workdir=f"{AE_DIR}/train",
     log:
         f"{AE_LOG}_train.log",
+    resources:
+        gpu=plan.gpus("autoencoder", "train"),
     threads: 2
     conda:
         "../envs/workflow.yaml"
@@ -48,6 +50,8 @@ rule encode:
         settings=plan.settings_param("autoencoder", "encode"),
     log:
         f"{AE_LOG}_encode.log",
+    resources:
+        gpu=plan.gpus("autoencoder", "encode"),
     threads: 1
     conda:
         "../envs/workflow.yaml"
@@ -72,6 +76,8 @@ rule fit_mlps:
         workdir=f"{AE_DIR}/mlps",
     log:
         f"{AE_LOG}_fit_mlps.log",
+    resources:
+        gpu=plan.gpus("autoencoder", "mlp"),
     threads: 1
     conda:
         "../envs/workflow.yaml"

@@ -23,6 +23,8 @@ rule train_delineation:
         workdir=f"{DELINEATION_DIR}/train",
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/train_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("delineation", "train"),
     threads: 2
     conda:
         "../envs/workflow.yaml"
@@ -46,6 +48,8 @@ rule eval_delineation:
         settings=plan.settings_param("delineation", "eval"),
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/eval_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("delineation", "eval"),
     threads: 2
     conda:
         "../envs/workflow.yaml"

@@ -18,6 +18,8 @@ rule score_similarity:
         settings=plan.settings_param("similarity", "score"),
     log:
         f"{OUT}/logs/similarity/{{arch}}.log",
+    resources:
+        gpu=plan.gpus("similarity", "score"),
     threads: 2
     conda:
         "../envs/workflow.yaml"

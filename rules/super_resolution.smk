@@ -20,6 +20,8 @@ rule train_sr:
         workdir=f"{SR_DIR}/train",
     log:
         f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/train_x{{scale}}_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("super_resolution", "train"),
     threads: 2
     conda:
         "../envs/workflow.yaml"
@@ -42,6 +44,8 @@ rule eval_sr:
         settings=plan.settings_param("super_resolution", "eval"),
     log:
         f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/eval_x{{scale}}_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("super_resolution", "eval"),
     threads: 2
     conda:
         "../envs/workflow.yaml"

@@ -15,16 +15,16 @@
 #    child exits and then passes on the child's exit status (75), so the job fails cleanly,
 #    Snakemake's `retries` resubmits it, and the retry resumes from the checkpoint.
 # 2. It writes one line to the SLURM job log saying where the job ran (job id, partition,
-#    GPUs that SLURM granted), so a job's placement can be checked from its log.
+#    GPUs and CPUs that SLURM granted), so a job's placement can be checked from its log.
 #
 # Anything but `-c COMMAND` is handed to bash unchanged.
 set -euo pipefail
 if [ "$#" -ne 2 ] || [ "$1" != "-c" ]; then
     exec bash "$@"
 fi
-printf '[job-shell] host=%s slurm_job_id=%s partition=%s slurm_gpus_on_node=%s cuda_visible_devices=%s\n' \
+printf '[job-shell] host=%s slurm_job_id=%s partition=%s slurm_gpus_on_node=%s cuda_visible_devices=%s slurm_cpus_per_task=%s\n' \
     "$(hostname)" "${SLURM_JOB_ID:-none}" "${SLURM_JOB_PARTITION:-none}" \
-    "${SLURM_GPUS_ON_NODE:-0}" "${CUDA_VISIBLE_DEVICES:-none}" >&2
+    "${SLURM_GPUS_ON_NODE:-0}" "${CUDA_VISIBLE_DEVICES:-none}" "${SLURM_CPUS_PER_TASK:-none}" >&2
 # A trap that runs a command (not an empty one) is reset to the default in child processes,
 # so the command itself still receives SIGTERM; this shell only waits for it.
 trap 'echo "[job-shell] SIGTERM received: waiting for the command to checkpoint and exit" >&2' TERM

@@ -59,3 +59,63 @@ def test_extractor_and_provenance():
     assert prov["weights_id"] == "random" and prov["device"] == "cpu"
     assert prov["precision"] == "fp32" and prov["wall_time_s"] >= 0
     assert job.provenance(None)["weights_id"] == "none"
+
+
+# ----------------------------------------------------------------------------- MPS
+
+
+@pytest.fixture
+def fake_mps(monkeypatch):
+    """An Apple-silicon machine as torch reports it: MPS available, no CUDA, macOS 14."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    monkeypatch.setenv("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+    return monkeypatch
+
+
+def test_mps_without_the_hardware_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="device is 'mps' but MPS is not available"):
+        pick_device("mps")
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type == "cpu"  # auto never picks an absent MPS
+
+
+def test_auto_picks_mps_where_cuda_does_not_exist(fake_mps, capsys):
+    assert pick_device("auto") == torch.device("mps")
+    assert pick_device("mps") == torch.device("mps")
+    assert capsys.readouterr().err == ""  # the fallback is on: nothing to warn about
+    fake_mps.delenv("PYTORCH_ENABLE_MPS_FALLBACK")
+    for name in ("mps", "auto"):
+        assert pick_device(name).type == "mps"
+        err = capsys.readouterr().err
+        assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in err and "warning: device mps" in err, name
+
+
+def test_mps_precision_and_autocast(fake_mps):
+    mps = torch.device("mps")
+    assert resolve_precision("auto", mps) == "fp32"
+    assert resolve_precision("bf16", mps) == "bf16"
+    fake_mps.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
+    with pytest.raises(ValueError, match="bf16 from macOS 14"):
+        resolve_precision("bf16", mps)
+    fake_mps.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    before = torch.get_num_threads()
+    try:
+        job = Job.create({"precision": "bf16"}, {"device": "mps", "threads": 1})
+    finally:
+        torch.set_num_threads(before)
+    assert job.device.type == "mps" and job.precision == "bf16"
+    assert not job.channels_last  # MPS kernels take NCHW
+    # the autocast the trainer and evaluators enter: MPS autocast in bf16 (state only: no
+    # MPS kernel runs here), and nothing at all in fp32
+    with job.autocast():
+        assert torch.is_autocast_enabled("mps")
+        assert torch.get_autocast_dtype("mps") == torch.bfloat16
+        assert not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("mps")
+    fp32 = Job.create({"precision": "auto"}, {"device": "mps"})
+    assert fp32.precision == "fp32"
+    with fp32.autocast():
+        assert not torch.is_autocast_enabled("mps")

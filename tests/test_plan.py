@@ -38,12 +38,17 @@ def _full() -> dict:
 
 
 def _walk(schema, base, path=""):
-    """(dotted key, resolved schema) of every property, recursively through objects."""
+    """(dotted key, resolved schema) of every property, recursively through objects and the
+    objects of lists (``analysis.scores[].name``)."""
     for key, sub in schema.get("properties", {}).items():
         sub, b = _resolve(sub, base)
         yield path + key, sub
         if "properties" in sub:
             yield from _walk(sub, b, f"{path}{key}.")
+        items = sub.get("items")
+        if isinstance(items, dict):
+            items, ib = _resolve(items, b)
+            yield from _walk(items, ib, f"{path}{key}[].")
 
 
 def test_every_key_has_a_description_and_a_default():
@@ -52,7 +57,8 @@ def test_every_key_has_a_description_and_a_default():
     for key, sub in _walk(root, root["$id"]):
         if "description" not in sub:
             missing_desc.append(key)
-        if "default" not in sub and "properties" not in sub:
+        # (keys of list items have no default: the item as written is the whole value)
+        if "default" not in sub and "properties" not in sub and "[]" not in key:
             missing_default.append(key)
     assert not missing_desc, f"keys without a description: {missing_desc}"
     assert not missing_default, f"keys without a default: {missing_default}"
@@ -86,7 +92,7 @@ def test_defaults_are_the_study_and_are_applied_once():
 
 
 @pytest.mark.parametrize("config, words", [
-    ({"presicion": "fp32"}, ["presicion", "Additional properties"]),
+    ({"presicion": "fp32"}, ["presicion", "was unexpected", "did you mean precision?"]),
     ({"precision": "fp16"}, ["precision", "fp16"]),
     ({"similarity": {"batchsize": 3}}, ["similarity", "batchsize"]),
     ({"autoencoder": {"train": {"lr": -1}}}, ["autoencoder.train.lr"]),
@@ -95,6 +101,83 @@ def test_a_bad_config_names_the_key(config, words):
     with pytest.raises(ConfigError) as e:
         complete_config(config)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def _schema_file(name: str) -> dict:
+    return yaml.safe_load((ROOT / "workflow" / "schemas" / f"{name}.schema.yaml").read_text())
+
+
+def _config_error(config: dict) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        complete_config(config)
+    first, *lines = str(e.value).splitlines()
+    assert first.startswith("the config does not fit"), first
+    return [line.strip() for line in lines]
+
+
+def test_an_unexpected_key_lists_the_valid_ones():
+    lines = _config_error({"similarity": {"batch_sise": 3, "lpips_set": True}})
+    valid = ", ".join(sorted(_schema_file("similarity")["properties"]))
+    assert lines == [
+        "config key similarity.batch_sise: 'batch_sise' was unexpected (did you mean "
+        f"batch_size? valid keys: {valid})",
+        "config key similarity.lpips_set: 'lpips_set' was unexpected (did you mean "
+        f"lpips_sets? valid keys: {valid})"]
+
+
+def test_a_bad_loss_network_id_says_what_an_id_looks_like():
+    lines = _config_error({"similarity": {"lossnets": ["alexnet/2", "alexnet/5"]}})
+    item = _schema_file("similarity")["properties"]["lossnets"]["oneOf"][1]["items"]
+    assert "e.g. alexnet/2" in item["description"]
+    assert lines == [
+        f"config key similarity.lossnets[1]: 'alexnet/5' is not valid; valid: "
+        f"{item['description']}",
+        "(similarity.lossnets: all (the lossnets grid) or a list of arch/layer ids)"]
+    # a value that fits no alternative's shape: the alternatives, summarised
+    lines = _config_error({"super_resolution": {"lossnets": "every"}})
+    assert lines[0] == ("config key super_resolution.lossnets: 'every' is not valid; valid: "
+                        f"all or a list of ({item['description']})")
+
+
+@pytest.mark.parametrize("config, valid", [
+    # enum values, as the schema lists them
+    ({"precision": "fp16"}, "valid: one of " + ", ".join(
+        _schema_file("config")["properties"]["precision"]["enum"])),
+    # the type and its bound
+    ({"similarity": {"image_size": "x"}}, "valid: an integer >= "
+     f"{_schema_file('similarity')['properties']['image_size']['minimum']}"),
+    # oneOf of null and an integer
+    ({"delineation": {"max_tiles": {"train": "a"}}}, "valid: null or an integer >= 1"),
+    # list items
+    ({"benchmarks": ["similarity", "simi"]}, "config key benchmarks[1]: 'simi' is not valid; "
+     "valid: one of " + ", ".join(BENCHMARKS)),
+    ({"lossnets": {"weights_paths": {"alexnet": 3}}}, "config key lossnets.weights_paths.alexnet:"
+     " 3 is not of type 'string'; valid: a string"),
+])
+def test_a_schema_error_says_what_is_valid(config, valid):
+    lines = _config_error(config)
+    assert len(lines) <= 2 and valid in lines[0], lines
+    # the key's description, never the schema itself
+    assert all("'type':" not in line and "{" not in line for line in lines), lines
+
+
+def test_a_yaml_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("similarity:\n  batch_size: 3\n   lr: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(e.value) == (f"config file {bad}, line 3, column 6: not valid YAML: mapping "
+                            "values are not allowed in this context: lr: [1, 2")
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("similarity:\n\tbatch_size: 3\n")
+    with pytest.raises(ConfigError, match=rf"{tab}, line 2, column 1: .*a tab: YAML indents"):
+        load_config(tab)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- device: cpu\n")
+    with pytest.raises(ConfigError, match=rf"{listed}: the top level must be a mapping"):
+        load_config(listed)
+    with pytest.raises(ConfigError, match=r"missing\.yaml cannot be read"):
+        load_config(tmp_path / "missing.yaml")
 
 
 def test_snakemake_stops_on_a_bad_config_before_the_dag(tmp_path):

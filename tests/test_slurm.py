@@ -1,13 +1,17 @@
 """SLURM: the profiles, the job shell, and the demo DAG on a live single-node cluster.
 
 The live test starts a throwaway cluster on 127.0.0.1 with tests/slurm/start-slurm.sh
-(partitions `cpu` and `gpu`, one fake GPU; needs root, installs Debian's slurm-wlm and munge
-when missing), runs a reduced demo DAG (similarity + super-resolution) through the CI profile
-tests/slurm/profile and, at the same time, locally, and checks from SLURM's own records and
-the job logs that
+(partitions `cpu` and `gpu`, fake GPUs of model `fakegpu`, node feature `ci_node`; needs
+root, installs Debian's slurm-wlm and munge when missing), runs a reduced demo DAG
+(similarity + super-resolution) through the CI profile tests/slurm/profile and, at the same
+time, locally, and checks from SLURM's own records and the job logs that
 
-* GPU rules ran on the `gpu` partition with a GPU granted, CPU rules on `cpu`, downloads and
-  synthesis (localrules) on the submitting host, and grouped rules in one submission;
+* GPU rules ran on the `gpu` partition with a GPU of the profile's model (`gpu_model`) on a
+  node with the profile's feature (`constraint`), CPU rules on `cpu`, every job with the CPUs
+  of its `cpus_per_task` (the run is started with --cores 2) and the profile's QOS
+  (`slurm-qos`, read from the sbatch lines: without accounting SLURM does not record it),
+  downloads and synthesis (localrules) on the submitting host, and grouped rules in one
+  submission;
 * a training job signalled like a time-limit warning (`scancel --signal=TERM`, what the
   profile's `--signal=TERM@300` does) writes a checkpoint, exits 75, is retried and resumes
   from that checkpoint's step;
@@ -28,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -80,27 +85,115 @@ def _signal_rules(profile: dict) -> dict[str, str]:
 # ----------------------------------------------------------------------------- no cluster
 
 
-def test_real_profile_reads_partitions_and_account_from_environment() -> None:
-    env = {"LOSSNET_SLURM_CPU_PARTITION": "short", "LOSSNET_SLURM_GPU_PARTITION": "a100",
-           "LOSSNET_SLURM_ACCOUNT": "proj42", "LOSSNET_SLURM_STATUS_COMMAND": "squeue",
-           "LOSSNET_SLURM_EXTRA": "--qos=normal"}
-    prof = _load_profile(REAL_PROFILE, env)
+CLUSTER_ENV = {"LOSSNET_SLURM_CPU_PARTITION": "short", "LOSSNET_SLURM_GPU_PARTITION": "a100",
+               "LOSSNET_SLURM_ACCOUNT": "proj42", "LOSSNET_SLURM_STATUS_COMMAND": "squeue",
+               "LOSSNET_SLURM_QOS": "normal", "LOSSNET_SLURM_GPU_CONSTRAINT": "a100|h100",
+               "LOSSNET_SLURM_CPU_CONSTRAINT": "skylake", "LOSSNET_SLURM_GPU_MODEL": "a100",
+               "LOSSNET_SLURM_EXTRA": "--mail-type=FAIL"}
+
+
+def test_real_profile_reads_the_cluster_from_environment() -> None:
+    prof = _load_profile(REAL_PROFILE, CLUSTER_ENV)
     assert prof["executor"] == "slurm"
     assert prof["slurm-status-command"] == "squeue"
+    assert prof["slurm-qos"] == "normal"  # the plugin's setting: sbatch --qos for every job
     dr = prof["default-resources"]
     assert _strip_quotes(dr["slurm_partition"]) == "short"
     assert _strip_quotes(dr["slurm_account"]) == "proj42"
-    assert _strip_quotes(dr["slurm_extra"]) == "--qos=normal"
+    assert _strip_quotes(dr["slurm_extra"]) == "--mail-type=FAIL"
+    assert _strip_quotes(dr["constraint"]) == "skylake"
     for rule in _gpu_rules(prof):
-        assert _strip_quotes(prof["set-resources"][rule]["slurm_partition"]) == "a100", rule
+        res = prof["set-resources"][rule]
+        assert _strip_quotes(res["slurm_partition"]) == "a100", rule
+        assert _strip_quotes(res["constraint"]) == "a100|h100", rule
+        assert _strip_quotes(res["gpu_model"]) == "a100", rule
     for rule, extra in _signal_rules(prof).items():
-        assert extra == "--qos=normal --signal=TERM@300", rule
-    # without the variables: the documented defaults, and no account option at all
+        assert extra == "--mail-type=FAIL --signal=TERM@300", rule
+    # without the variables: the documented defaults, and no account, QOS or constraint
     bare = _load_profile(REAL_PROFILE, {})
-    assert "slurm_account" not in bare["default-resources"]
-    assert "slurm_extra" not in bare["default-resources"]
+    assert not {"slurm_account", "slurm_extra", "constraint"} & set(bare["default-resources"])
+    assert "slurm-qos" not in bare
+    assert not any({"constraint", "gpu_model"} & set(r) for r in bare["set-resources"].values())
     assert _strip_quotes(bare["default-resources"]["slurm_partition"]) == "cpu"
     assert bare["slurm-status-command"] == "sacct"
+    # a CPU constraint alone never reaches the GPU jobs (their nodes have other features)
+    cpu_only = _load_profile(REAL_PROFILE, {"LOSSNET_SLURM_CPU_CONSTRAINT": "skylake"})
+    for rule in _gpu_rules(cpu_only):
+        assert _strip_quotes(cpu_only["set-resources"][rule]["constraint"]) == "", rule
+
+
+class _Resources(dict):
+    """A job's resources as the plugin reads them (``.get`` and attributes)."""
+
+    def __getattr__(self, name: str):
+        return self.get(name)
+
+
+def _dry_run_jobs(out: str) -> dict[str, dict]:
+    """rule -> threads and resources of its first job, from `snakemake -n` output."""
+    jobs: dict[str, dict] = {}
+    for block in re.split(r"\n(?=\s*(?:local)?rule \w+:\n)", out):  # grouped ones indented
+        m = re.match(r"\s*(?:local)?rule (\w+):\n", block)
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        if not m or not res or m.group(1) in jobs:
+            continue
+        values = dict(item.split("=", 1) for item in res.group(1).split(", "))
+        jobs[m.group(1)] = {"threads": int(threads.group(1)) if threads else 1, "resources": {
+            k: int(v) if v.isdigit() else v for k, v in values.items()}}
+    return jobs
+
+
+def test_sbatch_options_from_the_profile_with_cores_2(tmp_path: Path) -> None:
+    """`snakemake --profile slurm --cores 2 -n` on the demo with a QOS, constraints and a GPU
+    model set: each job's threads and resources as Snakemake plans them, turned into the sbatch
+    line by the plugin's own code. A GPU rule asks for its 4 CPUs although --cores 2 caps its
+    threads at 2, and nothing is put in slurm_extra that the plugin refuses."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+    from snakemake_interface_common.exceptions import WorkflowError
+
+    from tests.snakemake_helpers import snakemake
+
+    env = {**os.environ, **CLUSTER_ENV}
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        proc = snakemake("--profile", "slurm", "--cores", "2", "-n", "--configfile",
+                         str(REPO / "config" / "demo.yaml"), "--config",
+                         f"results_dir={tmp_path / 'results'}",
+                         f"resources_dir={tmp_path / 'resources'}", timeout=300)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    jobs = _dry_run_jobs(proc.stdout + proc.stderr)
+    prof = _load_profile(REAL_PROFILE, CLUSTER_ENV)
+    settings = types.SimpleNamespace(requeue=True, no_requeue=False, qos=prof["slurm-qos"],
+                                     reservation=None)
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "",
+              "partition": "", "workdir": ""}
+    assert {"train_sr", "score_similarity", "prepare_dataset"} <= set(jobs), sorted(jobs)
+    for rule, job in jobs.items():
+        if rule not in prof["set-resources"]:
+            continue
+        fake = types.SimpleNamespace(resources=_Resources(job["resources"]),
+                                     threads=job["threads"])
+        validate_slurm_extra(fake)  # raises for an option the plugin manages
+        sbatch = get_submit_command(fake, params, settings) + set_gres_string(fake)
+        assert "--qos=normal" in sbatch, (rule, sbatch)
+        cpus = prof["set-threads"].get(rule, 1)
+        assert f"--cpus-per-task={cpus}" in sbatch, (rule, job, sbatch)
+        if rule in _gpu_rules(prof):
+            assert job["threads"] == 2 < cpus == 4  # capped by --cores 2; SLURM still gets 4
+            assert "-C 'a100|h100'" in sbatch and "--gpus=a100:1" in sbatch, (rule, sbatch)
+        else:
+            assert "-C skylake" in sbatch and "--gpus" not in sbatch, (rule, sbatch)
+    # the examples the docs used to give are refused by the plugin
+    for extra, word in (("--qos=normal", "quality-of-service"),
+                        ("--constraint=a100", "node-constraints")):
+        with pytest.raises(WorkflowError, match=word):
+            validate_slurm_extra(types.SimpleNamespace(resources=_Resources(slurm_extra=extra)))
 
 
 def test_ci_profile_mirrors_real_profile() -> None:
@@ -116,6 +209,12 @@ def test_ci_profile_mirrors_real_profile() -> None:
     assert os.access(JOB_SHELL, os.X_OK), f"{JOB_SHELL} must be executable (chmod +x)"
     for rule in _gpu_rules(real):
         assert _strip_quotes(ci["set-resources"][rule]["slurm_partition"]) == "gpu", rule
+    # SLURM's CPUs (cpus_per_task) are the threads the job runs with (set-threads)
+    for rule, threads in real["set-threads"].items():
+        assert real["set-resources"][rule]["cpus_per_task"] == threads, rule
+    for rule in _gpu_rules(real):
+        res = ci["set-resources"][rule]
+        assert {"gpu_model", "constraint", "cpus_per_task"} <= set(res), rule
     # long training jobs are never grouped: each must be retried and resumed on its own
     assert not {"train_sr", "train_delineation", "train_autoencoder",
                 "adaptation_train"} & set(real["groups"])
@@ -324,7 +423,21 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
     train_log = (out["slurm"] / "results" / "logs" / "super_resolution" / arch / layer
                  / f"train_x{SR_SCALE}_run0.log")
 
+    # every sbatch call the plugin makes, recorded on its way to the real sbatch (this cluster
+    # keeps no accounting, so a job's QOS is accepted but shows as (null) in scontrol)
+    shim, sbatch_log = tmp_path / "bin", tmp_path / "sbatch_calls.log"
+    shim.mkdir()
+    (shim / "sbatch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {sbatch_log}\n'
+                                 f'exec {shutil.which("sbatch", path=env["PATH"])} "$@"\n')
+    (shim / "sbatch").chmod(0o755)
+    env = {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"}
+
     before = set(_scontrol_jobs(env))
+
+    def ours(rec: dict[str, str]) -> bool:
+        # a job of this run logs into this run's folder (another run may share the cluster)
+        return rec.get("StdOut", "").startswith(str(logdir))
+
     common = ["--configfile", str(config)]
     runs = {
         "slurm": _Run("slurm", ["--profile", str(CI_PROFILE), "--cores", "2", *common,
@@ -346,7 +459,7 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
         while not all(r.done() for r in runs.values()):
             assert time.monotonic() < deadline, "runs did not end in time"
             for jid, rec in _scontrol_jobs(env).items():
-                if jid not in before:
+                if jid not in before and ours(rec):
                     seen[jid] = rec
             if killed is None and (sr_dir / "train" / "last.pt").exists():
                 running = [j for j, r in seen.items() if r.get("JobState") == "RUNNING"
@@ -362,13 +475,13 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
                     stopped_log = text
             time.sleep(0.5)
         for jid, rec in _scontrol_jobs(env).items():
-            if jid not in before:
+            if jid not in before and ours(rec):
                 seen[jid] = rec
     finally:
         for r in runs.values():
             r.close()
         leftover = [str(j) for j, r in _scontrol_jobs(env).items()
-                    if j not in before and r.get("JobState") in ("PENDING", "RUNNING")]
+                    if j not in before and ours(r) and r.get("JobState") in ("PENDING", "RUNNING")]
         if leftover:
             subprocess.run(["scancel", *leftover], env=env, timeout=30)
 
@@ -389,17 +502,31 @@ def test_demo_dag_on_live_slurm(slurm_env: dict[str, str], tmp_path: Path) -> No
         rules, log = rules_by_job[jid], logs[jid]
         shells = re.findall(r"\[job-shell\] host=.*", log)  # one per rule job it ran
         assert shells, f"job {jid} ({rules}) has no [job-shell] line:\n{log[-3000:]}"
+        # the CPUs SLURM granted are the profile's cpus_per_task, whatever --cores said
+        cpus = {str(ci_profile["set-resources"].get(r, {}).get(
+            "cpus_per_task", ci_profile["default-resources"]["cpus_per_task"])) for r in rules}
+        assert {rec["NumCPUs"]} == cpus, (jid, rules, rec)
         if rules & gpu_rules:
             assert rec["Partition"] == "gpu", (jid, rules, rec)
-            assert re.search(r"gpu[:=]1\b", rec.get("TresPerJob", "")), (jid, rules, rec)
+            # the GPU model and the node constraint, through the plugin's resources
+            assert re.search(r"gpu:fakegpu[:=]1\b", rec.get("TresPerJob", "")), (jid, rules, rec)
+            assert rec["Features"] == "ci_node", (jid, rules, rec)
             for line in shells:
                 assert "partition=gpu" in line and "slurm_gpus_on_node=1" in line, line
                 assert "cuda_visible_devices=none" not in line, line
         else:
             assert rec["Partition"] == "cpu", (jid, rules, rec)
             assert "gpu" not in rec.get("TresPerJob", ""), (jid, rules, rec)
+            assert rec["Features"] in ("", "(null)"), (jid, rules, rec)
             for line in shells:
                 assert "partition=cpu" in line and "slurm_gpus_on_node=0" in line, line
+        for line in shells:
+            assert f"slurm_cpus_per_task={rec['NumCPUs']}" in line, line
+    # the QOS (the plugin's slurm-qos setting) went into every submission
+    calls = sbatch_log.read_text().splitlines()
+    assert len(calls) == len(seen), (calls, sorted(seen))
+    assert all(f"--qos={ci_profile['slurm-qos']}" in call.split("--wrap")[0]
+               for call in calls), calls
     # the two similarity jobs shared one submission (groups + group-components)
     sim_jobs = [j for j, rules in rules_by_job.items() if "score_similarity" in rules]
     assert len(sim_jobs) == 1, f"score_similarity ran in SLURM jobs {sim_jobs}:\n{report}"

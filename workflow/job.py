@@ -6,15 +6,25 @@ on: ``precision``, the loss network's ``weights`` and ``weights_seed``) and ``--
 device and precision once and configures torch once; the trainer and the evaluators take it
 and never resolve anything again.
 
-``precision: auto`` is bf16 autocast on CUDA and fp32 on CPU (bf16 on a CPU is slower than
-fp32); ``fp32`` is the reference numerics (TF32 off). On CUDA cudnn autotuning is on and
-4-D tensors go channels_last.
+``device: auto`` is CUDA when a GPU is visible, else Apple's MPS (Apple-silicon GPU) when
+available, else the CPU. ``precision: auto`` is bf16 autocast on CUDA and fp32 on the CPU
+(bf16 on a CPU is slower than fp32) and on MPS (bf16 needs macOS 14, and many MPS kernels
+run bf16 through fp32 anyway); ``precision: bf16`` on MPS is bf16 autocast on MPS.
+``fp32`` is the reference numerics (TF32 off). On CUDA cudnn autotuning is on and 4-D
+tensors go channels_last; on MPS they stay contiguous NCHW, the layout the MPS kernels take
+(channels_last costs a conversion per op there).
+
+Ops that MPS lacks fall back to the CPU only when ``PYTORCH_ENABLE_MPS_FALLBACK=1`` is in
+the environment before torch is imported (torch reads it once, when it loads): the Snakefile
+sets it for every job it starts; a command started by hand on a Mac without it warns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,25 +37,50 @@ from torch import Tensor
 
 from workflow.archs import LossNet, weights_id
 
-__all__ = ["Job", "autocast", "pick_device", "resolve_precision", "seed_everything"]
+__all__ = ["MPS_FALLBACK", "Job", "autocast", "mps_available", "pick_device", "resolve_precision",
+           "seed_everything"]
+
+
+MPS_FALLBACK = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+
+def mps_available() -> bool:
+    """Apple's MPS backend is built into this torch and a Metal GPU is usable."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA when available, else MPS when available, else CPU. ``cuda`` without a
+    CUDA GPU, or ``mps`` without MPS, is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+        dev = torch.device("cuda" if torch.cuda.is_available()
+                           else "mps" if mps_available() else "cpu")
+    else:
+        dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config key device is 'cuda' but no CUDA GPU is visible to this job")
+    if dev.type == "mps" and not mps_available():
+        raise RuntimeError("config key device is 'mps' but MPS is not available to this job "
+                           "(it needs an Apple-silicon Mac, macOS 12.3+ and a torch built with "
+                           "MPS); use device: auto or cpu")
+    if dev.type == "mps" and os.environ.get(MPS_FALLBACK) != "1":
+        print(f"warning: device mps without {MPS_FALLBACK}=1: an op that MPS lacks will stop "
+              f"the job; export {MPS_FALLBACK}=1 before starting (the Snakefile sets it for "
+              f"its jobs) to run such ops on the CPU", file=sys.stderr)
     return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA, fp32 on CPU."""
+    """``auto`` -> bf16 on CUDA, fp32 on CPU and MPS."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"config key precision must be auto, fp32 or bf16, got {precision!r}")
+    if (precision == "bf16" and device.type == "mps"
+            and not torch.backends.mps.is_macos_or_newer(14, 0)):
+        raise ValueError("config key precision is bf16 but MPS supports bf16 from macOS 14 "
+                         "on; use precision: auto (fp32 on MPS) or fp32")
     return precision
 
 
@@ -111,11 +146,12 @@ class Job:
 
     @property
     def channels_last(self) -> bool:
-        """4-D activations channels_last: on CUDA (tensor cores), not on the CPU."""
+        """4-D activations channels_last: on CUDA (tensor cores), not on the CPU or MPS."""
         return self.device.type == "cuda"
 
     def autocast(self):
-        """The job's autocast context (bf16 on CUDA by default, a no-op in fp32)."""
+        """The job's autocast context (bf16 on CUDA by default, a no-op in fp32); on MPS it
+        is MPS autocast (bf16 when precision is bf16)."""
         return autocast(self.device, self.precision)
 
     def to_device(self, x: Tensor, channels_last: bool | None = None) -> Tensor:

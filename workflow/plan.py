@@ -30,6 +30,7 @@ while the shell command still receives its JSON.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ from workflow.archs import (
 )
 
 __all__ = ["BENCHMARKS", "DAG_KEYS", "DATASETS", "STAGES", "ConfigError", "Plan", "Setting",
-           "Stage", "as_json", "complete_config", "load_config", "merge_config", "show_config"]
+           "Stage", "as_json", "complete_config", "load_config", "merge_config", "read_config_file",
+           "show_config"]
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 _SCHEMA_BASE = "https://lossnet-bench.invalid/schemas/"
@@ -229,19 +231,156 @@ def _fill_defaults(data: dict[str, Any], schema: Mapping[str, Any], base: str) -
             _fill_defaults(data[key], sub, sub_base)
 
 
+def _walk_schema(path: Iterable[Any]) -> tuple[Mapping[str, Any], str] | None:
+    """The (resolved) schema of the config item at ``path`` and its file, or None."""
+    root, _ = _schemas()
+    schema, base = _resolve(root, root["$id"])
+    for part in path:
+        options = [schema, *schema.get("oneOf", ()), *schema.get("anyOf", ())]
+        nxt = None
+        for opt in options:
+            opt, ob = _resolve(opt, base)
+            if isinstance(part, int) and isinstance(opt.get("items"), Mapping):
+                nxt = (opt["items"], ob)
+            elif not isinstance(part, int) and part in opt.get("properties", {}):
+                nxt = (opt["properties"][part], ob)
+            elif not isinstance(part, int) and isinstance(opt.get("additionalProperties"),
+                                                          Mapping):
+                nxt = (opt["additionalProperties"], ob)
+            if nxt:
+                break
+        if nxt is None:
+            return None
+        schema, base = _resolve(*nxt)
+    return schema, base
+
+
+def _word(value: Any) -> str:
+    """A schema value as the user would write it in YAML."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+_TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string",
+               "boolean": "true or false", "null": "null", "array": "a list",
+               "object": "a mapping"}
+
+
+def _summary(schema: Mapping[str, Any], base: str, top: bool = True) -> str:
+    """What a schema accepts, in a few words: the enum values, the type and its bounds, the
+    alternatives of a oneOf/anyOf; a nested schema's own ``description`` where it has one."""
+    schema, base = _resolve(schema, base)
+    if not top and "description" in schema:
+        return str(schema["description"])
+    if "const" in schema:
+        return _word(schema["const"])
+    if "enum" in schema:
+        values = list(dict.fromkeys(_word(v) for v in schema["enum"]))
+        return values[0] if len(values) == 1 else "one of " + ", ".join(values)
+    alternatives = schema.get("oneOf") or schema.get("anyOf")
+    if alternatives:
+        return " or ".join(_summary(a, base, top=False) for a in alternatives)
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    if not types:
+        return "any value"
+    bounds = " and ".join(f"{op} {schema[k]}" for k, op in (
+        ("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+        if k in schema)
+    words = []
+    for t in sorted(types, key=lambda t: t != "null"):
+        word = _TYPE_WORDS.get(t, t)
+        if t in ("integer", "number") and bounds:
+            word += " " + bounds
+        elif t == "string" and "pattern" in schema:
+            word += f" matching {schema['pattern']}"
+        elif t == "string" and schema.get("minLength") == 1:
+            word = "a non-empty string"
+        elif t == "array" and isinstance(schema.get("items"), Mapping):
+            word += f" of ({_summary(schema['items'], base, top=False)})"
+        words.append(word)
+    return " or ".join(words)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _dotted(path: Iterable[Any]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _deepest(error: Any) -> Any:
+    """The sub-error of a oneOf/anyOf that explains it: the alternative that got furthest into
+    the value (a list checked item by item beats "is not 'all'"); the error itself when every
+    alternative failed on the value's shape alone."""
+    while error.validator in ("oneOf", "anyOf") and error.context:
+        best = max(error.context, key=lambda c: (len(c.relative_path),
+                                                 c.validator not in ("type", "const", "enum")))
+        if not best.relative_path and best.validator in ("type", "const", "enum"):
+            break
+        error = best
+    return error
+
+
+def _explain(error: Any) -> list[str]:
+    """One schema error as one or two lines: the config key, what is wrong, what is valid,
+    and the key's description; never the schema itself."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = sorted(error.schema.get("properties", {}))
+        lines = []
+        for key in [k for k in error.instance if k not in known]:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            lines.append(f"config key {_dotted([*path, key])}: {key!r} was unexpected "
+                         f"({hint}valid keys: {', '.join(known)})")
+        if lines:
+            return lines
+    error = _deepest(error)
+    path = list(error.absolute_path)
+    where = _dotted(path) or "(top level)"
+    if error.validator in ("pattern", "oneOf", "anyOf", "enum", "const"):
+        problem = f"{_short(error.instance)} is not valid"
+    else:
+        problem = error.message
+    found = _walk_schema(path)
+    line = f"config key {where}: {problem}"
+    if "propertyNames" in error.schema_path and found:
+        line = (f"config key {_dotted([*path, error.instance])}: {error.instance!r} is not a "
+                f"valid key here; valid: keys matching {error.schema.get('pattern', '?')}")
+    elif found:
+        # a list item's own description (a loss network id...) says it best
+        line += f"; valid: {_summary(*found, top=not path or not isinstance(path[-1], int))}"
+    lines = [line]
+    # the description of the nearest key (not list item) on the path that has one
+    for end in range(len(path), 0, -1):
+        if isinstance(path[end - 1], int):
+            continue
+        key = _walk_schema(path[:end])
+        if key and key[0].get("description"):
+            text = " ".join(str(key[0]["description"]).split())
+            lines.append(f"  ({_dotted(path[:end])}: {text})")
+            break
+    return lines
+
+
 def _validate(config: Mapping[str, Any]) -> None:
     import jsonschema
 
     root, registry = _schemas()
     validator = jsonschema.Draft202012Validator(root, registry=registry)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = []
-        for e in errors[:10]:
-            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-            lines.append(f"config key {where}: {e.message}")
+        lines = [line for e in errors[:10] for line in _explain(e)]
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise ConfigError("the config does not fit workflow/schemas/config.schema.yaml:\n  "
-                          + "\n  ".join(lines))
+                          + "\n  ".join(lines) + more)
 
 
 def complete_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -278,12 +417,54 @@ def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
     return base
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """One config file as a dict; a file that cannot be read, is not YAML, or is not a
+    mapping fails with a :class:`ConfigError` naming the file and, for YAML, the line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        data = _load_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error(path, text, e)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of config keys "
+                          f"(key: value lines), not a {type(data).__name__}")
+    return data
+
+
+def _yaml_error(path: Path, text: str, error: Any) -> str:
+    """A YAML parser error as one line: file, line and column, the problem, the line's text."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, cmark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and cmark is not None and mark is not None and cmark.line != mark.line:
+        problem += f" ({context} on line {cmark.line + 1})"
+    elif context:
+        problem += f" ({context})"
+    if mark is None:
+        return f"config file {path} is not valid YAML: {problem}"
+    lines = text.splitlines()
+    raw = lines[mark.line] if mark.line < len(lines) else ""
+    if "\t" in raw[:mark.column + 1]:
+        problem += " (a tab: YAML indents with spaces only)"
+    shown = raw.strip()
+    return (f"config file {path}, line {mark.line + 1}, column {mark.column + 1}: not valid "
+            f"YAML: {problem}" + (f": {shown[:80]}" if shown else ""))
+
+
 def load_config(*files: str | Path, overrides: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:
     """Merge config files (later ones win) and ``overrides``, then :func:`complete_config`."""
     config: dict[str, Any] = {}
     for f in files:
-        merge_config(config, _load_yaml(Path(f).read_text()) or {})
+        merge_config(config, read_config_file(f))
     merge_config(config, overrides or {})
     return complete_config(config)
 
@@ -575,6 +756,17 @@ class Plan:
     def targets(self, pattern: str, benchmark: str) -> list[str]:
         """``pattern`` (with ``{arch}``, ``{layer}``, ``{run}``... fields) for every job."""
         return [pattern.format(**job) for job in self.jobs(benchmark)]
+
+    # ------------------------------------------------------------------ resources
+
+    def gpus(self, benchmark: str, stage: str) -> int:
+        """The ``gpu`` resource of a stage's rule: 1 where the stage computes with torch
+        (``STAGES``) and ``device`` can be a GPU (auto, cuda, cuda:N, mps), else 0. With it
+        Snakemake runs at most ``--resources gpu=N`` such jobs at once (the Snakefile makes
+        N = 1 the default of a local run) and the SLURM plugin asks for ``--gpus``."""
+        if not STAGES[benchmark][stage].torch:
+            return 0
+        return 0 if str(self.config["device"]) == "cpu" else 1
 
     # ------------------------------------------------------------------ analysis
 
