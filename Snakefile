@@ -8,6 +8,7 @@
 # trigger) and --settings (how it runs: never a rerun trigger).
 
 import os
+import shlex
 
 from snakemake.utils import min_version
 
@@ -21,7 +22,13 @@ min_version("9.0")
 # The workflow profile (profiles/default) adds --rerun-incomplete and the rerun triggers.
 if workflow.is_main_process:
     recovery.claim(".snakemake")
-shell.prefix(f"export LOSSNET_OWNER_PID={os.getpid()}; ")
+# Jobs import the `workflow` package from this checkout in any environment (uv's, a conda
+# env of --sdm conda, which drops PYTHONPATH before the job: the prefix runs after it).
+_pythonpath = ":".join(dict.fromkeys(
+    [workflow.basedir, *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]))
+_prefix = (f"export LOSSNET_OWNER_PID={os.getpid()}; "
+           f"export PYTHONPATH={shlex.quote(_pythonpath)}; ")
+shell.prefix(_prefix.replace("{", "{{").replace("}", "}}"))
 
 
 report: "workflow/report/workflow.rst"

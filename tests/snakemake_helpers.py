@@ -12,10 +12,13 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def snakemake(*args: str, workdir: Path | None = None, timeout: int = 900,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake on this repository's Snakefile (cwd = repo root unless ``workdir``)."""
+              check: bool = True, env: dict[str, str | None] | None = None
+              ) -> subprocess.CompletedProcess:
+    """Run snakemake on this repository's Snakefile (cwd = repo root unless ``workdir``);
+    ``env`` changes its environment (a ``None`` value removes the variable)."""
     cmd = [*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}.items()
+           if v is not None}
     proc = subprocess.run(cmd, cwd=workdir or ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -138,6 +138,14 @@ def test_generated_set_sizes_and_content(tmp_path):
             assert np.array_equal(np.asarray(im), want.astype(np.uint8))
 
 
+@pytest.mark.parametrize("size", [32, 64, 100])
+def test_generated_set_at_any_schema_size(size):
+    """probes.image_size accepts 32 and up; sizes that are not multiples of the patterns'
+    cells crashed before (cells are now whole and cropped; 96, the default, is unchanged)."""
+    images = data.generate(size, seed=0)
+    assert images and all(v.shape[-2:] == (size, size) for v in images.values())
+
+
 def test_bad_folders_fail_clearly(tmp_path):
     imgs = _tiny_set()
     with pytest.raises(data.ProbeError, match="reference_noise"):

@@ -118,7 +118,8 @@ def _patch(kind: int, n: int, g: torch.Generator) -> Tensor:
     x, y = _grid(n)
     if kind == 0:
         cells = torch.rand(3, 4, 4, generator=g)
-        return cells.repeat_interleave(n // 4, 1).repeat_interleave(n // 4, 2)
+        reps = -(-n // 4)  # whole cells, cropped to n: any size, not only multiples of 4
+        return cells.repeat_interleave(reps, 1).repeat_interleave(reps, 2)[:, :n, :n]
     if kind == 1:
         s = ((x // 4) % 2).unsqueeze(0)
         return torch.stack([s[0], 0.2 + 0 * s[0], 1 - s[0]])
@@ -171,7 +172,8 @@ def rotate_images(size: int, g: torch.Generator) -> list[tuple[Tensor, list[Tens
     stripes = ((x // 6) % 2).float()
     contents.append(torch.stack([stripes, stripes * 0.8, 0.2 + 0 * x]))
     cells = torch.rand(3, 6, 6, generator=g)
-    cells = cells.repeat_interleave(size // 6, 1).repeat_interleave(size // 6, 2)
+    reps = -(-size // 6)
+    cells = cells.repeat_interleave(reps, 1).repeat_interleave(reps, 2)
     contents.append(cells[:, :size, :size])
     contents.append(torch.stack([x / size, (y / size) ** 2, 1 - x / size]))
     tri = (y > c - 25) & (torch.abs(x - c + 10) < (y - (c - 25)) * 0.7) & (y < c + 25)
