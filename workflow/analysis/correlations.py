@@ -311,12 +311,14 @@ def write_table(df: pd.DataFrame, stem: Path, title: str, note: str = "",
     """``stem``.parquet (the data); .md, .tex and .html (formatted for reading: ``shown``, by
     default every cell of ``df`` formatted; the report shows the html)."""
     write_parquet(df, stem.with_suffix(".parquet"))
+    custom = shown is not None
     shown = _display(df) if shown is None else shown
     md = f"# {title}\n\n"
     if note:
         md += f"{note}\n\n"
-    md += (shown.to_markdown(index=False) if not df.empty else "_no data: the scores this table "
-           "needs are not in the scores table yet_") + "\n"
+    # cells formatted by the caller stay as written (tabulate would re-parse "62.0" as 62)
+    md += (shown.to_markdown(index=False, disable_numparse=custom) if not df.empty
+           else "_no data: the scores this table needs are not in the scores table yet_") + "\n"
     write_text(md, stem.with_suffix(".md"))
     if df.empty:
         tex = f"% {title}: no data\n"

@@ -128,8 +128,8 @@ def published_vs_reproduced(scores: pd.DataFrame, entries: Sequence[Entry],
     return df
 
 
-def _number(v: float, decimals: int, sign: bool = False) -> str:
-    if v is None or np.isnan(v):
+def _number(v: float | None, decimals: int, sign: bool = False) -> str:
+    if v is None:
         return ""
     return f"{v:+.{decimals}f}" if sign else f"{v:.{decimals}f}"
 
@@ -138,29 +138,28 @@ def display(df: pd.DataFrame) -> pd.DataFrame:
     """The table for reading: numbers as the paper prints them (2AFC and JND in percent with
     one decimal, counts whole, correlations with three), differences with one more decimal."""
     rows = []
-    for r in df.itertuples(index=False):
-        d = int(r.decimals)
-        if r.from_table is None:
-            net = f"{r.arch}/{r.layer}" if r.arch is not None else ""
-            method = "" if r.comparison is None else str(r.comparison)
-            if r.channel_norm is True:
-                method += " (norm.)"
-            elif r.channel_norm is False:
-                method += " (no norm.)"
-            what = ", ".join(str(x) for x in (r.benchmark, f"{r.dataset}/{r.split}", net,
-                                              method.strip(), r.variant, r.metric)
-                             if x not in (None, "", "None/None"))
+    for rec in df.to_dict("records"):
+        r = {k: _py(v) for k, v in rec.items()}
+        d = int(r["decimals"])
+        if r["from_table"] is None:
+            net = f"{r['arch']}/{r['layer']}" if r["arch"] is not None else ""
+            method = r["comparison"] or ""
+            if r["channel_norm"] is not None:
+                method += " (norm.)" if r["channel_norm"] else " (no norm.)"
+            parts = (r["benchmark"], f"{r['dataset']}/{r['split']}", net, method.strip(),
+                     r["variant"], r["metric"])
+            what = ", ".join(str(x) for x in parts if x)
         else:
-            what = f"{r.from_table}: {r.column} where {r.where}"
+            what = f"{r['from_table']}: {r['column']} where {r['where']}"
         rows.append({
-            "number": f"{r.id}",
-            "source": f"{r.paper}, {r.table}: {r.row}",
+            "number": r["id"],
+            "source": f"{r['paper']}, {r['table']}: {r['row']}",
             "scores": what,
-            "published": _number(r.published, d),
-            "reproduced": _number(r.reproduced, d),
-            "difference": _number(r.difference, d + 1, sign=True),
-            "tolerance": f"{r.tolerance:.{d}f}" if d else f"{r.tolerance:g}",
-            "within tolerance": r.within_tolerance,
+            "published": _number(r["published"], d),
+            "reproduced": _number(r["reproduced"], d),
+            "difference": _number(r["difference"], d + 1, sign=True),
+            "tolerance": f"{r['tolerance']:.{d}f}" if d else f"{r['tolerance']:g}",
+            "within tolerance": r["within_tolerance"],
         })
     return pd.DataFrame(rows, columns=["number", "source", "scores", "published", "reproduced",
                                        "difference", "tolerance", "within tolerance"])
