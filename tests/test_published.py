@@ -17,6 +17,7 @@ from workflow.analysis.published import (
     COORDINATES,
     PUBLISHED_FILE,
     PublishedError,
+    config_values,
     load,
 )
 from workflow.analysis.reproduced import display, published_vs_reproduced
@@ -267,6 +268,12 @@ def test_plan_passes_the_required_config_values():
     run = params["published"]["config"]
     assert run["data.source"] == "synthetic" and run["similarity.image_size"] == 64
     assert set(run) == {k for e in load(PUBLISHED_FILE) for k in e.requires}
+
+
+def test_a_required_key_missing_from_the_config_is_named():
+    with pytest.raises(PublishedError, match=r"published.yaml: requires config key "
+                                             r"similarity.size, which the config does not have"):
+        config_values(Plan({}).config, ["data.source", "similarity.size"])
 
 
 def test_demo_analysis_writes_the_table(tmp_path):
