@@ -779,14 +779,20 @@ class Plan:
 
     def analysis_params(self, what: str) -> str:
         """Params of the analysis rules: ``attributes`` sees the grid and the input sizes,
-        ``tables`` the analysis section without the figure-only keys, ``figures`` all of it."""
+        ``tables`` the analysis section without the figure-only keys plus the config values
+        the published numbers require (``published.config``), ``figures`` all of it."""
         an = self.config["analysis"]
         if what == "attributes":
             ln = self.config["lossnets"]
             return as_json({"lossnets": {k: ln[k] for k in ("archs", "layers", "lpips_sets")},
                             "sizes": sorted({int(v) for v in an["input_sizes"].values()})})
         if what == "tables":
-            return as_json({k: v for k, v in an.items() if k not in FIGURE_ONLY_KEYS})
+            # the published-vs-reproduced table also sees the config keys its numbers require
+            from workflow.analysis import published
+
+            keys = published.requirements(published.load())
+            return as_json({**{k: v for k, v in an.items() if k not in FIGURE_ONLY_KEYS},
+                            "published": {"config": published.config_values(self.config, keys)}})
         if what == "figures":
             return as_json(an)
         raise ValueError(f"unknown analysis step {what!r}")

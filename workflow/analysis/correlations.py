@@ -8,7 +8,9 @@
   bootstrap confidence intervals) of every attribute against every score;
 - ``score_correlations``: the same between every pair of scores, over loss networks
   (``level = lossnet``) and over architectures at their best layer (``level = arch_best``);
-- ``pareto``: which loss networks lie on the Pareto frontiers of the figures.
+- ``pareto``: which loss networks lie on the Pareto frontiers of the figures;
+- ``published_vs_reproduced``: every published number of ``published.yaml`` beside this run's
+  (:mod:`workflow.analysis.reproduced`).
 
 A *score* is chosen by a selector in ``analysis.scores``: column filters on the scores
 table (a value or a list); columns left out are wildcards. Where the matching rows differ
@@ -28,8 +30,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from workflow.analysis import TABLES  # noqa: F401  (re-exported: the declared tables)
+from workflow.analysis import (
+    TABLES,  # noqa: F401  (re-exported: the declared tables)
+    published,
+)
 from workflow.analysis.pareto import pareto_front
+from workflow.analysis.reproduced import display as reproduced_display
+from workflow.analysis.reproduced import published_vs_reproduced, summary
 from workflow.files import write_parquet, write_text
 from workflow.results import validate_scores
 
@@ -299,16 +306,19 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
     return df.astype(object).map(_fmt) if not df.empty else df
 
 
-def write_table(df: pd.DataFrame, stem: Path, title: str, note: str = "") -> None:
-    """``stem``.parquet (the data); .md, .tex and .html (formatted for reading; the report
-    shows the html)."""
+def write_table(df: pd.DataFrame, stem: Path, title: str, note: str = "",
+                shown: pd.DataFrame | None = None) -> None:
+    """``stem``.parquet (the data); .md, .tex and .html (formatted for reading: ``shown``, by
+    default every cell of ``df`` formatted; the report shows the html)."""
     write_parquet(df, stem.with_suffix(".parquet"))
-    shown = _display(df)
+    custom = shown is not None
+    shown = _display(df) if shown is None else shown
     md = f"# {title}\n\n"
     if note:
         md += f"{note}\n\n"
-    md += (shown.to_markdown(index=False) if not df.empty else "_no data: the scores this table "
-           "needs are not in the scores table yet_") + "\n"
+    # cells formatted by the caller stay as written (tabulate would re-parse "62.0" as 62)
+    md += (shown.to_markdown(index=False, disable_numparse=custom) if not df.empty
+           else "_no data: the scores this table needs are not in the scores table yet_") + "\n"
     write_text(md, stem.with_suffix(".md"))
     if df.empty:
         tex = f"% {title}: no data\n"
@@ -343,8 +353,18 @@ def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]
     write_table(pareto, outdir / "pareto", "Pareto frontiers",
                 "on_front: no other loss network has a better score at a lower cost (or higher "
                 "accuracy).")
+    pub = cfg.get("published", {})
+    versus = published_vs_reproduced(
+        scores, published.load(pub.get("file", published.PUBLISHED_FILE)), pub.get("config"),
+        {"scores_by_lossnet": wide, "attribute_correlations": attr_corr,
+         "score_correlations": score_corr, "pareto": pareto})
+    write_table(versus, outdir / "published_vs_reproduced", "Published vs reproduced",
+                "Reproduced: the mean over the matching rows (runs, rankings), in the paper's "
+                "unit. within tolerance: yes / no where this run has the paper's conditions.",
+                shown=reproduced_display(versus))
     return {"scores": selected["score"].nunique() if not selected.empty else 0,
-            "attribute_pairs": len(attr_corr), "score_pairs": len(score_corr)}
+            "attribute_pairs": len(attr_corr), "score_pairs": len(score_corr),
+            "published": summary(versus)}
 
 
 def read_inputs(scores_path: str | Path, lossnets_path: str | Path
