@@ -231,6 +231,25 @@ def test_weights_inputs_follow_the_config(tmp_path):
     assert Plan(cfg).weights_input("alexnet") == []
 
 
+def test_scoring_stages_run_at_scoring_precision():
+    """Scoring is fp32 by default (bf16 flips near-tied preferences); training keeps
+    `precision` (bf16 autocast on CUDA under auto)."""
+    plan = Plan(load_config(ROOT / "config.yaml"))
+    scoring = {(b, s) for b, stages in STAGES.items() for s, spec in stages.items()
+               if spec.torch and spec.scores}
+    assert scoring == {("similarity", "score"), ("super_resolution", "eval"),
+                       ("delineation", "eval"), ("autoencoder", "encode"),
+                       ("adaptation", "evaluate"), ("probes", "score")}
+    for b, stages in STAGES.items():
+        for s, spec in stages.items():
+            if spec.torch:
+                want = "fp32" if (b, s) in scoring else "auto"
+                assert plan.stage_config(b, s, "alexnet")["precision"] == want, (b, s)
+    cfg = load_config(ROOT / "config.yaml", overrides={"scoring_precision": "bf16"})
+    assert Plan(cfg).stage_config("similarity", "score", "alexnet")["precision"] == "bf16"
+    assert Plan(cfg).stage_config("super_resolution", "train", "alexnet")["precision"] == "auto"
+
+
 def test_a_benchmark_network_outside_the_grid_gets_its_weights_fetched():
     cfg = load_config(ROOT / "config.yaml", overrides={
         "resources_dir": "R", "lossnets": {"archs": ["alexnet"]},

@@ -94,19 +94,21 @@ class Stage:
     ``depends``: keys of the benchmark's config section (dotted for nested ones) that change
     the stage's numbers. ``settings``: keys that change only how it runs. ``lossnet``: the
     stage builds a loss network, so its weights are part of what the result depends on.
-    ``torch``: the stage computes with torch, so ``precision`` is too.
+    ``torch``: the stage computes with torch, so its precision is too: ``precision`` for a
+    stage that trains, ``scoring_precision`` for one that ``scores`` (a metric or a model).
     """
 
     depends: tuple[str, ...]
     settings: tuple[str, ...] = ()
     lossnet: bool = True
     torch: bool = True
+    scores: bool = False
 
 
 STAGES: dict[str, dict[str, Stage]] = {
     "similarity": {
         "score": Stage(("comparisons", "channel_norm", "normalize", "image_size",
-                        "twoafc_subsets", "jnd_subsets"), settings=("batch_size",)),
+                        "twoafc_subsets", "jnd_subsets"), settings=("batch_size",), scores=True),
     },
     "super_resolution": {
         "train": Stage(("iterations", "batch_size", "lr", "eval_every", "val_images", "normalize",
@@ -114,7 +116,7 @@ STAGES: dict[str, dict[str, Stage]] = {
                        settings=("checkpoint_every", "log_every", "data_on_device",
                                  "eval_batch_size", "compile")),
         "eval": Stage(("blur_sigma", "image_size", "test_sets", "test_limit", "protocols"),
-                      lossnet=False),
+                      lossnet=False, scores=True),
     },
     "delineation": {
         "train": Stage(("seed", "epochs", "batch_size", "crop_size", "lr", "feature_weight",
@@ -123,7 +125,7 @@ STAGES: dict[str, dict[str, Stage]] = {
                        settings=("tile_size", "inference_batch", "data_on_device")),
         "eval": Stage(("threshold", "tolerance", "passes", "tile_margin", "reference_size",
                        "max_tiles.test", "max_tiles.valid"),
-                      settings=("tile_size", "inference_batch"), lossnet=False),
+                      settings=("tile_size", "inference_batch"), lossnet=False, scores=True),
     },
     "autoencoder": {
         "train": Stage(("seed", "val_fraction", "train.epochs", "train.patience",
@@ -131,7 +133,7 @@ STAGES: dict[str, dict[str, Stage]] = {
                         "train.max_images"),
                        settings=("eval_batch_size", "train.checkpoint_every")),
         "encode": Stage(("seed", "encode.max_train_images", "encode.max_test_images"),
-                        settings=("encode.batch_size",), lossnet=False),
+                        settings=("encode.batch_size",), lossnet=False, scores=True),
         # lossnet: the scores' weights_id is the loss network's (the codes depend on it)
         "mlp": Stage(("seed", "val_fraction", "mlp.hidden", "mlp.epochs", "mlp.patience",
                       "mlp.batch_size", "mlp.lr"), settings=("mlp.checkpoint_every",)),
@@ -146,11 +148,12 @@ STAGES: dict[str, dict[str, Stage]] = {
                        settings=("eval_batch_size", "eval_every_epochs")),
         "evaluate": Stage(("comparisons", "channel_norm", "normalize", "image_size",
                            "eval_datasets", "bapps", "bapps_2afc_subsets", "bapps_jnd_subsets"),
-                          settings=("eval_batch_size",)),
+                          settings=("eval_batch_size",), scores=True),
     },
     "probes": {
         "images": Stage(("images", "seed", "image_size"), lossnet=False, torch=False),
-        "score": Stage(("comparisons", "channel_norm", "normalize", "image_size", "images")),
+        "score": Stage(("comparisons", "channel_norm", "normalize", "image_size", "images"),
+                       scores=True),
     },
 }
 
@@ -698,7 +701,7 @@ class Plan:
         spec = STAGES[benchmark][stage]
         cfg = _pick(self.config[benchmark], spec.depends)
         if spec.torch:
-            cfg["precision"] = self.config["precision"]
+            cfg["precision"] = self.config["scoring_precision" if spec.scores else "precision"]
         if spec.lossnet and arch not in (None, PIXEL):
             cfg["weights"] = self.weights(arch)
             cfg["weights_seed"] = int(self.config["lossnets"]["seed"])
