@@ -12,6 +12,7 @@ import pytest
 
 from workflow import compare
 from workflow.analysis import TABLES
+from workflow.analysis.adaptation_stats import COLUMNS
 from workflow.analysis.correlations import DEFAULT_ATTRIBUTES, attribute_correlations, run_tables
 from workflow.analysis.published import (
     COORDINATES,
@@ -239,6 +240,10 @@ def test_every_entry_names_score_coordinates_and_a_source():
     for e in entries:
         assert e.citation and e.table and e.row and e.tolerance_reason, e.id
         assert e.tolerance >= 0 and e.scale > 0, e.id
+        if e.from_table == "adaptation_statistics":
+            assert e.column in set(COLUMNS) and set(e.coords) <= set(COLUMNS), e.id
+            assert e.coords["dataset"] in Plan({}).config["adaptation"]["eval_datasets"], e.id
+            continue
         if e.from_table is not None:
             assert e.from_table in TABLES, e.id
             assert e.column in corr_columns and set(e.coords) <= corr_columns, e.id

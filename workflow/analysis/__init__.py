@@ -5,7 +5,7 @@ pulling in matplotlib or scipy while Snakemake builds the DAG).
 """
 
 TABLES = ("scores_by_lossnet", "attribute_correlations", "score_correlations", "pareto",
-          "published_vs_reproduced")
+          "adaptation_statistics", "published_vs_reproduced")
 TABLE_FORMATS = ("parquet", "md", "tex", "html")
 FIGURES = ("scores_by_layer", "flops_pareto", "imagenet_pareto", "correlation_heatmap",
            "adaptation", "probes")

@@ -34,6 +34,7 @@ from workflow.analysis import (
     TABLES,  # noqa: F401  (re-exported: the declared tables)
     published,
 )
+from workflow.analysis.adaptation_stats import adaptation_statistics
 from workflow.analysis.pareto import pareto_front
 from workflow.analysis.reproduced import display as reproduced_display
 from workflow.analysis.reproduced import published_vs_reproduced, summary
@@ -353,11 +354,16 @@ def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]
     write_table(pareto, outdir / "pareto", "Pareto frontiers",
                 "on_front: no other loss network has a better score at a lower cost (or higher "
                 "accuracy).")
+    adapt = adaptation_statistics(scores, cfg)
+    write_table(adapt, outdir / "adaptation_statistics", "Adaptation statistics",
+                "Per evaluation set: cases (loss network, method, normalisation, ranking) the "
+                "adapted metric improved; Spearman / Pearson over the per-ranking means (the "
+                "paper's aggregation) and Spearman over all cases; mean change.")
     pub = cfg.get("published", {})
     versus = published_vs_reproduced(
         scores, published.load(pub.get("file", published.PUBLISHED_FILE)), pub.get("config"),
         {"scores_by_lossnet": wide, "attribute_correlations": attr_corr,
-         "score_correlations": score_corr, "pareto": pareto})
+         "score_correlations": score_corr, "pareto": pareto, "adaptation_statistics": adapt})
     write_table(versus, outdir / "published_vs_reproduced", "Published vs reproduced",
                 "Reproduced: the mean over the matching rows (runs, rankings), in the paper's "
                 "unit. within tolerance: yes / no where this run has the paper's conditions.",
