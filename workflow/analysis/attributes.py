@@ -26,6 +26,9 @@ How each attribute is computed (``docs/analysis.md`` says the same for readers):
   multiply-accumulate of convolutions and matrix products; element-wise ops,
   pooling and normalisation are not counted). Where the full pass cannot run at
   that size (Inception-v3 needs at least 75 px) the total and the share are NaN.
+- ``macs_<S>`` / ``macs_total_<S>``: the same work in multiply-accumulates (half the
+  FLOPs): the unit the thesis's "MFLOPS" figures count, so its log10 cost axis is this
+  one (log10 FLOPs sits log10 2 = 0.30 higher).
 - ``receptive_field``: analytic, by propagating (size, jump) through the module
   graph traced with ``torch.fx``: a convolution or pooling with kernel k,
   stride s, dilation d maps ``rf -> rf + (k-1)*d*jump``, ``jump -> jump*s``, per
@@ -333,6 +336,8 @@ def arch_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) ->
             row[f"flops_{s}"] = cum[tap]
             row[f"flops_total_{s}"] = total
             row[f"flops_pct_{s}"] = 100.0 * cum[tap] / total
+            row[f"macs_{s}"] = cum[tap] / 2  # FlopCounterMode: 2 FLOPs per multiply-add
+            row[f"macs_total_{s}"] = total / 2
         rows.append(row)
     return rows
 

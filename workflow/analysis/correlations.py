@@ -42,7 +42,7 @@ from workflow.files import write_parquet, write_text
 from workflow.results import validate_scores
 
 IDENTITY = ("benchmark", "dataset", "split", "comparison", "channel_norm", "variant", "metric")
-SIZE_DEPENDENT = ("features", "flops", "flops_total", "flops_pct")
+SIZE_DEPENDENT = ("features", "flops", "flops_total", "flops_pct", "macs", "macs_total")
 DEFAULT_ATTRIBUTES = (
     "layer_index", "depth_pct", "conv_depth_pct", "params_to_tap", "params_pct", "channels",
     "features", "receptive_field", "flops", "flops_pct", "matmul_depth", "skip_connections",
@@ -263,7 +263,7 @@ def pareto_points(selected: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str,
     """Points of the Pareto views: (cost or ImageNet accuracy, score) per loss network, with
     the front."""
     p = cfg.get("pareto", {})
-    cost = p.get("cost", "flops")
+    cost = p.get("cost", "macs")
     views = [(s, cost, True) for s in p.get("cost_scores", ["2AFC", "JND"])]
     views += [(s, "imagenet_acc1", False) for s in p.get("accuracy_scores", ["2AFC"])]
     sel = _single_layer(selected, cfg.get("include_lpips", False))

@@ -5,8 +5,9 @@ writes ``<out>/<name>.png`` and ``.svg`` for every name in ``FIGURES``:
 
 - ``scores_by_layer``: each selected score (config ``analysis.scores``) against the extraction
   layer 1..4, one line per architecture, one panel per score;
-- ``flops_pareto``: score vs log10 FLOPs of the forward pass to the tap, one panel per score of
-  ``analysis.pareto.cost_scores`` (2AFC, JND), the Pareto frontier drawn and circled;
+- ``flops_pareto``: score vs log10 multiply-adds (config ``analysis.pareto.cost``) of the
+  forward pass to the tap, one panel per score of ``analysis.pareto.cost_scores`` (2AFC,
+  JND), the Pareto frontier drawn and circled;
 - ``imagenet_pareto``: score vs ImageNet top-1 accuracy with its frontier;
 - ``correlation_heatmap``: Pearson r of every attribute with every score (* p < 0.05);
 - ``adaptation``: adapted vs baseline score per (loss network, comparison, ranking), one panel
@@ -55,6 +56,7 @@ METRIC_LABELS = {
 }
 COST_LABELS = {
     "flops": "log10 FLOPs to the tap (per {s}x{s} image)",
+    "macs": "log10 multiply-adds to the tap (per {s}x{s} image; the thesis's MFLOPS)",
     "params_to_tap": "log10 parameters up to the tap",
     "features": "log10 features C·H·W at the tap ({s}x{s} input)",
     "channels": "log10 channels at the tap",
