@@ -6,6 +6,7 @@ table; the plan gives their jobs no weights."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -238,6 +239,11 @@ def test_plan_pixel_baselines_are_one_job_without_weights():
         arch = "pixel"
 
     assert plan.weights_param()(W()) == [] and "pixel" not in plan.imagenet_archs()
+    # the probes rule's {layer} takes every pixel metric; other benchmarks' rules none
+    for metric in PIXEL_METRICS:
+        assert re.fullmatch(plan.layer_wildcard("probes"), metric)
+        assert not re.fullmatch(plan.layer_wildcard("adaptation"), metric)
+    assert re.fullmatch(plan.layer_wildcard("probes"), "lpips")
     assert plan.stage_config("similarity", "score", "pixel")["lossnets"] == ids
     assert "weights" not in plan.stage_config("probes", "score", "pixel")
     # a pixel id in the lossnets list joins the default ones once; [] turns them off

@@ -40,6 +40,7 @@ from typing import Any
 from workflow.archs import (
     ARCHS,
     PIXEL,
+    PIXEL_METRICS,
     LossNet,
     UnknownLossNetError,
     all_lossnets,
@@ -411,6 +412,15 @@ class Plan:
                 f"which only {' and '.join(PIXEL_BENCHMARKS)} score; remove them")
         nets += pixel_lossnets(sec.get("pixel_baselines", ()))
         return list(dict.fromkeys(nets))
+
+    @staticmethod
+    def layer_wildcard(benchmark: str) -> str:
+        """The ``{layer}`` wildcard's regex in a benchmark's rules: the study's layers and
+        ``lpips``, and the pixel metrics where the benchmark scores pixel baselines."""
+        layers = ["[1-4]", "lpips"]
+        if benchmark in PIXEL_BENCHMARKS:
+            layers += sorted(PIXEL_METRICS, key=len, reverse=True)
+        return "|".join(layers)
 
     def archs(self, benchmark: str) -> list[str]:
         return list(dict.fromkeys(n.arch for n in self.lossnets(benchmark)))
