@@ -124,10 +124,9 @@ class PixelScorer:
         return pixel.images64(a, self.job.device, self.size)
 
     def _score(self, sets: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]]) -> dict:
-        x = [self._images(a) for a in sets]
-        return {(net.id, None): torch.stack([pixel.distance(net.layer, x[i], x[j])
-                                             for i, j in pairs])
-                for net in self.nets}
+        d = pixel.pair_distances([n.layer for n in self.nets], [self._images(a) for a in sets],
+                                 pairs)
+        return {(net.id, None): d[net.layer] for net in self.nets}
 
     @torch.inference_mode()
     def twoafc(self, ref: np.ndarray, p0: np.ndarray, p1: np.ndarray

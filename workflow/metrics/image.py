@@ -50,10 +50,6 @@ def _gauss_1d(size: int, sigma: float, device: torch.device) -> Tensor:
     return g / g.sum()
 
 
-def _box_1d(size: int, device: torch.device) -> Tensor:
-    return torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
-
-
 def _filter(x: Tensor, g: Tensor) -> Tensor:
     # separable valid-mode Gaussian, one channel at a time (depthwise)
     c = x.shape[1]
@@ -75,15 +71,16 @@ def ssim(x: Tensor, y: Tensor, window: str = "gaussian", size: int = SSIM_WINDOW
     x, y = x.double(), y.double()
     if window == "gaussian":
         g = _gauss_1d(size, SSIM_SIGMA, x.device)
-    elif window == "uniform":
-        g = _box_1d(size, x.device)
-    else:
+    elif window != "uniform":
         raise ValueError(f"unknown SSIM window {window!r}; use gaussian or uniform")
     cov = size * size / (size * size - 1) if sample_covariance else 1.0
-    mx, my = _filter(x, g), _filter(y, g)
-    vx = cov * (_filter(x * x, g) - mx * mx)
-    vy = cov * (_filter(y * y, g) - my * my)
-    cxy = cov * (_filter(x * y, g) - mx * my)
+    # a box window is a mean pool (several times faster than the depthwise convolutions)
+    filt = ((lambda t: F.avg_pool2d(t, size, stride=1)) if window == "uniform"
+            else (lambda t: _filter(t, g)))
+    mx, my = filt(x), filt(y)
+    vx = cov * (filt(x * x) - mx * mx)
+    vy = cov * (filt(y * y) - my * my)
+    cxy = cov * (filt(x * y) - mx * my)
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.flatten(2).mean(2).mean(1)

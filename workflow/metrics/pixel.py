@@ -23,7 +23,7 @@ exactly once that round trip is applied).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from workflow.archs import PIXEL_METRICS
 from workflow.imaging import resize
 from workflow.metrics.image import rgb_to_lab, ssim
 
-__all__ = ["METRICS", "distance", "images64"]
+__all__ = ["METRICS", "distance", "images64", "pair_distances"]
 
 LPIPS_SSIM = {"window": "uniform", "size": 7, "sample_covariance": True}
 
@@ -52,35 +52,56 @@ def _check(x: Tensor, y: Tensor) -> None:
 
 
 def _l1(x: Tensor, y: Tensor) -> Tensor:
-    return (x.double() - y.double()).abs().flatten(1).mean(1)
+    return (x - y).abs().flatten(1).mean(1)
 
 
-def _l2_rgb(x: Tensor, y: Tensor) -> Tensor:
-    return ((x.double() - y.double()) ** 2).flatten(1).mean(1)
+def _mse(x: Tensor, y: Tensor) -> Tensor:
+    return ((x - y) ** 2).flatten(1).mean(1)
 
 
-def _l2_lab(x: Tensor, y: Tensor) -> Tensor:
-    return 0.5 * (((rgb_to_lab(x) - rgb_to_lab(y)) / 100) ** 2).flatten(1).mean(1)
+def _l2_lab(x: Tensor, y: Tensor) -> Tensor:  # x, y in Lab
+    return 0.5 * _mse(x / 100, y / 100)
 
 
 def _dssim(x: Tensor, y: Tensor) -> Tensor:
     return (1 - ssim(x, y, **LPIPS_SSIM)) / 2
 
 
-def _dssim_lab(x: Tensor, y: Tensor) -> Tensor:
-    return (1 - ssim(rgb_to_lab(x) / 100, rgb_to_lab(y) / 100, **LPIPS_SSIM)) / 2
+def _dssim_lab(x: Tensor, y: Tensor) -> Tensor:  # x, y in Lab
+    return _dssim(x / 100, y / 100)
 
 
-METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "l1": _l1, "l2": _l2_lab, "l2_rgb": _l2_rgb, "ssim": _dssim, "ssim_lab": _dssim_lab,
+# metric -> (the space it compares in, the distance of two batches in that space)
+METRICS: dict[str, tuple[str, Callable[[Tensor, Tensor], Tensor]]] = {
+    "l1": ("rgb", _l1), "l2": ("lab", _l2_lab), "l2_rgb": ("rgb", _mse),
+    "ssim": ("rgb", _dssim), "ssim_lab": ("lab", _dssim_lab),
 }
 assert set(METRICS) == set(PIXEL_METRICS)
+SPACES: dict[str, Callable[[Tensor], Tensor]] = {"rgb": lambda x: x.double(), "lab": rgb_to_lab}
+
+
+def _metric(metric: str) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
+    if metric not in METRICS:
+        raise ValueError(f"unknown pixel metric {metric!r}; known: {', '.join(METRICS)}")
+    return METRICS[metric]
+
+
+def pair_distances(metrics: Sequence[str], sets: Sequence[Tensor],
+                   pairs: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+    """``{metric: [len(pairs), N]}`` float64 distances between the image batches
+    ``sets[i]`` and ``sets[j]`` for every ``(i, j)`` of ``pairs``; each set is converted to
+    each colour space once (a 2AFC reference serves p0 and p1)."""
+    for x in sets:
+        _check(x, sets[0])
+    with torch.autocast(sets[0].device.type, enabled=False):
+        spaces = {space: [SPACES[space](x) for x in sets]
+                  for space in dict.fromkeys(_metric(m)[0] for m in metrics)}
+        return {m: torch.stack([_metric(m)[1](spaces[_metric(m)[0]][i], spaces[_metric(m)[0]][j])
+                                for i, j in pairs]) for m in metrics}
 
 
 def distance(metric: str, x: Tensor, y: Tensor) -> Tensor:
     """``[N]`` float64 distances of the pixel baseline ``metric`` between ``x`` and ``y``."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown pixel metric {metric!r}; known: {', '.join(METRICS)}")
+    _metric(metric)
     _check(x, y)
-    with torch.autocast(x.device.type, enabled=False):
-        return METRICS[metric](x, y)
+    return pair_distances([metric], [x, y], [(0, 1)])[metric][0]
