@@ -173,6 +173,7 @@ def test_similarity_pixel_job_rows_reach_the_scores_table(prepared, demo_plan, t
     assert set(df["arch"]) == {"pixel"} and set(df["layer"]) == {"l2", "ssim", "l1"}
     assert set(df["comparison"]) == {""} and df["channel_norm"].isna().all()
     assert set(df["weights_id"]) == {"none"} and set(df["benchmark"]) == {"similarity"}
+    assert set(df["precision"]) == {"fp64"}
     splits = {*bapps.TWOAFC_SUBSETS["val"], "mean"}
     for metric in ("l2", "ssim", "l1"):
         rows = df[df["layer"] == metric]
@@ -216,6 +217,7 @@ def test_probes_pixel_job_hand_worked_counts(tmp_path):
     assert set(df["arch"]) == {"pixel"} and set(df["layer"]) == {"l1"}
     assert set(df["comparison"]) == {""} and df["channel_norm"].isna().all()
     assert set(df["weights_id"]) == {"none"} and set(df["n"]) == {1}
+    assert set(df["precision"]) == {"fp64"}
     # the other metrics count by the same rule (distances from workflow.metrics.pixel)
     ps = probe_data.load(src)
     names = list(ps.images)

@@ -162,9 +162,10 @@ def score(job: Job, config: Mapping[str, Any], net: str, images: Path, scores: P
              "channel_norm": None if v is None else v.channel_norm, "variant": source,
              "metric": "correct", "value": float(ok), "n": n}
             for v, res in counts.items() for set_name, (ok, n) in res.items()]
+    precision = pixel.PRECISION if lossnet.is_pixel else job.precision
     df = score_frame(rows, benchmark=BENCHMARK, arch=lossnet.arch,
-                     **job.provenance(lossnet.arch))
+                     **{**job.provenance(lossnet.arch), "precision": precision})
     write_parquet(df, scores)
     print(f"{scores}: {len(df)} rows ({lossnet.id}, {len(names)} images, device {job.device}, "
-          f"{job.precision})")
+          f"{precision})")
     return df

@@ -188,19 +188,19 @@ def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], sam
     if arch == PIXEL:
         variants: list[Variant | None] = [None]
         scorer = PixelScorer(job, nets, int(config["image_size"]))
-        taps = "none (pixels)"
+        taps, precision = "none (pixels)", pixel.PRECISION
     else:
         variants = list(compare.all_variants(config["comparisons"], config["channel_norm"]))
         extractor = job.extractor(nets, config["normalize"], channels_last=True)
         scorer = Scorer(job, extractor, nets, variants, int(config["image_size"]))
-        taps = str(scorer.taps)
+        taps, precision = str(scorer.taps), job.precision
     data = {("2afc", s): bapps.load(prepared["bapps"], "2afc", "val", s)
             for s in config["twoafc_subsets"]}
     data |= {("jnd", s): bapps.load(prepared["bapps"], "jnd", "val", s)
              for s in config["jnd_subsets"]}
     progress = _Progress(sum(len(d["p0"]) for d in data.values()))
     print(f"{arch}: {len(nets)} loss networks x {len(variants)} variants, taps {taps}, "
-          f"{progress.total} items, device {job.device}, {job.precision}", flush=True)
+          f"{progress.total} items, device {job.device}, {precision}", flush=True)
     batch = int(job.setting("batch_size"))
     dists = {}
     for (kind, subset), d in data.items():
@@ -219,7 +219,8 @@ def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], sam
             jnd = {s: (dists[("jnd", s)][(net.id, v)], np.asarray(data[("jnd", s)]["same"]))
                    for s in config["jnd_subsets"]}
             rows += [{**key, **r} for r in bapps_rows(twoafc, jnd)]
-    summary = score_frame(rows, benchmark="similarity", arch=arch, **job.provenance(arch))
+    summary = score_frame(rows, benchmark="similarity", arch=arch,
+                          **{**job.provenance(arch), "precision": precision})
     write_parquet(_samples_frame(arch, nets, variants, data, dists), samples)
     write_parquet(summary, scores)
     best = summary[summary["split"].isin(["mean", "pooled"])]

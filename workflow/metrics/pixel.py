@@ -35,6 +35,7 @@ from workflow.metrics.image import rgb_to_lab, ssim
 
 __all__ = ["METRICS", "distance", "images64", "pair_distances"]
 
+PRECISION = "fp64"  # what the scores' precision column says: every distance is float64
 LPIPS_SSIM = {"window": "uniform", "size": 7, "sample_covariance": True}
 
 
