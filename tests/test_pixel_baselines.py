@@ -263,3 +263,20 @@ def test_plan_pixel_baselines_are_one_job_without_weights():
         plan.lossnets("delineation")
     with pytest.raises(UnknownLossNetError, match="unknown pixel metric 'l3'.*pixel/ssim"):
         LossNet.parse("pixel/l3")
+
+
+def test_analysis_selects_no_pixel_rows():
+    """The correlation tables and figures are about loss networks with attributes: pixel rows
+    (comparison "") would otherwise split a selector that leaves the comparison open."""
+    from tests.test_analysis import CFG, _demo_scores
+    from workflow.analysis.correlations import select_scores
+    from workflow.results import score_frame
+
+    scores = _demo_scores()
+    pix = score_frame([{"benchmark": "similarity", "dataset": "bapps-2afc", "split": "mean",
+                        "arch": "pixel", "layer": m, "comparison": "", "metric": "2afc",
+                        "value": 0.63, "n": 10} for m in ("l2", "ssim")])
+    both = pd.concat([scores, pix], ignore_index=True)
+    want = select_scores(scores, CFG["scores"])
+    assert sorted(set(want["score"])) == ["2AFC", "JND", "PSNR"]
+    pd.testing.assert_frame_equal(select_scores(both, CFG["scores"]), want)
