@@ -158,6 +158,8 @@ rule probes_score:
         weights=plan.weights_param(),
     output:
         f"{OUT}/probes/{{arch}}/{{layer}}/scores.parquet",
+    wildcard_constraints:
+        layer=plan.layer_wildcard("probes"),  # pixel/<metric> too (no weights input)
     params:
         config=plan.config_param("probes", "score"),
         settings=plan.settings_param("probes", "score"),

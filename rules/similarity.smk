@@ -1,6 +1,7 @@
 # Benchmark 1: BAPPS 2AFC and JND (docs/similarity.md).
 #   prepared BAPPS -> one scoring job per architecture (all its loss networks x comparison
-#   variants from one forward pass per batch) -> per-sample + summary Parquet.
+#   variants from one forward pass per batch) -> per-sample + summary Parquet. The pixel
+#   baselines pixel/<metric> are the job arch=pixel: no weights input (plan.weights_input).
 # Target: `similarity`.
 
 SIMILARITY_DIR = f"{OUT}/similarity/{{arch}}"

@@ -43,8 +43,15 @@ def test_similarity_rows_for_every_lossnet_and_variant(demo_run):
     sim = scores[scores["benchmark"] == "similarity"]
     sec = cfg["similarity"]
     variants = all_variants(sec["comparisons"], sec["channel_norm"])
-    for net in Plan(cfg).lossnets("similarity"):
+    nets = Plan(cfg).lossnets("similarity")
+    assert {"pixel/l2", "pixel/ssim"} <= {n.id for n in nets}
+    for net in nets:
         rows = sim[(sim["arch"] == net.arch) & (sim["layer"] == net.layer)]
+        if net.is_pixel:  # one row set per baseline: no comparison method, no normalisation
+            assert set(rows["comparison"]) == {""} and rows["channel_norm"].isna().all()
+            got = set(zip(rows["metric"], rows["split"], strict=True))
+            assert {("2afc", "mean"), ("jnd_ap", "pooled")} <= got, net.id
+            continue
         for v in variants:
             r = rows[(rows["comparison"] == v.method) & (rows["channel_norm"] == v.channel_norm)]
             got = set(zip(r["metric"], r["split"], strict=True))
@@ -52,6 +59,9 @@ def test_similarity_rows_for_every_lossnet_and_variant(demo_run):
             assert any(m == "jnd_ap" for m, _ in got), (net.id, v.name)
             twoafc = r[r["metric"] == "2afc"]["value"]
             assert ((twoafc >= 0) & (twoafc <= 1)).all()
+    # the probes table has the pixel baselines' rows too (config probes.pixel_baselines)
+    pixel = scores[(scores["benchmark"] == "probes") & (scores["arch"] == "pixel")]
+    assert {"l2", "ssim"} <= set(pixel["layer"]) and set(pixel["weights_id"]) == {"none"}
 
 
 def test_rerun_has_nothing_to_do(demo_run):

@@ -200,7 +200,8 @@ def test_snakemake_lint_is_clean():
 def test_full_config_selects_the_study_grid():
     plan = Plan(_full())
     nets = plan.lossnets("similarity")
-    assert len([n for n in nets if n.layer != "lpips"]) == 56
+    assert len([n for n in nets if n.layer != "lpips" and not n.is_pixel]) == 56
+    assert [n.id for n in nets if n.is_pixel] == ["pixel/l2", "pixel/ssim", "pixel/l1"]
     assert {n.arch for n in nets if n.layer == "lpips"} == {"alexnet", "vgg16", "squeezenet1_1"}
     assert len(plan.lossnets("delineation")) == 56  # no LPIPS sets in delineation
     assert [n.id for n in plan.lossnets("adaptation")] == [

@@ -10,6 +10,12 @@ model itself (ResNet, ResNeXt, GoogLeNet, Inception-v3). It is named ``arch/laye
 ``"lpips"`` (the multi-layer set of LPIPS, for alexnet, vgg16 and squeezenet1_1 only).
 The taps of every architecture are in docs/lossnets.md.
 
+A *pixel baseline* is a loss network of its own kind: ``pixel/<metric>`` with a metric of
+:data:`PIXEL_METRICS` (``pixel/l2``, ``pixel/ssim``, ...). It has no weights, no taps and no
+extractor; the benchmarks that score it (plan.PIXEL_BENCHMARKS) compute the metric on the
+images themselves (:mod:`workflow.metrics.pixel`). The autoencoder's pixel-MSE baseline is
+the bare net id ``pixel`` of that benchmark (a training loss, not one of these metrics).
+
 Weights: ``"imagenet"`` (torchvision's IMAGENET1K_V1 file, fetched by the ``download_weights``
 rule into a local folder), ``"random"`` (torchvision's initialisation, seeded), or a path to
 a state_dict file.
@@ -22,12 +28,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "ARCHS", "LAYERS", "LPIPS_ARCHS", "WEIGHTS_HOST", "ArchSpec", "LossNet", "UnknownLossNetError",
-    "all_lossnets", "arch_spec", "weights_filename", "weights_id", "weights_url",
+    "ARCHS", "LAYERS", "LPIPS_ARCHS", "PIXEL", "PIXEL_METRICS", "WEIGHTS_HOST", "ArchSpec",
+    "LossNet", "UnknownLossNetError", "all_lossnets", "arch_spec", "pixel_lossnets",
+    "weights_filename", "weights_id", "weights_url",
 ]
 
 WEIGHTS_HOST = "https://download.pytorch.org/models/"
 LAYERS = ("1", "2", "3", "4")
+PIXEL = "pixel"  # the "architecture" of the pixel baselines
+# metric -> definition (docs/similarity.md); distances: higher = less similar
+PIXEL_METRICS: dict[str, str] = {
+    "l1": "mean |x - y| over pixels and channels, RGB in [0, 1]",
+    "l2": "LPIPS's L2: 0.5 * mean ((Lab(x) - Lab(y)) / 100)^2 over pixels and channels",
+    "l2_rgb": "mean (x - y)^2 over pixels and channels, RGB in [0, 1]",
+    "ssim": "LPIPS's DSSIM: (1 - SSIM) / 2, RGB, 7x7 uniform window, sample covariances",
+    "ssim_lab": "(1 - SSIM) / 2 as ssim, on Lab / 100",
+}
 
 
 @dataclass(frozen=True)
@@ -99,18 +115,26 @@ def arch_spec(arch: str) -> ArchSpec:
         return ARCHS[arch]
     except KeyError:
         raise UnknownLossNetError(
-            f"unknown architecture {arch!r}; known architectures: {', '.join(ARCHS)}"
+            f"unknown architecture {arch!r}; known architectures: {', '.join(ARCHS)} "
+            f"(or {PIXEL}/<metric> for a pixel baseline: {', '.join(PIXEL_METRICS)})"
         ) from None
 
 
 @dataclass(frozen=True)
 class LossNet:
-    """One loss network: an architecture and a layer ("1".."4" or "lpips")."""
+    """One loss network: an architecture and a layer ("1".."4" or "lpips"), or a pixel
+    baseline: arch ``pixel`` and a metric of :data:`PIXEL_METRICS` as its layer."""
 
     arch: str
     layer: str
 
     def __post_init__(self) -> None:
+        if self.arch == PIXEL:
+            if self.layer not in PIXEL_METRICS:
+                raise UnknownLossNetError(
+                    f"unknown pixel metric {self.layer!r} ({self.arch}/{self.layer}); "
+                    f"pixel baselines: {', '.join(f'{PIXEL}/{m}' for m in PIXEL_METRICS)}")
+            return
         spec = arch_spec(self.arch)
         if self.layer == "lpips":
             if spec.lpips is None:
@@ -128,7 +152,14 @@ class LossNet:
         return f"{self.arch}/{self.layer}"
 
     @property
+    def is_pixel(self) -> bool:
+        """A pixel baseline: no weights, no taps, no extractor."""
+        return self.arch == PIXEL
+
+    @property
     def taps(self) -> tuple[int, ...]:
+        if self.is_pixel:
+            return ()
         spec = ARCHS[self.arch]
         if self.layer == "lpips":
             return spec.lpips  # type: ignore[return-value]
@@ -142,7 +173,7 @@ class LossNet:
                 arch, layer = text.split(sep, 1)
                 return cls(arch, str(layer))
         raise UnknownLossNetError(
-            f"loss network {text!r} must look like 'alexnet/2' or 'vgg16/lpips'")
+            f"loss network {text!r} must look like 'alexnet/2', 'vgg16/lpips' or 'pixel/l2'")
 
 
 def all_lossnets(
@@ -157,6 +188,11 @@ def all_lossnets(
     return nets
 
 
+def pixel_lossnets(metrics: Iterable[str]) -> list[LossNet]:
+    """The pixel baselines ``pixel/<metric>`` of ``metrics``."""
+    return [LossNet(PIXEL, str(m)) for m in metrics]
+
+
 def weights_filename(arch: str) -> str:
     """File name of the IMAGENET1K_V1 weights, e.g. ``alexnet-owt-7be5be79.pth``."""
     return arch_spec(arch).weights_file
@@ -168,7 +204,9 @@ def weights_url(arch: str) -> str:
 
 
 def weights_id(arch: str, weights: str) -> str:
-    """A short provenance string for the scores table."""
+    """A short provenance string for the scores table (``none`` for the pixel baselines)."""
+    if arch == PIXEL:
+        return "none"
     if weights == "imagenet":
         return f"imagenet:{weights_filename(arch)}"
     if weights == "random":

@@ -40,9 +40,12 @@ from typing import Any
 
 from workflow.archs import (
     ARCHS,
+    PIXEL,
+    PIXEL_METRICS,
     LossNet,
     UnknownLossNetError,
     all_lossnets,
+    pixel_lossnets,
     weights_filename,
     weights_url,
 )
@@ -57,7 +60,12 @@ _SCHEMA_BASE = "https://lossnet-bench.invalid/schemas/"
 BENCHMARKS = ("similarity", "super_resolution", "delineation", "autoencoder", "adaptation",
               "probes")
 DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10")
-PIXEL = "pixel"  # the autoencoder's pixel-MSE baseline, in place of a loss network
+# PIXEL ("pixel", from archs): the arch of the pixel baselines pixel/<metric>, and the
+# autoencoder's net id of its pixel-MSE baseline. The benchmarks that score pixel baselines:
+PIXEL_BENCHMARKS = ("similarity", "probes")
+# keys of those benchmarks that only concern a loss network's features: not in a pixel job's
+# config (changing them reruns no pixel baseline); pixel distances are float64 (no precision)
+PIXEL_INDEPENDENT = ("comparisons", "channel_norm", "normalize")
 
 
 class ConfigError(ValueError):
@@ -159,12 +167,12 @@ STAGES: dict[str, dict[str, Stage]] = {
 
 # Keys that choose which jobs exist (the DAG), not what a job computes.
 DAG_KEYS: dict[str, tuple[str, ...]] = {
-    "similarity": ("lossnets", "lpips_sets"),
+    "similarity": ("lossnets", "lpips_sets", "pixel_baselines"),
     "super_resolution": ("lossnets", "lpips_sets", "scales", "runs"),
     "delineation": ("lossnets", "runs"),
     "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
     "adaptation": ("lossnets", "runs"),
-    "probes": ("lossnets",),
+    "probes": ("lossnets", "pixel_baselines"),
 }
 
 # The prepared datasets each benchmark reads (adaptation's depend on its config: datasets()).
@@ -564,7 +572,9 @@ class Plan:
 
         ``all`` is the grid, ``lpips_sets`` the LPIPS sets, or a list of ``arch/layer`` ids.
         Where the section has an ``lpips_sets`` switch it adds the LPIPS sets; in adaptation
-        and probes (no switch) ``all`` includes them; delineation has none.
+        and probes (no switch) ``all`` includes them; delineation has none. Where the section
+        has ``pixel_baselines`` (the benchmarks of :data:`PIXEL_BENCHMARKS`) it adds
+        ``pixel/<metric>`` for each; elsewhere a ``pixel/...`` id is refused.
         """
         sec = self.config[benchmark]
         chosen = sec["lossnets"]
@@ -579,7 +589,22 @@ class Plan:
             raise UnknownLossNetError(f"config key {benchmark}.lossnets: {e}") from None
         if sec.get("lpips_sets", chosen == "all" and benchmark in ("adaptation", "probes")):
             nets += self.lpips_sets()
+        pixel = [n.id for n in nets if n.is_pixel]
+        if pixel and benchmark not in PIXEL_BENCHMARKS:
+            raise UnknownLossNetError(
+                f"config key {benchmark}.lossnets: {', '.join(pixel)} are pixel baselines, "
+                f"which only {' and '.join(PIXEL_BENCHMARKS)} score; remove them")
+        nets += pixel_lossnets(sec.get("pixel_baselines", ()))
         return list(dict.fromkeys(nets))
+
+    @staticmethod
+    def layer_wildcard(benchmark: str) -> str:
+        """The ``{layer}`` wildcard's regex in a benchmark's rules: the study's layers and
+        ``lpips``, and the pixel metrics where the benchmark scores pixel baselines."""
+        layers = ["[1-4]", "lpips"]
+        if benchmark in PIXEL_BENCHMARKS:
+            layers += sorted(PIXEL_METRICS, key=len, reverse=True)
+        return "|".join(layers)
 
     def archs(self, benchmark: str) -> list[str]:
         return list(dict.fromkeys(n.arch for n in self.lossnets(benchmark)))
@@ -705,6 +730,10 @@ class Plan:
         if spec.lossnet and arch not in (None, PIXEL):
             cfg["weights"] = self.weights(arch)
             cfg["weights_seed"] = int(self.config["lossnets"]["seed"])
+        if arch == PIXEL and benchmark in PIXEL_BENCHMARKS:
+            # a pixel baseline computes on the images: no features, no autocast
+            for key in (*PIXEL_INDEPENDENT, "precision"):
+                cfg.pop(key, None)
         if benchmark == "similarity" and arch is not None:
             # one job per architecture scores exactly its own loss networks
             cfg["lossnets"] = [n.id for n in self.lossnets(benchmark) if n.arch == arch]

@@ -38,6 +38,7 @@ from workflow.analysis.adaptation_stats import adaptation_statistics
 from workflow.analysis.pareto import pareto_front
 from workflow.analysis.reproduced import display as reproduced_display
 from workflow.analysis.reproduced import published_vs_reproduced, summary
+from workflow.archs import PIXEL
 from workflow.files import write_parquet, write_text
 from workflow.results import validate_scores
 
@@ -67,10 +68,13 @@ def _match(col: pd.Series, want: Any) -> pd.Series:
 def select_scores(scores: pd.DataFrame, selectors: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Long table of the selected scores: score, benchmark, dataset, metric, arch, layer, value.
 
-    Loss networks only (rows with an architecture); runs and rankings averaged.
+    Loss networks only (rows with an architecture of the registry: the pixel baselines,
+    arch ``pixel``, have no attributes, and their comparison ``""`` would split a selector
+    that leaves the comparison open into two scores); runs and rankings averaged.
     """
     out = []
-    rows = scores[scores["arch"].fillna("").astype(str) != ""]
+    arch = scores["arch"].fillna("").astype(str)
+    rows = scores[(arch != "") & (arch != PIXEL)]
     names = [str(sel.get("name", "")) for sel in selectors]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -9,6 +9,10 @@ d(original, reference)`` (the same object on a stained background beats a differ
 on the original background). The images, their naming and grouping are
 :mod:`workflow.datasets.probes`; docs/adaptation.md describes the sets.
 
+A pixel baseline ``pixel/<metric>`` (docs/similarity.md) is scored by the same rule with its
+distance computed on the images (:mod:`workflow.metrics.pixel`, float64, no extractor); its
+rows have arch ``pixel``, layer = the metric, comparison ``""`` and channel_norm <NA>.
+
 Outputs: the probe folder (``images``), and per loss network the summary rows in the scores
 schema (``score``): dataset ``probes``, split = probe set, metric ``correct``, value = correct
 count, n = pairs in the set, variant ``generated`` or ``handmade``.
@@ -31,9 +35,11 @@ from workflow.datasets import probes
 from workflow.files import write_parquet
 from workflow.imaging import to_images
 from workflow.job import Job
+from workflow.metrics import pixel
 from workflow.results import score_frame
 
-__all__ = ["BENCHMARK", "count_correct", "images", "probe_distances", "score"]
+__all__ = ["BENCHMARK", "count_correct", "count_correct_pixel", "count_pairs", "images",
+           "probe_distances", "score"]
 
 BENCHMARK = "probes"
 
@@ -73,12 +79,8 @@ def probe_distances(feats: Mapping[int, Tensor], index: Mapping[str, int],
     return {v: compare.reduce_channels(d).cpu() for v, d in diffs.items()}
 
 
-def count_correct(feats: Mapping[int, Tensor], names: Sequence[str], ps: probes.ProbeSet,
-                  variants: Sequence[Variant]) -> dict[Variant, dict[str, tuple[int, int]]]:
-    """``{variant: {set: (correct, pairs)}}`` (the rule of the module docstring).
-
-    Args: feats: ``{tap: [N, ...]}`` features of the images ``names`` (row i = names[i]).
-    """
+def _wanted(ps: probes.ProbeSet) -> dict[tuple[str, str], int]:
+    """Every distinct (a, b) name pair the counts need, with its position."""
     refs = [f"reference_{r}" for r in probes.REFERENCES]
     wanted: list[tuple[str, str]] = []
     for pairs in ps.pairs.values():
@@ -86,21 +88,42 @@ def count_correct(feats: Mapping[int, Tensor], names: Sequence[str], ps: probes.
             wanted += [(o, v)] + [(o, r) for r in refs]
     for o, s, r in ps.triplets:
         wanted += [(o, s), (o, r)]
-    # every distinct (a, b) once, all in one batch
-    pos = {p: i for i, p in enumerate(dict.fromkeys(wanted))}
+    return {p: i for i, p in enumerate(dict.fromkeys(wanted))}
+
+
+def count_pairs(dv: Tensor, pos: Mapping[tuple[str, str], int], ps: probes.ProbeSet
+                ) -> dict[str, tuple[int, int]]:
+    """``{set: (correct, pairs)}`` from the distances ``dv[pos[(a, b)]]`` of one metric."""
+    refs = [f"reference_{r}" for r in probes.REFERENCES]
+    res = {}
+    for set_name, pairs in ps.pairs.items():
+        ok = sum(bool(dv[pos[(o, v)]] <= min(dv[pos[(o, r)]] for r in refs)) for o, v in pairs)
+        res[set_name] = (int(ok), len(pairs))
+    if ps.triplets:
+        ok = sum(bool(dv[pos[(o, s)]] < dv[pos[(o, r)]]) for o, s, r in ps.triplets)
+        res["stain"] = (int(ok), len(ps.triplets))
+    return res
+
+
+def count_correct(feats: Mapping[int, Tensor], names: Sequence[str], ps: probes.ProbeSet,
+                  variants: Sequence[Variant]) -> dict[Variant, dict[str, tuple[int, int]]]:
+    """``{variant: {set: (correct, pairs)}}`` (the rule of the module docstring).
+
+    Args: feats: ``{tap: [N, ...]}`` features of the images ``names`` (row i = names[i]).
+    """
+    pos = _wanted(ps)  # every distinct (a, b) once, all in one batch
     d = probe_distances(feats, {n: i for i, n in enumerate(names)}, variants, list(pos))
-    out: dict[Variant, dict[str, tuple[int, int]]] = {}
-    for var in variants:
-        dv, res = d[var], {}
-        for set_name, pairs in ps.pairs.items():
-            ok = sum(bool(dv[pos[(o, v)]] <= min(dv[pos[(o, r)]] for r in refs))
-                     for o, v in pairs)
-            res[set_name] = (int(ok), len(pairs))
-        if ps.triplets:
-            ok = sum(bool(dv[pos[(o, s)]] < dv[pos[(o, r)]]) for o, s, r in ps.triplets)
-            res["stain"] = (int(ok), len(ps.triplets))
-        out[var] = res
-    return out
+    return {var: count_pairs(d[var], pos, ps) for var in variants}
+
+
+def count_correct_pixel(x: Tensor, names: Sequence[str], ps: probes.ProbeSet, metric: str
+                        ) -> dict[str, tuple[int, int]]:
+    """``{set: (correct, pairs)}`` of the pixel baseline ``metric`` on the images ``x``
+    ([N, 3, H, W] in [0, 1], row i = names[i])."""
+    pos, index = _wanted(ps), {n: i for i, n in enumerate(names)}
+    a = torch.tensor([index[p[0]] for p in pos], device=x.device)
+    b = torch.tensor([index[p[1]] for p in pos], device=x.device)
+    return count_pairs(pixel.distance(metric, x[a], x[b]).cpu(), pos, ps)
 
 
 @torch.inference_mode()
@@ -109,8 +132,9 @@ def score(job: Job, config: Mapping[str, Any], net: str, images: Path, scores: P
     """Count the correct probe pairs of loss network ``net`` and write the summary rows.
 
     Args: config: the stage config (comparisons, channel_norm, normalize, image_size,
-    images); net: ``arch/layer``; images: the probe folder or its manifest.json; scores:
-    the output Parquet. Returns: the rows (scores schema).
+    images; a pixel baseline's has image_size and images only); net: ``arch/layer``;
+    images: the probe folder or its manifest.json; scores: the output Parquet.
+    Returns: the rows (scores schema).
     """
     lossnet = LossNet.parse(net)
     ps = probes.load(images)
@@ -119,22 +143,29 @@ def score(job: Job, config: Mapping[str, Any], net: str, images: Path, scores: P
     # is made contiguous NCHW (to_images keeps the HWC permute's strides), then the job's
     # layout: on the CPU the convolutions' last bits depend on the layout, and the study's
     # numbers were made from NCHW batches
-    x = job.to_device(torch.cat([to_images(ps.images[n][None], job.device,
-                                           int(config["image_size"])) for n in names]
-                                ).contiguous())
-    extractor = job.extractor(lossnet, config["normalize"])
-    with job.autocast():
-        feats = {t: f.float() for t, f in extractor(x).items()}
-    variants = compare.all_variants(config["comparisons"], config["channel_norm"])
-    counts = count_correct(feats, names, ps, variants)
+    size = int(config["image_size"])
+    if lossnet.is_pixel:
+        x = torch.cat([pixel.images64(ps.images[n][None], job.device, size) for n in names])
+        counts: dict[Variant | None, dict[str, tuple[int, int]]] = {
+            None: count_correct_pixel(x, names, ps, lossnet.layer)}
+    else:
+        x = job.to_device(torch.cat([to_images(ps.images[n][None], job.device, size)
+                                     for n in names]).contiguous())
+        extractor = job.extractor(lossnet, config["normalize"])
+        with job.autocast():
+            feats = {t: f.float() for t, f in extractor(x).items()}
+        variants = compare.all_variants(config["comparisons"], config["channel_norm"])
+        counts = dict(count_correct(feats, names, ps, variants))
     source = "generated" if str(config["images"]) == "generated" else "handmade"
     rows = [{"dataset": "probes", "split": set_name, "layer": lossnet.layer,
-             "comparison": v.method, "channel_norm": v.channel_norm, "variant": source,
+             "comparison": "" if v is None else v.method,
+             "channel_norm": None if v is None else v.channel_norm, "variant": source,
              "metric": "correct", "value": float(ok), "n": n}
             for v, res in counts.items() for set_name, (ok, n) in res.items()]
+    precision = pixel.PRECISION if lossnet.is_pixel else job.precision
     df = score_frame(rows, benchmark=BENCHMARK, arch=lossnet.arch,
-                     **job.provenance(lossnet.arch))
+                     **{**job.provenance(lossnet.arch), "precision": precision})
     write_parquet(df, scores)
     print(f"{scores}: {len(df)} rows ({lossnet.id}, {len(names)} images, device {job.device}, "
-          f"{job.precision})")
+          f"{precision})")
     return df

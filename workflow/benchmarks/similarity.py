@@ -6,6 +6,11 @@ channel-normalisation variant of every loss network is computed from those featu
 (``workflow.compare``; its docstring fixes the normalisation convention: sum over channels,
 mean over positions, sum over layers, as in BAPPS / LPIPS).
 
+The pixel baselines (arch ``pixel``, docs/similarity.md) are one job of their own: every
+chosen ``pixel/<metric>`` computed on the images themselves (:mod:`workflow.metrics.pixel`,
+float64), no extractor and no weights. Their rows have layer = the metric, comparison ``""``
+and channel_norm <NA>.
+
 Outputs
 - per-sample Parquet: one row per (item, loss network, variant): 2AFC rows carry ``d0``,
   ``d1``, ``judge``; JND rows carry ``d``, ``same``.
@@ -26,17 +31,18 @@ import pandas as pd
 import torch
 
 from workflow import compare
-from workflow.archs import LossNet
+from workflow.archs import PIXEL, LossNet
 from workflow.compare import Variant
 from workflow.datasets import bapps
 from workflow.files import write_parquet
 from workflow.imaging import to_images
 from workflow.job import Job
 from workflow.lossnets import FeatureExtractor
+from workflow.metrics import pixel
 from workflow.metrics.similarity import bapps_rows
 from workflow.results import score_frame
 
-__all__ = ["CPU_FORWARD_BYTES", "Scorer", "score"]
+__all__ = ["CPU_FORWARD_BYTES", "PixelScorer", "Scorer", "score"]
 
 # Bytes of one forward chunk's activations on the CPU (all image sets together, the
 # largest tensor of the pass): far below glibc's mmap threshold, so every pass reuses the
@@ -104,6 +110,43 @@ class Scorer:
         return {k: v[0] for k, v in self._score([p0, p1], [(0, 1)]).items()}
 
 
+class PixelScorer:
+    """Distances of the pixel baselines ``pixel/<metric>``, keyed as :class:`Scorer`'s with
+    variant None (a pixel baseline has no comparison method or channel normalisation)."""
+
+    def __init__(self, job: Job, nets: Sequence[LossNet], image_size: int = 64):
+        bad = [n.id for n in nets if not n.is_pixel]
+        if bad:
+            raise ValueError(f"PixelScorer scores pixel baselines only, got {bad}")
+        self.job, self.nets, self.size = job, list(nets), int(image_size)
+
+    def _images(self, a: np.ndarray) -> torch.Tensor:
+        return pixel.images64(a, self.job.device, self.size)
+
+    def _score(self, sets: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]]) -> dict:
+        d = pixel.pair_distances([n.layer for n in self.nets], [self._images(a) for a in sets],
+                                 pairs)
+        return {(net.id, None): d[net.layer] for net in self.nets}
+
+    @torch.inference_mode()
+    def twoafc(self, ref: np.ndarray, p0: np.ndarray, p1: np.ndarray
+               ) -> dict[tuple[str, None], torch.Tensor]:
+        """``[2, N]`` distances (d0; d1) per (pixel baseline id, None)."""
+        return self._score([ref, p0, p1], [(1, 0), (2, 0)])
+
+    @torch.inference_mode()
+    def jnd(self, p0: np.ndarray, p1: np.ndarray) -> dict[tuple[str, None], torch.Tensor]:
+        """``[N]`` distances per (pixel baseline id, None)."""
+        return {k: v[0] for k, v in self._score([p0, p1], [(0, 1)]).items()}
+
+
+def _variant_columns(v: Variant | None) -> dict[str, Any]:
+    """comparison / channel_norm of a variant: "" / <NA> for a pixel baseline (None)."""
+    if v is None:
+        return {"comparison": "", "channel_norm": None}
+    return {"comparison": v.method, "channel_norm": v.channel_norm}
+
+
 class _Progress:
     def __init__(self, total: int) -> None:
         self.done, self.total, self.t0, self.last = 0, total, time.perf_counter(), 0.0
@@ -124,7 +167,7 @@ def _batched(fn, arrays: Sequence[np.ndarray], batch: int, label: str, progress:
     parts: dict = {}
     for i in range(0, n, batch):
         for k, v in fn(*[a[i:i + batch] for a in arrays]).items():
-            parts.setdefault(k, []).append(v.float().cpu())
+            parts.setdefault(k, []).append(v.double().cpu())
         progress.update(min(batch, n - i), label)
     return {k: torch.cat(v, dim=-1).numpy().astype(np.float64) for k, v in parts.items()}
 
@@ -141,16 +184,23 @@ def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], sam
         raise ValueError(f"config key lossnets must list loss networks of one architecture, "
                          f"got {sorted(archs) or 'none'}")
     arch = archs.pop()
-    variants = compare.all_variants(config["comparisons"], config["channel_norm"])
-    extractor = job.extractor(nets, config["normalize"], channels_last=True)
-    scorer = Scorer(job, extractor, nets, variants, int(config["image_size"]))
+    scorer: Scorer | PixelScorer
+    if arch == PIXEL:
+        variants: list[Variant | None] = [None]
+        scorer = PixelScorer(job, nets, int(config["image_size"]))
+        taps, precision = "none (pixels)", pixel.PRECISION
+    else:
+        variants = list(compare.all_variants(config["comparisons"], config["channel_norm"]))
+        extractor = job.extractor(nets, config["normalize"], channels_last=True)
+        scorer = Scorer(job, extractor, nets, variants, int(config["image_size"]))
+        taps, precision = str(scorer.taps), job.precision
     data = {("2afc", s): bapps.load(prepared["bapps"], "2afc", "val", s)
             for s in config["twoafc_subsets"]}
     data |= {("jnd", s): bapps.load(prepared["bapps"], "jnd", "val", s)
              for s in config["jnd_subsets"]}
     progress = _Progress(sum(len(d["p0"]) for d in data.values()))
-    print(f"{arch}: {len(nets)} loss networks x {len(variants)} variants, taps {scorer.taps}, "
-          f"{progress.total} items, device {job.device}, {job.precision}", flush=True)
+    print(f"{arch}: {len(nets)} loss networks x {len(variants)} variants, taps {taps}, "
+          f"{progress.total} items, device {job.device}, {precision}", flush=True)
     batch = int(job.setting("batch_size"))
     dists = {}
     for (kind, subset), d in data.items():
@@ -163,13 +213,14 @@ def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], sam
     rows = []
     for net in nets:
         for v in variants:
-            key = {"layer": net.layer, "comparison": v.method, "channel_norm": v.channel_norm}
+            key = {"layer": net.layer, **_variant_columns(v)}
             twoafc = {s: (*dists[("2afc", s)][(net.id, v)], data[("2afc", s)]["judge"])
                       for s in config["twoafc_subsets"]}
             jnd = {s: (dists[("jnd", s)][(net.id, v)], np.asarray(data[("jnd", s)]["same"]))
                    for s in config["jnd_subsets"]}
             rows += [{**key, **r} for r in bapps_rows(twoafc, jnd)]
-    summary = score_frame(rows, benchmark="similarity", arch=arch, **job.provenance(arch))
+    summary = score_frame(rows, benchmark="similarity", arch=arch,
+                          **{**job.provenance(arch), "precision": precision})
     write_parquet(_samples_frame(arch, nets, variants, data, dists), samples)
     write_parquet(summary, scores)
     best = summary[summary["split"].isin(["mean", "pooled"])]
@@ -187,8 +238,7 @@ def _samples_frame(arch, nets, variants, data, dists) -> pd.DataFrame:
             for v in variants:
                 x = dists[(kind, subset)][(net.id, v)]
                 f = {"dataset": f"bapps-{kind}", "split": subset, "item": np.arange(n),
-                     "name": names, "arch": arch, "layer": net.layer, "comparison": v.method,
-                     "channel_norm": v.channel_norm}
+                     "name": names, "arch": arch, "layer": net.layer, **_variant_columns(v)}
                 if kind == "2afc":
                     f |= {"d0": x[0], "d1": x[1], "judge": np.asarray(d["judge"], np.float64)}
                 else:
@@ -197,4 +247,5 @@ def _samples_frame(arch, nets, variants, data, dists) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True)
     for c in ("dataset", "split", "arch", "layer", "comparison"):
         df[c] = df[c].astype("category")
+    df["channel_norm"] = df["channel_norm"].astype("boolean")
     return df
