@@ -97,7 +97,32 @@ ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                        "help": "config files, later ones win (default: "
                                                "config.yaml)"}),
     "job": ((), {}),  # the Job, built from --config, --settings and --threads (it implies them)
+    # the metric command (workflow/metric.py)
+    "a": (("a",), {"type": Path, "help": "an image, or a folder of images"}),
+    "b": (("b",), {"type": Path, "help": "an image, or a folder paired with a by file name"}),
+    "lossnet": (("--lossnet",), {"default": "squeezenet1_1/lpips",
+                                 "help": "loss network arch/layer (default squeezenet1_1/lpips)"}),
+    "comparison": (("--comparison",), {"default": "spatial",
+                                       "help": "spatial | mean | sort | spatial+mean | "
+                                               "spatial+sort (default spatial)"}),
+    "channel_norm": (("--channel-norm",), {"type": lambda t: _flag(t, "--channel-norm"),
+                                           "default": True, "dest": "channel_norm",
+                                           "help": "true | false (default true)"}),
+    "weights": (("--weights",), {"default": "imagenet",
+                                 "help": "imagenet | random | a state_dict path"}),
+    "weights_dir": (("--weights-dir",), {"type": Path, "default": None, "dest": "weights_dir",
+                                         "help": "folder of torchvision's weight files (default: "
+                                                 "resources/weights, then torch's hub cache)"}),
+    "device": (("--device",), {"default": "cpu", "help": "cpu | cuda | mps | auto"}),
 }
+
+
+def _flag(text: str, name: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{name} takes true or false, got {text!r}")
 
 _B = "workflow.benchmarks."
 COMMANDS: dict[tuple[str, str], Command] = {
@@ -175,6 +200,10 @@ COMMANDS: dict[tuple[str, str], Command] = {
     ("results", "compare"): Command("workflow.results:compare",
                                     "two scores tables equal bit for bit, provenance aside?",
                                     ("inputs", "columns")),
+    ("metric", "score"): Command("workflow.metric:score",
+                                 "distances of two images, or of two folders paired by name",
+                                 ("a", "b", "out", "lossnet", "comparison", "channel_norm",
+                                  "weights", "weights_dir", "device")),
     ("analysis", "attributes"): Command("workflow.analysis.attributes:write_attributes",
                                         "loss-network attributes -> lossnets.parquet",
                                         ("config", "out")),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,35 +207,3 @@ def score(a: Path, b: Path, out: Path, lossnet: str = "squeezenet1_1/lpips",
         write_parquet(df, out)
     print(f"{out}: {len(df)} pair(s), mean distance {df['distance'].mean():.6g}", flush=True)
     return df
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
-
-
-def cli_args() -> dict[str, tuple[Sequence[str], dict[str, Any]]]:
-    """The metric command's own arguments (added to ``workflow.cli.ARGS``)."""
-    return {
-        "a": (("a",), {"type": Path, "help": "an image, or a folder of images"}),
-        "b": (("b",), {"type": Path, "help": "an image, or a folder paired with a by name"}),
-        "lossnet": (("--lossnet",), {"default": "squeezenet1_1/lpips",
-                                     "help": "loss network arch/layer (default: "
-                                             "squeezenet1_1/lpips)"}),
-        "comparison": (("--comparison",), {"default": "spatial", "choices": compare.METHODS,
-                                           "help": "comparison method (default: spatial)"}),
-        "channel_norm": (("--channel-norm",), {"type": _bool, "default": True,
-                                               "dest": "channel_norm",
-                                               "help": "true | false (default: true)"}),
-        "weights": (("--weights",), {"default": "imagenet",
-                                     "help": "imagenet | random | a state_dict path"}),
-        "weights_dir": (("--weights-dir",), {"type": Path, "default": None,
-                                             "dest": "weights_dir",
-                                             "help": "folder of torchvision's weight files "
-                                                     "(default: resources/weights, then torch's "
-                                                     "hub cache)"}),
-        "device": (("--device",), {"default": "cpu", "help": "cpu | cuda | mps | auto"}),
-    }
