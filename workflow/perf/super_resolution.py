@@ -41,7 +41,7 @@ from workflow.job import Job
 from workflow.lossnets import feature_loss
 from workflow.models.srnet import SRNet
 from workflow.perf.report import machine_description, update_section
-from workflow.training import TrainConfig, Trainer
+from workflow.training import TrainConfig, Trainer, make_adam
 
 GRID_MODELS = 112
 STUDY_IMAGES = 200_000 * 4  # 200k iterations at batch 4 = 80 epochs of the 10k images
@@ -80,7 +80,7 @@ def build(job: Job, net_id: LossNet, scale: int, batch: int, size: int, channels
     bank = ImageBank(images.numpy(), device, "always")
     net = SRNet(scale)
     extractor = job.extractor(net_id, "none", channels_last=channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = make_adam(net.parameters(), 1e-3, device)
     batches = train_batches(bank, EpochSampler(len(bank), batch, 0, device), None)
     trainer: Trainer
 
