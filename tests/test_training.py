@@ -20,8 +20,10 @@ from workflow.training import (
     Preempted,
     TrainConfig,
     Trainer,
+    adam_fused,
     constant_then_linear,
     load_model,
+    make_adam,
     save_model,
 )
 
@@ -398,3 +400,41 @@ def test_checkpoint_on_a_full_disk_says_disk_full_at_its_path(tmp_path, monkeypa
         tr.save_checkpoint()
     assert (tmp_path / "last.pt").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_make_adam_fuses_on_cuda_and_keeps_the_cpu_path_bit_identical():
+    assert adam_fused("cuda") and adam_fused(torch.device("cuda", 1))
+    assert not adam_fused("cpu") and not adam_fused(torch.device("cpu"))
+    # built for a CUDA job before the harness moves the modules there (CPU parameters)
+    assert make_adam(_net(0).parameters(), 1e-3, "cuda").defaults["fused"] is True
+
+    def trajectory(make):
+        net = _net(0)
+        opt = make(net.parameters())
+        g = torch.Generator().manual_seed(4)
+        for _ in range(5):
+            opt.zero_grad()
+            x = torch.rand(2, 3, 8, 8, generator=g)
+            ((net.eval()(x) - x) ** 2).mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()], opt.state_dict()
+
+    ours, ours_state = trajectory(lambda p: make_adam(p, "0.01", CPU.device, [0.5, 0.99]))
+    plain, plain_state = trajectory(lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.5, 0.99)))
+    assert ours_state["param_groups"][0]["fused"] is None
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain, strict=True))
+    for k, st in plain_state["state"].items():
+        assert all(torch.equal(st[n], ours_state["state"][k][n]) for n in st)
+
+
+def test_every_adam_is_built_by_make_adam(repo_root):
+    """One constructor: a new call site that builds Adam itself would miss the fused path."""
+    import re
+
+    own = re.compile(r"\bAdam\(")
+    files = sorted((repo_root / "workflow").rglob("*.py"))
+    found = [f"{p.relative_to(repo_root)}:{i}" for p in files
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if own.search(line) and "def make_adam" not in line
+             and not (p.name == "training.py" and "return torch.optim.Adam(" in line)]
+    assert found == []

@@ -200,8 +200,9 @@ def _markdown(rows: list[dict[str, Any]], configs: dict[str, dict[str, Any]], de
         f"super_resolution` (x{args.scale}, {args.size}x{args.size} targets, random weights and "
         f"images; median of {args.repeats} interleaved repetitions of {steps} steps after "
         f"{warmup} warm-up steps). Each step is the harness's full step: on-device blur + "
-        f"bicubic degradation, SRNet forward, loss-network features of output and target in one "
-        f"pass, backward, Adam. FLOPs per step from `torch.utils.flop_counter`.",
+        f"bicubic degradation, SRNet forward, loss-network features of the output (and of the "
+        f"target in a no-grad pass), backward, Adam (fused on CUDA). FLOPs per step from "
+        f"`torch.utils.flop_counter`.",
         "",
     ]
     if device.type == "cpu":
