@@ -203,6 +203,26 @@ def test_feature_loss_backpropagates_through_the_output_only():
     assert feats[0].grad_fn is None and feats[1].grad_fn is not None  # target first, then output
 
 
+@pytest.mark.gpu
+def test_feature_loss_on_cuda_equals_the_cpu_one_in_fp32():
+    ex = build_extractor("resnet18", [2, 5], weights="random")
+    g = torch.Generator().manual_seed(2)
+    out = torch.rand(2, 3, 64, 64, generator=g).requires_grad_()
+    tgt = torch.rand(2, 3, 64, 64, generator=g)
+    loss = lossnets.feature_loss(ex, [2, 5], out, tgt)
+    (grad,) = torch.autograd.grad(loss, out)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32
+    try:
+        out_c = out.detach().cuda().requires_grad_()
+        loss_c = lossnets.feature_loss(ex.cuda(), [2, 5], out_c, tgt.cuda())
+        (grad_c,) = torch.autograd.grad(loss_c, out_c)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert loss_c.item() == pytest.approx(loss.item(), rel=1e-4)
+    assert (grad_c.cpu() - grad).abs().max() <= 1e-4 * grad.abs().max()
+
+
 def test_weight_file_names_match_torchvision_enums():
     # the registry holds them as data so the Snakefile never imports torchvision
     from workflow.lossnets import ARCHS, weights_enum, weights_url

@@ -438,3 +438,36 @@ def test_every_adam_is_built_by_make_adam(repo_root):
              if own.search(line) and "def make_adam" not in line
              and not (p.name == "training.py" and "return torch.optim.Adam(" in line)]
     assert found == []
+
+
+@pytest.mark.gpu
+def test_a_cuda_step_in_bf16_channels_last_fused_and_without_host_sync(tmp_path):
+    """The SR benchmark's harness step on CUDA (bf16 autocast, channels_last, fused Adam)
+    makes no host sync and starts where the fp32 CPU step does (bf16 tolerance)."""
+    from workflow.archs import LossNet
+    from workflow.perf.super_resolution import build, make_job
+
+    net = LossNet.parse("alexnet/2")
+    job = make_job("cuda", "auto", None)
+    assert job.precision == "bf16" and job.channels_last
+    gpu = build(job, net, 4, 4, 64, True, False, tmp_path / "gpu")
+    cpu = build(make_job("cpu", "fp32", None), net, 4, 4, 64, False, False, tmp_path / "cpu")
+    assert gpu.optimizer.defaults["fused"] is True
+    before = [p.detach().clone() for p in gpu.modules["model"].parameters()]
+    gpu.train_step(0)
+    cpu.train_step(0)
+    first_gpu, first_cpu = gpu.check_losses(), cpu.check_losses()
+    assert first_gpu == pytest.approx(first_cpu, rel=3e-2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside a step raises
+    try:
+        for step in range(1, 4):
+            gpu.train_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert gpu.check_losses() is not None  # finite (the NaN guard raises otherwise)
+    conv = next(m for m in gpu.modules["model"].modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    after = list(gpu.modules["model"].parameters())
+    assert all(p.device.type == "cuda" for p in after)
+    assert any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(after, before, strict=True))
