@@ -210,10 +210,10 @@ def _markdown(rows: list[dict[str, Any]], configs: dict[str, dict[str, Any]], de
                   f"off, so the default configuration *is* the reference one here: the ratio "
                   f"measures noise (shared machine), not an optimisation.", ""]
     lines += [
-        "| loss network | configuration | dtype | layout | batch | images/s | GFLOP/step | "
-        "TFLOP/s" + (" | % bf16 peak" if peak else "") + " | vs reference | "
+        "| loss network | configuration | dtype | layout | batch | ms/step | images/s | "
+        "GFLOP/step | TFLOP/s" + (" | % bf16 peak" if peak else "") + " | vs reference | "
         f"projected {unit}-hours, 112 models x 200k it. |",
-        "|---|---|---|---|---|---|---|---|---" + ("|---" if peak else "") + "|---|",
+        "|---|---|---|---|---|---|---|---|---|---" + ("|---" if peak else "") + "|---|",
     ]
     for r in rows:
         ratio = r["images_per_s"] / ref[r["lossnet"]]["images_per_s"]
@@ -222,7 +222,8 @@ def _markdown(rows: list[dict[str, Any]], configs: dict[str, dict[str, Any]], de
         compiled = " (compiled)" if r["compile"] else ""
         layout = "NHWC" if r["channels_last"] else "NCHW"
         lines.append(f"| {r['lossnet']} | {r['config']}{compiled} | {r['precision']} | {layout} | "
-                     f"{r['batch']} | {r['images_per_s']:.2f} | {r['gflop_per_step']:.1f} | "
+                     f"{r['batch']} | {1e3 * r['sec_per_step']:.1f} | {r['images_per_s']:.2f} | "
+                     f"{r['gflop_per_step']:.1f} | "
                      f"{r['tflops']:.3f}{pct} | {ratio:.2f}x | {hours:,.0f} |")
     by_cfg: dict[str, list[float]] = {}
     for r in rows:
