@@ -84,3 +84,53 @@ def test_epoch_sampler_min_batch_items_and_stride():
     s = EpochSampler(items, 5, seed=1, seed_stride=100_003)
     g = torch.Generator().manual_seed(100_003 + 0)
     assert torch.equal(s(0), items[torch.randperm(5, generator=g)])
+
+
+def test_the_index_path_never_reads_the_device():
+    """No step's index path brings a value to the host (a host sync on a GPU): run on the
+    meta device, whose tensors have no data (``.item()``, ``.tolist()``, ``.cpu()``, NumPy
+    all raise), sampler, crops and a device bank's gather still give every step's batch;
+    the epoch order is drawn on the CPU and copied over once per epoch."""
+    from workflow.benchmarks.super_resolution import train_batches
+    from workflow.imaging import masks_to_float
+
+    meta = torch.device("meta")
+    bank = ImageBank(_images(n=7), meta, "always")
+    masks = ImageBank(_images(n=7)[..., 0], meta, "always")
+    assert bank.where == "device" and bank.data.device == meta
+    sampler = EpochSampler(torch.arange(7), 3, seed=0, device=meta, min_batch=2)
+    for step in range(2 * sampler.steps_per_epoch + 1):  # across two epoch boundaries
+        idx = sampler(step)
+        assert idx.device == meta and idx.shape == (3,)  # the trailing single item dropped
+        top, left, flips = random_crops(len(idx), 10, 12, 6, flip=True, device=meta)
+        rows, cols = crop_grid(top, left, 6, flips)
+        img = bank.images(idx, rows, cols, channels_last=True)  # delineation's step
+        gt = masks_to_float(masks.gather(idx, rows, cols))
+        assert img.shape == (len(idx), 3, 6, 6) and gt.shape == (len(idx), 1, 6, 6)
+        assert bank.images(idx, pad=2).shape == (len(idx), 3, 14, 16)  # the autoencoder's
+    for crop in (8, None):  # super-resolution's, cropping and not
+        batch = train_batches(bank, EpochSampler(7, 2, seed=0, device=meta), crop)
+        assert [tuple(batch(s).shape) for s in (2, 3, 4)] == [
+            (2, 3, crop or 10, crop or 12), (1, 3, crop or 10, crop or 12),
+            (2, 3, crop or 10, crop or 12)]
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        sampler(0).tolist()  # the stand-in really cannot be read
+
+
+@pytest.mark.gpu
+def test_sampler_on_cuda_makes_no_host_sync_and_draws_the_cpu_order():
+    cuda = torch.device("cuda")
+    sampler, on_cpu = EpochSampler(100, 8, seed=3, device=cuda), EpochSampler(100, 8, seed=3)
+    bank = ImageBank(_images(n=100), cuda, "always")
+    sampler(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        steps = [sampler(k) for k in range(3 * sampler.steps_per_epoch)]  # 2 epoch changes
+        top, left, flips = random_crops(8, 10, 12, 6, flip=True, device=cuda)
+        crops = bank.images(steps[-1], *crop_grid(top, left, 6, flips))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert crops.device.type == "cuda"
+    for k, idx in enumerate(steps):
+        assert idx.device.type == "cuda" and torch.equal(idx.cpu(), on_cpu(k))

@@ -147,6 +147,82 @@ def test_feature_loss_is_the_mse_of_features_with_target_detached():
     assert out.grad is not None and tgt.grad is None
 
 
+def _joint_feature_loss(ex, taps, output, target):
+    """The earlier feature loss: output and target in one batch, so backward ran through
+    the target's half too (and threw that half's input gradient away)."""
+    n = output.shape[0]
+    feats = ex(torch.cat([output, target.detach()], 0))
+    return sum(torch.mean((feats[t][:n] - feats[t][n:].detach()) ** 2) for t in taps)
+
+
+@pytest.mark.parametrize("arch,taps", [("squeezenet1_1", [1, 3]), ("resnet18", [2, 5])])
+def test_feature_loss_equals_the_joint_pass(arch, taps):
+    """Loss and gradient of the separate no-grad target pass = the joint pass's (fp32):
+    SqueezeNet keeps in-place ReLUs next to taps, ResNet has (frozen) BatchNorm."""
+    ex = build_extractor(arch, taps, weights="random")
+    g = torch.Generator().manual_seed(1)
+    out = torch.rand(2, 3, 48, 48, generator=g).requires_grad_()
+    tgt = torch.rand(2, 3, 48, 48, generator=g)
+    new = lossnets.feature_loss(ex, taps, out, tgt)
+    (g_new,) = torch.autograd.grad(new, out)
+    old = _joint_feature_loss(ex, taps, out, tgt)
+    (g_old,) = torch.autograd.grad(old, out)
+    assert abs(new.item() - old.item()) <= 1e-6 * abs(old.item())
+    assert (g_new - g_old).abs().max() <= 1e-6 * g_old.abs().max()
+
+
+def test_feature_loss_backpropagates_through_the_output_only():
+    """FLOPs by torch.utils.flop_counter: the backward convolutions are exactly those of the
+    output's features alone (half the joint pass's), the forward ones two passes of 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    ex = build_extractor("alexnet", [1, 4], weights="random")
+    out = torch.rand(2, 3, 64, 64, requires_grad=True)
+    tgt = torch.rand(2, 3, 64, 64, requires_grad=True)
+
+    def conv_flops(loss_fn):
+        with FlopCounterMode(display=False) as fc:
+            loss_fn().backward()
+        counts = fc.get_flop_counts()["Global"]
+        return counts[aten.convolution], counts[aten.convolution_backward]
+
+    fwd_out, bwd_out = conv_flops(lambda: sum(f.sum() for f in ex(out).values()))
+    fwd_new, bwd_new = conv_flops(lambda: lossnets.feature_loss(ex, [1, 4], out, tgt))
+    fwd_old, bwd_old = conv_flops(lambda: _joint_feature_loss(ex, [1, 4], out, tgt))
+    assert bwd_out > 0 and bwd_new == bwd_out and bwd_old == 2 * bwd_out
+    assert fwd_new == fwd_old == 2 * fwd_out
+    assert tgt.grad is None
+    # nothing of the target's pass is kept for backward: its features have no graph
+    feats = {}
+    hook = ex.body[1].register_forward_hook(lambda _m, _i, o: feats.setdefault(len(feats), o))
+    try:
+        lossnets.feature_loss(ex, [1, 4], out, tgt)
+    finally:
+        hook.remove()
+    assert feats[0].grad_fn is None and feats[1].grad_fn is not None  # target first, then output
+
+
+@pytest.mark.gpu
+def test_feature_loss_on_cuda_equals_the_cpu_one_in_fp32():
+    ex = build_extractor("resnet18", [2, 5], weights="random")
+    g = torch.Generator().manual_seed(2)
+    out = torch.rand(2, 3, 64, 64, generator=g).requires_grad_()
+    tgt = torch.rand(2, 3, 64, 64, generator=g)
+    loss = lossnets.feature_loss(ex, [2, 5], out, tgt)
+    (grad,) = torch.autograd.grad(loss, out)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32
+    try:
+        out_c = out.detach().cuda().requires_grad_()
+        loss_c = lossnets.feature_loss(ex.cuda(), [2, 5], out_c, tgt.cuda())
+        (grad_c,) = torch.autograd.grad(loss_c, out_c)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert loss_c.item() == pytest.approx(loss.item(), rel=1e-4)
+    assert (grad_c.cpu() - grad).abs().max() <= 1e-4 * grad.abs().max()
+
+
 def test_weight_file_names_match_torchvision_enums():
     # the registry holds them as data so the Snakefile never imports torchvision
     from workflow.lossnets import ARCHS, weights_enum, weights_url

@@ -56,3 +56,26 @@ def test_dag_measurement_parses_the_job_count(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
     cpu, wall, jobs = dag.dry_run(tmp_path, tmp_path, bytecode=True)
     assert jobs == 750 and cpu >= 0 and wall >= 0
+
+
+def test_sr_table_has_ms_per_step_in_every_row():
+    import argparse
+
+    import torch
+
+    from workflow.perf import super_resolution as psr
+
+    base = {"precision": "fp32", "channels_last": False, "compile": False, "batch": 4}
+    rows = [{"lossnet": "alexnet/2", "config": name, **base, "sec_per_step": sec,
+             "images_per_s": 4 / sec, "gflop_per_step": 170.0, "tflops": 0.17 / sec}
+            for name, sec in (("reference", 0.25), ("default", 0.2))]
+    md = psr._markdown(rows, {"reference": base, "default": base}, torch.device("cpu"),
+                       argparse.Namespace(scale=4, size=288, repeats=3), 2, 1, "fp32")
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    header, body = table[0], table[2:]
+    assert "| ms/step |" in header and len(body) == 2
+    col = [c.strip() for c in header.strip("|").split("|")].index("ms/step")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert {len(c) for c in cells} == {len(cells[0])}  # header, rule and rows align
+    assert [float(c[col]) for c in cells[2:]] == [250.0, 200.0]  # 1000 x s/step
+    assert [c[col + 1] for c in cells[2:]] == ["16.00", "20.00"]  # images/s = 4 / s

@@ -20,8 +20,10 @@ from workflow.training import (
     Preempted,
     TrainConfig,
     Trainer,
+    adam_fused,
     constant_then_linear,
     load_model,
+    make_adam,
     save_model,
 )
 
@@ -400,3 +402,74 @@ def test_checkpoint_on_a_full_disk_says_disk_full_at_its_path(tmp_path, monkeypa
     # no temporary file is left (the trainer's lock file stays: unlinking a lock is racy)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [
         ".trainer.lock"]
+
+
+def test_make_adam_fuses_on_cuda_and_keeps_the_cpu_path_bit_identical():
+    assert adam_fused("cuda") and adam_fused(torch.device("cuda", 1))
+    assert not adam_fused("cpu") and not adam_fused(torch.device("cpu"))
+    # built for a CUDA job before the harness moves the modules there (CPU parameters)
+    assert make_adam(_net(0).parameters(), 1e-3, "cuda").defaults["fused"] is True
+
+    def trajectory(make):
+        net = _net(0)
+        opt = make(net.parameters())
+        g = torch.Generator().manual_seed(4)
+        for _ in range(5):
+            opt.zero_grad()
+            x = torch.rand(2, 3, 8, 8, generator=g)
+            ((net.eval()(x) - x) ** 2).mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()], opt.state_dict()
+
+    ours, ours_state = trajectory(lambda p: make_adam(p, "0.01", CPU.device, [0.5, 0.99]))
+    plain, plain_state = trajectory(lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.5, 0.99)))
+    assert ours_state["param_groups"][0]["fused"] is None
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain, strict=True))
+    for k, st in plain_state["state"].items():
+        assert all(torch.equal(st[n], ours_state["state"][k][n]) for n in st)
+
+
+def test_every_adam_is_built_by_make_adam(repo_root):
+    """One constructor: a new call site that builds Adam itself would miss the fused path."""
+    import re
+
+    own = re.compile(r"\bAdam\(")
+    files = sorted((repo_root / "workflow").rglob("*.py"))
+    found = [f"{p.relative_to(repo_root)}:{i}" for p in files
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if own.search(line) and "def make_adam" not in line
+             and not (p.name == "training.py" and "return torch.optim.Adam(" in line)]
+    assert found == []
+
+
+@pytest.mark.gpu
+def test_a_cuda_step_in_bf16_channels_last_fused_and_without_host_sync(tmp_path):
+    """The SR benchmark's harness step on CUDA (bf16 autocast, channels_last, fused Adam)
+    makes no host sync and starts where the fp32 CPU step does (bf16 tolerance)."""
+    from workflow.archs import LossNet
+    from workflow.perf.super_resolution import build, make_job
+
+    net = LossNet.parse("alexnet/2")
+    job = make_job("cuda", "auto", None)
+    assert job.precision == "bf16" and job.channels_last
+    gpu = build(job, net, 4, 4, 64, True, False, tmp_path / "gpu")
+    cpu = build(make_job("cpu", "fp32", None), net, 4, 4, 64, False, False, tmp_path / "cpu")
+    assert gpu.optimizer.defaults["fused"] is True
+    before = [p.detach().clone() for p in gpu.modules["model"].parameters()]
+    gpu.train_step(0)
+    cpu.train_step(0)
+    first_gpu, first_cpu = gpu.check_losses(), cpu.check_losses()
+    assert first_gpu == pytest.approx(first_cpu, rel=3e-2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside a step raises
+    try:
+        for step in range(1, 4):
+            gpu.train_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert gpu.check_losses() is not None  # finite (the NaN guard raises otherwise)
+    conv = next(m for m in gpu.modules["model"].modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    after = list(gpu.modules["model"].parameters())
+    assert all(p.device.type == "cuda" for p in after)
+    assert any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(after, before, strict=True))

@@ -30,7 +30,7 @@ from workflow.lossnets import feature_loss
 from workflow.models.autoencoder import ConvAutoencoder
 from workflow.models.mlp import fit_grid, select_best
 from workflow.results import score_frame
-from workflow.training import TrainConfig, Trainer, load_model, resume_key, save_model
+from workflow.training import TrainConfig, Trainer, load_model, make_adam, resume_key, save_model
 
 __all__ = ["BEST_VARIANT", "DATASETS", "MIN_BATCH", "PIXEL", "DatasetSpec", "encode",
            "fit_mlps", "inputs", "load_autoencoder", "load_split", "parse_net", "read_codes",
@@ -142,7 +142,7 @@ def train(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: int 
     seed_everything(seed + run)  # the initial weights (the harness reseeds itself)
     model = ConvAutoencoder(spec.size, int(tcfg["code_size"]))
     loss_fn, extractor = reconstruction_loss(job, lossnet, tcfg["normalize"])
-    opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
+    opt = make_adam(model.parameters(), tcfg["lr"], job.device)
     sampler = EpochSampler(torch.from_numpy(tr), int(tcfg["batch_size"]), seed + run,
                            job.device, min_batch=MIN_BATCH)
     spe, batch = sampler.steps_per_epoch, inputs(job, images, spec)

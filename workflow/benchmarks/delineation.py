@@ -41,7 +41,7 @@ from workflow.lossnets import feature_loss
 from workflow.metrics.delineation import COUNT_KEYS, match_counts, scores_from_counts
 from workflow.models.unet import RefinementUNet, predict_tiled
 from workflow.results import score_frame
-from workflow.training import TrainConfig, Trainer, load_model, resume_key, save_model
+from workflow.training import TrainConfig, Trainer, load_model, make_adam, resume_key, save_model
 
 __all__ = ["evaluate", "make_trainer", "score_tiles", "summarize", "train"]
 
@@ -166,7 +166,7 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
     # built after the U-Net: random loss-network weights come from their own seed (fork_rng)
     extractor = job.extractor(net, config["normalize"])
     _check_crop_fits(extractor, net, crop, job.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    optimizer = make_adam(model.parameters(), config["lr"], job.device)
     spe = sampler.steps_per_epoch
     trainer: Trainer
 

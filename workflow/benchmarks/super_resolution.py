@@ -49,7 +49,7 @@ from workflow.lossnets import feature_loss
 from workflow.metrics.image import psnr, rgb_to_y, shave, ssim
 from workflow.models.srnet import SRNet
 from workflow.results import score_frame
-from workflow.training import TrainConfig, Trainer, load_model, resume_key, save_model
+from workflow.training import TrainConfig, Trainer, load_model, make_adam, resume_key, save_model
 
 __all__ = ["PROTOCOLS", "evaluate", "evaluate_image", "super_resolve", "train",
            "train_batches", "validation_psnr"]
@@ -155,7 +155,7 @@ def train(job: Job, config: Mapping[str, Any], net: str, scale: int, run: int | 
     seed_everything(seed)  # the network's initialisation depends on the run
     model = SRNet(scale)
     extractor = job.extractor(lossnet, config["normalize"])
-    opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    opt = make_adam(model.parameters(), config["lr"], device)
     batch = train_batches(bank, EpochSampler(len(bank), int(config["batch_size"]), seed, device),
                           config["crop_size"])
 

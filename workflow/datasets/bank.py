@@ -10,8 +10,12 @@ and converted on the device. No loader or PIL is involved in a training loop.
 
 :class:`EpochSampler` gives the item indices of training step ``step``: epochs visit every
 item once in a shuffled order that is a function of ``(seed, epoch)`` alone, so a run
-resumed mid-epoch draws the same batches without storing any sampler state, and the order is
-moved to the device once per epoch (no host synchronisation per step).
+resumed mid-epoch draws the same batches without storing any sampler state. The order is
+drawn on the CPU (so it is the same on every device) and copied to the device once per
+epoch, asynchronously (from pinned memory on CUDA: the host never waits for the GPU); a
+step's indices are a slice of it there, so the index path makes no host synchronisation.
+Gathering from a device-placed bank stays on the device too; a bank kept in host memory or on
+disk is indexed on the host, which needs the indices there (one device-to-host copy a step).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import Tensor
 
 from workflow.imaging import to_float
 
-__all__ = ["EpochSampler", "ImageBank", "crop_grid", "placement", "random_crops"]
+__all__ = ["EpochSampler", "ImageBank", "crop_grid", "placement", "random_crops", "to_device_async"]
 
 Where = Literal["device", "host", "disk"]
 POLICIES = ("auto", "always", "never")
@@ -63,6 +67,15 @@ def placement(nbytes: int, device: torch.device, policy: str = "auto",
         elif fits_ram:
             return "device"
     return "host" if fits_ram else "disk"
+
+
+def to_device_async(t: Tensor, device: torch.device | str | None) -> Tensor:
+    """A CPU tensor on ``device`` without making the host wait: a CUDA copy is queued from
+    pinned memory (torch's pinned-block cache keeps the source alive until the copy ran);
+    elsewhere an ordinary ``.to``."""
+    if device is not None and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class ImageBank:
@@ -169,7 +182,7 @@ class EpochSampler:
         """The shuffled positions of epoch ``epoch`` (on the device)."""
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * self.seed_stride + int(epoch))
-            self._order = torch.randperm(self.n, generator=g).to(self.device)
+            self._order = to_device_async(torch.randperm(self.n, generator=g), self.device)
             self._epoch = epoch
         assert self._order is not None
         return self._order

@@ -148,8 +148,11 @@ def tap_channels(extractor: nn.Module, size: int, device: torch.device) -> dict[
 
 def make_optimizer(adapter: FusedAdapter, lr: float, betas: Sequence[float]
                    ) -> torch.optim.Adam:
-    """Adam over every metric's parameters (elementwise, so the metrics stay independent)."""
-    return torch.optim.Adam(adapter.parameters(), lr=float(lr), betas=tuple(betas))
+    """Adam over every metric's parameters (elementwise, so the metrics stay independent),
+    built by :func:`workflow.training.make_adam` for the device the adapter is on."""
+    from workflow.training import make_adam
+
+    return make_adam(adapter.parameters(), lr, next(adapter.parameters()).device, betas)
 
 
 def load_adapter(path: str | Path, device: torch.device) -> tuple[FusedAdapter, dict[str, Any]]:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from workflow.datasets.bank import EpochSampler
 from workflow.job import Job, seed_everything
-from workflow.training import TrainConfig, Trainer
+from workflow.training import TrainConfig, Trainer, make_adam
 
 __all__ = ["HIDDEN_GRID", "GridSelection", "MLPGrid", "build_mlp", "fit_grid", "mlp_name",
            "select_best"]
@@ -173,7 +173,7 @@ def fit_grid(job: Job, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
     seed_everything(seed)  # initialisation; the harness reseeds the training RNGs itself
     grid = MLPGrid(train_z.shape[1], n_classes, [tuple(h) for h in hidden])
     selection = GridSelection(grid, int(patience))
-    opt = torch.optim.Adam(grid.parameters(), lr=float(lr))
+    opt = make_adam(grid.parameters(), lr, job.device)
     sampler = EpochSampler(len(train_z), int(batch_size), seed, job.device, min_batch=2)
     spe = sampler.steps_per_epoch
     state: dict[str, Any] = {"active": None, "epoch": -1}

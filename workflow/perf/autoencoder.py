@@ -29,7 +29,7 @@ from workflow.datasets.bank import ImageBank
 from workflow.job import Job, pick_device
 from workflow.models.autoencoder import ConvAutoencoder
 from workflow.perf.report import machine_description, update_section
-from workflow.training import TrainConfig, Trainer
+from workflow.training import TrainConfig, Trainer, make_adam
 
 CONFIGS = {
     "default": {"precision": "auto", "channels_last": None},
@@ -51,7 +51,7 @@ def images_per_second(net: str, dataset: str, device: str, precision: str,
     loss_fn, extractor = reconstruction_loss(job, lossnet, "none")
     if extractor is not None and not cl:
         extractor = extractor.to(memory_format=torch.contiguous_format)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_adam(model.parameters(), 1e-3, job.device)
     rng = np.random.default_rng(seed)
     side = spec.size - 2 * spec.pad
     bank = ImageBank(rng.integers(0, 256, (4 * batch_size, side, side, 3), dtype=np.uint8),

@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is rewritten")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     job = Job.create({"precision": args.precision, "weights": "random"},
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one section per device and thread count (a 1-thread and an all-cores run coexist)
         key = f"similarity-{device.type}" if device.type != "cpu" else \
             f"similarity-cpu-{torch.get_num_threads()}thread"
-        update_section(key, "\n".join(md))
+        update_section(key, "\n".join(md), args.out)
     else:
         print("\n".join(md))
     return 0
