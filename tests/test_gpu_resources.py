@@ -130,7 +130,7 @@ def test_two_gpu_jobs_on_one_gpu_never_overlap(tmp_path):
         "device": "auto", "benchmarks": ["probes"], "results_dir": str(results),
         "resources_dir": str(tmp_path / "resources"),
         "probes": {"lossnets": ["alexnet/1", "squeezenet1_1/1"], "comparisons": ["mean"],
-                   "channel_norm": [False]}}))
+                   "channel_norm": [False], "pixel_baselines": []}}))
     plan = Plan(load_config(ROOT / "config.yaml", ROOT / "config" / "demo.yaml", cfg))
     assert plan.gpus("probes", "score") == 1
     # the probe images up front, in this process (the rule's own config): only the two

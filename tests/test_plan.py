@@ -132,7 +132,8 @@ def test_a_bad_loss_network_id_says_what_an_id_looks_like():
     assert lines == [
         f"config key similarity.lossnets[1]: 'alexnet/5' is not valid; valid: "
         f"{item['description']}",
-        "(similarity.lossnets: all (the lossnets grid) or a list of arch/layer ids)"]
+        f"(similarity.lossnets: "
+        f"{_schema_file('similarity')['properties']['lossnets']['description']})"]
     # a value that fits no alternative's shape: the alternatives, summarised
     lines = _config_error({"super_resolution": {"lossnets": "every"}})
     assert lines[0] == ("config key super_resolution.lossnets: 'every' is not valid; valid: "
