@@ -136,7 +136,7 @@ def test_a_bad_loss_network_id_says_what_an_id_looks_like():
         f"{_schema_file('similarity')['properties']['lossnets']['description']})"]
     # a value that fits no alternative's shape: the alternatives, summarised
     lines = _config_error({"super_resolution": {"lossnets": "every"}})
-    sr_item = _schema_file("super_resolution")["properties"]["lossnets"]["oneOf"][1]["items"]
+    sr_item = _schema_file("super_resolution")["$defs"]["lossnets"]["oneOf"][1]["items"]
     assert lines[0] == ("config key super_resolution.lossnets: 'every' is not valid; valid: "
                         f"all or a list of ({sr_item['description']})")
 
