@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -674,9 +675,28 @@ class Plan:
         opts.pop("archive_limits", None)  # a setting: data_settings_param
         if purpose != "synthesize":
             opts.pop("synthetic", None)
-        if purpose != "download":
+        if purpose not in ("download", "link"):
             opts.pop("checksums", None)
+        if purpose == "link":
+            opts["folder"] = self.user_folder(dataset)
         return as_json(opts)
+
+    def user_folder(self, dataset: str) -> str | None:
+        """Config ``data.paths.<dataset>`` with ``~`` expanded: the user's own copy in its
+        upstream layout, which the ``link_dataset`` rule uses instead of a download."""
+        folder = self.config["data"]["paths"].get(dataset)
+        return os.path.expanduser(str(folder)) if folder else None
+
+    def linked_datasets(self) -> list[str]:
+        return [d for d in DATASETS if self.user_folder(d)]
+
+    def fingerprint_param(self) -> Callable[[Any], str]:
+        """The link rule's rerun trigger: the paths, sizes and mtimes of the user folder's
+        files that prepare reads (a stat of each when the DAG is built; nothing is read)."""
+        from workflow.datasets.user_folders import fingerprint
+
+        return lambda wildcards: fingerprint(wildcards.dataset,
+                                             self.user_folder(wildcards.dataset))
 
     def mirror(self, name: str) -> str:
         return str(self.config["data"]["mirrors"].get(name, ""))

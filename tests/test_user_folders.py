@@ -1,0 +1,250 @@
+"""config data.paths: the user's own folders in their upstream layouts stand in for the
+download, verified like one, never modified, and a change is detected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from snakemake_helpers import ROOT, snakemake
+
+from workflow.datasets import bapps, registry, sr_test, svhn
+from workflow.datasets.user_folders import UserFolderError, fingerprint, layout, link
+
+SIZES = {  # the demo's synthetic sizes (schema defaults), Set5/Set14/BSD100 at the real counts
+    "bapps": {"n_val": 12, "n_train": 4, "n_jnd": 12, "size": 80},
+    "svhn": {"train": 512, "test": 256, "extra": 1024},
+    "sr_test": {"set5": 5, "set14": 14, "bsd100": 100},
+}
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` (links followed): kind, size, mtime and sha256 of files,
+    and the link target of links."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_file():
+                out[rel] = ("file", st.st_size, st.st_mtime_ns, sha256(p))
+            else:
+                out[rel] = ("dir", st.st_mtime_ns, oct(st.st_mode))
+    return out
+
+
+def user_folders(tmp: Path, seed: int = 0) -> dict[str, Path]:
+    """BAPPS, SVHN and Set5/Set14/BSDS300 in their upstream layouts, written by the datasets'
+    own synthesize; BAPPS is given as a symlink to its dataset/ folder (as a user whose data
+    lives on another disk has it)."""
+    store = tmp / "store"
+    bapps.synthesize(store / "lpips", seed, **SIZES["bapps"])   # store/lpips/dataset/2afc ...
+    svhn.synthesize(store / "torchvision_root", seed, **SIZES["svhn"])
+    sr_test.synthesize(store / "sr", seed, **SIZES["sr_test"])
+    mine = tmp / "mine"
+    mine.mkdir()
+    (mine / "BAPPS").symlink_to(store / "lpips" / "dataset", target_is_directory=True)
+    return {"bapps": mine / "BAPPS", "svhn": store / "torchvision_root", "sr_test": store / "sr"}
+
+
+def arrays(prepared: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for p in sorted(prepared.iterdir()):
+        if p.suffix == ".npy":
+            out[p.name] = np.load(p)
+        elif p.suffix == ".npz":
+            with np.load(p) as z:
+                out.update({f"{p.name}:{k}": z[k] for k in z.files})
+    return out
+
+
+@pytest.mark.slow
+def test_demo_parts_from_user_folders_through_the_rules(tmp_path):
+    folders = user_folders(tmp_path)
+    before = {ds: snapshot(f) for ds, f in folders.items()}
+    # the synthetic .mat files are not the published ones: pin their sha256, as for a mirror
+    pins = {n: sha256(folders["svhn"] / n) for n in
+            ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat")}
+    res = tmp_path / "res"
+    cfg = {"data": {"paths": {ds: str(f) for ds, f in folders.items()},
+                    "svhn": {"checksums": pins}}}
+    (tmp_path / "paths.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["--configfile", str(ROOT / "config" / "demo.yaml"), str(tmp_path / "paths.yaml"),
+            "--config", f"resources_dir={res}", f"results_dir={tmp_path / 'out'}", "--",
+            *[str(res / "prepared" / ds / "manifest.json") for ds in folders]]
+    proc = snakemake("--cores", "2", *args)
+    text = proc.stdout + proc.stderr
+    assert "link_dataset" in text and "synthesize_dataset" not in text
+
+    # nothing in the user's folders changed: paths, sizes, mtimes, hashes, links
+    for ds, f in folders.items():
+        assert snapshot(f) == before[ds], ds
+    assert os.readlink(folders["bapps"]) == str(tmp_path / "store" / "lpips" / "dataset")
+
+    # the raw folders read the user's files through links, with their sha256 recorded
+    for ds, f in folders.items():
+        raw = res / "raw" / ds
+        ready = json.loads((raw / "READY").read_text())
+        assert ready["source"] == "user" and ready["folder"] == str(f.resolve())
+        book = json.loads((raw / "checksums.json").read_text())
+        for rel, entry in book.items():
+            src = Path(entry["source"])
+            assert f.resolve() in src.parents and entry["sha256"] == sha256(src), rel
+            assert (raw / rel).resolve() == src
+    assert len(json.loads((res / "raw/bapps/checksums.json").read_text())) == \
+        sum(len(list((folders["bapps"] / k).rglob("*.*"))) for k in ("2afc", "jnd"))
+    assert (res / "raw/svhn/train_32x32.mat").is_symlink()
+    assert (res / "raw/bapps/2afc").resolve() == (folders["bapps"] / "2afc").resolve()
+
+    # the prepared arrays equal those of a normal synthesize in the raw folder
+    ref = tmp_path / "ref"
+    for ds in folders:
+        registry.synthesize(ds, ref / "raw" / ds, 0, {"synthetic": SIZES[ds]})
+        registry.prepare(ds, ref / "raw" / ds, ref / "prepared" / ds)
+        got, want = arrays(res / "prepared" / ds), arrays(ref / "prepared" / ds)
+        assert sorted(got) == sorted(want) and len(got) > 2, ds
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{ds} {k}")
+
+    # a second run has nothing to do; a rewritten user file reruns link and prepare of svhn
+    dry = snakemake("-n", *args)
+    assert "link_dataset" not in dry.stdout + dry.stderr
+    mat = folders["svhn"] / "test_32x32.mat"
+    st = mat.stat()
+    os.utime(mat, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    dry = snakemake("-n", *args).stdout
+    assert "link_dataset" in dry and "prepare_dataset" in dry
+    assert "wildcards: dataset=svhn" in dry and "dataset=bapps" not in dry
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Small user folders (BAPPS, SVHN), built once."""
+    tmp = tmp_path_factory.mktemp("small")
+    bapps.synthesize(tmp / "lpips", 1, n_val=2, n_train=1, n_jnd=2, size=32)
+    svhn.synthesize(tmp / "root", 1, train=8, test=4, extra=4)
+    return tmp
+
+
+def copytree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_missing_folder_names_the_key_and_the_folder(tmp_path):
+    with pytest.raises(UserFolderError) as e:
+        layout("svhn", tmp_path / "nowhere")
+    assert str(e.value) == (f"config key data.paths.svhn: the folder {tmp_path / 'nowhere'} "
+                            f"does not exist")
+    (tmp_path / "broken").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserFolderError, match=r"data\.paths\.bapps: the folder .*broken does "
+                                              r"not exist \(it resolves to .*gone\)"):
+        layout("bapps", tmp_path / "broken")
+    # the rule's fingerprint says so, so the link job runs and reports it
+    assert fingerprint("svhn", tmp_path / "nowhere").startswith("unusable: config key")
+
+
+def test_wrong_layouts_name_what_is_missing(tmp_path, small):
+    root = copytree(small / "root", tmp_path / "root")
+    (root / "extra_32x32.mat").unlink()
+    with pytest.raises(UserFolderError, match=r"^config key data\.paths\.svhn \(.*root\): "
+                                              r"missing extra_32x32\.mat; a torchvision SVHN"):
+        layout("svhn", root)
+    ds = copytree(small / "lpips" / "dataset", tmp_path / "dataset")
+    (ds / "2afc/val/cnn/p1/000001.png").unlink()
+    with pytest.raises(UserFolderError, match=r"data\.paths\.bapps .*2afc/val/cnn/p1 has no "
+                                              r"000001\.png \(1 of the 2 items lack their p1\)"):
+        layout("bapps", ds)
+    import shutil
+
+    shutil.rmtree(ds / "jnd")
+    with pytest.raises(UserFolderError, match=r"no jnd/ folder in it .*lpips package's"):
+        layout("bapps", ds)
+    with pytest.raises(UserFolderError, match=r"data\.paths\.sr_test .*no Set5/img_001_SRF_2_HR"):
+        layout("sr_test", ds)
+
+
+def test_symlinked_bapps_folder_is_found(tmp_path, small):
+    """The old bug: a raw folder holding a link to the BAPPS tree was 'incomplete'."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dataset").symlink_to(small / "lpips" / "dataset", target_is_directory=True)
+    roots = bapps.find_roots(raw)
+    assert roots == {"2afc": raw / "dataset" / "2afc", "jnd": raw / "dataset" / "jnd"}
+    # and the parent of dataset/ is a valid user folder too
+    lay = layout("bapps", small / "lpips")
+    assert lay.entries["2afc"] == (small / "lpips" / "dataset" / "2afc").resolve()
+    # 2afc val: 6 subsets x 2 items x 4 parts, train: 3 x 1 x 4; jnd: 2 subsets x 2 x 3
+    assert len(lay.files) == 48 + 12 + 12
+
+
+def test_published_checksums_and_pins(tmp_path, small):
+    root = small / "root"
+    with pytest.raises(UserFolderError, match=r"train_32x32\.mat: md5 [0-9a-f]{32} is not the "
+                                              r"expected e26dedcc434d2e4c54c9b2d4a06d8373 "
+                                              r"\(published upstream\)"):
+        link("svhn", root, tmp_path / "raw")
+    assert not (tmp_path / "raw" / "READY").exists()
+    pins = {n: sha256(root / n) for n in ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat")}
+    bad = {**pins, "test_32x32.mat": "0" * 64}
+    with pytest.raises(UserFolderError, match=r"test_32x32\.mat: sha256 .* not the expected "
+                                              r"0{64} \(pinned in data\.svhn\.checksums\)"):
+        link("svhn", root, tmp_path / "raw", {"checksums": bad})
+    info = link("svhn", root, tmp_path / "raw", {"checksums": pins})
+    assert info["files"] == 3 and info["folder"] == str(root)
+
+
+def test_change_after_verification_is_detected(tmp_path, small):
+    root = copytree(small / "root", tmp_path / "root")
+    pins = {n: sha256(root / n) for n in ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat")}
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    fp = fingerprint("svhn", root)
+    registry.download("svhn", raw, {"checksums": pins, "folder": str(root)})
+    assert fingerprint("svhn", root) == fp  # linking changed nothing
+    registry.prepare("svhn", raw, out)
+    np.testing.assert_array_equal(np.load(out / "test_labels.npy"),
+                                  svhn.read_mat(root / "test_32x32.mat")[1])
+    # rewrite a file with other bytes after the link verified it
+    from scipy.io import loadmat, savemat
+
+    mat = loadmat(root / "test_32x32.mat")
+    savemat(root / "test_32x32.mat", {"X": mat["X"][..., :2], "y": mat["y"][:2]})
+    assert fingerprint("svhn", root) != fp  # the link rule's param: Snakemake reruns it
+    with pytest.raises(UserFolderError, match=r"^config key data\.paths\.svhn: .*test_32x32\.mat "
+                                              r"changed after it was verified .*link_dataset"):
+        registry.prepare("svhn", raw, out)
+    assert not (out / "manifest.json").exists()
+
+
+def test_download_after_a_link_never_writes_into_the_user_folder(tmp_path, small):
+    ds = copytree(small / "lpips", tmp_path / "lpips")
+    before = snapshot(ds)
+    raw = tmp_path / "raw"
+    link("bapps", ds / "dataset", raw)
+    assert (raw / "2afc").is_symlink() and (raw / "jnd").is_symlink()
+    with pytest.raises(UserFolderError, match=r"data\.paths\.bapps .*raw folder .* overlap"):
+        link("bapps", raw.parent, raw)
+    # data.paths removed again: the synthetic twin replaces the links, not the user's files
+    registry.synthesize("bapps", raw, 3, {"synthetic": {"n_val": 1, "n_train": 1, "n_jnd": 1,
+                                                        "size": 32}})
+    assert not any(p.is_symlink() for p in raw.iterdir())
+    assert json.loads((raw / "READY").read_text())["source"] == "synthetic"
+    assert not (raw / "checksums.json").exists()
+    assert snapshot(ds) == before
