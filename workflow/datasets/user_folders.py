@@ -404,7 +404,7 @@ def check_unchanged(name: str, raw: str | os.PathLike) -> None:
     if new:
         raise UserFolderError(f"config key {key}: {lay.source(new[0])} ({len(new)} file(s)) "
                               f"appeared after {lay.folder} was verified; {fix}")
-    for rel, entry in book.items():
+    for entry in book.values():
         src = Path(entry["source"])
         try:
             st = src.stat()
