@@ -1,6 +1,7 @@
 # Data: raw trees (downloaded or synthesized) -> prepared arrays; the ImageNet weights.
 # Outputs other rules depend on: {RES}/raw/{dataset}/READY, {RES}/prepared/{dataset}/manifest.json
-# and {RES}/weights/<torchvision file> (plan.weights_input).
+# and {RES}/weights/<torchvision file> (plan.weights_input; with lossnets.weights_dir, the
+# user's file and its verification record {RES}/weights/verified/<file>.json).
 #   snakemake --cores 1 download     # everything the configured benchmarks need (login node)
 # Config data.source picks which rule makes READY: download_dataset (a localrule, the real
 # files) or synthesize_dataset (small fakes in the same layout); a dataset in data.paths gets
@@ -126,26 +127,51 @@ rule prepare_dataset:
         " > {log:q} 2>&1"
 
 
-rule download_weights:
-    # the configured imagenet archs; all 14 when none is (`snakemake download_weights`)
-    output:
-        plan.weight_files(),
-    params:
-        archs=" ".join(plan.weight_archs()),
-        mirror=plan.mirror_param("weights"),
-        folder=lambda w, output: os.path.dirname(output[0]),
-    message:
-        f"download ImageNet weights: {' '.join(plan.weight_urls())}"
-    log:
-        f"{RES}/logs/download_weights.log",
-    conda:
-        "../envs/workflow.yaml"
-    shell:
-        "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
-        " --mirror {params.mirror:q} > {log:q} 2>&1"
+if plan.own_weights_dir():
+
+    rule download_weights:
+        # config lossnets.weights_dir (e.g. a torch hub cache): the user's files are only
+        # verified (torchvision's sha256 prefix check); the records go to {RES}/weights/verified
+        input:
+            plan.weight_files(),
+        output:
+            plan.weight_targets(),
+        params:
+            archs=" ".join(plan.weight_archs()),
+            source=plan.weights_dir(),
+            folder=lambda w, output: os.path.dirname(output[0]),
+        message:
+            f"verify ImageNet weights in lossnets.weights_dir: {plan.weights_dir()}"
+        log:
+            f"{RES}/logs/download_weights.log",
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
+            " --mirror {params.source:q} > {log:q} 2>&1"
+
+else:
+
+    rule download_weights:
+        # the configured imagenet archs; all 14 when none is (`snakemake download_weights`)
+        output:
+            plan.weight_files(),
+        params:
+            archs=" ".join(plan.weight_archs()),
+            mirror=plan.mirror_param("weights"),
+            folder=lambda w, output: os.path.dirname(output[0]),
+        message:
+            f"download ImageNet weights: {' '.join(plan.weight_urls())}"
+        log:
+            f"{RES}/logs/download_weights.log",
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
+            " --mirror {params.mirror:q} > {log:q} 2>&1"
 
 
 rule download:
     input:
         [plan.raw_ready(d) for d in plan.needed_datasets()],
-        [plan.weight_file(a) for a in plan.imagenet_archs()],
+        plan.weight_targets(plan.imagenet_archs()),

@@ -248,3 +248,78 @@ def test_download_after_a_link_never_writes_into_the_user_folder(tmp_path, small
     assert json.loads((raw / "READY").read_text())["source"] == "synthetic"
     assert not (raw / "checksums.json").exists()
     assert snapshot(ds) == before
+
+
+# ----------------------------------------------------------------------------- weights_dir
+
+
+def _hub(tmp: Path, archs=("alexnet", "vgg16")) -> Path:
+    """A fake torch hub cache: files under torchvision's names (contents not checked here)."""
+    from workflow.archs import weights_filename
+
+    hub = tmp / "home" / ".cache" / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    for a in archs:
+        (hub / weights_filename(a)).write_bytes(a.encode())
+    return hub
+
+
+def test_weights_dir_is_read_and_only_verified(tmp_path, monkeypatch):
+    from workflow.plan import ConfigError, Plan, load_config
+
+    hub = _hub(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    over = {"resources_dir": "R", "lossnets": {"archs": ["alexnet", "vgg16"], "lpips_sets": [],
+                                               "weights_dir": "~/.cache/torch/hub/checkpoints"}}
+    plan = Plan(load_config(ROOT / "config.yaml", overrides=over))
+    assert plan.weights_dir() == str(hub)
+    assert plan.weights_input("alexnet") == [
+        f"{hub}/alexnet-owt-7be5be79.pth", "R/weights/verified/alexnet-owt-7be5be79.pth.json"]
+    assert plan.weight_files() == [f"{hub}/alexnet-owt-7be5be79.pth", f"{hub}/vgg16-397923af.pth"]
+    assert plan.weight_targets() == ["R/weights/verified/alexnet-owt-7be5be79.pth.json",
+                                     "R/weights/verified/vgg16-397923af.pth.json"]
+    assert plan.stage_settings("similarity", "score")["weights_dir"] == str(hub)
+    # a configured architecture whose file the folder lacks stops the DAG build
+    over["lossnets"]["archs"].append("resnet18")
+    with pytest.raises(ConfigError, match=r"^config key lossnets\.weights_dir \(.*checkpoints\): "
+                                          r"1 ImageNet file\(s\) missing: resnet18-f37072fd\.pth"):
+        Plan(load_config(ROOT / "config.yaml", overrides=over))
+
+
+def test_verify_folder_checks_the_name_hash_and_never_writes(tmp_path, monkeypatch):
+    from workflow.datasets import weights
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    good, bad = b"alexnet weights", b"vgg16 weights"
+    names = {"alexnet": f"alexnet-{hashlib.sha256(good).hexdigest()[:8]}.pth",
+             "vgg16": "vgg16-397923af.pth"}
+    monkeypatch.setattr(weights, "weights_filename", names.__getitem__)
+    (hub / names["alexnet"]).write_bytes(good)
+    (hub / names["vgg16"]).write_bytes(bad)
+    os.utime(hub / names["alexnet"], ns=(10**18, 10**18))
+    before = snapshot(hub)
+    rec, = weights.fetch_weights(["alexnet"], tmp_path / "R/verified", mirror=str(hub))
+    entry = json.loads(rec.read_text())
+    assert entry["sha256"] == hashlib.sha256(good).hexdigest() and entry["size"] == len(good)
+    assert rec.stat().st_mtime_ns == 10**18  # as new as the file it vouches for
+    with pytest.raises(weights.WeightsFileError, match=r"lossnets\.weights_dir .*vgg16-397923af"
+                                                       r"\.pth has sha256 .* does not start "
+                                                       r"with 397923af"):
+        weights.verify_folder(["vgg16"], hub, tmp_path / "R/verified")
+    with pytest.raises(weights.WeightsFileError, match=r"resnet18 is missing|missing \(resnet18"):
+        monkeypatch.setattr(weights, "weights_filename", lambda a: f"{a}-00000000.pth")
+        weights.verify_folder(["resnet18"], hub, tmp_path / "R/verified")
+    assert snapshot(hub) == before
+
+
+@pytest.mark.slow
+def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
+    hub = _hub(tmp_path, archs=("alexnet", "squeezenet1_1", "resnet18"))
+    proc = snakemake("-n", "download_weights", "--configfile",
+                     str(ROOT / "config" / "demo.yaml"), "--config",
+                     f"resources_dir={tmp_path / 'res'}", f"results_dir={tmp_path / 'out'}",
+                     f"lossnets={{'weights': 'imagenet', 'weights_dir': '{hub}'}}")
+    text = proc.stdout + proc.stderr
+    assert f"verify ImageNet weights in lossnets.weights_dir: {hub}" in text
+    assert "download.pytorch.org" not in text

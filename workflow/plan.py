@@ -534,6 +534,16 @@ class Plan:
 
         for b in self.enabled():
             self.lossnets(b)  # an unknown loss network id is named with its config key
+        own = self.own_weights_dir()
+        missing = [weights_filename(a) for a in self.imagenet_archs()
+                   if own and not Path(self.weight_file(a)).is_file()]
+        if missing:
+            raise ConfigError(
+                f"config key lossnets.weights_dir ({own}): {len(missing)} ImageNet file(s) "
+                f"missing: {', '.join(missing)}; put torchvision's files there (e.g. "
+                f"torchvision.models.alexnet(weights='IMAGENET1K_V1') fills the torch hub "
+                f"cache), set lossnets.weights: random, or unset lossnets.weights_dir to fetch "
+                f"them into {self.res}/weights with `snakemake --cores 1 download_weights`")
         sr = self.config["super_resolution"]
         if "super_resolution" in self.enabled():
             size = int(sr["crop_size"] or COCO_SIZE)
@@ -593,11 +603,35 @@ class Plan:
             return []
         w = self.weights(arch)
         if w == "imagenet":
-            return [self.weight_file(arch)]
+            return [self.weight_file(arch)] + ([self.weight_marker(arch)]
+                                               if self.own_weights_dir() else [])
         return [] if w == "random" else [w]
 
+    def weights_dir(self) -> str:
+        """Where the ImageNet files are read from: config ``lossnets.weights_dir`` (``~``
+        expanded; e.g. a torch hub cache, only read) or ``{resources_dir}/weights``."""
+        own = self.own_weights_dir()
+        return own or f"{self.res}/weights"
+
+    def own_weights_dir(self) -> str | None:
+        d = self.config["lossnets"]["weights_dir"]
+        return os.path.expanduser(str(d)).rstrip("/") or "/" if d else None
+
     def weight_file(self, arch: str) -> str:
-        return f"{self.res}/weights/{weights_filename(arch)}"
+        """The ImageNet file of ``arch`` that jobs read."""
+        return f"{self.weights_dir()}/{weights_filename(arch)}"
+
+    def weight_marker(self, arch: str) -> str:
+        """With ``lossnets.weights_dir``: the record that ``download_weights`` verified the
+        user's file (kept in resources_dir: the user's folder is never written)."""
+        return f"{self.res}/weights/verified/{weights_filename(arch)}.json"
+
+    def weight_targets(self, archs: Iterable[str] | None = None) -> list[str]:
+        """What ``download_weights`` makes: the files, or (``lossnets.weights_dir``) the
+        records of their verification."""
+        archs = self.weight_archs() if archs is None else archs
+        mark = self.weight_marker if self.own_weights_dir() else self.weight_file
+        return [mark(a) for a in archs]
 
     def imagenet_archs(self) -> list[str]:
         """Architectures whose weights are ``imagenet``: the grid's, the LPIPS sets' and those
@@ -611,9 +645,13 @@ class Plan:
     def weight_archs(self) -> list[str]:
         """What ``download_weights`` fetches: the imagenet archs, or all 14 when there are none
         (``snakemake download_weights`` with ``weights: random`` still fills the folder)."""
-        return self.imagenet_archs() or list(ARCHS)
+        own = self.own_weights_dir()
+        present = [a for a in ARCHS if own and Path(own, weights_filename(a)).is_file()]
+        return self.imagenet_archs() or present or list(ARCHS)
 
     def weight_files(self) -> list[str]:
+        """The ImageNet files of :meth:`weight_archs` (with ``lossnets.weights_dir``: the
+        user's files, the inputs of ``download_weights``)."""
         return [self.weight_file(a) for a in self.weight_archs()]
 
     def weight_urls(self) -> list[str]:
@@ -732,7 +770,7 @@ class Plan:
         rule's threads reach the command as ``--threads``)."""
         spec = STAGES[benchmark][stage]
         return {**_pick(self.config[benchmark], spec.settings),
-                "device": self.config["device"], "weights_dir": f"{self.res}/weights"}
+                "device": self.config["device"], "weights_dir": self.weights_dir()}
 
     def config_param(self, benchmark: str, stage: str) -> Callable[[Any], str] | str:
         """A rule param: the stage's config as JSON. A function of the job's architecture
