@@ -323,3 +323,66 @@ def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
     text = proc.stdout + proc.stderr
     assert f"verify ImageNet weights in lossnets.weights_dir: {hub}" in text
     assert "download.pytorch.org" not in text
+
+
+# ----------------------------------------------------------------------------- every dataset
+
+TINY = {
+    "bapps": {"n_val": 1, "n_train": 1, "n_jnd": 1, "size": 32},
+    "svhn": {"train": 4, "test": 4, "extra": 4},
+    "stl10": {"train": 2, "test": 2, "unlabeled": 2},
+    "sr_test": {"set5": 5, "set14": 14, "bsd100": 100},
+    "roads": {"train": 1, "valid": 1, "test": 1, "size": 64},
+    "coco": {"train": 6, "val": 3},
+}
+COCO_DRAW = {"n_train": 2, "n_val": 1, "seed": 0}
+
+
+def _user_copy(ds: str, tmp: Path) -> tuple[Path, dict[str, str]]:
+    """A synthesized twin in the upstream layout a user would hold, and the pins of the
+    files whose published checksum a twin cannot match."""
+    src = tmp / "store" / ds
+    mod = registry.module(ds)
+    mod.synthesize(src, 0, **TINY[ds], **({k: COCO_DRAW[k] for k in ("n_train", "n_val")}
+                                          if ds == "coco" else {}))
+    if ds == "bapps":
+        return src / "dataset", {}
+    if ds == "svhn":
+        return src, {f"{s}_32x32.mat": sha256(src / f"{s}_32x32.mat")
+                     for s in ("train", "test", "extra")}
+    if ds == "stl10":
+        return src, {f"stl10_binary/{n}": sha256(src / "stl10_binary" / n)
+                     for n in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin",
+                               "unlabeled_X.bin")}
+    if ds == "coco":  # the zips alone, as images.cocodataset.org ships them
+        user = tmp / "coco_zips"
+        user.mkdir()
+        for z in ("train2014.zip", "val2014.zip"):
+            (src / z).rename(user / z)
+        return user, {z: sha256(user / z) for z in ("train2014.zip", "val2014.zip")}
+    if ds == "sr_test":  # Set5 as a copy of SelfExSR's data/ folder has it
+        (src / "Set5" / "image_SRF_2").mkdir()
+        for p in sorted((src / "Set5").glob("*.png")):
+            p.rename(src / "Set5" / "image_SRF_2" / p.name)
+        (src / "Set5" / "image_SRF_2" / "img_001_SRF_2_LR.png").write_bytes(b"not read")
+    return src, {}
+
+
+@pytest.mark.parametrize("ds", list(TINY))
+def test_every_dataset_from_a_user_folder_prepares_like_its_twin(tmp_path, ds):
+    user, pins = _user_copy(ds, tmp_path)
+    before = snapshot(user)
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    opts = {"checksums": pins, **(COCO_DRAW if ds == "coco" else {})}
+    registry.download(ds, raw, {**opts, "folder": str(user)})
+    registry.prepare(ds, raw, out, COCO_DRAW if ds == "coco" else None)
+    ref = tmp_path / "ref"
+    registry.synthesize(ds, ref / "raw", 0, {"synthetic": TINY[ds],
+                                             **(COCO_DRAW if ds == "coco" else {})})
+    registry.prepare(ds, ref / "raw", ref / "prepared", COCO_DRAW if ds == "coco" else None)
+    got, want = arrays(out), arrays(ref / "prepared")
+    assert sorted(got) == sorted(want) and got, ds
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"{ds} {k}")
+    assert snapshot(user) == before
+    assert json.loads((raw / "READY").read_text())["source"] == "user"
