@@ -237,13 +237,17 @@ def test_download_after_a_link_never_writes_into_the_user_folder(tmp_path, small
     ds = copytree(small / "lpips", tmp_path / "lpips")
     before = snapshot(ds)
     raw = tmp_path / "raw"
+    tiny = {"synthetic": {"n_val": 1, "n_train": 1, "n_jnd": 1, "size": 32}}
+    registry.synthesize("bapps", raw, 3, tiny)  # an earlier twin: replaced by the links
     link("bapps", ds / "dataset", raw)
+    assert sorted(p.name for p in raw.iterdir()) == ["2afc", "READY", "checksums.json", "jnd"]
     assert (raw / "2afc").is_symlink() and (raw / "jnd").is_symlink()
+    manifest = registry.prepare("bapps", raw, tmp_path / "prepared")
+    assert manifest["counts"]["2afc/val/cnn"] == 2
     with pytest.raises(UserFolderError, match=r"data\.paths\.bapps .*raw folder .* overlap"):
         link("bapps", raw.parent, raw)
     # data.paths removed again: the synthetic twin replaces the links, not the user's files
-    registry.synthesize("bapps", raw, 3, {"synthetic": {"n_val": 1, "n_train": 1, "n_jnd": 1,
-                                                        "size": 32}})
+    registry.synthesize("bapps", raw, 3, tiny)
     assert not any(p.is_symlink() for p in raw.iterdir())
     assert json.loads((raw / "READY").read_text())["source"] == "synthetic"
     assert not (raw / "checksums.json").exists()

@@ -267,10 +267,10 @@ def _published(name: str) -> dict[str, tuple[str, str]]:
     return {}
 
 
-def _hashes(path: Path) -> dict[str, str]:
+def _hashes(path: Path, md5: bool) -> dict[str, str]:
     from workflow.files import file_hashes
 
-    return file_hashes(path, ["md5", "sha256"])
+    return file_hashes(path, ["sha256", "md5"] if md5 else ["sha256"])
 
 
 def forget(raw: str | os.PathLike) -> list[Path]:
@@ -332,13 +332,13 @@ def link(name: str, folder: str | os.PathLike, raw: str | os.PathLike,
     def one(rel: str) -> dict[str, Any]:
         src = lay.source(rel)
         before = src.stat()
-        got = _hashes(src)
-        if src.stat().st_mtime_ns != before.st_mtime_ns:
-            raise lay.fail(f"{src} changed while it was being verified; rerun")
         if rel in pins:
             algo, want = "sha256", pins[rel]
         else:
             algo, want = published.get(rel, (None, None))
+        got = _hashes(src, md5=algo == "md5")
+        if src.stat().st_mtime_ns != before.st_mtime_ns:
+            raise lay.fail(f"{src} changed while it was being verified; rerun")
         if want and got[algo] != want.lower():
             raise lay.fail(
                 f"{src}: {algo} {got[algo]} is not the expected {want}"
@@ -356,14 +356,16 @@ def link(name: str, folder: str | os.PathLike, raw: str | os.PathLike,
     if name == "coco":
         info["selection"] = _coco_draw(lay, raw, opts)
     else:
-        for entry, src in lay.entries.items():
-            p = raw / entry
+        # the raw folder becomes links only: an earlier download or twin there (the
+        # workflow's own files) would be read beside them (two BAPPS 2afc/ trees)
+        for p in sorted(raw.iterdir()):
+            print(f"{key}: removing {p} (an earlier download or synthetic twin)")
             if p.is_dir() and not p.is_symlink():
-                print(f"{key}: removing {p} (an earlier download or synthetic twin)")
                 shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
+            else:
                 p.unlink()
-            p.symlink_to(src, target_is_directory=src.is_dir())
+        for entry, src in lay.entries.items():
+            (raw / entry).symlink_to(src, target_is_directory=src.is_dir())
         info["links"] = {e: str(s) for e, s in lay.entries.items()}
     write_json(book, raw / "checksums.json")
     mark_ready(raw, info)
