@@ -324,8 +324,8 @@ def link(name: str, folder: str | os.PathLike, raw: str | os.PathLike,
             f"resources_dir (remove {key} to keep using a download already there)")
     lay = layout(name, folder)
     raw.mkdir(parents=True, exist_ok=True)
-    (raw / "READY").unlink(missing_ok=True)
     forget(raw)
+    (raw / "READY").unlink(missing_ok=True)
     pins = dict(opts.get("checksums") or {})
     published = _published(name)
 
@@ -346,8 +346,8 @@ def link(name: str, folder: str | os.PathLike, raw: str | os.PathLike,
                    " (published upstream)")
                 + f"; the file is damaged or another version: replace it, or pin its sha256 "
                   f"in data.{name}.checksums.{rel} once you have confirmed it")
-        return {"sha256": got["sha256"], "size": before.st_size,
-                "mtime_ns": before.st_mtime_ns, "source": str(src)}
+        # (no path per entry: BAPPS has about a million; READY names the folder)
+        return {"sha256": got["sha256"], "size": before.st_size, "mtime_ns": before.st_mtime_ns}
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         book = dict(zip(lay.files, pool.map(one, lay.files), strict=True))
@@ -406,8 +406,8 @@ def check_unchanged(name: str, raw: str | os.PathLike) -> None:
     if new:
         raise UserFolderError(f"config key {key}: {lay.source(new[0])} ({len(new)} file(s)) "
                               f"appeared after {lay.folder} was verified; {fix}")
-    for entry in book.values():
-        src = Path(entry["source"])
+    for rel, entry in book.items():
+        src = lay.source(rel) if rel.partition("/")[0] in lay.entries else lay.folder / rel
         try:
             st = src.stat()
         except OSError:
