@@ -175,7 +175,8 @@ def test_wrong_layouts_name_what_is_missing(tmp_path, small):
     import shutil
 
     shutil.rmtree(ds / "jnd")
-    with pytest.raises(UserFolderError, match=r"no jnd/ folder in it .*lpips package's"):
+    with pytest.raises(UserFolderError, match=r"no jnd/ folder in it .*download_dataset\.sh of the "
+                                              r"PerceptualSimilarity"):
         layout("bapps", ds)
     with pytest.raises(UserFolderError, match=r"data\.paths\.sr_test .*no Set5/img_001_SRF_2_HR"):
         layout("sr_test", ds)

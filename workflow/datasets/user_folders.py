@@ -147,8 +147,9 @@ def _roads(lay: _Layout) -> None:
 
 
 def _bapps_roots(lay: _Layout) -> dict[str, Path]:
-    """``2afc/`` and ``jnd/`` under the folder (the lpips script's ``dataset/`` or a folder
-    above it, up to three levels; links followed)."""
+    """``2afc/`` and ``jnd/`` under the folder (the ``dataset/`` of the PerceptualSimilarity
+    repository's download script, or a folder up to three levels above it; links
+    followed)."""
     found: dict[str, list[Path]] = {"2afc": [], "jnd": []}
     for dirpath, dirnames, _ in os.walk(lay.folder, followlinks=True):
         depth = len(Path(dirpath).relative_to(lay.folder).parts)
@@ -162,8 +163,9 @@ def _bapps_roots(lay: _Layout) -> dict[str, Path]:
     for kind, paths in found.items():
         if not paths:
             raise lay.fail(f"no {kind}/ folder in it (nor up to three levels down); give the "
-                           f"dataset/ folder that the lpips package's "
-                           f"scripts/download_dataset.sh leaves (dataset/2afc, dataset/jnd)")
+                           f"dataset/ folder that scripts/download_dataset.sh of the "
+                           f"PerceptualSimilarity (lpips) repository leaves (dataset/2afc, "
+                           f"dataset/jnd)")
         if len(paths) > 1:
             raise lay.fail(f"several {kind}/ folders: {', '.join(map(str, paths))}; keep one")
     return {k: v[0] for k, v in found.items()}
