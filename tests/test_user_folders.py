@@ -307,7 +307,7 @@ def test_verify_folder_checks_the_name_hash_and_never_writes(tmp_path, monkeypat
     rec, = weights.fetch_weights(["alexnet"], tmp_path / "R/verified", mirror=str(hub))
     entry = json.loads(rec.read_text())
     assert entry["sha256"] == hashlib.sha256(good).hexdigest() and entry["size"] == len(good)
-    assert rec.stat().st_mtime_ns == 10**18  # as new as the file it vouches for
+    assert entry["mtime_ns"] == 10**18 and entry["source"] == str(hub / names["alexnet"])
     with pytest.raises(weights.WeightsFileError, match=r"lossnets\.weights_dir .*vgg16-397923af"
                                                        r"\.pth has sha256 .* does not start "
                                                        r"with 397923af"):

@@ -603,7 +603,7 @@ class Plan:
             return []
         w = self.weights(arch)
         if w == "imagenet":
-            return [self.weight_file(arch)] + ([self.weight_marker(arch)]
+            return [self.weight_file(arch)] + ([_ancient(self.weight_marker(arch))]
                                                if self.own_weights_dir() else [])
         return [] if w == "random" else [w]
 
@@ -852,6 +852,17 @@ class Plan:
 
 # analysis keys only the figures read: editing them re-plots and recomputes no table
 FIGURE_ONLY_KEYS = ("figures", "adaptation", "probes")
+
+
+def _ancient(path: str) -> str:
+    """``path`` as an input whose mtime Snakemake ignores (only its existence counts): the
+    verification record of a ``lossnets.weights_dir`` file, which Snakemake touches when
+    ``download_weights`` writes it; the user's file itself, a plain input, decides reruns."""
+    try:
+        from snakemake.io import ancient
+    except ImportError:  # the plan outside Snakemake
+        return path
+    return ancient(path)
 
 
 def _job_arch(wildcards: Any) -> str | None:

@@ -84,9 +84,8 @@ def fetch_weights(archs: Iterable[str], out: str | Path, mirror: str | None = No
 def verify_folder(archs: Iterable[str], folder: str | Path, out: str | Path) -> list[Path]:
     """Check the torchvision files of ``archs`` in the user's ``folder`` (config
     ``lossnets.weights_dir``) as torchvision checks a download, reading them only; write
-    ``out/<file>.json`` (sha256, size, mtime, source) for each. A record's mtime is set to
-    its file's, so pointing ``weights_dir`` at a folder with the same files reruns nothing
-    that is newer than them, while a rewritten file reruns the jobs that read it."""
+    ``out/<file>.json`` (sha256, size, mtime, source) for each (jobs take it as an
+    ``ancient`` input: it must exist; the user's file decides reruns)."""
     import os
 
     from workflow.files import write_json
@@ -112,7 +111,6 @@ def verify_folder(archs: Iterable[str], folder: str | Path, out: str | Path) -> 
         rec = out / f"{src.name}.json"
         write_json({"arch": arch, "source": str(src.resolve()), "sha256": digest,
                     "size": st.st_size, "mtime_ns": st.st_mtime_ns}, rec)
-        os.utime(rec, ns=(st.st_atime_ns, st.st_mtime_ns))
         records.append(rec)
         print(f"{src}: sha256 {digest[:12]}... verified")
     return records
