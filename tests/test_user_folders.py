@@ -321,13 +321,17 @@ def test_verify_folder_checks_the_name_hash_and_never_writes(tmp_path, monkeypat
 @pytest.mark.slow
 def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
     hub = _hub(tmp_path, archs=("alexnet", "squeezenet1_1", "resnet18"))
-    proc = snakemake("-n", "download_weights", "--configfile",
+    proc = snakemake("-n", "-p", "similarity", "--configfile",
                      str(ROOT / "config" / "demo.yaml"), "--config",
                      f"resources_dir={tmp_path / 'res'}", f"results_dir={tmp_path / 'out'}",
                      f"lossnets={{'weights': 'imagenet', 'weights_dir': '{hub}'}}")
     text = proc.stdout + proc.stderr
     assert f"verify ImageNet weights in lossnets.weights_dir: {hub}" in text
     assert "download.pytorch.org" not in text
+    # the similarity jobs wait for the verification and read the files where they are
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", proc.stdout, re.M)}
+    assert jobs["download_weights"] == 1 and jobs["score_similarity"] == 3, proc.stdout
+    assert text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"') == 3
 
 
 # ----------------------------------------------------------------------------- every dataset
