@@ -5,9 +5,9 @@ an optional ``download(raw_dir, fetcher, **options)`` for datasets that are not 
 files (COCO's partial zip reads, the roads index pages), ``synthesize(raw_dir, seed,
 **sizes)``, ``prepare(raw_dir, out_dir, **options)`` and ``load(prepared_dir, split)``.
 
-A raw tree is complete when its ``READY`` marker exists (written last by :func:`download`
-and :func:`synthesize`); a prepared folder when its ``manifest.json`` exists (written last
-by the module's ``prepare``).
+A raw tree is complete when its ``READY`` marker exists (written last by :func:`download`,
+its link of a ``data.paths`` folder, and :func:`synthesize`); a prepared folder when its
+``manifest.json`` exists (written last by the module's ``prepare``).
 """
 
 from __future__ import annotations
