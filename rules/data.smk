@@ -1,15 +1,21 @@
 # Data: raw trees (downloaded or synthesized) -> prepared arrays; the ImageNet weights.
 # Outputs other rules depend on: {RES}/raw/{dataset}/READY, {RES}/prepared/{dataset}/manifest.json
-# and {RES}/weights/<torchvision file> (plan.weights_input).
+# and {RES}/weights/<torchvision file> (plan.weights_input; with lossnets.weights_dir, the
+# user's file and its verification record {RES}/weights/verified/<file>.json).
 #   snakemake --cores 1 download     # everything the configured benchmarks need (login node)
 # Config data.source picks which rule makes READY: download_dataset (a localrule, the real
-# files) or synthesize_dataset (small fakes in the same layout). docs/data.md has the sources.
+# files) or synthesize_dataset (small fakes in the same layout); a dataset in data.paths gets
+# it from link_dataset instead (the user's own folder, verified, only read). docs/data.md has
+# the sources and the folder layouts.
 
 import os
 
 from workflow.plan import DATASETS
 
 DATA = config["data"]
+LINKED = plan.linked_datasets()
+# the datasets the download or synthesize rule makes (the others come from data.paths)
+FETCHED = "|".join(d for d in DATASETS if d not in LINKED) or "(?!)"
 
 
 wildcard_constraints:
@@ -29,6 +35,8 @@ if DATA["source"] == "synthetic":
     rule synthesize_dataset:
         output:
             f"{RES}/raw/{{dataset}}/READY",
+        wildcard_constraints:
+            dataset=FETCHED,
         params:
             options=lambda w: plan.data_options(w.dataset, "synthesize"),
             seed=DATA["seed"],
@@ -49,6 +57,8 @@ else:
     rule download_dataset:
         output:
             f"{RES}/raw/{{dataset}}/READY",
+        wildcard_constraints:
+            dataset=FETCHED,
         params:
             options=lambda w: plan.data_options(w.dataset, "download"),
             mirror=plan.mirror_param(),
@@ -65,6 +75,36 @@ else:
             "python -m workflow data fetch {wildcards.dataset} --raw {params.raw:q}"
             " --options {params.options:q} --mirror {params.mirror:q}"
             " --settings {params.settings:q} > {log:q} 2>&1"
+
+
+if LINKED:
+
+    localrules:
+        link_dataset,
+
+    rule link_dataset:
+        # config data.paths.<dataset>: the user's folder, verified like a download (layout,
+        # counts, published checksums) and linked from the raw folder; never written to.
+        # fingerprint (names, sizes, mtimes of the files prepare reads) reruns it on a change.
+        output:
+            f"{RES}/raw/{{dataset}}/READY",
+        wildcard_constraints:
+            dataset="|".join(LINKED),
+        params:
+            options=lambda w: plan.data_options(w.dataset, "link"),
+            fingerprint=plan.fingerprint_param(),
+            raw=lambda w, output: os.path.dirname(output[0]),
+        message:
+            "link {wildcards.dataset}: data.paths.{wildcards.dataset}"
+        log:
+            f"{RES}/logs/link_{{dataset}}.log",
+        threads: 4
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow data fetch {wildcards.dataset} --raw {params.raw:q}"
+            " --options {params.options:q} --settings '{{\"threads\": {threads}}}'"
+            " > {log:q} 2>&1"
 
 
 rule prepare_dataset:
@@ -87,26 +127,51 @@ rule prepare_dataset:
         " > {log:q} 2>&1"
 
 
-rule download_weights:
-    # the configured imagenet archs; all 14 when none is (`snakemake download_weights`)
-    output:
-        plan.weight_files(),
-    params:
-        archs=" ".join(plan.weight_archs()),
-        mirror=plan.mirror_param("weights"),
-        folder=lambda w, output: os.path.dirname(output[0]),
-    message:
-        f"download ImageNet weights: {' '.join(plan.weight_urls())}"
-    log:
-        f"{RES}/logs/download_weights.log",
-    conda:
-        "../envs/workflow.yaml"
-    shell:
-        "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
-        " --mirror {params.mirror:q} > {log:q} 2>&1"
+if plan.own_weights_dir():
+
+    rule download_weights:
+        # config lossnets.weights_dir (e.g. a torch hub cache): the user's files are only
+        # verified (torchvision's sha256 prefix check); the records go to {RES}/weights/verified
+        input:
+            plan.weight_files(),
+        output:
+            plan.weight_targets(),
+        params:
+            archs=" ".join(plan.weight_archs()),
+            source=plan.weights_dir(),
+            folder=lambda w, output: os.path.dirname(output[0]),
+        message:
+            f"verify ImageNet weights in lossnets.weights_dir: {plan.weights_dir()}"
+        log:
+            f"{RES}/logs/download_weights.log",
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
+            " --mirror {params.source:q} > {log:q} 2>&1"
+
+else:
+
+    rule download_weights:
+        # the configured imagenet archs; all 14 when none is (`snakemake download_weights`)
+        output:
+            plan.weight_files(),
+        params:
+            archs=" ".join(plan.weight_archs()),
+            mirror=plan.mirror_param("weights"),
+            folder=lambda w, output: os.path.dirname(output[0]),
+        message:
+            f"download ImageNet weights: {' '.join(plan.weight_urls())}"
+        log:
+            f"{RES}/logs/download_weights.log",
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
+            " --mirror {params.mirror:q} > {log:q} 2>&1"
 
 
 rule download:
     input:
         [plan.raw_ready(d) for d in plan.needed_datasets()],
-        [plan.weight_file(a) for a in plan.imagenet_archs()],
+        plan.weight_targets(plan.imagenet_archs()),

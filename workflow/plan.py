@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -544,6 +545,16 @@ class Plan:
 
         for b in self.enabled():
             self.lossnets(b)  # an unknown loss network id is named with its config key
+        own = self.own_weights_dir()
+        missing = [weights_filename(a) for a in self.imagenet_archs()
+                   if own and not Path(self.weight_file(a)).is_file()]
+        if missing:
+            raise ConfigError(
+                f"config key lossnets.weights_dir ({own}): {len(missing)} ImageNet file(s) "
+                f"missing: {', '.join(missing)}; put torchvision's files there (e.g. "
+                f"torchvision.models.alexnet(weights='IMAGENET1K_V1') fills the torch hub "
+                f"cache), set lossnets.weights: random, or unset lossnets.weights_dir to fetch "
+                f"them into {self.res}/weights with `snakemake --cores 1 download_weights`")
         sr = self.config["super_resolution"]
         if "super_resolution" in self.enabled():
             size = int(sr["crop_size"] or COCO_SIZE)
@@ -620,11 +631,35 @@ class Plan:
             return []
         w = self.weights(arch)
         if w == "imagenet":
-            return [self.weight_file(arch)]
+            return [self.weight_file(arch)] + ([_ancient(self.weight_marker(arch))]
+                                               if self.own_weights_dir() else [])
         return [] if w == "random" else [w]
 
+    def weights_dir(self) -> str:
+        """Where the ImageNet files are read from: config ``lossnets.weights_dir`` (``~``
+        expanded; e.g. a torch hub cache, only read) or ``{resources_dir}/weights``."""
+        own = self.own_weights_dir()
+        return own or f"{self.res}/weights"
+
+    def own_weights_dir(self) -> str | None:
+        d = self.config["lossnets"]["weights_dir"]
+        return os.path.expanduser(str(d)).rstrip("/") or "/" if d else None
+
     def weight_file(self, arch: str) -> str:
-        return f"{self.res}/weights/{weights_filename(arch)}"
+        """The ImageNet file of ``arch`` that jobs read."""
+        return f"{self.weights_dir()}/{weights_filename(arch)}"
+
+    def weight_marker(self, arch: str) -> str:
+        """With ``lossnets.weights_dir``: the record that ``download_weights`` verified the
+        user's file (kept in resources_dir: the user's folder is never written)."""
+        return f"{self.res}/weights/verified/{weights_filename(arch)}.json"
+
+    def weight_targets(self, archs: Iterable[str] | None = None) -> list[str]:
+        """What ``download_weights`` makes: the files, or (``lossnets.weights_dir``) the
+        records of their verification."""
+        archs = self.weight_archs() if archs is None else archs
+        mark = self.weight_marker if self.own_weights_dir() else self.weight_file
+        return [mark(a) for a in archs]
 
     def imagenet_archs(self) -> list[str]:
         """Architectures whose weights are ``imagenet``: the grid's, the LPIPS sets' and those
@@ -638,9 +673,13 @@ class Plan:
     def weight_archs(self) -> list[str]:
         """What ``download_weights`` fetches: the imagenet archs, or all 14 when there are none
         (``snakemake download_weights`` with ``weights: random`` still fills the folder)."""
-        return self.imagenet_archs() or list(ARCHS)
+        own = self.own_weights_dir()
+        present = [a for a in ARCHS if own and Path(own, weights_filename(a)).is_file()]
+        return self.imagenet_archs() or present or list(ARCHS)
 
     def weight_files(self) -> list[str]:
+        """The ImageNet files of :meth:`weight_archs` (with ``lossnets.weights_dir``: the
+        user's files, the inputs of ``download_weights``)."""
         return [self.weight_file(a) for a in self.weight_archs()]
 
     def weight_urls(self) -> list[str]:
@@ -702,9 +741,28 @@ class Plan:
         opts.pop("archive_limits", None)  # a setting: data_settings_param
         if purpose != "synthesize":
             opts.pop("synthetic", None)
-        if purpose != "download":
+        if purpose not in ("download", "link"):
             opts.pop("checksums", None)
+        if purpose == "link":
+            opts["folder"] = self.user_folder(dataset)
         return as_json(opts)
+
+    def user_folder(self, dataset: str) -> str | None:
+        """Config ``data.paths.<dataset>`` with ``~`` expanded: the user's own copy in its
+        upstream layout, which the ``link_dataset`` rule uses instead of a download."""
+        folder = self.config["data"]["paths"].get(dataset)
+        return os.path.expanduser(str(folder)) if folder else None
+
+    def linked_datasets(self) -> list[str]:
+        return [d for d in DATASETS if self.user_folder(d)]
+
+    def fingerprint_param(self) -> Callable[[Any], str]:
+        """The link rule's rerun trigger: the paths, sizes and mtimes of the user folder's
+        files that prepare reads (a stat of each when the DAG is built; nothing is read)."""
+        from workflow.datasets.user_folders import fingerprint
+
+        return lambda wildcards: fingerprint(wildcards.dataset,
+                                             self.user_folder(wildcards.dataset))
 
     def mirror(self, name: str) -> str:
         return str(self.config["data"]["mirrors"].get(name, ""))
@@ -744,7 +802,7 @@ class Plan:
         rule's threads reach the command as ``--threads``)."""
         spec = STAGES[benchmark][stage]
         return {**_pick(self.config[benchmark], spec.settings),
-                "device": self.config["device"], "weights_dir": f"{self.res}/weights"}
+                "device": self.config["device"], "weights_dir": self.weights_dir()}
 
     def config_param(self, benchmark: str, stage: str) -> Callable[[Any], str] | str:
         """A rule param: the stage's config as JSON. A function of the job's architecture
@@ -832,6 +890,17 @@ class Plan:
 
 # analysis keys only the figures read: editing them re-plots and recomputes no table
 FIGURE_ONLY_KEYS = ("figures", "adaptation", "probes")
+
+
+def _ancient(path: str) -> str:
+    """``path`` as an input whose mtime Snakemake ignores (only its existence counts): the
+    verification record of a ``lossnets.weights_dir`` file, which Snakemake touches when
+    ``download_weights`` writes it; the user's file itself, a plain input, decides reruns."""
+    try:
+        from snakemake.io import ancient
+    except ImportError:  # the plan outside Snakemake
+        return path
+    return ancient(path)
 
 
 def _job_arch(wildcards: Any) -> str | None:

@@ -10,7 +10,9 @@ Shared parts: ``fetch`` (the HTTP client), ``archives`` (safe zip / tar extracti
 ``arrays`` (parallel decoding into memory-mapped ``.npy``, manifests, checks), ``fakes``
 (what the synthetic datasets draw), ``bank`` (image banks on the device and the epoch
 sampler), ``weights`` (the ImageNet weight files), ``triplets`` and ``probes`` (the distorted
-triplets and probe images the adaptation and probe benchmarks are scored on).
+triplets and probe images the adaptation and probe benchmarks are scored on),
+``user_folders`` (config ``data.paths``: the user's own copy of a dataset, verified and
+linked in place of the download).
 """
 
 from __future__ import annotations

@@ -44,16 +44,10 @@ from workflow.files import (
 FILES = sources.BAPPS
 
 IMAGE_SIZE = 64
-TWOAFC_SUBSETS = {
-    "val": ("traditional", "cnn", "superres", "deblur", "color", "frameinterp"),
-    "train": ("traditional", "cnn", "mix"),
-}
-JND_SUBSETS = ("traditional", "cnn")
+TWOAFC_SUBSETS = sources.BAPPS_2AFC_SUBSETS
+JND_SUBSETS = sources.BAPPS_JND_SUBSETS
 # folder -> file suffix, per kind; the first folder with images names the pair
-PARTS = {
-    "2afc": {"ref": ".png", "p0": ".png", "p1": ".png", "judge": ".npy"},
-    "jnd": {"p0": ".png", "p1": ".png", "same": ".npy"},
-}
+PARTS = sources.BAPPS_PARTS
 LABEL = {"2afc": "judge", "jnd": "same"}
 MEANING = {"judge": "the fraction of observers who chose p1",
            "same": "the fraction of observers who said the pair looks the same"}
@@ -152,7 +146,8 @@ def find_roots(raw_dir: Path) -> dict[str, Path]:
         raise BappsError(f"BAPPS raw folder {raw_dir} does not exist; download or synthesize "
                          f"it first")
     found: dict[str, list[Path]] = {"2afc": [], "jnd": []}
-    for dirpath, dirnames, _ in os.walk(raw_dir):
+    # followlinks: a raw folder may hold a link to the tree (config data.paths.bapps)
+    for dirpath, dirnames, _ in os.walk(raw_dir, followlinks=True):
         depth = len(Path(dirpath).relative_to(raw_dir).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in list(dirnames):

@@ -5,15 +5,16 @@ an optional ``download(raw_dir, fetcher, **options)`` for datasets that are not 
 files (COCO's partial zip reads, the roads index pages), ``synthesize(raw_dir, seed,
 **sizes)``, ``prepare(raw_dir, out_dir, **options)`` and ``load(prepared_dir, split)``.
 
-A raw tree is complete when its ``READY`` marker exists (written last by :func:`download`
-and :func:`synthesize`); a prepared folder when its ``manifest.json`` exists (written last
-by the module's ``prepare``).
+A raw tree is complete when its ``READY`` marker exists (written last by :func:`download`,
+its link of a ``data.paths`` folder, and :func:`synthesize`); a prepared folder when its
+``manifest.json`` exists (written last by the module's ``prepare``).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,14 +57,22 @@ def download(name: str, raw: str | os.PathLike, options: Mapping[str, Any] | Non
     ``options`` is config ``data.<name>`` without its synthetic sizes: pinned ``checksums``
     replace the built-in ones; the rest goes to the module's own ``download`` if it has one.
     ``settings``: ``archive_limits`` (config ``data.<name>.archive_limits``), what an archive
-    may hold before extraction refuses it.
+    may hold before extraction refuses it. ``options["folder"]`` (config
+    ``data.paths.<name>``, what the ``link_dataset`` rule passes): take the dataset from that
+    folder instead, verified and never modified (:func:`user_folders.link`).
     """
+    from workflow.datasets import user_folders
     from workflow.datasets.archives import ArchiveLimits, extract_archive
     from workflow.datasets.fetch import Fetcher
 
     opts = dict(options or {})
     raw = Path(raw)
+    folder = opts.pop("folder", None)
+    if folder:
+        workers = int((settings or {}).get("threads") or 0) or 8
+        return user_folders.link(name, folder, raw, opts, workers=workers)
     raw.mkdir(parents=True, exist_ok=True)
+    user_folders.forget(raw)  # links of an earlier data.paths: never write through them
     (raw / "READY").unlink(missing_ok=True)
     mod = module(name)
     limits = ArchiveLimits.from_config((settings or {}).get("archive_limits"),
@@ -101,6 +110,9 @@ def synthesize(name: str, raw: str | os.PathLike, seed: int = 0,
     sizes = dict(opts.pop("synthetic", None) or {})
     opts.pop("seed", None)
     raw = Path(raw)
+    from workflow.datasets.user_folders import forget
+
+    forget(raw)  # links of an earlier data.paths: never write through them
     (raw / "READY").unlink(missing_ok=True)
     fn = module(name).synthesize
     kwargs = {**_accepted(fn, opts), **sizes}
@@ -125,6 +137,14 @@ def prepare(name: str, raw: str | os.PathLike, out: str | os.PathLike,
             f"{raw}/READY is missing: the raw tree of {name} is incomplete. Run "
             f"`snakemake --cores 1 {raw}/READY` (download or synthesize) first.")
     (out / "manifest.json").unlink(missing_ok=True)
+    try:
+        linked = json.loads((raw / "READY").read_text()).get("source") == "user"
+    except (ValueError, AttributeError):  # a READY written by hand
+        linked = False
+    if linked:
+        from workflow.datasets.user_folders import check_unchanged
+
+        check_unchanged(name, raw)  # config data.paths: the files the link verified
     fn = module(name).prepare
     kwargs = _accepted(fn, dict(options or {}))
     workers = int((settings or {}).get("threads") or 0)

@@ -68,6 +68,25 @@ STL10 = [
     RemoteFile("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
                md5="91f7769df0f17e558f3565bffb0c7dfb", extract=True),
 ]
+# the extracted files and their md5, exactly as torchvision.datasets.STL10 checks them
+STL10_MEMBERS = {
+    "train_X.bin": "918c2871b30a85fa023e0c44e0bee87f",
+    "train_y.bin": "5a34089d4802c674881badbb80307741",
+    "unlabeled_X.bin": "5242ba1fed5e4be9e1e742405eb56ca4",
+    "test_X.bin": "7f263ba9f9e0b06b93213547f721ac82",
+    "test_y.bin": "36f9794fa4beb8a2c72628de14fa638e",
+}
+
+# BAPPS's subsets (the folders of each split) and the parts of an item: folder -> suffix
+BAPPS_2AFC_SUBSETS = {
+    "val": ("traditional", "cnn", "superres", "deblur", "color", "frameinterp"),
+    "train": ("traditional", "cnn", "mix"),
+}
+BAPPS_JND_SUBSETS = ("traditional", "cnn")
+BAPPS_PARTS = {
+    "2afc": {"ref": ".png", "p0": ".png", "p1": ".png", "judge": ".npy"},
+    "jnd": {"p0": ".png", "p1": ".png", "same": ".npy"},
+}
 
 FILES: dict[str, list[RemoteFile]] = {"bapps": BAPPS, "coco": COCO, "sr_test": SR_TEST,
                                       "roads": ROADS, "svhn": SVHN, "stl10": STL10}

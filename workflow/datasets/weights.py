@@ -25,7 +25,7 @@ from workflow.datasets.fetch import ChecksumBook, DownloadError, fetch, mirror_u
 from workflow.files import sha256_file
 
 __all__ = ["WeightsFileError", "fetch_weights", "read_state_dict", "refetch",
-           "torchvision_keys", "verify_weights_file"]
+           "torchvision_keys", "verify_folder", "verify_weights_file"]
 
 
 class WeightsFileError(ValueError):
@@ -53,7 +53,13 @@ def verify_weights_file(path: Path) -> None:
 
 def fetch_weights(archs: Iterable[str], out: str | Path, mirror: str | None = None,
                   progress: bool = True, retries: int = 5) -> list[Path]:
-    """Download and verify the weight files of ``archs`` into the folder ``out``."""
+    """Download and verify the weight files of ``archs`` into the folder ``out``.
+
+    A ``mirror`` that is a local folder rather than a URL (config ``lossnets.weights_dir``,
+    e.g. a torch hub cache) is only verified: :func:`verify_folder`.
+    """
+    if mirror and not mirror.startswith(("http://", "https://")):
+        return verify_folder(archs, mirror, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     book = ChecksumBook(out / "checksums.json")
@@ -73,6 +79,41 @@ def fetch_weights(archs: Iterable[str], out: str | Path, mirror: str | None = No
     finally:
         book.save()
     return paths
+
+
+def verify_folder(archs: Iterable[str], folder: str | Path, out: str | Path) -> list[Path]:
+    """Check the torchvision files of ``archs`` in the user's ``folder`` (config
+    ``lossnets.weights_dir``) as torchvision checks a download, reading them only; write
+    ``out/<file>.json`` (sha256, size, mtime, source) for each (jobs take it as an
+    ``ancient`` input: it must exist; the user's file decides reruns)."""
+    import os
+
+    from workflow.files import write_json
+
+    folder = Path(os.path.expanduser(str(folder)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for arch in archs:
+        src = folder / weights_filename(arch)
+        where = f"config key lossnets.weights_dir ({folder})"
+        if not src.is_file():
+            raise WeightsFileError(f"{where}: {src.name} is missing ({arch}); put "
+                                   f"torchvision's file there or unset the key")
+        st = src.stat()
+        digest = sha256_file(src)
+        prefix = _hash_prefix(src.name)
+        if prefix and not digest.startswith(prefix):
+            raise WeightsFileError(
+                f"{where}: {src} has sha256 {digest[:16]}..., which does not start with "
+                f"{prefix} as its name says: the file is damaged. Replace it (torchvision "
+                f"downloads it again once it is deleted); this workflow never writes there")
+        rec = out / f"{src.name}.json"
+        write_json({"arch": arch, "source": str(src.resolve()), "sha256": digest,
+                    "size": st.st_size, "mtime_ns": st.st_mtime_ns}, rec)
+        records.append(rec)
+        print(f"{src}: sha256 {digest[:12]}... verified")
+    return records
 
 
 # ----------------------------------------------------------------------------- reading
