@@ -110,12 +110,10 @@ def inputs(job: Job, images: np.ndarray, spec: DatasetSpec) -> Callable[[Tensor]
                    channels_last=job.channels_last)
 
 
-def _key(job: Job, net: str, dataset: str, run: int, inputs: Mapping[str, Path]
-         ) -> dict[str, Any]:
+def _key(job: Job, net: str, dataset: str, run: int, inputs: Mapping[str, Path]) -> dict:
     # what a checkpoint belongs to: the stage config, the job and its inputs' content
-    lossnet = parse_net(net)
-    return resume_key(job, inputs, arch=lossnet and lossnet.arch, net=net, dataset=dataset,
-                      run=run)
+    arch = getattr(parse_net(net), "arch", None)
+    return resume_key(job, inputs, arch=arch, net=net, dataset=dataset, run=run)
 
 
 def reconstruction_loss(job: Job, net: LossNet | None, normalize: str
