@@ -86,7 +86,7 @@ def test_failed_attempt_keeps_its_log(tmp_path):
 
 SMALL = {"benchmarks": ["super_resolution"],
          "super_resolution": {"lossnets": ["alexnet/2"], "lpips_sets": False, "scales": [4],
-                              "iterations": 120, "eval_every": 60, "checkpoint_every": 5,
+                              "iterations": 60, "eval_every": 30, "checkpoint_every": 5,
                               "log_every": 50}}
 
 

@@ -358,7 +358,8 @@ def _test_config(tmp: Path) -> Path:
     group submission) and one super-resolution training long enough to be interrupted."""
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["benchmarks"] = ["similarity", "super_resolution"]
-    cfg["similarity"].update(lossnets=["alexnet/1", "squeezenet1_1/1"], lpips_sets=False)
+    cfg["similarity"].update(lossnets=["alexnet/1", "squeezenet1_1/1"], lpips_sets=False,
+                             pixel_baselines=[])
     cfg["super_resolution"].update(
         lossnets=[SR_NET], lpips_sets=False, scales=[SR_SCALE], runs=1,
         iterations=SR_ITERATIONS, checkpoint_every=SR_CHECKPOINT_EVERY,

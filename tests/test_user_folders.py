@@ -330,8 +330,9 @@ def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
     assert "download.pytorch.org" not in text
     # the similarity jobs wait for the verification and read the files where they are
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", proc.stdout, re.M)}
-    assert jobs["download_weights"] == 1 and jobs["score_similarity"] == 3, proc.stdout
-    assert text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"') == 3
+    # one job per architecture (3) and one for the pixel baselines
+    assert jobs["download_weights"] == 1 and jobs["score_similarity"] == 4, proc.stdout
+    assert text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"') == 4
 
 
 # ----------------------------------------------------------------------------- every dataset
