@@ -110,4 +110,4 @@ rule scores:
 
 
 onstart:
-    recovery.sweep([RES, OUT])
+    recovery.sweep([RES, OUT], shallow=[f"{RES}/raw"])

@@ -68,6 +68,15 @@ def test_sweep_removes_litter_of_dead_writers_only(tmp_path):
     assert set(removed) == {dead, stage, far_old}
     assert live.exists() and far_fresh.exists() and keep.exists() and not stage.exists()
     assert said and "3 temporary" in said[0]
+    # below a shallow root (the raw datasets) only the datasets' own entries are looked at
+    raw = tmp_path / "raw"
+    top = raw / "bapps" / f".checksums.json.tmp~{host}~{gone.pid}~abcdefgh.json"
+    deep = raw / "bapps" / "dataset" / "2afc" / f".x.png.tmp~{host}~{gone.pid}~abcdefgh.png"
+    deep.parent.mkdir(parents=True)
+    top.write_bytes(b"0")
+    deep.write_bytes(b"0")
+    assert recovery.sweep([tmp_path], say=said.append, shallow=[raw]) == [top]
+    assert deep.exists()
 
 
 def test_failed_attempt_keeps_its_log(tmp_path):

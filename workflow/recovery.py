@@ -79,13 +79,22 @@ def _dead(path: Path, now: float) -> bool:
         return False
 
 
-def sweep(roots: Iterable[str | os.PathLike], say=print) -> list[Path]:
-    """Remove the temporary files and staging folders of dead writers under ``roots``."""
+def sweep(roots: Iterable[str | os.PathLike], say=print,
+          shallow: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Remove the temporary files and staging folders of dead writers under ``roots``.
+
+    Below a ``shallow`` folder only its children's own entries are looked at (the raw
+    datasets: writers leave litter next to ``raw/<dataset>/``'s files, never inside an
+    extracted tree of a million BAPPS patches). Symlinked folders are not followed."""
     now, removed = time.time(), []
+    stops = {os.path.realpath(p) for p in shallow}
     for root in roots:
         if not Path(root).is_dir():
             continue
         for dirpath, dirnames, filenames in os.walk(root):
+            if os.path.realpath(os.path.dirname(dirpath)) in stops:
+                # staging folders only: no descent into the extracted tree
+                dirnames[:] = [d for d in dirnames if _TAG.match(d)]
             for name in [*filenames, *dirnames]:
                 p = Path(dirpath) / name
                 if not _dead(p, now):
