@@ -15,11 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 MUST_RUN_IN_CI = ("SLURM-UNAVAILABLE",)
 
 
+# The files that take longest (end-to-end Snakemake runs) go first, so that under pytest-xdist
+# (`-n auto --dist loadfile`, pyproject.toml) no long file starts last and runs alone.
+SLOW_FIRST = ("test_demo.py", "test_slurm.py", "test_recovery.py", "test_fetch.py",
+              "test_analysis.py", "test_user_folders.py", "test_data_rules.py")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # one torch thread per xdist worker (the workers share the cores), two without xdist
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu: no CUDA device (tools/gpu-check runs these on one)")
