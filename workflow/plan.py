@@ -60,7 +60,8 @@ _SCHEMA_BASE = "https://lossnet-bench.invalid/schemas/"
 
 BENCHMARKS = ("similarity", "super_resolution", "delineation", "autoencoder", "adaptation",
               "probes")
-DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10")
+DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10",
+            "tid2013", "kadid10k", "csiq", "nights")
 # PIXEL ("pixel", from archs): the arch of the pixel baselines pixel/<metric>, and the
 # autoencoder's net id of its pixel-MSE baseline. The benchmarks that score pixel baselines:
 PIXEL_BENCHMARKS = ("similarity", "probes")
