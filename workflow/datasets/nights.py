@@ -65,7 +65,7 @@ class NightsError(mos.MosError):
 
 
 def synthesize(raw_dir: Path, seed: int, train: int = 6, val: int = 4, test: int = 8,
-               size: int = 48) -> None:
+               side: int = 48) -> None:
     """A small NIGHTS in the upstream layout (``nights/{ref,distort}/000/*.png``, ``data.csv``).
 
     The two variations are distortions of the reference of different strengths; the votes
@@ -86,7 +86,7 @@ def synthesize(raw_dir: Path, seed: int, train: int = 6, val: int = 4, test: int
                 folder, stem = f"{i // 1000:03d}", f"{i % 1000:03d}"
                 for part in ("ref", "distort"):
                     (top / part / folder).mkdir(parents=True, exist_ok=True)
-                img = photo(rng, size, size)
+                img = photo(rng, side, side)
                 s0, s1 = (float(x) for x in rng.random(2))
                 kind = int(rng.integers(4))
                 Image.fromarray(img).save(top / "ref" / folder / f"{stem}.png")
