@@ -268,7 +268,7 @@ def archive_kind(path: Path) -> str:
     if tarfile.is_tarfile(path):
         return "tar"
     raise ArchiveFormatError(
-        f"{path} is neither a zip, a (compressed) tar nor a RAR archive; it is probably an HTML "
+        f"{path} is neither a zip nor a (compressed) tar or RAR archive; it is probably an HTML "
         f"error page or a truncated download. Delete it and download it again."
     )
 
