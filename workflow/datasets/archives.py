@@ -140,9 +140,9 @@ def scan_archive(archive: str | os.PathLike, limits: ArchiveLimits | None = None
     if kind == "rar":
         for info in _rar_members(archive):
             name = check_member_name(archive, info.filename)
-            if info.is_symlink():
-                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a link; "
-                                         f"refusing to extract this RAR archive.")
+            if info.is_symlink() or getattr(info, "file_redir", None):
+                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a link or "
+                                         f"redirection; refusing to extract this RAR archive.")
             _count(archive, st, limits, info.file_size, "dir" if info.is_dir() else "file")
             _check_member_ratio(archive, name, info.file_size, info.compress_size, limits)
         return st
