@@ -294,6 +294,16 @@ def test_rar_refusals_write_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out2" / "a.txt").exists()
 
 
+def test_rar_limits_are_the_shared_ones(tmp_path):
+    from workflow.datasets.archives import ArchiveLimitError, ArchiveLimits
+
+    rar = write_stored_rar(tmp_path / "many.rar", {f"f{i}.txt": b"x" for i in range(3)})
+    with pytest.raises(ArchiveLimitError, match=r"more than 2 members.*data.tid2013"):
+        extract_archive(rar, tmp_path / "out",
+                        limits=ArchiveLimits(max_members=2, key="data.tid2013.archive_limits"))
+    assert not (tmp_path / "out" / "f0.txt").exists()
+
+
 # ----------------------------------------------------------------------------- folders
 
 
