@@ -60,7 +60,10 @@ _SCHEMA_BASE = "https://lossnet-bench.invalid/schemas/"
 
 BENCHMARKS = ("similarity", "super_resolution", "delineation", "autoencoder", "adaptation",
               "probes")
-DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10")
+DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10",
+            "tid2013", "kadid10k", "csiq", "nights")
+# datasets without a download (their host serves no stable archive): data.paths only
+NO_DOWNLOAD = ("csiq",)
 # PIXEL ("pixel", from archs): the arch of the pixel baselines pixel/<metric>, and the
 # autoencoder's net id of its pixel-MSE baseline. The benchmarks that score pixel baselines:
 PIXEL_BENCHMARKS = ("similarity", "probes")
@@ -755,6 +758,12 @@ class Plan:
 
     def linked_datasets(self) -> list[str]:
         return [d for d in DATASETS if self.user_folder(d)]
+
+    def obtainable(self, dataset: str) -> bool:
+        """Whether the data rules can make ``dataset``: a download, the synthetic twin or a
+        ``data.paths`` folder (CSIQ has no download: ``NO_DOWNLOAD``)."""
+        return (dataset not in NO_DOWNLOAD or self.config["data"]["source"] == "synthetic"
+                or bool(self.user_folder(dataset)))
 
     def fingerprint_param(self) -> Callable[[Any], str]:
         """The link rule's rerun trigger: the paths, sizes and mtimes of the user folder's

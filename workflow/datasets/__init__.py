@@ -1,18 +1,20 @@
 """The data: one module per dataset, and the machinery they share.
 
-Each dataset module (``bapps``, ``coco``, ``sr_test``, ``roads``, ``svhn``, ``stl10``) holds its
+Each dataset module (``bapps``, ``coco``, ``sr_test``, ``roads``, ``svhn``, ``stl10``, and the
+human-judgement datasets ``tid2013``, ``kadid10k``, ``csiq``, ``nights``) holds its
 download spec (``FILES``: :class:`RemoteFile` rows; optionally its own ``download``),
 ``synthesize`` (a small fake in the exact raw upstream layout), ``prepare`` (raw files ->
 compact arrays + ``manifest.json``) and ``load`` (the one reader of its prepared arrays,
 with the shape and value checks). :mod:`workflow.datasets.registry` drives them by name.
 
-Shared parts: ``fetch`` (the HTTP client), ``archives`` (safe zip / tar extraction),
+Shared parts: ``fetch`` (the HTTP client), ``archives`` (safe zip / tar / RAR extraction),
 ``arrays`` (parallel decoding into memory-mapped ``.npy``, manifests, checks), ``fakes``
 (what the synthetic datasets draw), ``bank`` (image banks on the device and the epoch
 sampler), ``weights`` (the ImageNet weight files), ``triplets`` and ``probes`` (the distorted
 triplets and probe images the adaptation and probe benchmarks are scored on),
 ``user_folders`` (config ``data.paths``: the user's own copy of a dataset, verified and
-linked in place of the download).
+linked in place of the download), ``mos`` (what the MOS / DMOS datasets share: label rows,
+prepared arrays, the reader).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Safe archive extraction: zip and tar (any compression, detected from the content).
+"""Safe archive extraction: zip, tar (any compression, detected from the content) and RAR.
 
 Before anything is written, a scan of the member list (a zip's central directory; one read
 of a tar's headers) refuses, with an error naming the archive and the member: absolute
@@ -14,6 +14,11 @@ are its files moved into place (merged with what is there: BAPPS's train and val
 both unpack into ``2afc/``), so a refused or truncated archive leaves nothing behind. A full
 disk is reported as :class:`workflow.files.DiskFullError` ("disk full at <path>"), never as
 a damaged archive.
+
+RAR (TID2013 ships one) is read with ``rarfile`` (PyPI) under the same checks: its stored
+(uncompressed) members in pure Python; compressed members need an ``unrar``, ``unar``,
+``bsdtar`` or ``7z`` binary, and an archive that has some and finds none is refused before
+anything is written, with a message naming what to install (or the ``data.paths`` way round).
 
 A marker ``.<archive name>.extracted`` (JSON: the archive's sha256 when given, the member
 count) lets a rerun skip an archive that is already unpacked.
@@ -45,6 +50,7 @@ RATIO_FLOOR = 1 << 20
 # is known to within this many bytes, added to it so the estimate never overstates a ratio.
 STREAM_SLACK = 64 << 10
 BLOCK = 4096  # disk space of a file is counted in whole blocks
+RAR_MAGIC = (b"Rar!\x1a\x07\x00", b"Rar!\x1a\x07\x01")  # RAR 1.5-4.x, RAR 5
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,17 @@ def scan_archive(archive: str | os.PathLike, limits: ArchiveLimits | None = None
     archive = Path(archive)
     limits = limits or ArchiveLimits()
     st = ArchiveStats(compressed=archive.stat().st_size)
-    if archive_kind(archive) == "zip":
+    kind = archive_kind(archive)
+    if kind == "rar":
+        for info in _rar_members(archive):
+            name = check_member_name(archive, info.filename)
+            if info.is_symlink() or getattr(info, "file_redir", None):
+                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a link or "
+                                         f"redirection; refusing to extract this RAR archive.")
+            _count(archive, st, limits, info.file_size, "dir" if info.is_dir() else "file")
+            _check_member_ratio(archive, name, info.file_size, info.compress_size, limits)
+        return st
+    if kind == "zip":
         try:
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
@@ -244,12 +260,15 @@ def check_link(archive: Path, name: str, target: str, hard: bool) -> None:
 def archive_kind(path: Path) -> str:
     """``zip`` or ``tar`` from the file's content (not its name: BAPPS's .tar.gz may be
     plain tar)."""
+    with open(path, "rb") as f:
+        if f.read(7) in RAR_MAGIC:
+            return "rar"
     if zipfile.is_zipfile(path):
         return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
     raise ArchiveFormatError(
-        f"{path} is neither a zip nor a (compressed) tar archive; it is probably an HTML "
+        f"{path} is neither a zip nor a (compressed) tar or RAR archive; it is probably an HTML "
         f"error page or a truncated download. Delete it and download it again."
     )
 
@@ -284,6 +303,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
         tmp = recovery.mkdtemp(dest, "extract")
         try:
             files, links = (_extract_zip(archive, tmp) if kind == "zip"
+                            else _extract_rar(archive, tmp) if kind == "rar"
                             else _extract_tar(archive, tmp))
             _verify_links(archive, tmp, links)
             _merge_move(tmp, dest)
@@ -335,6 +355,57 @@ def _extract_zip(archive: Path, into: Path) -> tuple[list[str], list[str]]:
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise _corrupt(archive, e) from None
     return files, links
+
+
+def _rar_members(archive: Path) -> list[Any]:
+    """The member list of a RAR archive (``rarfile`` reads the headers in pure Python)."""
+    import rarfile
+
+    try:
+        with rarfile.RarFile(archive) as rf:
+            infos = rf.infolist()
+    except (rarfile.Error, EOFError) as e:
+        raise _corrupt(archive, e) from None
+    for info in infos:
+        if info.needs_password():
+            raise ArchiveFormatError(f"{archive}: member {info.filename!r} is encrypted; "
+                                     f"this is not the published archive.")
+    return infos
+
+
+def _extract_rar(archive: Path, into: Path) -> tuple[list[str], list[str]]:
+    """Stored members are read by ``rarfile`` itself; compressed ones need a binary, checked
+    for before the first byte is written."""
+    import rarfile
+
+    infos = _rar_members(archive)
+    if any(i.compress_type != rarfile.RAR_M0 for i in infos if not i.is_dir()):
+        try:
+            rarfile.tool_setup()
+        except rarfile.RarCannotExec:
+            raise ArchiveFormatError(
+                f"{archive}: its members are compressed and no RAR extractor is installed; "
+                f"install one of unrar, unar, bsdtar (libarchive-tools) or 7z (p7zip-full), "
+                f"e.g. `apt-get install unrar-free libarchive-tools`, and rerun; or extract "
+                f"the archive yourself and give its folder as config data.paths.<dataset>"
+            ) from None
+    files: list[str] = []
+    root_real = os.path.realpath(into)
+    try:
+        with rarfile.RarFile(archive) as rf:
+            for info in infos:
+                name = check_member_name(archive, info.filename)
+                target = _resolved_inside(archive, root_real, into, name)
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with rf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                files.append(name)
+    except (rarfile.Error, EOFError) as e:
+        raise _corrupt(archive, e) from None
+    return files, []
 
 
 def _extract_tar(archive: Path, into: Path) -> tuple[list[str], list[str]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pattern_images", "photo"]
+__all__ = ["distort", "pattern_images", "photo"]
 
 
 def pattern_images(rng: np.random.Generator, labels: np.ndarray, size: int,
@@ -40,3 +40,25 @@ def photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         x1, y1 = x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 2))
         draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
     return np.asarray(im.filter(ImageFilter.GaussianBlur(0.7)))
+
+
+def distort(img: np.ndarray, kind: int, strength: float, rng: np.random.Generator
+            ) -> np.ndarray:
+    """uint8 ``img`` distorted by one of four kinds (0 noise, 1 blur, 2 contrast loss,
+    3 quantisation), visibly more as ``strength`` in [0, 1] grows: the distorted images of
+    the MOS datasets' twins, whose fake scores fall with ``strength``."""
+    from PIL import Image, ImageFilter
+
+    x = img.astype(np.float32)
+    kind %= 4
+    if kind == 0:
+        x = x + rng.normal(0, 60 * strength, x.shape)
+    elif kind == 1:
+        pil = Image.fromarray(img).filter(ImageFilter.GaussianBlur(0.3 + 3 * strength))
+        x = np.asarray(pil, np.float32)
+    elif kind == 2:
+        x = x.mean() + (x - x.mean()) * (1 - 0.8 * strength)
+    else:
+        step = 1 + 80 * strength
+        x = np.round(x / step) * step
+    return np.clip(x, 0, 255).round().astype(np.uint8)

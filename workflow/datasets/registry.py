@@ -26,7 +26,8 @@ from workflow.datasets import mark_ready
 __all__ = ["MODULES", "download", "module", "prepare", "synthesize", "urls"]
 
 MODULES = {name: f"workflow.datasets.{name}"
-           for name in ("bapps", "coco", "sr_test", "roads", "svhn", "stl10")}
+           for name in ("bapps", "coco", "sr_test", "roads", "svhn", "stl10",
+                        "tid2013", "kadid10k", "csiq", "nights")}
 
 
 def module(name: str) -> ModuleType:

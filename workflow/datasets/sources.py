@@ -88,5 +88,28 @@ BAPPS_PARTS = {
     "jnd": {"p0": ".png", "p1": ".png", "same": ".npy"},
 }
 
+# The human-judgement datasets of the similarity family (docs/data.md). None publishes a
+# checksum: the downloader records the sha256 it saw (pin one in data.<name>.checksums).
+# TID2013: the authors' page (ponomarenko.info/tid2013.htm) links the RAR archive.
+# size: about 908 MB per third-party READMEs, rounded up (only the free-disk check reads it)
+TID2013 = [RemoteFile("http://www.ponomarenko.info/tid2013/tid2013.rar", extract=True,
+                      size=1_000_000_000)]
+# KADID-10k: the publishers' site (database.mmsp-kn.de/kadid-10k-database.html) links the zip.
+# size: a third party's HEAD request (Content-Length 3,067,408,471); only the disk check reads it
+KADID10K = [RemoteFile("https://datasets.vqa.mmsp-kn.de/archives/kadid10k.zip", extract=True,
+                       size=3_067_408_471)]
+# CSIQ: its host has moved several times and serves no stable archive: data.paths.csiq only.
+CSIQ: list[RemoteFile] = []
+# NIGHTS: what dataset/download_dataset.sh of ssundaram21/dreamsim fetches.
+NIGHTS = [RemoteFile("https://data.csail.mit.edu/nights/nights.zip", extract=True)]
+
+# CSIQ's distortion types as its DMOS workbook names them -> (folder under dst_imgs/, the
+# token in the file name <image>.<token>.<level>.png)
+CSIQ_TYPES = {"noise": ("awgn", "AWGN"), "jpeg": ("jpeg", "JPEG"),
+              "jpeg 2000": ("jpeg2000", "jpeg2000"), "fnoise": ("fnoise", "fnoise"),
+              "blur": ("blur", "BLUR"), "contrast": ("contrast", "contrast")}
+
 FILES: dict[str, list[RemoteFile]] = {"bapps": BAPPS, "coco": COCO, "sr_test": SR_TEST,
-                                      "roads": ROADS, "svhn": SVHN, "stl10": STL10}
+                                      "roads": ROADS, "svhn": SVHN, "stl10": STL10,
+                                      "tid2013": TID2013, "kadid10k": KADID10K, "csiq": CSIQ,
+                                      "nights": NIGHTS}

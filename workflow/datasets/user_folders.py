@@ -217,8 +217,59 @@ def _coco(lay: _Layout) -> None:
     lay.entries = {n: lay.folder / n for n in COCO_ZIPS}
 
 
+# the human-judgement datasets: label file, image folders (relative to the label file's
+# folder; "*" one level of subfolders) and their image suffix, where the tree comes from
+_LABELLED = {
+    "tid2013": ("mos_with_names.txt", ("reference_images", "distorted_images"), ".bmp",
+                "the folder tid2013.rar extracts to (reference_images/, distorted_images/, "
+                "mos_with_names.txt, mos_std.txt)", ("mos_std.txt",)),
+    "kadid10k": ("dmos.csv", ("images",), ".png",
+                 "the kadid10k/ folder kadid10k.zip extracts to (images/, dmos.csv)", ()),
+    "csiq": ("csiq.DMOS.xlsx", ("src_imgs", "dst_imgs/*"), ".png",
+             "the folder holding CSIQ's src_imgs/, dst_imgs/<type>/ and csiq.DMOS.xlsx", ()),
+    "nights": ("data.csv", ("ref/*", "distort/*"), ".png",
+               "the nights/ folder nights.zip extracts to (ref/, distort/, data.csv)", ()),
+}
+
+
+def _labelled(lay: _Layout) -> None:
+    marker, folders, suffix, what, extra = _LABELLED[lay.name]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(lay.folder, followlinks=True):
+        depth = len(Path(dirpath).relative_to(lay.folder).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if marker in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        if depth >= 2:
+            dirnames[:] = []
+    if not found:
+        raise lay.fail(f"no {marker} in it (nor two levels down); give {what}")
+    if len(found) > 1:
+        raise lay.fail(f"several {marker}: {', '.join(map(str, found))}; keep one")
+    root = found[0]
+    lay.entries = {lay.name: root}
+    lay.files = [f"{lay.name}/{n}" for n in (marker, *extra)]
+    for n in extra:
+        if not (root / n).is_file():
+            raise lay.fail(f"no {root / n}; give {what}")
+    for pattern in folders:
+        base, _, star = pattern.partition("/")
+        d = root / base
+        subs = (sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith("."))
+                if star and d.is_dir() else [d])
+        if not d.is_dir() or not subs:
+            raise lay.fail(f"no {d}{'/<folder>' if star else ''}; give {what}")
+        for sub in subs:
+            names = _names(sub, suffix) if sub.is_dir() else []
+            if not names:
+                raise lay.fail(f"{sub} holds no *{suffix} images; give {what}")
+            rel = sub.relative_to(root).as_posix()
+            lay.files += [f"{lay.name}/{rel}/{n}" for n in names]
+
+
 _LAYOUTS = {"svhn": _svhn, "stl10": _stl10, "sr_test": _sr_test, "roads": _roads,
-            "bapps": _bapps, "coco": _coco}
+            "bapps": _bapps, "coco": _coco, **dict.fromkeys(_LABELLED, _labelled)}
 
 
 def layout(name: str, folder: str | os.PathLike) -> _Layout:
