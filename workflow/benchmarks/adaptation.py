@@ -45,6 +45,7 @@ from workflow.models.adapter import (
     load_adapter,
     make_optimizer,
     tap_channels,
+    terms,
 )
 from workflow.results import score_frame
 from workflow.training import TrainConfig, Trainer, constant_then_linear, resume_key, save_model
@@ -108,7 +109,8 @@ def _bank(job: Job, prepared: Mapping[str, Path], dataset: str, split: str, inde
 def feature_diffs(job: Job, extractor: FeatureExtractor, variants: Sequence[Variant],
                   images: Sequence[Tensor]) -> list[dict]:
     """One extractor pass over the concatenated image sets; the per-channel differences of
-    set 0 against each other set (no grad)."""
+    set 0 against each other set (no grad), per variant (the adapter takes its
+    :func:`~workflow.models.adapter.terms`)."""
     n = images[0].shape[0]
     with torch.no_grad():
         with job.autocast():
@@ -125,7 +127,8 @@ def set_distances(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter |
     out: list[list[Tensor]] = []
     with torch.no_grad():
         for s in range(0, n, batch):
-            diffs = feature_diffs(job, extractor, variants, images_of(slice(s, min(n, s + batch))))
+            diffs = feature_diffs(job, extractor, terms(variants),
+                                  images_of(slice(s, min(n, s + batch))))
             out = out or [[] for _ in diffs]
             for part, d in zip(out, diffs, strict=True):
                 part.append((adapter.distances(d) if adapter is not None
@@ -155,7 +158,7 @@ def adaptation_step(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter
     d0, d1 = draw_pairs(n, gen, dev)
     trip = {"index": idx, "d0": d0, "d1": d1, "p0": sample_params(d0, gen),
             "p1": sample_params(d1, gen)}
-    diffs0, diffs1 = feature_diffs(job, extractor, adapter.variants,
+    diffs0, diffs1 = feature_diffs(job, extractor, adapter.terms,
                                    distort_batch(bank, trip, slice(None), size))
     with torch.autocast(dev.type, enabled=False):  # channel weights and G in fp32
         dist0 = adapter.distances(diffs0, adapter.dropout_masks(n, gen, dev))
