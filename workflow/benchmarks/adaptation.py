@@ -50,8 +50,8 @@ from workflow.models.adapter import (
 from workflow.results import score_frame
 from workflow.training import TrainConfig, Trainer, constant_then_linear, resume_key, save_model
 
-__all__ = ["AdaptationError", "adaptation_step", "evaluate", "feature_diffs", "rankings",
-           "set_distances", "train", "triplet_2afc", "triplets"]
+__all__ = ["AdaptationError", "adaptation_step", "bapps_scores", "evaluate", "feature_diffs",
+           "rankings", "set_distances", "train", "triplet_2afc", "triplets"]
 
 BENCHMARK = "adaptation"
 EVAL_DATASETS = ("svhn", "stl10")
@@ -160,11 +160,7 @@ def adaptation_step(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter
             "p1": sample_params(d1, gen)}
     diffs0, diffs1 = feature_diffs(job, extractor, adapter.terms,
                                    distort_batch(bank, trip, slice(None), size))
-    with torch.autocast(dev.type, enabled=False):  # channel weights and G in fp32
-        dist0 = adapter.distances(diffs0, adapter.dropout_masks(n, gen, dev))
-        dist1 = adapter.distances(diffs1, adapter.dropout_masks(n, gen, dev))
-        total, _, _ = adapter.loss(dist0, dist1, ranking_labels(d0, d1, pos))
-    return total, n
+    return adapter.batch_loss(diffs0, diffs1, ranking_labels(d0, d1, pos), gen), n
 
 
 def train(job: Job, config: Mapping[str, Any], net: str, run: int, rankings: Path,
@@ -223,9 +219,11 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int, rankings: Pat
     return meta
 
 
-def _bapps(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter | None,
+def bapps_scores(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter | None,
            variants: Sequence[Variant], config: Mapping[str, Any], folder: Path) -> list[dict]:
-    """BAPPS val rows per (comparison ``_v``, ranking ``_r``) (``bapps_rows``)."""
+    """BAPPS val rows per (comparison ``_v``, ranking ``_r``) (``bapps_rows``) of the baseline
+    (``adapter`` None) or an adapter; ``config``: ``image_size``, ``bapps_2afc_subsets``,
+    ``bapps_jnd_subsets`` (the adaptation's and the calibration's keys)."""
     size, batch = int(config["image_size"]), int(job.setting("eval_batch_size"))
 
     def dists(parts: Sequence[np.ndarray]) -> list[Tensor]:
@@ -283,7 +281,7 @@ def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int | None, mod
                       "value": float(acc[v, r]), "n": len(trip["index"])}
                      for v in range(acc.shape[0]) for r in range(acc.shape[1])]
     if config["bapps"]:
-        rows += _bapps(job, extractor, adapter, variants, config, prepared["bapps"])
+        rows += bapps_scores(job, extractor, adapter, variants, config, prepared["bapps"])
     out = []
     for row in rows:
         v, r = variants[row.pop("_v")], row.pop("_r")

@@ -142,6 +142,21 @@ class FusedAdapter(nn.Module):
         per = bce + self.sync_weight * sync * (acc <= 0.5).float()
         return per.sum(), per.detach(), acc
 
+    def batch_loss(self, diffs0: Mapping[Variant, Mapping[int, Tensor]],
+                   diffs1: Mapping[Variant, Mapping[int, Tensor]], labels: Tensor,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """One training step's summed loss from the terms' differences of (ref, p0) and
+        (ref, p1): dropout masks (drawn from ``generator``, p0 side first), the distances
+        and :meth:`loss`, in fp32 whatever the autocast around it (the adaptation and the
+        LPIPS calibration steps). ``labels``: ``[N, R]``, 0 / 1 or a judge fraction."""
+        n = labels.shape[0]
+        dev = labels.device
+        with torch.autocast(dev.type, enabled=False):
+            dist0 = self.distances(diffs0, self.dropout_masks(n, generator, dev))
+            dist1 = self.distances(diffs1, self.dropout_masks(n, generator, dev))
+            total, _, _ = self.loss(dist0, dist1, labels.float())
+        return total
+
     @torch.no_grad()
     def clamp_(self) -> None:
         """Keep the channel weights non-negative (after every optimiser step)."""
