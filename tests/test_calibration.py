@@ -11,7 +11,6 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,8 +235,8 @@ def test_train_set_gathers_across_subsets(prepared):
 
 
 def test_plan_jobs_and_shipped(tmp_path):
-    cfg = load_config(ROOT / "config.yaml", overrides={"calibration": {"shipped_weights": str(tmp_path), "runs": 2,
-                                                 "lossnets": ["alexnet/lpips", "resnet18/2"]}})
+    cfg = load_config(ROOT / "config.yaml", overrides={"calibration": {
+        "shipped_weights": str(tmp_path), "runs": 2, "lossnets": ["alexnet/lpips", "resnet18/2"]}})
     plan = Plan(cfg)
     assert plan.jobs("calibration") == [
         {"arch": a, "layer": layer, "run": r}
