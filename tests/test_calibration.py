@@ -215,6 +215,11 @@ def test_train_and_score(tmp_path, prepared, demo_plan):
                    scores=tmp_path / "shipped.parquet")
     assert set(shipped["variant"]) == {"lin-shipped"} and shipped["run"].isna().all()
     assert set(shipped["comparison"]) == {"spatial"} and len(shipped) == 5
+    # a model of another loss network is refused before anything is written
+    with pytest.raises(CalibrationError, match="trained for alexnet/lpips.*calibration_train"):
+        _cmd("evaluate", config=stage["evaluate"], settings=settings, net="squeezenet1_1/lpips",
+             run=0, model=model, prepared=[bapps_dir], scores=tmp_path / "other.parquet")
+    assert not (tmp_path / "other.parquet").exists()
 
 
 def test_train_set_gathers_across_subsets(prepared):
