@@ -71,6 +71,7 @@ include: "rules/super_resolution.smk"
 include: "rules/delineation.smk"
 include: "rules/autoencoder.smk"
 include: "rules/adaptation.smk"
+include: "rules/calibration.smk"
 include: "rules/analysis.smk"
 
 

@@ -15,6 +15,7 @@ from workflow.models.adapter import (
     make_optimizer,
     metric_seed,
     tap_channels,
+    terms,
 )
 from workflow.training import save_model
 
@@ -113,7 +114,7 @@ def test_weights_stay_non_negative_and_dropout():
         assert float(adapter.weights(0)[0].detach().min()) >= 0.0
     assert float((adapter.weights(0)[0].detach() == 0).float().sum()) > 0  # the clamp was needed
     # dropout: masks are 0 or 1/(1-p), switched off in eval mode
-    m = adapter.dropout_masks(1000, g, CPU)[0]
+    m = adapter.dropout_masks(1000, g, CPU)[v][0]
     assert set(m.unique().tolist()) == {0.0, 2.0} and abs(float(m.mean()) - 1.0) < 0.05
     adapter.eval()
     assert adapter.dropout_masks(4, g, CPU) is None
@@ -147,7 +148,7 @@ def test_model_file_round_trip(tmp_path):
     variants = [Variant("mean", True), Variant("spatial+sort", False)]
     adapter = FusedAdapter(channels, variants, [0, 1, 2], seed=7, dropout=0.25, sync_weight=3.0)
     with torch.no_grad():
-        adapter.channel_weights["1_3"].mul_(0.5)
+        adapter.channel_weights["1_1_3"].mul_(0.5)
     path = save_model(tmp_path / "adapter.pt", {"adapter": adapter},
                       {**adapter.describe(), "run": 0})
     loaded, meta = load_adapter(path, CPU)
@@ -159,6 +160,55 @@ def test_model_file_round_trip(tmp_path):
     save_model(tmp_path / "other.pt", {"adapter": adapter}, {"run": 0})
     with pytest.raises(ValueError, match="not an adapter file"):
         load_adapter(tmp_path / "other.pt", CPU)
+    # a file of the shared-weights adapter (before per-term weights) is refused, not misread
+    old = {k: v for k, v in adapter.describe().items() if k != "term_weights"}
+    save_model(tmp_path / "old.pt", {"adapter": adapter}, old)
+    with pytest.raises(ValueError, match="shared one weight per channel.*rerun"):
+        load_adapter(tmp_path / "old.pt", CPU)
+
+
+def test_combined_comparison_weights_each_term():
+    """spatial+mean has one weight matrix per term (the reference code's per-term 1x1 convs):
+    the distance is w_spatial . D_spatial + w_mean . D_mean, and each term's gradient reaches
+    only its own weights."""
+    channels = {0: 3, 2: 2}
+    combo, single = Variant("spatial+mean", True), Variant("spatial", True)
+    adapter = FusedAdapter(channels, [single, combo], [0, 1], dropout=0.0)
+    assert adapter.terms == [Variant("spatial", True), Variant("mean", True)]
+    assert terms([Variant("spatial+sort", False), Variant("sort", False)]) == [
+        Variant("spatial", False), Variant("sort", False)]
+    assert len(adapter.channel_weights) == (1 + 2) * len(channels)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in adapter.channel_weights.values():
+            p.copy_(torch.rand(p.shape, generator=g))
+    diffs = _random_diffs(4, channels, adapter.terms, g)
+    sp, mn = diffs[Variant("spatial", True)], diffs[Variant("mean", True)]
+    d = adapter.distances(diffs)
+    w_sp, w_mn = adapter.weights(1, 0), adapter.weights(1, 1)
+    for r in range(2):
+        want = sum(sp[t] @ w_sp[t][r] + mn[t] @ w_mn[t][r] for t in channels)
+        torch.testing.assert_close(d[:, 1, r], want.detach())
+    # d/dw of term j of tap t, ranking r = sum over items of that term's D[:, c]
+    d[:, 1, 0].sum().backward()
+    for t in channels:
+        torch.testing.assert_close(w_sp[t].grad[0], sp[t].sum(0))
+        torch.testing.assert_close(w_mn[t].grad[0], mn[t].sum(0))
+        assert not torch.allclose(w_sp[t].grad[0], w_mn[t].grad[0])
+        assert float(w_sp[t].grad[1].abs().sum()) == 0.0  # ranking 1 untouched
+        # the plain spatial metric's weights are its own: no gradient from the combined one
+        assert float(adapter.weights(0, 0)[t].grad.abs().sum()) == 0.0
+    # with the mean term's differences zero, only the spatial term's weights get a gradient
+    adapter.zero_grad()
+    zero = {**diffs, Variant("mean", True): {t: torch.zeros_like(x) for t, x in mn.items()}}
+    adapter.distances(zero)[:, 1].sum().backward()
+    assert all(float(w_mn[t].grad.abs().sum()) == 0.0 for t in channels)
+    assert all(float(w_sp[t].grad.abs().sum()) > 0.0 for t in channels)
+    # the baseline (weights 1) is the sum of the terms, the old combined distance
+    base = baseline_distances(diffs, [combo])
+    torch.testing.assert_close(base[:, 0, 0], sum(sp[t].sum(1) + mn[t].sum(1) for t in channels))
+    with pytest.raises(KeyError, match="mean-norm"):
+        adapter.distances({Variant("spatial", True): sp})
 
 
 def test_tap_channels_of_alexnet(cpu_job):

@@ -226,6 +226,7 @@ def _written_coordinates() -> dict[str, set]:
                       {s: (d, np.array([0.0, 1.0])) for s in ["traditional", "cnn"]})
     out = {"similarity": {(r["dataset"], r["split"], r["metric"]) for r in rows}}
     out["probes"] = {("probes", s, "correct") for s in SET_SIZES}
+    out["calibration"] = out["similarity"]  # the lin rows: BAPPS val, the same row builder
     return out
 
 
@@ -261,7 +262,7 @@ def test_every_entry_names_score_coordinates_and_a_source():
             assert c["channel_norm"] in (True, False), e.id
         assert c["variant"] in (None, "lin", "handmade"), e.id
         # the published number is in the paper's unit: percent for BAPPS, a count for probes
-        if c["benchmark"] == "similarity":
+        if c["benchmark"] in ("similarity", "calibration"):
             assert e.scale == 100 and 50 <= e.published <= 90 and e.decimals == 1, e.id
         else:
             n = SET_SIZES[c["split"]]

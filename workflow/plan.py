@@ -59,7 +59,7 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 _SCHEMA_BASE = "https://lossnet-bench.invalid/schemas/"
 
 BENCHMARKS = ("similarity", "super_resolution", "delineation", "autoencoder", "adaptation",
-              "probes")
+              "probes", "calibration")
 DATASETS = ("bapps", "coco", "sr_test", "roads", "svhn", "stl10",
             "tid2013", "kadid10k", "csiq", "nights")
 # datasets without a download (their host serves no stable archive): data.paths only
@@ -167,6 +167,17 @@ STAGES: dict[str, dict[str, Stage]] = {
         "score": Stage(("comparisons", "channel_norm", "normalize", "image_size", "images"),
                        scores=True),
     },
+    "calibration": {
+        "train": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
+                        "train_subsets", "train_limit", "batch_size", "epochs_constant",
+                        "epochs_decay", "lr", "betas", "dropout")),
+        "evaluate": Stage(("comparisons", "channel_norm", "normalize", "image_size",
+                           "bapps_2afc_subsets", "bapps_jnd_subsets"),
+                          settings=("eval_batch_size",), scores=True),
+        # the lpips package's lin weights (the file is the rule's input)
+        "shipped": Stage(("normalize", "image_size", "bapps_2afc_subsets", "bapps_jnd_subsets"),
+                         settings=("eval_batch_size",), scores=True),
+    },
 }
 
 # Keys that choose which jobs exist (the DAG), not what a job computes.
@@ -177,6 +188,7 @@ DAG_KEYS: dict[str, tuple[str, ...]] = {
     "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
     "adaptation": ("lossnets", "runs"),
     "probes": ("lossnets", "pixel_baselines"),
+    "calibration": ("lossnets", "runs", "shipped_weights"),
 }
 
 # The prepared datasets each benchmark reads (adaptation's depend on its config: datasets()).
@@ -187,7 +199,11 @@ BENCHMARK_DATASETS: dict[str, tuple[str, ...]] = {
     "autoencoder": ("svhn", "stl10"),
     "adaptation": ("svhn", "stl10", "bapps"),
     "probes": (),
+    "calibration": ("bapps",),
 }
+
+# The lpips package's name of each architecture it ships lin weights for (weights/v0.1/<name>.pth)
+LPIPS_SHIPPED = {"alexnet": "alex", "vgg16": "vgg", "squeezenet1_1": "squeeze"}
 
 
 # ----------------------------------------------------------------------------- the config
@@ -601,7 +617,8 @@ class Plan:
                 nets = [LossNet.parse(str(s)) for s in chosen]
         except UnknownLossNetError as e:
             raise UnknownLossNetError(f"config key {benchmark}.lossnets: {e}") from None
-        if sec.get("lpips_sets", chosen == "all" and benchmark in ("adaptation", "probes")):
+        if sec.get("lpips_sets", chosen == "all"
+                   and benchmark in ("adaptation", "probes", "calibration")):
             nets += self.lpips_sets()
         pixel = [n.id for n in nets if n.is_pixel]
         if pixel and benchmark not in PIXEL_BENCHMARKS:
@@ -700,7 +717,7 @@ class Plan:
         if benchmark == "super_resolution":
             return [{"arch": n.arch, "layer": n.layer, "scale": s, "run": r}
                     for n in nets for s in sec["scales"] for r in runs]
-        if benchmark in ("delineation", "adaptation"):
+        if benchmark in ("delineation", "adaptation", "calibration"):
             return [{"arch": n.arch, "layer": n.layer, "run": r} for n in nets for r in runs]
         if benchmark == "autoencoder":
             ids = [n.id for n in nets] + ([PIXEL] if sec["pixel_baseline"] else [])
@@ -709,6 +726,18 @@ class Plan:
         if benchmark == "probes":
             return [{"arch": n.arch, "layer": n.layer} for n in nets]
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+
+    def shipped_lin(self) -> list[dict[str, str]]:
+        """The calibration's jobs that score the lpips package's lin weights (config
+        ``calibration.shipped_weights``): the LPIPS sets of ``calibration.lossnets`` the
+        package ships weights for, each with its file."""
+        folder = self.config["calibration"]["shipped_weights"]
+        if not folder:
+            return []
+        folder = os.path.expanduser(str(folder)).rstrip("/")
+        return [{"arch": n.arch, "layer": n.layer, "file": f"{folder}/{LPIPS_SHIPPED[n.arch]}.pth"}
+                for n in self.lossnets("calibration")
+                if n.layer == "lpips" and n.arch in LPIPS_SHIPPED]
 
     def enabled(self) -> list[str]:
         return [b for b in BENCHMARKS if b in self.config["benchmarks"]]

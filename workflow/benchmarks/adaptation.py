@@ -45,12 +45,13 @@ from workflow.models.adapter import (
     load_adapter,
     make_optimizer,
     tap_channels,
+    terms,
 )
 from workflow.results import score_frame
 from workflow.training import TrainConfig, Trainer, constant_then_linear, resume_key, save_model
 
-__all__ = ["AdaptationError", "adaptation_step", "evaluate", "feature_diffs", "rankings",
-           "set_distances", "train", "triplet_2afc", "triplets"]
+__all__ = ["AdaptationError", "adaptation_step", "bapps_scores", "evaluate", "feature_diffs",
+           "rankings", "set_distances", "train", "triplet_2afc", "triplets"]
 
 BENCHMARK = "adaptation"
 EVAL_DATASETS = ("svhn", "stl10")
@@ -108,7 +109,8 @@ def _bank(job: Job, prepared: Mapping[str, Path], dataset: str, split: str, inde
 def feature_diffs(job: Job, extractor: FeatureExtractor, variants: Sequence[Variant],
                   images: Sequence[Tensor]) -> list[dict]:
     """One extractor pass over the concatenated image sets; the per-channel differences of
-    set 0 against each other set (no grad)."""
+    set 0 against each other set (no grad), per variant (the adapter takes its
+    :func:`~workflow.models.adapter.terms`)."""
     n = images[0].shape[0]
     with torch.no_grad():
         with job.autocast():
@@ -125,7 +127,8 @@ def set_distances(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter |
     out: list[list[Tensor]] = []
     with torch.no_grad():
         for s in range(0, n, batch):
-            diffs = feature_diffs(job, extractor, variants, images_of(slice(s, min(n, s + batch))))
+            diffs = feature_diffs(job, extractor, terms(variants),
+                                  images_of(slice(s, min(n, s + batch))))
             out = out or [[] for _ in diffs]
             for part, d in zip(out, diffs, strict=True):
                 part.append((adapter.distances(d) if adapter is not None
@@ -155,13 +158,9 @@ def adaptation_step(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter
     d0, d1 = draw_pairs(n, gen, dev)
     trip = {"index": idx, "d0": d0, "d1": d1, "p0": sample_params(d0, gen),
             "p1": sample_params(d1, gen)}
-    diffs0, diffs1 = feature_diffs(job, extractor, adapter.variants,
+    diffs0, diffs1 = feature_diffs(job, extractor, adapter.terms,
                                    distort_batch(bank, trip, slice(None), size))
-    with torch.autocast(dev.type, enabled=False):  # channel weights and G in fp32
-        dist0 = adapter.distances(diffs0, adapter.dropout_masks(n, gen, dev))
-        dist1 = adapter.distances(diffs1, adapter.dropout_masks(n, gen, dev))
-        total, _, _ = adapter.loss(dist0, dist1, ranking_labels(d0, d1, pos))
-    return total, n
+    return adapter.batch_loss(diffs0, diffs1, ranking_labels(d0, d1, pos), gen), n
 
 
 def train(job: Job, config: Mapping[str, Any], net: str, run: int, rankings: Path,
@@ -220,9 +219,11 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int, rankings: Pat
     return meta
 
 
-def _bapps(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter | None,
+def bapps_scores(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter | None,
            variants: Sequence[Variant], config: Mapping[str, Any], folder: Path) -> list[dict]:
-    """BAPPS val rows per (comparison ``_v``, ranking ``_r``) (``bapps_rows``)."""
+    """BAPPS val rows per (comparison ``_v``, ranking ``_r``) (``bapps_rows``) of the baseline
+    (``adapter`` None) or an adapter; ``config``: ``image_size``, ``bapps_2afc_subsets``,
+    ``bapps_jnd_subsets`` (the adaptation's and the calibration's keys)."""
     size, batch = int(config["image_size"]), int(job.setting("eval_batch_size"))
 
     def dists(parts: Sequence[np.ndarray]) -> list[Tensor]:
@@ -280,7 +281,7 @@ def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int | None, mod
                       "value": float(acc[v, r]), "n": len(trip["index"])}
                      for v in range(acc.shape[0]) for r in range(acc.shape[1])]
     if config["bapps"]:
-        rows += _bapps(job, extractor, adapter, variants, config, prepared["bapps"])
+        rows += bapps_scores(job, extractor, adapter, variants, config, prepared["bapps"])
     out = []
     for row in rows:
         v, r = variants[row.pop("_v")], row.pop("_r")

@@ -11,8 +11,13 @@ BatchedRankingNet`). The total loss is the *sum* of the metrics' losses and thei
 are disjoint, so under Adam (elementwise) each metric follows exactly the trajectory it
 would follow alone; ``tests/test_adapter.py`` checks it.
 
+Combined comparisons (``spatial+mean``, ``spatial+sort``) weight each term separately, as
+the reference code does (docs/adaptation.md): the adapter takes the per-channel differences
+of the *terms* (:func:`terms`: ``spatial``, ``mean``, ``sort`` with the metric's channel
+normalisation) and holds one ``[R, C]`` matrix per comparison, term and tap.
+
 Choices (also in docs/adaptation.md): channel weights start at 1 (the baseline metric);
-dropout acts on the position-averaged differences, one mask per image, tap and channel,
+dropout acts on the position-averaged differences, one mask per image, term, tap and channel,
 shared by the metrics of a batch.
 """
 
@@ -32,7 +37,13 @@ from workflow.metrics.similarity import twoafc_rate
 from workflow.models.ranking import BatchedRankingNet
 
 __all__ = ["FusedAdapter", "baseline_distances", "load_adapter", "make_optimizer",
-           "metric_seed", "tap_channels"]
+           "metric_seed", "tap_channels", "terms"]
+
+
+def terms(variants: Sequence[Variant]) -> list[Variant]:
+    """The single comparisons whose per-channel differences the metrics of ``variants`` are
+    made of (``spatial+sort`` with channel norm -> ``spatial``, ``sort`` with it), each once."""
+    return list(dict.fromkeys(Variant(p, v.channel_norm) for v in variants for p in v.parts))
 
 
 def metric_seed(seed: int, ranking: int, variant: Variant) -> int:
@@ -43,9 +54,10 @@ def metric_seed(seed: int, ranking: int, variant: Variant) -> int:
 class FusedAdapter(nn.Module):
     """Every (comparison, ranking) metric of one loss network and run, trained together.
 
-    ``channel_weights[f"{v}_{tap}"]``: ``[R, C]`` non-negative weights of comparison
-    ``variants[v]`` at ``tap`` for the R rankings; ``rank_net``: K = V x R ranking nets,
-    metric ``k = v * R + r``.
+    ``channel_weights[f"{v}_{j}_{tap}"]``: ``[R, C]`` non-negative weights of term ``j`` of
+    comparison ``variants[v]`` at ``tap`` for the R rankings (a combined comparison has two
+    terms, each with its own weights); ``rank_net``: K = V x R ranking nets, metric
+    ``k = v * R + r``.
     """
 
     def __init__(self, channels: Mapping[int, int], variants: Sequence[Variant],
@@ -55,14 +67,17 @@ class FusedAdapter(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"config key adaptation.dropout must be in [0, 1), got {dropout}")
         self.variants = list(variants)
+        self.terms = terms(self.variants)
         self.rankings = [int(r) for r in rankings]
         self.taps = sorted(int(t) for t in channels)
+        self.channels = {t: int(channels[t]) for t in self.taps}
         self.dropout = float(dropout)
         self.sync_weight = float(sync_weight)
         r = len(self.rankings)
         self.channel_weights = nn.ParameterDict({
-            f"{v}_{t}": nn.Parameter(torch.ones(r, int(channels[t])))
-            for v in range(len(self.variants)) for t in self.taps
+            f"{v}_{j}_{t}": nn.Parameter(torch.ones(r, self.channels[t]))
+            for v, var in enumerate(self.variants) for j in range(len(var.parts))
+            for t in self.taps
         })
         self.rank_net = BatchedRankingNet([metric_seed(seed, rk, var) for var in self.variants
                                            for rk in self.rankings])
@@ -78,29 +93,39 @@ class FusedAdapter(nn.Module):
     def shape(self) -> tuple[int, int]:
         return len(self.variants), len(self.rankings)
 
-    def weights(self, v: int) -> dict[int, Tensor]:
-        return {t: self.channel_weights[f"{v}_{t}"] for t in self.taps}
+    def weights(self, v: int, term: int = 0) -> dict[int, Tensor]:
+        """``{tap: [R, C]}``: the weights of term ``term`` of comparison ``variants[v]``."""
+        return {t: self.channel_weights[f"{v}_{term}_{t}"] for t in self.taps}
 
     def dropout_masks(self, n: int, generator: torch.Generator | None, device: torch.device
-                      ) -> dict[int, Tensor] | None:
-        """Inverted-dropout masks ``[n, C]`` per tap (0 or 1 / keep); None in eval mode."""
+                      ) -> dict[Variant, dict[int, Tensor]] | None:
+        """Inverted-dropout masks ``[n, C]`` per term and tap (0 or 1 / keep); None in eval
+        mode."""
         if not self.training or self.dropout == 0.0:
             return None
         keep = 1.0 - self.dropout
-        return {t: (torch.rand(n, self.channel_weights[f"0_{t}"].shape[1], generator=generator,
-                               device=device) < keep).float() / keep for t in self.taps}
+        return {term: {t: (torch.rand(n, self.channels[t], generator=generator, device=device)
+                           < keep).float() / keep for t in self.taps}
+                for term in self.terms}
 
     def distances(self, diffs: Mapping[Variant, Mapping[int, Tensor]],
-                  masks: Mapping[int, Tensor] | None = None) -> Tensor:
-        """``[N, V, R]`` adapted distances from per-channel differences ``[N, C]``."""
+                  masks: Mapping[Variant, Mapping[int, Tensor]] | None = None) -> Tensor:
+        """``[N, V, R]`` adapted distances from the terms' per-channel differences ``[N, C]``
+        (``diffs`` keyed by the variants of :func:`terms`)."""
+        missing = [t.name for t in self.terms if t not in diffs]
+        if missing:
+            raise KeyError(f"the adapter needs the per-channel differences of {missing} "
+                           f"(workflow.models.adapter.terms of its comparisons)")
         out = []
         for v, var in enumerate(self.variants):
-            d = diffs[var]
-            if masks is not None:
-                d = {t: d[t] * masks[t] for t in self.taps}
-            else:
-                d = {t: d[t] for t in self.taps}
-            out.append(reduce_channels(d, self.weights(v)))
+            total = None
+            for j, part in enumerate(var.parts):
+                term = Variant(part, var.channel_norm)
+                d = {t: diffs[term][t] * masks[term][t] if masks is not None
+                     else diffs[term][t] for t in self.taps}
+                r = reduce_channels(d, self.weights(v, j))
+                total = r if total is None else total + r
+            out.append(total)
         return torch.stack(out, dim=1)
 
     def loss(self, d0: Tensor, d1: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,6 +142,21 @@ class FusedAdapter(nn.Module):
         per = bce + self.sync_weight * sync * (acc <= 0.5).float()
         return per.sum(), per.detach(), acc
 
+    def batch_loss(self, diffs0: Mapping[Variant, Mapping[int, Tensor]],
+                   diffs1: Mapping[Variant, Mapping[int, Tensor]], labels: Tensor,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """One training step's summed loss from the terms' differences of (ref, p0) and
+        (ref, p1): dropout masks (drawn from ``generator``, p0 side first), the distances
+        and :meth:`loss`, in fp32 whatever the autocast around it (the adaptation and the
+        LPIPS calibration steps). ``labels``: ``[N, R]``, 0 / 1 or a judge fraction."""
+        n = labels.shape[0]
+        dev = labels.device
+        with torch.autocast(dev.type, enabled=False):
+            dist0 = self.distances(diffs0, self.dropout_masks(n, generator, dev))
+            dist1 = self.distances(diffs1, self.dropout_masks(n, generator, dev))
+            total, _, _ = self.loss(dist0, dist1, labels.float())
+        return total
+
     @torch.no_grad()
     def clamp_(self) -> None:
         """Keep the channel weights non-negative (after every optimiser step)."""
@@ -127,16 +167,19 @@ class FusedAdapter(nn.Module):
         """What :meth:`from_meta` needs, for the model file's meta."""
         return {"variants": [[v.method, v.channel_norm] for v in self.variants],
                 "rankings": self.rankings,
-                "taps": {str(t): int(self.channel_weights[f"0_{t}"].shape[1])
-                         for t in self.taps},
-                "dropout": self.dropout, "sync_weight": self.sync_weight}
+                "taps": {str(t): c for t, c in self.channels.items()},
+                "dropout": self.dropout, "sync_weight": self.sync_weight,
+                "term_weights": "per term"}
 
 
 def baseline_distances(diffs: Mapping[Variant, Mapping[int, Tensor]],
                        variants: Sequence[Variant]) -> Tensor:
     """``[N, V, 1]``: the unadapted metrics (every channel weight 1), shaped as
-    :meth:`FusedAdapter.distances` with one ranking."""
-    return torch.stack([reduce_channels(diffs[v]) for v in variants], dim=1).unsqueeze(-1)
+    :meth:`FusedAdapter.distances` with one ranking, from the terms' differences (a combined
+    comparison is the sum of its terms')."""
+    out = [sum(reduce_channels(diffs[Variant(p, v.channel_norm)]) for p in v.parts)
+           for v in variants]
+    return torch.stack(out, dim=1).unsqueeze(-1)
 
 
 def tap_channels(extractor: nn.Module, size: int, device: torch.device) -> dict[int, int]:
@@ -168,6 +211,10 @@ def load_adapter(path: str | Path, device: torch.device) -> tuple[FusedAdapter, 
         if missing:
             raise ValueError(f"{path} is not an adapter file (its meta lacks {missing}); "
                              f"rerun the adaptation_train rule that writes it")
+        if meta.get("term_weights") != "per term":
+            raise ValueError(f"{path} was written when combined comparisons shared one weight "
+                             f"per channel across their terms; rerun the rule that wrote it "
+                             f"(adaptation_train or calibration_train)")
         made["adapter"] = FusedAdapter.from_meta(meta)
         return made
 

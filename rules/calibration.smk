@@ -1,0 +1,96 @@
+# LPIPS calibration, the "lin" variant (docs/calibration.md).
+#   prepared BAPPS (2AFC train) -> fused training of every comparison's channel weights per
+#   (loss network, run) -> scores on BAPPS val (variant lin); with calibration.shipped_weights
+#   also the lpips package's own lin weights (variant lin-shipped).
+# Target: `calibration`.
+
+CALIBRATION_DIR = f"{OUT}/calibration/{{arch}}/{{layer}}"
+SHIPPED_LIN = {j["arch"]: j["file"] for j in plan.shipped_lin()}
+
+
+rule calibration_train:
+    input:
+        bapps=plan.prepared("bapps"),
+        weights=plan.weights_param(),
+    output:
+        model=f"{CALIBRATION_DIR}/run{{run}}/lin.pt",
+    params:
+        config=plan.config_param("calibration", "train"),
+        settings=plan.settings_param("calibration", "train"),
+        workdir=f"{CALIBRATION_DIR}/run{{run}}/train",
+    log:
+        f"{OUT}/logs/calibration/{{arch}}/{{layer}}/train_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("calibration", "train"),
+    threads: 2
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow calibration train --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --prepared {input.bapps:q} --workdir {params.workdir:q}"
+        " --out {output.model:q} > {log:q} 2>&1"
+
+
+rule calibration_evaluate:
+    input:
+        bapps=plan.prepared("bapps"),
+        model=f"{CALIBRATION_DIR}/run{{run}}/lin.pt",
+        weights=plan.weights_param(),
+    output:
+        f"{CALIBRATION_DIR}/run{{run}}/scores.parquet",
+    params:
+        config=plan.config_param("calibration", "evaluate"),
+        settings=plan.settings_param("calibration", "evaluate"),
+    log:
+        f"{OUT}/logs/calibration/{{arch}}/{{layer}}/evaluate_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("calibration", "evaluate"),
+    threads: 2
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow calibration evaluate --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --prepared {input.bapps:q} --model {input.model:q}"
+        " --scores {output:q} > {log:q} 2>&1"
+
+
+rule calibration_shipped:
+    input:
+        bapps=plan.prepared("bapps"),
+        lin=lambda wildcards: SHIPPED_LIN[wildcards.arch],
+        weights=plan.weights_param(),
+    output:
+        f"{OUT}/calibration/{{arch}}/lpips/shipped.parquet",
+    wildcard_constraints:
+        arch="|".join(SHIPPED_LIN) or "no-shipped-weights",
+    params:
+        config=plan.config_param("calibration", "shipped"),
+        settings=plan.settings_param("calibration", "shipped"),
+    log:
+        f"{OUT}/logs/calibration/{{arch}}/lpips/shipped.log",
+    resources:
+        gpu=plan.gpus("calibration", "shipped"),
+    threads: 2
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow calibration shipped --net {wildcards.arch}/lpips"
+        " --config {params.config:q} --settings {params.settings:q} --threads {threads}"
+        " --prepared {input.bapps:q} --model {input.lin:q} --scores {output:q} > {log:q} 2>&1"
+
+
+BENCH_OUTPUTS["calibration"] = (
+    plan.targets(f"{CALIBRATION_DIR}/run{{run}}/scores.parquet", "calibration")
+    + [f"{OUT}/calibration/{a}/lpips/shipped.parquet" for a in SHIPPED_LIN]
+)
+
+
+localrules:
+    calibration,
+
+
+rule calibration:
+    input:
+        BENCH_OUTPUTS["calibration"],

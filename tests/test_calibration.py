@@ -1,0 +1,257 @@
+"""LPIPS calibration (workflow/benchmarks/calibration.py): one training step worked by hand, the
+shipped lin weights against the lpips package, the commands end to end, the plan's jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workflow import cli, compare
+from workflow.archs import LossNet
+from workflow.benchmarks.calibration import CalibrationError, TrainSet, load_shipped
+from workflow.compare import Variant
+from workflow.lossnets import build_extractor, load_backbone
+from workflow.metrics.similarity import agreement
+from workflow.models.adapter import FusedAdapter, load_adapter, make_optimizer, tap_channels
+from workflow.plan import Plan, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+BAPPS = {"n_val": 4, "n_train": 3, "n_jnd": 4, "size": 64}
+SMALL = {"batch_size": 4, "epochs_constant": 1, "epochs_decay": 1,
+         "bapps_2afc_subsets": ["traditional", "cnn"], "bapps_jnd_subsets": ["traditional"]}
+
+
+# ----------------------------------------------------------------------------- one step by hand
+
+
+def _hand_logits(layers, d0, d1):
+    """G by plain ops: [d0, d1, d0-d1, d0/(d1+.1), d1/(d0+.1)] -> 32 -> 32 -> 1, LeakyReLU 0.2."""
+    x = torch.stack([d0, d1, d0 - d1, d0 / (d1 + 0.1), d1 / (d0 + 0.1)], dim=1)
+    for j, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if j < len(layers) - 1:
+            x = torch.where(x > 0, x, 0.2 * x)
+    return x[:, 0]
+
+
+def test_one_adam_step_by_hand():
+    """The LPIPS recipe's step: d = sum_taps D . w, BCE(sigmoid(G), judge), one Adam step
+    (lr 1e-4, betas 0.5 / 0.999, eps 1e-8: the first step moves each parameter by
+    lr * g / (|g| + eps)), then the projection w >= 0."""
+    channels = {0: 3, 1: 2}
+    v = Variant("spatial", True)
+    adapter = FusedAdapter(channels, [v], [0], seed=1, dropout=0.0, sync_weight=0.0)
+    start = {0: torch.tensor([0.5, 1e-6, 2.0]), 1: torch.tensor([1e-6, 1e-6])}
+    with torch.no_grad():
+        for t, w in start.items():
+            adapter.weights(0)[t][0].copy_(w)
+    g = torch.Generator().manual_seed(3)
+    diffs0 = {v: {t: torch.rand(4, c, generator=g) for t, c in channels.items()}}
+    diffs1 = {v: {t: torch.rand(4, c, generator=g) for t, c in channels.items()}}
+    judge = torch.tensor([[0.0], [0.25], [1.0], [0.6]])
+
+    # by hand, on copies of the parameters
+    w = {t: start[t].clone().requires_grad_() for t in channels}
+    layers = [(wt[0].detach().clone().requires_grad_(), b[0].detach().clone().requires_grad_())
+              for wt, b in zip(adapter.rank_net.weights, adapter.rank_net.biases, strict=True)]
+    d0 = sum(diffs0[v][t] @ w[t] for t in channels)
+    d1 = sum(diffs1[v][t] @ w[t] for t in channels)
+    p = torch.sigmoid(_hand_logits(layers, d0, d1))
+    y = judge[:, 0]
+    bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    params = [*w.values(), *[x for pair in layers for x in pair]]
+    grads = torch.autograd.grad(bce, params)
+    lr, eps = 1e-4, 1e-8
+    stepped = [(x - lr * gr / (gr.abs() + eps)).detach() for x, gr in zip(params, grads,
+                                                                           strict=True)]
+    want_w = {t: stepped[i] for i, t in enumerate(channels)}
+    assert any(bool((x < 0).any()) for x in want_w.values()), "the projection must matter"
+    want_w = {t: x.clamp(min=0) for t, x in want_w.items()}
+
+    # the code: the harness's step (loss, backward, Adam, then post_step = clamp_)
+    opt = make_optimizer(adapter, lr, (0.5, 0.999))
+    loss = adapter.batch_loss(diffs0, diffs1, judge)
+    torch.testing.assert_close(loss, bce.detach(), rtol=1e-6, atol=1e-7)
+    loss.backward()
+    opt.step()
+    adapter.clamp_()
+    for t in channels:
+        torch.testing.assert_close(adapter.weights(0)[t][0].detach(), want_w[t],
+                                   rtol=1e-6, atol=1e-9)
+    got = [x for pair in zip(adapter.rank_net.weights, adapter.rank_net.biases, strict=True)
+           for x in pair]
+    for have, want in zip(got, stepped[len(channels):], strict=True):
+        torch.testing.assert_close(have[0].detach(), want, rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- shipped weights
+
+lpips = pytest.importorskip("lpips")
+NETS = {"alexnet": "alex", "squeezenet1_1": "squeeze"}  # vgg16: same code, 10x the build time
+
+
+@contextlib.contextmanager
+def _skip_init():
+    names = ("kaiming_normal_", "kaiming_uniform_", "normal_", "uniform_", "constant_",
+             "xavier_uniform_", "trunc_normal_")
+    with mock.patch.multiple(torch.nn.init, **{n: (lambda t, *a, **k: t) for n in names}):
+        yield
+
+
+def _lpips_folder() -> Path:
+    return Path(lpips.__file__).parent / "weights" / "v0.1"
+
+
+@pytest.mark.parametrize("arch", sorted(NETS))
+def test_shipped_lin_equals_the_lpips_package(arch, tmp_path):
+    backbone = load_backbone(arch, "random", seed=11)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(backbone.state_dict(), path)
+    net = LossNet(arch, "lpips")
+    with _skip_init():
+        ours = build_extractor(arch, lossnets=[net], weights=str(path))
+    with warnings.catch_warnings(), _skip_init():
+        warnings.simplefilter("ignore")
+        theirs = lpips.LPIPS(net=NETS[arch], version="0.1", pretrained=True, lpips=True,
+                             pnet_rand=True, verbose=False)
+    state = backbone.state_dict()
+    theirs.net.load_state_dict({k: state[f"features.{k.split('.', 2)[1]}.{k.split('.', 2)[2]}"]
+                                for k in theirs.net.state_dict()}, strict=True)
+    theirs.eval()
+    adapter = load_shipped(_lpips_folder(), net, tap_channels(ours, 64, CPU))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        d_ours = adapter.distances(compare.per_channel_diffs(ours(x), ours(y), adapter.terms))
+        d_pkg = theirs(x, y, normalize=True).reshape(-1)
+    torch.testing.assert_close(d_ours[:, 0, 0], d_pkg, rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_file_errors(tmp_path):
+    net = LossNet("alexnet", "lpips")
+    channels = {1: 64, 4: 192, 7: 384, 9: 256, 11: 256}
+    with pytest.raises(CalibrationError, match="alex.pth not found.*shipped_weights"):
+        load_shipped(tmp_path, net, channels)
+    torch.save({"lin0.model.1.weight": torch.ones(1, 64, 1, 1)}, tmp_path / "alex.pth")
+    with pytest.raises(CalibrationError, match="not the 5 lin layers"):
+        load_shipped(tmp_path, net, channels)
+    with pytest.raises(CalibrationError, match="ships lin weights for"):
+        load_shipped(tmp_path, LossNet("resnet18", "2"), channels)
+    wrong = {1: 64, 4: 192, 7: 384, 9: 256, 11: 255}
+    with pytest.raises(CalibrationError, match="lin4.model.1.weight has 256 channels"):
+        load_shipped(_lpips_folder(), net, wrong)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _cmd(cmd, **args):
+    argv = []
+    for k, v in args.items():
+        argv += [f"--{k}", *(map(str, v) if isinstance(v, list) else
+                             [json.dumps(v) if isinstance(v, dict) else str(v)])]
+    return cli.run("calibration", cmd, argv)
+
+
+def test_train_and_score(tmp_path, prepared, demo_plan):
+    bapps_dir = prepared("bapps", **BAPPS)
+    stage = {s: {**demo_plan.stage_config("calibration", s, "alexnet"), "precision": "fp32",
+                 **{k: v for k, v in SMALL.items()
+                    if k in demo_plan.stage_config("calibration", s, "alexnet")}}
+             for s in ("train", "evaluate", "shipped")}
+    stage["train"]["comparisons"] = ["spatial", "spatial+mean"]
+    stage["evaluate"]["comparisons"] = ["spatial", "spatial+mean"]
+    settings = {"device": "cpu", "threads": torch.get_num_threads(), "eval_batch_size": 8}
+    model = tmp_path / "lin.pt"
+    _cmd("train", config=stage["train"], settings=settings, net="alexnet/lpips", run=0,
+         prepared=[bapps_dir], workdir=tmp_path / "train", out=model)
+    adapter, meta = load_adapter(model, CPU)
+    # 3 train subsets x 3 triplets, batches of 4 (the last of 1 kept), 1 + 1 epochs
+    assert meta["triplets"] == 9 and meta["steps"] == 2 * math.ceil(9 / 4)
+    assert adapter.variants == [Variant("spatial", True), Variant("spatial+mean", True)]
+    weights = list(adapter.channel_weights.values())
+    assert len(weights) == 3 * 5 and all(float(p.detach().min()) >= 0 for p in weights)
+    assert any(float((p.detach() - 1).abs().max()) > 0 for p in weights)  # it trained
+
+    scores = tmp_path / "scores.parquet"
+    df = _cmd("evaluate", config=stage["evaluate"], settings=settings, net="alexnet/lpips",
+              run=0, model=model, prepared=[bapps_dir], scores=scores)
+    assert set(df["benchmark"]) == {"calibration"} and set(df["variant"]) == {"lin"}
+    assert set(df["run"]) == {0} and df["ranking"].isna().all()
+    assert set(zip(df["dataset"], df["split"], strict=True)) == {
+        ("bapps-2afc", "traditional"), ("bapps-2afc", "cnn"), ("bapps-2afc", "mean"),
+        ("bapps-jnd", "traditional"), ("bapps-jnd", "pooled")}
+    assert len(df) == 2 * 5
+    # the spatial lin 2AFC of one subset, recomputed from the file's weights
+    from workflow.datasets import bapps
+
+    a = bapps.load(bapps_dir, "2afc", "val", "cnn")
+    ext = build_extractor("alexnet", lossnets=[LossNet("alexnet", "lpips")], weights="random",
+                          seed=demo_plan.config["lossnets"]["seed"])
+    imgs = [torch.from_numpy(np.array(a[k])).permute(0, 3, 1, 2).float() / 255
+            for k in ("ref", "p0", "p1")]
+    w = {t: x[0] for t, x in adapter.weights(0).items()}
+    with torch.no_grad():
+        f = [ext(i) for i in imgs]
+        v = Variant("spatial", True)
+        d0 = compare.distances(f[1], f[0], [v], weights=w)[v]
+        d1 = compare.distances(f[2], f[0], [v], weights=w)[v]
+    want = float(agreement(d0, d1, torch.from_numpy(np.array(a["judge"]))).mean())
+    row = df[(df["split"] == "cnn") & (df["comparison"] == "spatial")]
+    assert float(row["value"].iloc[0]) == pytest.approx(want)
+
+    shipped = _cmd("shipped", config=stage["shipped"], settings=settings, net="alexnet/lpips",
+                   model=_lpips_folder() / "alex.pth", prepared=[bapps_dir],
+                   scores=tmp_path / "shipped.parquet")
+    assert set(shipped["variant"]) == {"lin-shipped"} and shipped["run"].isna().all()
+    assert set(shipped["comparison"]) == {"spatial"} and len(shipped) == 5
+    # a model of another loss network is refused before anything is written
+    with pytest.raises(CalibrationError, match="trained for alexnet/lpips.*calibration_train"):
+        _cmd("evaluate", config=stage["evaluate"], settings=settings, net="squeezenet1_1/lpips",
+             run=0, model=model, prepared=[bapps_dir], scores=tmp_path / "other.parquet")
+    assert not (tmp_path / "other.parquet").exists()
+
+
+def test_train_set_gathers_across_subsets(prepared):
+    folder = prepared("bapps", **BAPPS)
+    data = TrainSet(folder, ["traditional", "mix"], limit=2)
+    assert len(data) == 4
+    from workflow.datasets import bapps
+
+    mix = bapps.load(folder, "2afc", "train", "mix")
+    trad = bapps.load(folder, "2afc", "train", "traditional")
+    images, judge = data.batch(torch.tensor([3, 0, 2]), CPU, 64)
+    torch.testing.assert_close(judge[:, 0], torch.tensor(
+        [mix["judge"][1], trad["judge"][0], mix["judge"][0]]))
+    want = torch.from_numpy(np.array(mix["p1"][1])).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(images[2][0], want)
+    assert F.mse_loss(images[0][1], torch.from_numpy(np.array(trad["ref"][0]))
+                      .permute(2, 0, 1).float() / 255) == 0
+
+
+def test_plan_jobs_and_shipped(tmp_path):
+    cfg = load_config(ROOT / "config.yaml", overrides={"calibration": {
+        "shipped_weights": str(tmp_path), "runs": 2, "lossnets": ["alexnet/lpips", "resnet18/2"]}})
+    plan = Plan(cfg)
+    assert plan.jobs("calibration") == [
+        {"arch": a, "layer": layer, "run": r}
+        for a, layer in (("alexnet", "lpips"), ("resnet18", "2")) for r in (0, 1)]
+    # shipped weights exist for the LPIPS sets of alexnet, vgg16 and squeezenet1_1 only
+    assert plan.shipped_lin() == [{"arch": "alexnet", "layer": "lpips",
+                                   "file": f"{tmp_path}/alex.pth"}]
+    assert "calibration" in plan.enabled() and plan.datasets("calibration") == ["bapps"]
+    train = plan.stage_config("calibration", "train", "alexnet")
+    # the LPIPS recipe is the default
+    assert (train["lr"], train["betas"], train["batch_size"], train["epochs_constant"],
+            train["epochs_decay"], train["dropout"]) == (1e-4, [0.5, 0.999], 50, 5, 5, 0.5)
+    assert train["weights"] == "imagenet" and "eval_batch_size" not in train
