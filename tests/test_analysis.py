@@ -30,7 +30,7 @@ from workflow.analysis.correlations import (
     score_correlations,
     select_scores,
 )
-from workflow.analysis.figures import run_figures
+from workflow.analysis.figures import TEXT_PX, run_figures
 from workflow.analysis.pareto import pareto_front
 from workflow.lossnets import ARCHS, load_backbone, weights_enum
 from workflow.results import score_frame
@@ -547,6 +547,10 @@ def test_tables_and_figures_with_partial_results(attrs, tmp_path, which):
     no_data = [n for n in notes if "no data" in n]
     if which == "demo":
         assert info["scores"] == 3 and not no_data
+        # every figure's smallest text is readable where the report shows it 1000 px wide
+        assert min(TEXT_PX[f] for f in FIGURES) >= 7.0, TEXT_PX
+        for f in FIGURES:
+            assert (tmp_path / "figures" / f"{f}.rst").read_text().startswith("**Finding:** ")
         pareto = pd.read_parquet(tmp_path / "tables" / "pareto.parquet")
         assert set(pareto["view"]) == {"flops vs 2AFC", "flops vs JND", "imagenet_acc1 vs 2AFC"}
     elif which == "similarity_only":
@@ -781,7 +785,7 @@ def _bapps_method_rows() -> list[dict]:
 
 def test_study_figures_findings_and_readability(tmp_path):
     from workflow.analysis import study_figures as sf
-    from workflow.analysis.figures import TEXT_PX, arch_colors, probes_figure
+    from workflow.analysis.figures import arch_colors, probes_figure
     from workflow.analysis.summaries import arch_scores, rankings
 
     cfg = {"figures": {"dpi": 50}, "adaptation": {"datasets": ["svhn"]}}
