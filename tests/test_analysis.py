@@ -809,7 +809,8 @@ def test_study_figures_findings_and_readability(tmp_path):
     _, finding = sf.super_resolution_figure(_scores(sr), cfg, arch_colors(), tmp_path / "sr")
     assert finding.startswith("PSNR x4: best alexnet/4 under the standard protocol (25.25), "
                               "best vgg16/4 under the reference protocol (27.25)"), finding
-    # probes: 4 sets x 5 methods x 24 lines (loss network, normalisation): cell text must stay >= 8 px in the report
+    # probes: 4 sets x 5 methods x 24 lines (loss network, normalisation): the cell text must
+    # stay >= 8 px where the report shows the figure
     probes = [dict(benchmark="probes", dataset="probes", split=f"set{k}", arch=a,
                    layer=str(x), comparison=c, channel_norm=cn, variant="generated",
                    metric="correct", value=float((k + x + len(a)) % 7), n=6)
