@@ -555,7 +555,8 @@ def test_tables_and_figures_with_partial_results(attrs, tmp_path, which):
         assert set(pareto["view"]) == {"flops vs 2AFC", "flops vs JND", "imagenet_acc1 vs 2AFC"}
     elif which == "similarity_only":
         assert sorted(n.split(":")[0] for n in no_data) == [
-            "adaptation", "adaptation_rankings", "probes", "super_resolution"]
+            "adaptation", "adaptation_change", "adaptation_rankings", "probes",
+            "super_resolution"]
     else:
         assert len(no_data) == len(FIGURES)
 
@@ -753,7 +754,7 @@ def test_arch_mean_correlations_by_hand():
                                                              [1.0, 1.0, 0.5]).statistic)
 
 
-def test_adaptation_ranking_means_by_hand():
+def test_adaptation_ranking_means_by_hand(tmp_path):
     from workflow.analysis.adaptation_stats import ranking_means
 
     rows = []
@@ -768,6 +769,12 @@ def test_adaptation_ranking_means_by_hand():
     # ranking 0: baseline (0.6+0.5)/2, adapted (0.75+0.6)/2; ranking 1: 0.5 and 0.5
     assert m.loc[0, ["baseline", "adapted", "cases"]].tolist() == pytest.approx([0.55, 0.675, 2])
     assert m.loc[1, ["baseline", "adapted"]].tolist() == pytest.approx([0.5, 0.5])
+    from workflow.analysis.study_figures import adaptation_change_figure
+
+    _, finding = adaptation_change_figure(_scores(rows), {"figures": {"dpi": 40}},
+                                          tmp_path / "change")
+    change = ((0.75 - 0.6) + (0.6 - 0.5) + (0.5 - 0.4) + (0.5 - 0.6)) / 4  # the four cases
+    assert finding.startswith(f"Mean change after adaptation: {change:+.3f} on svhn test 2afc")
 
 
 # ----------------------------------------------------------------------------- study figures

@@ -10,5 +10,5 @@ TABLES = ("scores_by_lossnet", "attribute_correlations", "score_correlations", "
 TABLE_FORMATS = ("parquet", "md", "tex", "html")
 FIGURES = ("scores_by_layer", "flops_pareto", "imagenet_pareto", "correlation_heatmap",
            "adaptation", "probes", "rank_heatmap", "comparison_methods", "super_resolution",
-           "adaptation_rankings")
+           "adaptation_rankings", "adaptation_change")
 FIGURE_FORMATS = ("png", "svg")

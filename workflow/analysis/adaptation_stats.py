@@ -58,6 +58,19 @@ def _variants(cfg: Mapping[str, Any] | None) -> tuple[str, str]:
     return a.get("baseline_variant", "baseline"), a.get("adapted_variant", "adapted")
 
 
+def all_cases(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Every case of every (dataset, split, metric): those columns, METHOD, ranking, baseline,
+    adapted (the adapted score averaged over runs)."""
+    base_v, adapt_v = _variants(cfg)
+    rows = scores[scores["benchmark"] == "adaptation"]
+    out = [_cases(g, base_v, adapt_v).assign(dataset=d, split=sp, metric=m)
+           for (d, sp, m), g in rows.groupby(["dataset", "split", "metric"], sort=True,
+                                             dropna=False)]
+    cols = ["dataset", "split", "metric", *METHOD, "ranking", "baseline", "adapted"]
+    out = [c for c in out if not c.empty]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
 def ranking_means(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """One row per (dataset, split, metric, ranking): the mean baseline and adapted score over
     the ranking's cases (the points the paper's correlations are computed over)."""

@@ -400,6 +400,7 @@ def run_figures(scores: pd.DataFrame, tables: Path, cfg: Mapping[str, Any], outd
         "comparison_methods": lambda s: sf.comparison_methods_figure(scores, cfg, s),
         "super_resolution": lambda s: sf.super_resolution_figure(scores, cfg, colors, s),
         "adaptation_rankings": lambda s: sf.adaptation_rankings_figure(scores, cfg, s),
+        "adaptation_change": lambda s: sf.adaptation_change_figure(scores, cfg, s),
     }
     notes = []
     for name in FIGURES:

@@ -18,7 +18,7 @@ import seaborn as sns
 from scipy import stats
 
 from workflow.analysis import summaries
-from workflow.analysis.adaptation_stats import ranking_means
+from workflow.analysis.adaptation_stats import all_cases, ranking_means
 from workflow.analysis.figures import (
     METRIC_LABELS,
     _arch_legend,
@@ -56,7 +56,7 @@ def rankings_figure(ranks: pd.DataFrame, per_arch: pd.DataFrame, cfg: Mapping[st
                f"{int(rank.iat[i, j])} (L{layer.iat[i, j]})") for j in range(len(scores))]
              for i in range(len(archs))]
     fig, ax = plt.subplots(layout="constrained",
-                           figsize=(2.2 + 1.1 * len(scores), 1.0 + 0.34 * len(archs)))
+                           figsize=(2.2 + 0.85 * len(scores), 1.0 + 0.34 * len(archs)))
     sns.heatmap(rank.astype(float), annot=np.array(annot, dtype=object), fmt="",
                 cmap="viridis_r", ax=ax, linewidths=0.5, annot_kws={"fontsize": 8},
                 cbar_kws={"label": "rank (1 = best)"})
@@ -223,3 +223,40 @@ def adaptation_rankings_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], ste
     finding = (f"Adaptation raised the mean 2AFC in {better} of {len(means)} rankings; "
                + "; ".join(found) + ".")
     return f"{stem.name}: {len(means)} points", finding
+
+
+def adaptation_change_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path
+                             ) -> tuple[str, str]:
+    """Mean change (adapted minus baseline) per comparison method and normalisation on every
+    evaluation set: the ranking sets' test triplets and BAPPS (2AFC mean, JND pooled), where
+    the paper finds a small drop (about 0.01)."""
+    title = "Adaptation: mean change per comparison method"
+    c = all_cases(scores, cfg)
+    if not c.empty:
+        c = c[c["split"].astype(str).isin(["test", "mean", "pooled"])]
+    if c.empty:
+        why = "no adaptation cases (baseline and adapted rows) on test, mean or pooled splits"
+        return no_data(stem, title, why, _dpi(cfg)), f"none: {why}"
+    c = c.assign(change=c["adapted"] - c["baseline"],
+                 method=c["comparison"].astype(str) + np.where(
+                     c["channel_norm"].fillna(False).astype(bool), " (norm)", ""),
+                 evaluation=c["dataset"].astype(str) + " " + c["split"].astype(str) + " "
+                 + c["metric"].astype(str))
+    sets = list(dict.fromkeys(c["evaluation"]))
+    methods = list(dict.fromkeys(c.sort_values("method")["method"]))
+    fig, ax = plt.subplots(layout="constrained",
+                           figsize=(min(9.0, 2.5 + 1.1 * len(sets)), 3.6))
+    sns.barplot(c, x="evaluation", y="change", hue="method", order=sets, hue_order=methods,
+                errorbar=None, ax=ax, palette="tab10")
+    ax.axhline(0, color="0.3", lw=1)
+    ax.set_xlabel("evaluation set")
+    ax.set_ylabel("adapted - baseline (mean over cases)")
+    ax.legend(title="comparison", fontsize="small", title_fontsize="small",
+              loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    ax.set_title(title)
+    save(fig, stem, _dpi(cfg))
+    mean = c.groupby("evaluation", sort=False)["change"].mean()
+    finding = "Mean change after adaptation: " + ", ".join(
+        f"{v:+.3f} on {k}" for k, v in mean.items()) + " (published: about -0.01 on BAPPS)."
+    return f"{stem.name}: {len(sets)} sets x {len(methods)} methods", finding
