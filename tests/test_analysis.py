@@ -550,7 +550,8 @@ def test_tables_and_figures_with_partial_results(attrs, tmp_path, which):
         # every figure's smallest text is readable where the report shows it 1000 px wide
         assert min(TEXT_PX[f] for f in FIGURES) >= 7.0, TEXT_PX
         for f in FIGURES:
-            assert (tmp_path / "figures" / f"{f}.rst").read_text().startswith("**Finding:** ")
+            assert (tmp_path / "figures" / f"{f}.rst").read_text().startswith(
+                "**Finding:** {% raw %}")
         pareto = pd.read_parquet(tmp_path / "tables" / "pareto.parquet")
         assert set(pareto["view"]) == {"flops vs 2AFC", "flops vs JND", "imagenet_acc1 vs 2AFC"}
     elif which == "similarity_only":

@@ -60,8 +60,8 @@ def join(attrs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     loss networks from every correlation with an architecture attribute."""
     missing = sorted(set(attrs["arch"].astype(str)) - set(table["arch"].astype(str)))
     if missing:
-        raise ArchTableError(f"{ARCH_FILE.name}: no row for the architectures {missing}; add "
-                             f"them (depth, {', '.join(FLAGS)}, source)")
+        raise ArchTableError(f"workflow/analysis/{ARCH_FILE.name}: no row for the architectures "
+                             f"{missing}; add them (depth, {', '.join(FLAGS)}, source)")
     right = table[["arch", *COLUMNS]].rename(columns=dict(zip(COLUMNS, JOINED, strict=True)))
     right = right.astype({c: "float" for c in JOINED})  # flags as 0/1 for the correlations
     out = attrs.drop(columns=[c for c in JOINED if c in attrs]).merge(

@@ -418,7 +418,8 @@ def write_caption(path: Path, name: str, finding: str) -> None:
     by Snakemake's Jinja, so it can show the config)."""
     template = (CAPTIONS / f"{name}.rst").read_text()
     text = finding.replace("*", "\\*").replace("`", "'")
-    write_text(f"**Finding:** {text}\n\n{template}", path)
+    # raw: the data's text is never read as Jinja (the report renders the caption with it)
+    write_text(f"**Finding:** {{% raw %}}{text}{{% endraw %}}\n\n{template}", path)
 
 
 def write_figures(config: Mapping[str, Any], scores: str | Path, tables: str | Path,
