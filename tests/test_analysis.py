@@ -788,7 +788,10 @@ def _bapps_method_rows() -> list[dict]:
                  comparison=c, channel_norm=cn, metric="2afc", n=10,
                  value=0.6 + off[c] + (0.01 if cn else 0.0) + (0.02 if a == "vgg16" else 0.0))
             for sp in ("cnn", "color", "mean") for a in ("alexnet", "vgg16") for c in off
-            for cn in (True, False)]
+            for cn in (True, False)] + [
+        dict(benchmark="similarity", dataset="bapps-jnd", split="pooled", arch="alexnet",
+             layer="2", comparison="spatial", channel_norm=True, metric="jnd_ap", n=10,
+             value=0.5)]
 
 
 def test_study_figures_findings_and_readability(tmp_path):
@@ -803,7 +806,8 @@ def test_study_figures_findings_and_readability(tmp_path):
     assert finding.startswith("a = b ranks first on 2AFC (layer 3 is best on average); "
                               "c ranks first on err"), finding
     scores = _scores(_bapps_method_rows())
-    _, finding = sf.comparison_methods_figure(scores, cfg, tmp_path / "cm")
+    note, finding = sf.comparison_methods_figure(scores, cfg, tmp_path / "cm")
+    assert note == "cm: 4 panels"  # cnn, color, the mean, JND pooled
     # mean split: spatial with norm 0.6 + 0.03 + 0.01 + 0.01 (vgg16's 0.02 averaged) = 0.65
     assert finding == ("On BAPPS 2AFC (mean), spatial (channel-normalised) scores highest on "
                        "average over the loss networks (0.650) and mean (not normalised) lowest "

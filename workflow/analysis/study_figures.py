@@ -75,10 +75,15 @@ def rankings_figure(ranks: pd.DataFrame, per_arch: pd.DataFrame, cfg: Mapping[st
 
 def _bapps_methods(scores: pd.DataFrame) -> pd.DataFrame:
     arch = scores["arch"].fillna("").astype(str)
-    d = scores[(scores["benchmark"] == "similarity") & (scores["dataset"] == "bapps-2afc")
-               & (scores["metric"] == "2afc") & (arch != "") & (arch != PIXEL)
+    two_afc = (scores["dataset"] == "bapps-2afc") & (scores["metric"] == "2afc")
+    jnd = ((scores["dataset"] == "bapps-jnd") & (scores["metric"] == "jnd_ap")
+           & (scores["split"] == "pooled"))
+    d = scores[(scores["benchmark"] == "similarity") & (two_afc | jnd)
+               & (arch != "") & (arch != PIXEL)
                & scores["channel_norm"].notna() & (scores["variant"].fillna("") == "")]
-    return d.assign(comparison=d["comparison"].astype(str),
+    # the panel: a 2AFC subset (or "mean"), or "JND pooled"
+    panel = d["split"].astype(str).where(d["dataset"] == "bapps-2afc", "JND pooled")
+    return d.assign(panel=panel, comparison=d["comparison"].astype(str),
                     norm=d["channel_norm"].astype(bool).map(NORMS),
                     lossnet=d["arch"].astype(str) + "/" + d["layer"].astype(str))
 
@@ -86,15 +91,15 @@ def _bapps_methods(scores: pd.DataFrame) -> pd.DataFrame:
 def comparison_methods_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path
                               ) -> tuple[str, str]:
     """Thesis Table 4.4 as a figure: 2AFC per comparison method and channel normalisation, one
-    panel per BAPPS val subset (and their mean); bars = mean over the loss networks scored,
-    dots = each loss network."""
-    title = "Comparison methods on BAPPS 2AFC"
+    panel per BAPPS val subset, their mean, and JND (pooled); bars = mean over the loss
+    networks scored, dots = each loss network."""
+    title = "Comparison methods on BAPPS"
     d = _bapps_methods(scores)
     if d.empty:
-        why = "no BAPPS 2AFC rows of loss networks (benchmark similarity)"
+        why = "no BAPPS 2AFC or JND rows of loss networks (benchmark similarity)"
         return no_data(stem, title, why, _dpi(cfg)), f"none: {why}"
-    present = list(dict.fromkeys(d["split"].astype(str)))
-    splits = [s for s in (*BAPPS_SUBSETS, "mean") if s in present]
+    present = list(dict.fromkeys(d["panel"]))
+    splits = [s for s in (*BAPPS_SUBSETS, "mean", "JND pooled") if s in present]
     splits += [s for s in present if s not in splits]
     methods = [m for m in METHODS if m in set(d["comparison"])]
     methods += sorted(set(d["comparison"]) - set(methods))
@@ -103,16 +108,16 @@ def comparison_methods_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem
                                     "panel_width": 3.4, "panel_height": 2.8})
     palette = dict(zip(NORMS.values(), sns.color_palette("Set2", 2), strict=True))
     for ax, split in zip(axes.flat, splits, strict=False):
-        g = d[d["split"].astype(str) == split]
+        g = d[d["panel"] == split]
         sns.barplot(g, x="comparison", y="value", hue="norm", order=methods, hue_order=norms,
                     palette=palette, errorbar=None, ax=ax, legend=False, alpha=0.85)
         sns.stripplot(g, x="comparison", y="value", hue="norm", order=methods, hue_order=norms,
                       palette=["0.2"] * len(norms), dodge=True, size=2.5, ax=ax, legend=False)
         lo = float(g["value"].min())
         ax.set_ylim(max(0.0, lo - 0.05), min(1.0, float(g["value"].max()) + 0.03))
-        ax.set_title("mean of the six subsets" if split == "mean" else split, fontsize="medium")
+        ax.set_title({"mean": "2AFC, mean of the subsets"}.get(split, split), fontsize="medium")
         ax.set_xlabel("")
-        ax.set_ylabel("2AFC")
+        ax.set_ylabel("JND average precision" if split == "JND pooled" else "2AFC")
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[n], label=n) for n in norms]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(norms), frameon=False)
@@ -120,10 +125,11 @@ def comparison_methods_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem
                          "dots: each)")
     save(fig, stem, _dpi(cfg))
     ref = "mean" if "mean" in splits else splits[0]
-    m = (d[d["split"].astype(str) == ref].groupby(["comparison", "norm"])["value"].mean()
+    m = (d[d["panel"] == ref].groupby(["comparison", "norm"])["value"].mean()
          .sort_values(ascending=False))
     (bm, bn), (wm, wn) = m.index[0], m.index[-1]
-    finding = (f"On BAPPS 2AFC ({ref}), {bm} ({bn}) scores highest on average over the loss "
+    what = "" if ref == "JND pooled" else "2AFC "
+    finding = (f"On BAPPS {what}({ref}), {bm} ({bn}) scores highest on average over the loss "
                f"networks ({m.iloc[0]:.3f}) and {wm} ({wn}) lowest ({m.iloc[-1]:.3f}).")
     return f"{stem.name}: {len(splits)} panels", finding
 
