@@ -11,7 +11,7 @@ from workflow.analysis.published import PUBLISHED_FILE
 
 ANALYSIS_FILES = plan.analysis_files()
 ANALYSIS_OUTPUTS = [f"{OUT}/lossnets.parquet", *ANALYSIS_FILES["tables"],
-                    *ANALYSIS_FILES["figures"]]
+                    *ANALYSIS_FILES["figures"], *ANALYSIS_FILES["captions"]]
 
 
 localrules:
@@ -36,7 +36,8 @@ rule lossnet_attributes:
         " > {log:q} 2>&1"
 
 
-# Captions resolve relative to this file (rules/). No line may start with `report(`
+# Table captions resolve relative to this file (rules/); figure captions are absolute paths
+# of the files analysis_figures writes. No line may start with `report(`
 # (Snakemake would read the global `report:` keyword), hence the conditional expressions.
 rule analysis_tables:
     conda:
@@ -71,12 +72,17 @@ rule analysis_figures:
         scores=f"{OUT}/scores.parquet",
         pareto=f"{OUT}/analysis/pareto.parquet",
         correlations=f"{OUT}/analysis/attribute_correlations.parquet",
+        rankings=f"{OUT}/analysis/rankings.parquet",
+        arch_scores=f"{OUT}/analysis/arch_scores.parquet",
     output:
+        # a figure's caption is written beside it by this rule (its finding, computed from the
+        # data, then workflow/report/<name>.rst); Snakemake reads it when the report is built
         [
-            report(p, caption=f"../workflow/report/{os.path.basename(p).rsplit('.', 1)[0]}.rst",
+            report(p, caption=os.path.abspath(p.rsplit(".", 1)[0] + ".rst"),
                    category="Figures", subcategory=p.rsplit(".", 1)[1].upper())
             for p in ANALYSIS_FILES["figures"]
         ],
+        ANALYSIS_FILES["captions"],
     params:
         config=plan.analysis_params("figures"),
         tables=lambda wildcards, input: os.path.dirname(input.pareto),

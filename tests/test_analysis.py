@@ -16,6 +16,7 @@ from torch import nn
 from workflow.analysis import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES
 from workflow.analysis.attributes import (
     GraphFacts,
+    build_meta_model,
     container_children,
     count_flops,
     lossnet_attributes,
@@ -26,9 +27,10 @@ from workflow.analysis.correlations import (
     attribute_correlations,
     correlate,
     run_tables,
+    score_correlations,
     select_scores,
 )
-from workflow.analysis.figures import run_figures
+from workflow.analysis.figures import TEXT_PX, run_figures
 from workflow.analysis.pareto import pareto_front
 from workflow.lossnets import ARCHS, load_backbone, weights_enum
 from workflow.results import score_frame
@@ -545,10 +547,17 @@ def test_tables_and_figures_with_partial_results(attrs, tmp_path, which):
     no_data = [n for n in notes if "no data" in n]
     if which == "demo":
         assert info["scores"] == 3 and not no_data
+        # every figure's smallest text is readable where the report shows it 1000 px wide
+        assert min(TEXT_PX[f] for f in FIGURES) >= 7.0, TEXT_PX
+        for f in FIGURES:
+            assert (tmp_path / "figures" / f"{f}.rst").read_text().startswith(
+                "**Finding:** {% raw %}")
         pareto = pd.read_parquet(tmp_path / "tables" / "pareto.parquet")
         assert set(pareto["view"]) == {"flops vs 2AFC", "flops vs JND", "imagenet_acc1 vs 2AFC"}
     elif which == "similarity_only":
-        assert sorted(n.split(":")[0] for n in no_data) == ["adaptation", "probes"]
+        assert sorted(n.split(":")[0] for n in no_data) == [
+            "adaptation", "adaptation_change", "adaptation_rankings", "probes",
+            "super_resolution"]
     else:
         assert len(no_data) == len(FIGURES)
 
@@ -590,3 +599,236 @@ def test_figures_target_and_replot_only(tmp_path):
     stop = next(i for i in range(start, len(lines)) if not lines[i].strip())
     jobs = {line.split()[0] for line in lines[start:stop]}
     assert jobs == {"analysis_figures", "figures", "total"}, dry.stdout[-3000:]
+
+
+# ----------------------------------------------------------------------------- thesis Table 2.2
+
+
+def _tree_facts(arch: str) -> dict:
+    """Table 2.2's columns worked independently from the torchvision module tree."""
+    from torchvision.models.densenet import _DenseBlock, _Transition
+    from torchvision.models.efficientnet import MBConv
+    from torchvision.models.googlenet import Inception
+    from torchvision.models.inception import InceptionA
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from torchvision.models.squeezenet import Fire
+
+    model = build_meta_model(arch)
+    mods = [m for n, m in model.named_modules()
+            if not n.startswith(("aux1", "aux2", "AuxLogits"))]
+    convs = [m for m in mods if isinstance(m, nn.Conv2d)]
+    linear = sum(isinstance(m, nn.Linear) for m in mods)
+    blocks = [m for m in mods if isinstance(m, (BasicBlock, Bottleneck))]
+    mbconv = [m for m in mods if isinstance(m, MBConv)]
+    fires = [m for m in mods if isinstance(m, Fire)]
+    inception = [m for m in mods if isinstance(m, Inception)]
+    shortcut_convs = sum(isinstance(m, nn.Conv2d) for b in blocks if b.downsample is not None
+                         for m in b.downsample.modules())
+    depth = {  # weight layers on the main path, as each paper counts them
+        "plain": len(convs) + linear,
+        "resnet": len(convs) - shortcut_convs + linear,
+        "dense": len(convs) + linear,  # conv0 + 2 per dense layer + transitions + classifier
+        "efficientnet": len(mbconv) + 2,  # stem + blocks + head (Tan & Le Table 1)
+        "squeezenet": len(convs) - len(fires),  # a Fire module is 2 deep (squeeze, expand)
+        "googlenet": 3 + 2 * len(inception) + linear,  # conv1-3, 2 per module, fc
+    }
+    return {
+        "depth": depth,
+        "skip_connections": bool(blocks) or any(isinstance(m, _DenseBlock) for m in mods)
+        or any(m.use_res_connect for m in mbconv),
+        "branching": bool(fires or inception) or any(isinstance(m, InceptionA) for m in mods),
+        "conv1x1": any(tuple(m.kernel_size) == (1, 1) for m in convs),
+        "batch_norm": any(isinstance(m, nn.BatchNorm2d) for m in mods),
+        "transitions": sum(isinstance(m, _Transition) for m in mods),
+    }
+
+
+DEPTH_KIND = {"alexnet": "plain", "vgg11": "plain", "vgg16": "plain", "vgg16_bn": "plain",
+              "vgg19": "plain", "resnet18": "resnet", "resnet50": "resnet",
+              "resnext50_32x4d": "resnet", "googlenet": "googlenet", "efficientnet_b0":
+              "efficientnet", "efficientnet_b7": "efficientnet", "densenet121": "dense",
+              "squeezenet1_1": "squeezenet"}  # inception_v3's 42 is the paper's own count
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_architecture_table_against_the_module_tree(arch):
+    from workflow.analysis import arch_table
+
+    row = arch_table.load().set_index("arch").loc[arch]
+    facts = _tree_facts(arch)
+    for col in arch_table.FLAGS:
+        assert bool(row[col]) == facts[col], (arch, col)
+    if arch in DEPTH_KIND:
+        assert int(row["depth"]) == facts["depth"][DEPTH_KIND[arch]], arch
+    if arch == "densenet121":
+        assert facts["transitions"] == 3
+
+
+def test_architecture_table_by_hand():
+    """Three rows against the published definitions: VGG-16 (13 conv + 3 FC, no shortcut, no
+    1x1), ResNet-50 (bottlenecks: 1x1 convs and shortcuts, batch norm), SqueezeNet 1.1 (Fire
+    modules branch into 1x1 / 3x3 expand paths; no batch norm, no bypass)."""
+    from workflow.analysis import arch_table
+
+    t = arch_table.load().set_index("arch")
+    cols = ["depth", "skip_connections", "branching", "conv1x1", "batch_norm"]
+    assert t.loc["vgg16", cols].tolist() == [16, False, False, False, False]
+    assert t.loc["resnet50", cols].tolist() == [50, True, False, True, True]
+    assert t.loc["squeezenet1_1", cols].tolist() == [18, False, True, True, False]
+    assert len(t) == len(ARCHS) and set(t.index) == set(ARCHS)
+
+
+def test_architecture_join_and_errors(tmp_path):
+    from workflow.analysis import arch_table
+
+    attrs = pd.DataFrame({"arch": pd.array(["vgg16", "vgg16", "resnet18"], dtype="string"),
+                          "layer": pd.array(["1", "2", "1"], dtype="string")})
+    joined = arch_table.join(attrs, arch_table.load())
+    assert joined["arch_depth"].tolist() == [16.0, 16.0, 18.0]
+    assert joined["arch_skip_connections"].tolist() == [0.0, 0.0, 1.0]
+    attrs.loc[2, "arch"] = "mynet"
+    with pytest.raises(arch_table.ArchTableError, match=r"no row for the architectures \['mynet'"):
+        arch_table.join(attrs, arch_table.load())
+    bad = tmp_path / "a.yaml"
+    bad.write_text("architectures:\n  x: {depth: 3, skip_connections: 1, branching: false,"
+                   " conv1x1: false, batch_norm: false, source: s}\n")
+    with pytest.raises(arch_table.ArchTableError, match="a.yaml: architectures.x"):
+        arch_table.load(bad)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+# (arch, layer) -> (2AFC, err): err is lower-is-better
+HAND = {("a", "1"): (0.60, 3.0), ("a", "2"): (0.70, 1.0), ("a", "3"): (0.65, 2.0),
+        ("b", "1"): (0.62, 4.0), ("b", "2"): (0.64, 5.0), ("b", "3"): (0.70, 1.0),
+        ("c", "1"): (0.50, 2.0), ("c", "2"): (0.55, 2.5), ("c", "3"): (0.58, 0.5),
+        ("a", "lpips"): (0.99, 0.0)}
+
+
+def _hand_selected() -> pd.DataFrame:
+    rows = [dict(benchmark="similarity", dataset="d", split="s", arch=a, layer=x, metric=m,
+                 value=v[i], n=1)
+            for (a, x), v in HAND.items() for i, m in enumerate(("2afc", "err"))]
+    return select_scores(_scores(rows), [{"name": "2AFC", "metric": "2afc"},
+                                         {"name": "err", "metric": "err"}])
+
+
+def test_arch_scores_and_rankings_by_hand():
+    from workflow.analysis.summaries import arch_scores, rankings
+
+    sel = _hand_selected()
+    s = arch_scores(sel, ["err"]).set_index(["score", "arch"])
+    # 2AFC: a (0.60+0.70+0.65)/3 = 0.65, best 0.70 at 2; b 0.6533, 0.70 at 3; c 0.5433, 0.58 at 3
+    assert s.loc[("2AFC", "a"), "mean"] == pytest.approx(0.65)
+    assert s.loc[("2AFC", "b"), "mean"] == pytest.approx(1.96 / 3)
+    assert s.loc[("2AFC", "c"), ["best", "best_layer"]].tolist() == [0.58, "3"]
+    assert s.loc[("2AFC", "a"), "layers"] == 3  # the LPIPS set is not a layer
+    # err, lower is better: a best 1.0 at 2; b 1.0 at 3; c 0.5 at 3
+    assert s.loc[("err", "c"), ["best", "best_layer"]].tolist() == [0.5, "3"]
+    assert s.loc[("err", "b"), "mean"] == pytest.approx(10 / 3)
+    r = rankings(sel, ["err"])
+    arch = r[r["kind"] == "architecture"]
+    # 2AFC: a and b tie at 0.70 (both rank 1), c third
+    got = {(x["score"], x["item"]): x["rank"] for _, x in arch.iterrows()}
+    assert got == {("2AFC", "a"): 1, ("2AFC", "b"): 1, ("2AFC", "c"): 3,
+                   ("err", "c"): 1, ("err", "a"): 2, ("err", "b"): 2}
+    layer = r[(r["kind"] == "layer") & (r["score"] == "2AFC")].set_index("item")
+    # layer means: 1 (0.60+0.62+0.50)/3 = 0.5733, 2 0.63, 3 0.6433 -> ranks 3, 2, 1
+    assert layer["rank"].to_dict() == {"3": 1, "2": 2, "1": 3}
+    assert layer.loc["2", "value"] == pytest.approx(0.63)
+    assert layer["best_for"].to_dict() == {"3": 2, "2": 1, "1": 0}  # b, c best at 3; a at 2
+    err = r[(r["kind"] == "layer") & (r["score"] == "err")].set_index("item")
+    # err means: 1 3.0, 2 2.833, 3 1.1667 -> lower is better: 3, 2, 1
+    assert err["rank"].to_dict() == {"3": 1, "2": 2, "1": 3}
+
+
+def test_arch_mean_correlations_by_hand():
+    sel = _hand_selected()
+    t = score_correlations(sel, {"bootstrap": {"n": 0}, "lower_is_better": ["err"]})
+    row = t[t["level"] == "arch_mean"].iloc[0]
+    x = [0.65, 1.96 / 3, 1.63 / 3]  # 2AFC means of a, b, c
+    y = [2.0, 10 / 3, 5 / 3]  # err means
+    assert row["n"] == 3
+    assert row["pearson_r"] == pytest.approx(stats.pearsonr(x, y).statistic)
+    best = t[t["level"] == "arch_best"].iloc[0]
+    assert best["pearson_r"] == pytest.approx(stats.pearsonr([0.70, 0.70, 0.58],
+                                                             [1.0, 1.0, 0.5]).statistic)
+
+
+def test_adaptation_ranking_means_by_hand(tmp_path):
+    from workflow.analysis.adaptation_stats import ranking_means
+
+    rows = []
+    for comp, rk, base, runs in (("spatial", 0, 0.6, [0.7, 0.8]), ("mean", 0, 0.5, [0.6]),
+                                 ("spatial", 1, 0.4, [0.5]), ("mean", 1, 0.6, [0.5])):
+        c = dict(benchmark="adaptation", dataset="svhn", split="test", arch="alexnet",
+                 layer="lpips", comparison=comp, channel_norm=True, ranking=rk, metric="2afc",
+                 n=10)
+        rows.append({**c, "variant": "baseline", "value": base})
+        rows += [{**c, "variant": "adapted", "run": i, "value": v} for i, v in enumerate(runs)]
+    m = ranking_means(_scores(rows)).set_index("ranking")
+    # ranking 0: baseline (0.6+0.5)/2, adapted (0.75+0.6)/2; ranking 1: 0.5 and 0.5
+    assert m.loc[0, ["baseline", "adapted", "cases"]].tolist() == pytest.approx([0.55, 0.675, 2])
+    assert m.loc[1, ["baseline", "adapted"]].tolist() == pytest.approx([0.5, 0.5])
+    from workflow.analysis.study_figures import adaptation_change_figure
+
+    _, finding = adaptation_change_figure(_scores(rows), {"figures": {"dpi": 40}},
+                                          tmp_path / "change")
+    change = ((0.75 - 0.6) + (0.6 - 0.5) + (0.5 - 0.4) + (0.5 - 0.6)) / 4  # the four cases
+    assert finding.startswith(f"Mean change after adaptation: {change:+.3f} on svhn test 2afc")
+
+
+# ----------------------------------------------------------------------------- study figures
+
+
+def _bapps_method_rows() -> list[dict]:
+    # 2AFC = base + method offset + norm offset, two loss networks, two subsets + mean
+    off = {"spatial": 0.03, "mean": -0.02, "sort": 0.01}
+    return [dict(benchmark="similarity", dataset="bapps-2afc", split=sp, arch=a, layer="2",
+                 comparison=c, channel_norm=cn, metric="2afc", n=10,
+                 value=0.6 + off[c] + (0.01 if cn else 0.0) + (0.02 if a == "vgg16" else 0.0))
+            for sp in ("cnn", "color", "mean") for a in ("alexnet", "vgg16") for c in off
+            for cn in (True, False)] + [
+        dict(benchmark="similarity", dataset="bapps-jnd", split="pooled", arch="alexnet",
+             layer="2", comparison="spatial", channel_norm=True, metric="jnd_ap", n=10,
+             value=0.5)]
+
+
+def test_study_figures_findings_and_readability(tmp_path):
+    from workflow.analysis import study_figures as sf
+    from workflow.analysis.figures import arch_colors, probes_figure
+    from workflow.analysis.summaries import arch_scores, rankings
+
+    cfg = {"figures": {"dpi": 50}, "adaptation": {"datasets": ["svhn"]}}
+    sel = _hand_selected()
+    note, finding = sf.rankings_figure(rankings(sel, ["err"]), arch_scores(sel, ["err"]), cfg,
+                                       tmp_path / "rank_heatmap")
+    assert finding.startswith("a = b ranks first on 2AFC (layer 3 is best on average); "
+                              "c ranks first on err"), finding
+    scores = _scores(_bapps_method_rows())
+    note, finding = sf.comparison_methods_figure(scores, cfg, tmp_path / "cm")
+    assert note == "cm: 4 panels"  # cnn, color, the mean, JND pooled
+    # mean split: spatial with norm 0.6 + 0.03 + 0.01 + 0.01 (vgg16's 0.02 averaged) = 0.65
+    assert finding == ("On BAPPS 2AFC (mean), spatial (channel-normalised) scores highest on "
+                       "average over the loss networks (0.650) and mean (not normalised) lowest "
+                       "(0.590).")
+    sr = [dict(benchmark="super_resolution", dataset=ds, split="test", arch=a, layer=x,
+               variant=f"x4/{p}", metric="psnr", n=5,
+               value=20 + int(x) + (3 if a == "vgg16" and p == "reference" else 0)
+               + (1 if a == "alexnet" and p == "standard" else 0) + (0.5 if ds == "set5" else 0))
+          for ds in ("set5", "set14") for a in ("alexnet", "vgg16") for x in "1234"
+          for p in ("standard", "reference")]
+    _, finding = sf.super_resolution_figure(_scores(sr), cfg, arch_colors(), tmp_path / "sr")
+    assert finding.startswith("PSNR x4: best alexnet/4 under the standard protocol (25.25), "
+                              "best vgg16/4 under the reference protocol (27.25)"), finding
+    # probes: 4 sets x 5 methods x 24 lines (loss network, normalisation): the cell text must
+    # stay >= 8 px where the report shows the figure
+    probes = [dict(benchmark="probes", dataset="probes", split=f"set{k}", arch=a,
+                   layer=str(x), comparison=c, channel_norm=cn, variant="generated",
+                   metric="correct", value=float((k + x + len(a)) % 7), n=6)
+              for k in range(4) for a in ("alexnet", "vgg16", "resnet18") for x in (1, 2, 3, 4)
+              for cn in (True, False)
+              for c in ("spatial", "mean", "sort", "spatial+mean", "spatial+sort")]
+    _, finding = probes_figure(_scores(probes), cfg, tmp_path / "probes")
+    assert TEXT_PX["probes"] >= 8.0, TEXT_PX["probes"]
+    assert "orders the most probe pairs correctly" in finding

@@ -903,7 +903,9 @@ class Plan:
         from workflow.analysis import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES
 
         return {"tables": [f"{self.out}/analysis/{t}.{f}" for t in TABLES for f in TABLE_FORMATS],
-                "figures": [f"{self.out}/figures/{g}.{f}" for g in FIGURES for f in FIGURE_FORMATS]}
+                "figures": [f"{self.out}/figures/{g}.{f}" for g in FIGURES for f in FIGURE_FORMATS],
+                # each figure's report caption: its finding, computed from the data
+                "captions": [f"{self.out}/figures/{g}.rst" for g in FIGURES]}
 
     def analysis_params(self, what: str) -> str:
         """Params of the analysis rules: ``attributes`` sees the grid and the input sizes,

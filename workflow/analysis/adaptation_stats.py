@@ -37,30 +37,68 @@ def _corr(fn, x: pd.Series, y: pd.Series) -> float:
     return float(fn(x, y).statistic)
 
 
-def adaptation_statistics(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None
-                          ) -> pd.DataFrame:
-    """One row per (dataset, split, metric) of the adaptation rows; see the module docstring.
-    ``cfg``: config ``analysis`` (its ``adaptation.baseline_variant`` / ``adapted_variant``)."""
+def _cases(g: pd.DataFrame, base_v: str, adapt_v: str) -> pd.DataFrame:
+    """The cases of one (dataset, split, metric): METHOD + ranking, baseline, adapted."""
+    adapted = (g[(g["variant"] == adapt_v) & g["ranking"].notna()]
+               .groupby([*METHOD, "ranking"], dropna=False)["value"].mean()
+               .rename("adapted").reset_index())
+    base = g[g["variant"] == base_v]
+    if adapted.empty or base.empty:
+        return pd.DataFrame(columns=[*METHOD, "ranking", "adapted", "baseline"])
+    if base["ranking"].notna().any():  # labels per ranking: a baseline per ranking
+        base = (base.groupby([*METHOD, "ranking"], dropna=False)["value"].mean()
+                .rename("baseline").reset_index())
+        return adapted.merge(base, on=[*METHOD, "ranking"], how="inner")
+    base = base.groupby(METHOD, dropna=False)["value"].mean().rename("baseline").reset_index()
+    return adapted.merge(base, on=METHOD, how="inner")
+
+
+def _variants(cfg: Mapping[str, Any] | None) -> tuple[str, str]:
     a = (cfg or {}).get("adaptation", {})
-    base_v, adapt_v = a.get("baseline_variant", "baseline"), a.get("adapted_variant", "adapted")
+    return a.get("baseline_variant", "baseline"), a.get("adapted_variant", "adapted")
+
+
+def all_cases(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Every case of every (dataset, split, metric): those columns, METHOD, ranking, baseline,
+    adapted (the adapted score averaged over runs)."""
+    base_v, adapt_v = _variants(cfg)
+    rows = scores[scores["benchmark"] == "adaptation"]
+    out = [_cases(g, base_v, adapt_v).assign(dataset=d, split=sp, metric=m)
+           for (d, sp, m), g in rows.groupby(["dataset", "split", "metric"], sort=True,
+                                             dropna=False)]
+    cols = ["dataset", "split", "metric", *METHOD, "ranking", "baseline", "adapted"]
+    out = [c for c in out if not c.empty]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def ranking_means(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """One row per (dataset, split, metric, ranking): the mean baseline and adapted score over
+    the ranking's cases (the points the paper's correlations are computed over)."""
+    base_v, adapt_v = _variants(cfg)
     rows = scores[scores["benchmark"] == "adaptation"]
     out = []
     for (dataset, split, metric), g in rows.groupby(["dataset", "split", "metric"], sort=True,
                                                     dropna=False):
-        adapted = (g[(g["variant"] == adapt_v) & g["ranking"].notna()]
-                   .groupby([*METHOD, "ranking"], dropna=False)["value"].mean()
-                   .rename("adapted").reset_index())
-        base = g[g["variant"] == base_v]
-        if adapted.empty or base.empty:
+        cases = _cases(g, base_v, adapt_v)
+        if cases.empty:
             continue
-        if base["ranking"].notna().any():  # labels per ranking: a baseline per ranking
-            base = (base.groupby([*METHOD, "ranking"], dropna=False)["value"].mean()
-                    .rename("baseline").reset_index())
-            cases = adapted.merge(base, on=[*METHOD, "ranking"], how="inner")
-        else:
-            base = (base.groupby(METHOD, dropna=False)["value"].mean().rename("baseline")
-                    .reset_index())
-            cases = adapted.merge(base, on=METHOD, how="inner")
+        m = cases.groupby("ranking")[["baseline", "adapted"]].mean().reset_index()
+        m["cases"] = cases.groupby("ranking").size().to_numpy()
+        out.append(m.assign(dataset=dataset, split=split, metric=metric))
+    cols = ["dataset", "split", "metric", "ranking", "cases", "baseline", "adapted"]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def adaptation_statistics(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None
+                          ) -> pd.DataFrame:
+    """One row per (dataset, split, metric) of the adaptation rows; see the module docstring.
+    ``cfg``: config ``analysis`` (its ``adaptation.baseline_variant`` / ``adapted_variant``)."""
+    base_v, adapt_v = _variants(cfg)
+    rows = scores[scores["benchmark"] == "adaptation"]
+    out = []
+    for (dataset, split, metric), g in rows.groupby(["dataset", "split", "metric"], sort=True,
+                                                    dropna=False):
+        cases = _cases(g, base_v, adapt_v)
         if cases.empty:
             continue
         per_ranking = cases.groupby("ranking")[["baseline", "adapted"]].mean()

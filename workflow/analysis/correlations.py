@@ -32,7 +32,9 @@ from scipy import stats
 
 from workflow.analysis import (
     TABLES,  # noqa: F401  (re-exported: the declared tables)
+    arch_table,
     published,
+    summaries,
 )
 from workflow.analysis.adaptation_stats import adaptation_statistics
 from workflow.analysis.pareto import pareto_front
@@ -47,7 +49,7 @@ SIZE_DEPENDENT = ("features", "flops", "flops_total", "flops_pct", "macs", "macs
 DEFAULT_ATTRIBUTES = (
     "layer_index", "depth_pct", "conv_depth_pct", "params_to_tap", "params_pct", "channels",
     "features", "receptive_field", "flops", "flops_pct", "matmul_depth", "skip_connections",
-    "branching", "conv1x1", "batch_norm", "imagenet_acc1",
+    "branching", "conv1x1", "batch_norm", "imagenet_acc1", *arch_table.JOINED,
 )
 
 
@@ -241,11 +243,19 @@ def arch_best(selected: pd.DataFrame, lower_is_better: Sequence[str]) -> pd.Data
     return best.assign(lossnet=best["arch"])
 
 
+def arch_mean(selected: pd.DataFrame) -> pd.DataFrame:
+    """Per architecture and score, the mean over its single layers (thesis 3.7's averages)."""
+    single = selected[selected["layer"].astype(str) != "lpips"]
+    mean = single.groupby(["score", "arch"], as_index=False, sort=False)["value"].mean()
+    return mean.assign(lossnet=mean["arch"])
+
+
 def score_correlations(selected: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
     boot = cfg.get("bootstrap", {})
     rows = []
     levels = {"lossnet": _single_layer(selected, cfg.get("include_lpips", False)),
-              "arch_best": arch_best(selected, cfg.get("lower_is_better", []))}
+              "arch_best": arch_best(selected, cfg.get("lower_is_better", [])),
+              "arch_mean": arch_mean(selected)}
     for level, df in levels.items():
         if df.empty:
             continue
@@ -340,6 +350,8 @@ def write_table(df: pd.DataFrame, stem: Path, title: str, note: str = "",
 def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any], outdir: Path
                ) -> dict:
     selected = select_scores(scores, cfg.get("scores", []))
+    archs = arch_table.load()
+    attrs = arch_table.join(attrs, archs)
     boot = cfg.get("bootstrap", {})
     how = (f"{int(boot.get('n', 2000))} seeded bootstrap resamples (seed {boot.get('seed', 0)}), "
            f"{100 * float(boot.get('confidence', 0.95)):g}% percentile intervals; p-values "
@@ -354,7 +366,27 @@ def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]
                 "Loss-network attributes vs scores", how)
     write_table(score_corr, outdir / "score_correlations",
                 "Correlations between scores (per loss network; per architecture at its best "
-                "layer)", how)
+                "layer and averaged over its layers)", how)
+    write_table(archs[archs["arch"].isin(list(attrs["arch"].astype(str)))].reset_index(drop=True),
+                outdir / "architectures", "Architecture attributes (thesis Table 2.2)",
+                "Per architecture, worked from its definition (workflow/analysis/"
+                "architectures.yaml; docs/analysis.md defines each column). Joined into the "
+                "attribute correlations as arch_<column>.",
+                shown=arch_table.shown(archs, list(attrs["arch"].astype(str))))
+    lower = cfg.get("lower_is_better", [])
+    per_arch = summaries.arch_scores(selected, lower)
+    write_table(per_arch, outdir / "arch_scores",
+                "Scores per architecture: mean and best over its extraction layers",
+                "Single-layer loss networks; best = highest (lowest for analysis."
+                "lower_is_better). Their correlations between benchmarks: score_correlations, "
+                "levels arch_mean and arch_best.",
+                shown=_display(summaries.arch_scores_wide(per_arch)))
+    ranks = summaries.rankings(selected, lower)
+    write_table(ranks, outdir / "rankings",
+                "Rankings per score: architectures by their best layer, layers by their mean "
+                "over the architectures",
+                "Rank 1 is the best; ties share the lower rank. best_for: architectures whose "
+                "best layer it is.")
     write_table(pareto, outdir / "pareto", "Pareto frontiers",
                 "on_front: no other loss network has a better score at a lower cost (or higher "
                 "accuracy).")
@@ -374,6 +406,7 @@ def run_tables(scores: pd.DataFrame, attrs: pd.DataFrame, cfg: Mapping[str, Any]
                 shown=reproduced_display(versus))
     return {"scores": selected["score"].nunique() if not selected.empty else 0,
             "attribute_pairs": len(attr_corr), "score_pairs": len(score_corr),
+            "best_architecture": summaries.top_items(ranks, "architecture"),
             "published": summary(versus)}
 
 

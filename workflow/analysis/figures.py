@@ -33,15 +33,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from workflow.analysis import FIGURE_FORMATS as FORMATS  # noqa: E402
 from workflow.analysis import FIGURES  # noqa: E402
 from workflow.analysis.correlations import select_scores  # noqa: E402
 from workflow.archs import ARCHS  # noqa: E402
-from workflow.files import atomic_path  # noqa: E402
+from workflow.files import atomic_path, write_text  # noqa: E402
 from workflow.results import validate_scores  # noqa: E402
 
+CAPTIONS = Path(__file__).resolve().parents[1] / "report"  # the caption templates
+REPORT_WIDTH_PX = 1000  # about how wide the report shows a figure
+TEXT_PX: dict[str, float] = {}  # figure -> its smallest text, in px at REPORT_WIDTH_PX
 LAYER_MARKERS = {"1": "o", "2": "s", "3": "^", "4": "D", "lpips": "*"}
 METRIC_LABELS = {
     "2afc": "2AFC score (fraction agreeing with humans)",
@@ -76,8 +80,20 @@ def _style(fig_cfg: Mapping[str, Any]) -> None:
                   font_scale=float(fig_cfg.get("font_scale", 1.0)))
 
 
+def text_px(fig: plt.Figure, width_px: float = REPORT_WIDTH_PX) -> float:
+    """The smallest visible text of ``fig`` in pixels when the saved (tight) figure is shown
+    ``width_px`` wide."""
+    renderer = fig.canvas.get_renderer()
+    width_in = fig.get_tightbbox(renderer).width
+    sizes = [t.get_fontsize() for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip()
+             and (t.axes is None or t.axes.get_visible())]
+    return min(sizes) / 72.0 * width_px / width_in if sizes else float("inf")
+
+
 def save(fig: plt.Figure, stem: Path, dpi: int) -> None:
-    """PNG and SVG, each written atomically."""
+    """PNG and SVG, each written atomically (and the smallest text size noted in TEXT_PX)."""
+    TEXT_PX[stem.name] = text_px(fig)
     for fmt in FORMATS:
         with atomic_path(stem.with_suffix(f".{fmt}")) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
@@ -148,7 +164,12 @@ def scores_by_layer(selected: pd.DataFrame, cfg: Mapping[str, Any], colors, stem
     _arch_legend(fig, archs, colors)
     fig.suptitle("Scores by extraction layer")
     save(fig, stem, dpi)
-    return f"{stem.name}: {len(names)} panels"
+    by_layer = single.groupby(["score", "layer"], sort=False)["value"].mean()
+    finding = "; ".join(
+        f"{name} is highest at layer {by_layer[name].idxmax()} on average over "
+        f"{single[single['score'] == name]['arch'].nunique()} architectures" for name in names[:3])
+    more = f" (and {len(names) - 3} more panels)" if len(names) > 3 else ""
+    return f"{stem.name}: {len(names)} panels", finding + more + "."
 
 
 def _pareto_panel(ax: plt.Axes, d: pd.DataFrame, colors, log_x: bool) -> None:
@@ -196,7 +217,20 @@ def pareto_figure(pareto: pd.DataFrame, cfg: Mapping[str, Any], colors, stem: Pa
     _arch_legend(fig, _ordered_archs(d["arch"]), colors)
     fig.suptitle(title + " (circled: Pareto frontier)")
     save(fig, stem, dpi)
-    return f"{stem.name}: {len(names)} panels"
+    p = d[d["score"] == names[0]]
+    if accuracy:
+        ok = p.dropna(subset=["x", "value"])
+        r = (stats.pearsonr(ok["x"], ok["value"]).statistic
+             if len(ok) > 2 and ok["x"].nunique() > 1 and ok["value"].nunique() > 1
+             else float("nan"))
+        finding = (f"Pearson r of ImageNet top-1 accuracy with {names[0]} over {len(ok)} loss "
+                   f"networks: {r:.2f} (the study: -0.485 for 2AFC).")
+    else:
+        front = p[p["on_front"].astype(bool)].sort_values("x")
+        finding = (f"{len(front)} of {len(p)} loss networks lie on the {names[0]} frontier, "
+                   f"from {front['lossnet'].iloc[0]} (cheapest) to {front['lossnet'].iloc[-1]} "
+                   f"(best score).") if not front.empty else f"no frontier for {names[0]}."
+    return f"{stem.name}: {len(names)} panels", finding
 
 
 def correlation_heatmap(corr: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> str:
@@ -218,7 +252,10 @@ def correlation_heatmap(corr: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) 
     ax.set_title("Pearson correlation of attributes with scores (* p < 0.05)")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     save(fig, stem, dpi)
-    return f"{stem.name}: {r.shape[0]} x {r.shape[1]}"
+    top = d.loc[d["pearson_r"].abs().idxmax()]
+    finding = (f"The strongest correlation is {top['attribute']} with {top['score']}: "
+               f"r = {top['pearson_r']:.2f} (p = {top['pearson_p']:.2g}, n = {int(top['n'])}).")
+    return f"{stem.name}: {r.shape[0]} x {r.shape[1]}", finding
 
 
 def adaptation_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], colors, stem: Path) -> str:
@@ -241,6 +278,7 @@ def adaptation_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], colors, stem
                        f"(config analysis.adaptation)", dpi)
     names = list(dict.fromkeys(d["dataset"]))
     fig, axes = _grid(len(names), fig_cfg)
+    found = []
     for ax, name in zip(axes.flat, names, strict=False):
         g = d[d["dataset"] == name]
         for arch, ga in g.groupby("arch", sort=False):
@@ -253,78 +291,142 @@ def adaptation_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], colors, stem
         rho = stats.spearmanr(g["baseline"], g["adapted"]).statistic if len(g) > 2 else float("nan")
         ax.set_title(f"{name}: adapted better in {better}/{len(g)}, Spearman ρ = {rho:.2f}",
                      fontsize="medium")
+        found.append(f"{better} of {len(g)} cases on {name}")
         ax.set_xlabel("baseline 2AFC on the ranking's test triplets")
         ax.set_ylabel("adapted 2AFC (mean over runs)")
     _arch_legend(fig, _ordered_archs(d["arch"]), colors)
     fig.suptitle("Adaptation: one point per (loss network, comparison, normalisation, ranking)")
     save(fig, stem, dpi)
-    return f"{stem.name}: {len(d)} points"
+    finding = ("The adapted metric beats its baseline in " + ", ".join(found)
+               + " (published: 298 of 300).")
+    return f"{stem.name}: {len(d)} points", finding
 
 
-def probes_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> str:
+def _heatmap(ax: plt.Axes, frac: np.ndarray, annot: np.ndarray, xlabels, ylabels, cmap: str):
+    """A heatmap with 8 pt cell text, drawn directly (seaborn's redraws the whole figure per
+    call, which makes a many-panel figure slow)."""
+    mesh = ax.pcolormesh(np.ma.masked_invalid(frac), cmap=cmap, vmin=0, vmax=1,
+                         edgecolors="white", linewidth=0.5)
+    norm = plt.Normalize(0, 1)
+    for (i, j), text in np.ndenumerate(annot):
+        if text:
+            dark = not np.isnan(frac[i, j]) and norm(frac[i, j]) > 0.6
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+    ax.set_xlim(0, frac.shape[1])
+    ax.set_ylim(frac.shape[0], 0)
+    ax.set_xticks(np.arange(len(xlabels)) + 0.5, xlabels, rotation=30, ha="right")
+    ax.set_yticks(np.arange(len(ylabels)) + 0.5, ylabels)
+    if not len(ylabels):
+        ax.set_yticks([])
+    ax.grid(False)
+    return mesh
+
+
+def probes_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> tuple[str, str]:
+    """One heatmap per probe set (rows: loss network and normalisation; columns: comparison
+    method; cell: correct pairs, colour: the fraction), at most two panels a row so the cell
+    text stays readable at report size."""
     fig_cfg = cfg.get("figures", {})
     dpi = int(fig_cfg.get("dpi", 150))
     metric = cfg.get("probes", {}).get("metric", "correct")
     rows = scores[(scores["benchmark"] == "probes") & (scores["metric"] == metric)]
     if rows.empty:
-        return no_data(stem, "Flaw probes", f"no probes rows with metric {metric!r}", dpi)
+        why = f"no probes rows with metric {metric!r}"
+        return no_data(stem, "Flaw probes", why, dpi), f"none: {why}"
     # the probes benchmark writes dataset "probes" and the probe set as split
     set_name = rows["split"].astype(str) if rows["dataset"].nunique() == 1 else (
         rows["dataset"].astype(str) + "/" + rows["split"].astype(str))
     rows = rows.assign(
         lossnet=rows["arch"].fillna("").astype(str) + "/" + rows["layer"].fillna("").astype(str),
         norm=rows["channel_norm"].map({True: "norm", False: "no norm"}).fillna("n/a").astype(str),
-        set_name=set_name, comp=rows["comparison"].fillna("").astype(str),
+        set_name=set_name, comp=rows["comparison"].fillna("").replace("", "pixel").astype(str),
     )
-    # columns grouped by probe set, then comparison method, in order of appearance
-    sets = {s: i for i, s in enumerate(dict.fromkeys(rows["set_name"]))}
-    comps = {c: i for i, c in enumerate(dict.fromkeys(rows["comp"]))}
-    rows = rows.assign(column=rows["set_name"] + "\n" + rows["comp"],
-                       line=rows["lossnet"] + " (" + rows["norm"] + ")",
-                       order=rows["set_name"].map(sets) * 100 + rows["comp"].map(comps))
-    rows = rows.sort_values(["order", "line"], kind="stable")
-    val = rows.pivot_table(index="line", columns="column", values="value", aggfunc="mean",
-                           sort=False)
-    n = rows.pivot_table(index="line", columns="column", values="n", aggfunc="max", sort=False)
-    frac = val / n.reindex_like(val)
-    annot = val.map(lambda v: "" if np.isnan(v) else f"{v:g}") + "/" + n.reindex_like(val).map(
-        lambda v: "" if pd.isna(v) else f"{int(v)}")
-    fig, ax = plt.subplots(layout="constrained",
-                           figsize=(2.0 + 0.75 * val.shape[1], 1.2 + 0.35 * val.shape[0]))
-    sns.heatmap(frac.astype(float), annot=annot.to_numpy(), fmt="", cmap="Greens", vmin=0, vmax=1,
-                ax=ax, cbar_kws={"label": "fraction of pairs correct"}, linewidths=0.5,
-                annot_kws={"fontsize": "x-small"})
-    ax.set_xlabel("probe set / comparison method")
-    ax.set_ylabel("loss network (channel normalisation)")
-    ax.set_title("Flaw probes: correct pairs / pairs in the set")
+    rows = rows.assign(line=rows["lossnet"] + " (" + rows["norm"] + ")")
+    sets = list(dict.fromkeys(rows["set_name"]))
+    comps = list(dict.fromkeys(rows["comp"]))
+    lines = list(dict.fromkeys(rows.sort_values("line", kind="stable")["line"]))
+    cols = min(2, len(sets))
+    nrows = -(-len(sets) // cols)
+    fig, axes = plt.subplots(nrows, cols, squeeze=False, layout="constrained",
+                             figsize=(cols * (2.6 + 0.55 * len(comps)),
+                                      nrows * (0.9 + 0.24 * len(lines))))
+    for ax in axes.flat[len(sets):]:
+        ax.set_visible(False)
+    for k, (ax, name) in enumerate(zip(axes.flat, sets, strict=False)):
+        g = rows[rows["set_name"] == name]
+        val = g.pivot_table(index="line", columns="comp", values="value", aggfunc="mean",
+                            sort=False).reindex(index=lines, columns=comps)
+        n = int(g["n"].max())
+        mesh = _heatmap(ax, (val / n).astype(float).to_numpy(),
+                        val.map(lambda v: "" if np.isnan(v) else f"{v:g}").to_numpy(),
+                        comps, lines if k % cols == 0 else [], "Greens")
+        ax.set_title(f"{name} ({n} pairs)", fontsize="medium")
+        ax.set_xlabel("comparison method")
+        ax.set_ylabel("loss network (normalisation)" if k % cols == 0 else "")
+    fig.colorbar(mesh, ax=axes.ravel().tolist(), label="fraction of pairs correct", shrink=0.6)
+    fig.suptitle("Flaw probes: correct pairs per probe set")
     save(fig, stem, dpi)
-    return f"{stem.name}: {val.shape[0]} x {val.shape[1]}"
+    frac = rows.assign(f=rows["value"] / rows["n"]).groupby(["line", "comp"])["f"].mean()
+    (bl, bc), (wl, wc) = frac.idxmax(), frac.idxmin()
+    finding = (f"{bl} with {bc} orders the most probe pairs correctly ({100 * frac.max():.0f}% "
+               f"averaged over {len(sets)} sets), {wl} with {wc} the fewest "
+               f"({100 * frac.min():.0f}%).")
+    return f"{stem.name}: {len(lines)} x {len(comps)} x {len(sets)} sets", finding
 
 
 def run_figures(scores: pd.DataFrame, tables: Path, cfg: Mapping[str, Any], outdir: Path
                 ) -> list[str]:
+    """Every figure of ``FIGURES`` into ``outdir``, each with its caption ``<name>.rst``: the
+    finding computed from the data, then the caption template of ``workflow/report``."""
+    from workflow.analysis import study_figures as sf
+
     fig_cfg = cfg.get("figures", {})
     _style(fig_cfg)
     colors = arch_colors(fig_cfg.get("palette", "tab20"))
     selected = select_scores(scores, cfg.get("scores", []))
     pareto = pd.read_parquet(tables / "pareto.parquet")
     corr = pd.read_parquet(tables / "attribute_correlations.parquet")
-    jobs: dict[str, Callable[[Path], str]] = {
+    ranks = pd.read_parquet(tables / "rankings.parquet")
+    per_arch = pd.read_parquet(tables / "arch_scores.parquet")
+    jobs: dict[str, Callable[[Path], str | tuple[str, str]]] = {
         "scores_by_layer": lambda s: scores_by_layer(selected, cfg, colors, s),
         "flops_pareto": lambda s: pareto_figure(pareto, cfg, colors, s, accuracy=False),
         "imagenet_pareto": lambda s: pareto_figure(pareto, cfg, colors, s, accuracy=True),
         "correlation_heatmap": lambda s: correlation_heatmap(corr, cfg, s),
         "adaptation": lambda s: adaptation_figure(scores, cfg, colors, s),
         "probes": lambda s: probes_figure(scores, cfg, s),
+        "rank_heatmap": lambda s: sf.rankings_figure(ranks, per_arch, cfg, s),
+        "comparison_methods": lambda s: sf.comparison_methods_figure(scores, cfg, s),
+        "super_resolution": lambda s: sf.super_resolution_figure(scores, cfg, colors, s),
+        "adaptation_rankings": lambda s: sf.adaptation_rankings_figure(scores, cfg, s),
+        "adaptation_change": lambda s: sf.adaptation_change_figure(scores, cfg, s),
     }
-    return [jobs[name](outdir / name) for name in FIGURES]
+    notes = []
+    for name in FIGURES:
+        got = jobs[name](outdir / name)
+        note, finding = got if isinstance(got, tuple) else (got, "")
+        if "no data" in note and not finding:
+            finding = "none: " + note.split("no data", 1)[1].strip(" ()")
+        write_caption(outdir / f"{name}.rst", name, finding)
+        notes.append(note)
+    return notes
+
+
+def write_caption(path: Path, name: str, finding: str) -> None:
+    """The report caption of figure ``name``: its finding, then the template (still rendered
+    by Snakemake's Jinja, so it can show the config)."""
+    template = (CAPTIONS / f"{name}.rst").read_text()
+    text = finding.replace("*", "\\*").replace("`", "'")
+    # raw: the data's text is never read as Jinja (the report renders the caption with it)
+    write_text(f"**Finding:** {{% raw %}}{text}{{% endraw %}}\n\n{template}", path)
 
 
 def write_figures(config: Mapping[str, Any], scores: str | Path, tables: str | Path,
                   out: str | Path) -> list[str]:
     """Every figure of config ``analysis`` (``config``) into the folder ``out``."""
     tables = Path(tables)
-    for name in ("pareto", "attribute_correlations"):
+    for name in ("pareto", "attribute_correlations", "rankings", "arch_scores"):
         if not (tables / f"{name}.parquet").exists():
             raise FileNotFoundError(f"{tables / name}.parquet is missing: run "
                                     f"`snakemake analysis_tables` first")
