@@ -13,8 +13,8 @@ similarity ``-d`` and ``q``, so a metric that agrees with the observers scores n
   first (its scale differs by orders of magnitude between metrics); the initial guess is
   ``b1 = range(q)``, ``b2 = 1`` with the sign of the linear correlation, ``b3 = 0``,
   ``b4 = 0``, ``b5 = mean(q)``. Where the fit does not converge (or gives non-finite or
-  constant values) PLCC falls back to Pearson's r of ``s`` and ``q`` themselves (the
-  linear fit), and :func:`plcc` says so.
+  constant values), or where a group has at most five images, PLCC falls back to Pearson's
+  r of ``s`` and ``q`` themselves (the linear fit), and :func:`plcc` says so.
 * Bootstrap: a resample draws ``R`` of the group's ``R`` reference images with replacement
   and takes *every* distorted image of each drawn reference (as often as it was drawn): the
   images of one reference are not independent. The same resamples serve every metric of a
@@ -81,6 +81,8 @@ def plcc(similarity: Sequence[float], q: Sequence[float]) -> Fit:
     s, q = np.asarray(similarity, np.float64), np.asarray(q, np.float64)
     if len(s) < 2 or np.ptp(s) == 0 or np.ptp(q) == 0:
         return Fit(float("nan"), "linear", lambda x: np.asarray(x, np.float64))
+    if len(s) <= 5:  # five parameters need more than five points
+        return Fit(float(np.corrcoef(s, q)[0, 1]), "linear", lambda x: np.asarray(x, np.float64))
     mu, sd = float(s.mean()), float(s.std())
     z = (s - mu) / sd
     sign = 1.0 if np.corrcoef(z, q)[0, 1] >= 0 else -1.0
