@@ -362,3 +362,18 @@ def test_nights_job_scores_2afc_on_its_test_split(tmp_path, monkeypatch):
     assert (summary["metric"] == "2afc").all()
     # p0 is the weaker distortion for every triplet: each metric agrees with the 80 %
     assert np.allclose(summary["value"], 0.8)
+
+
+def test_perf_iqa_runs_and_both_sides_agree(capsys):
+    from workflow.perf import iqa as perf
+
+    threads = torch.get_num_threads()
+    try:
+        assert perf.main(["--archs", "squeezenet1_1", "--refs", "1", "--per-ref", "2", "--size",
+                          "32", "48", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                          "--no-write"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command sets the process-wide count
+    out = capsys.readouterr().out
+    assert "squeezenet1_1: ours" in out and "5 loss networks x 10 variants" in out
+    assert float(out.split("agree to ")[1].split(")")[0]) < 1e-4
