@@ -250,7 +250,8 @@ def test_ms_ssim_against_the_formula(side, scales):
     assert pixel.ms_ssim_scales(side, side) == scales
     a, b, x, y = _pair(side, side, n=1)
     got = pixel.distance("ms_ssim", y, x).item()
-    assert got == pytest.approx(_ms_ssim_by_hand(b[0], a[0], scales), rel=1e-9, abs=1e-12)
+    # piq computes in float32 (metrics.pixel.PIQ_METRICS): 1 - MS-SSIM to a few 1e-6
+    assert got == pytest.approx(_ms_ssim_by_hand(b[0], a[0], scales), abs=1e-5)
 
 
 def test_ms_ssim_scales_and_the_refusal_of_tiny_images():
@@ -274,7 +275,7 @@ def test_gmsd_against_the_formula():
                         ndimage.correlate(z, prewitt.T, mode="constant")) for z in lum]
         gms = (2 * mag[0] * mag[1] + t) / (mag[0] ** 2 + mag[1] ** 2 + t)
         want.append(gms.std())
-    np.testing.assert_allclose(pixel.distance("gmsd", y, x).numpy(), want, rtol=1e-9)
+    np.testing.assert_allclose(pixel.distance("gmsd", y, x).numpy(), want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("metric", ["vifp", "haarpsi", "ms_ssim", "gmsd", "psnr"])
@@ -286,7 +287,7 @@ def test_classic_baselines_are_distances(metric):
                                                .round().astype(np.uint8), CPU.device), x).item()
          for s in (2, 8, 32)]
     same = pixel.distance(metric, x, x).item()
-    assert same == pytest.approx(-100.0 if metric == "psnr" else 0.0, abs=1e-6)
+    assert same == pytest.approx(-100.0 if metric == "psnr" else 0.0, abs=1e-5)  # float32
     assert same < d[0] < d[1] < d[2], d
 
 

@@ -189,6 +189,8 @@ def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], sam
 
         rows, frame = family.score(job, config, nets, variants, extractor, dataset,
                                    prepared[dataset], twoafc_scorer)
+    if arch == PIXEL:  # piq's metrics compute in float32 (metrics.pixel.precision)
+        rows = [{**r, "precision": pixel.precision(r["layer"])} for r in rows]
     summary = score_frame(rows, benchmark="similarity", arch=arch,
                           **{**job.provenance(arch), "precision": precision})
     frame["arch"] = arch

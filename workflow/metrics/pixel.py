@@ -30,6 +30,9 @@ into a distance so that higher = less similar, as the ones above:
 * ``vifp``: ``1 - VIFp`` (``piq.vif_p``, the reference second: VIF is not symmetric).
 * ``haarpsi``: ``1 - HaarPSI`` (``piq.haarpsi``, 3 scales, subsampled).
 
+The four from piq compute in float32 (:data:`PIQ_METRICS`, :func:`precision`: their rows'
+precision column says so); the others in float64.
+
 In every pair the first image is the distorted one and the second the reference (a 2AFC
 pair is ``(p0, ref)``), which only the asymmetric VIFp notices.
 
@@ -54,7 +57,19 @@ from workflow.metrics.image import rgb_to_lab, ssim
 __all__ = ["METRICS", "MS_SSIM_WEIGHTS", "check_size", "distance", "images64", "ms_ssim_scales",
            "pair_distances"]
 
-PRECISION = "fp64"  # what the scores' precision column says: every distance is float64
+PRECISION = "fp64"  # what the scores' precision column says: every distance is float64 ...
+# ... but those of piq, computed in float32: its depthwise 11x11 convolutions are 5-10x
+# slower in float64 on the CPU, and 8-bit inputs need no more (values agree to a few 1e-6)
+PIQ_METRICS = ("ms_ssim", "gmsd", "vifp", "haarpsi")
+
+
+def precision(metric: str) -> str:
+    """The precision column of a pixel baseline's rows."""
+    return "fp32" if metric in PIQ_METRICS else PRECISION
+
+
+def _piq(fn: Callable[..., Tensor], x: Tensor, y: Tensor, **kw) -> Tensor:
+    return fn(x.float(), y.float(), data_range=1.0, reduction="none", **kw).double()
 LPIPS_SSIM = {"window": "uniform", "size": 7, "sample_covariance": True}
 
 
@@ -123,28 +138,27 @@ def _ms_ssim(x: Tensor, y: Tensor) -> Tensor:
 
     scales = ms_ssim_scales(*x.shape[-2:])
     check_size(["ms_ssim"], *x.shape[-2:], where="ms_ssim")
-    weights = None if scales == 5 else torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=x.dtype,
-                                                     device=x.device)
-    return 1 - piq.multi_scale_ssim(x, y, data_range=1.0, reduction="none",
-                                    kernel_size=MS_SSIM_WINDOW, scale_weights=weights)
+    weights = None if scales == 5 else torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x.device)
+    return 1 - _piq(piq.multi_scale_ssim, x, y, kernel_size=MS_SSIM_WINDOW,
+                    scale_weights=weights)
 
 
 def _gmsd(x: Tensor, y: Tensor) -> Tensor:
     import piq
 
-    return piq.gmsd(x, y, data_range=1.0, reduction="none")
+    return _piq(piq.gmsd, x, y)
 
 
 def _vifp(x: Tensor, y: Tensor) -> Tensor:  # x distorted, y the reference
     import piq
 
-    return 1 - piq.vif_p(x, y, data_range=1.0, reduction="none")
+    return 1 - _piq(piq.vif_p, x, y)
 
 
 def _haarpsi(x: Tensor, y: Tensor) -> Tensor:
     import piq
 
-    return 1 - piq.haarpsi(x, y, data_range=1.0, reduction="none")
+    return 1 - _piq(piq.haarpsi, x, y)
 
 
 # metric -> (the space it compares in, the distance of two batches in that space)
