@@ -378,3 +378,31 @@ def test_perf_iqa_runs_and_both_sides_agree(capsys):
     out = capsys.readouterr().out
     assert "squeezenet1_1: ours" in out and "5 loss networks x 10 variants" in out
     assert float(out.split("agree to ")[1].split(")")[0]) < 1e-4
+
+
+def test_the_default_analysis_correlates_bapps_2afc_with_tid2013_srcc():
+    from workflow.analysis.correlations import score_correlations, select_scores
+    from workflow.plan import complete_config
+    from workflow.results import score_frame
+
+    cfg = complete_config({})["analysis"]
+    cfg["bootstrap"]["n"] = 20
+    rng = np.random.default_rng(9)
+    rows = []
+    for arch in ("alexnet", "vgg16"):
+        for layer in "1234":
+            v = rng.uniform(0.6, 0.7)
+            common = {"arch": arch, "layer": layer, "comparison": "spatial", "channel_norm": True}
+            rows += [{**common, "dataset": "bapps-2afc", "split": "mean", "metric": "2afc",
+                      "value": v},
+                     {**common, "dataset": "tid2013", "split": "all", "metric": "srcc",
+                      "value": 2 * v - 0.5, "ci_low": 0.1, "ci_high": 0.9},
+                     {**common, "dataset": "tid2013", "split": "dist/1", "metric": "srcc",
+                      "value": 0.0}]
+    selected = select_scores(score_frame(rows, benchmark="similarity"), cfg["scores"])
+    assert set(selected["score"]) == {"2AFC", "SRCC TID2013"}
+    corr = score_correlations(selected, cfg)
+    pair = corr[(corr.level == "lossnet") & (corr.score_a == "2AFC")
+                & (corr.score_b == "SRCC TID2013")]
+    assert pair["spearman_rho"].item() == pytest.approx(1.0)
+    assert pair["n"].item() == 8
