@@ -1,4 +1,8 @@
-"""Benchmark 1 (BAPPS): 2AFC and JND scores of every loss network of one architecture.
+"""Benchmark 1, the similarity family: every loss network of one architecture on one dataset.
+
+A job scores one dataset of ``similarity.datasets``: BAPPS here (2AFC and JND, below), the
+MOS datasets and NIGHTS in :mod:`workflow.benchmarks.similarity_family` (SRCC / KRCC /
+PLCC with intervals over references; NIGHTS 2AFC with this module's :class:`Scorer`).
 
 One extractor covers every configured tap of the architecture (its layers 1..4 and its
 LPIPS set); each batch of images passes through it once, and every comparison x
@@ -11,7 +15,7 @@ chosen ``pixel/<metric>`` computed on the images themselves (:mod:`workflow.metr
 float64), no extractor and no weights. Their rows have layer = the metric, comparison ``""``
 and channel_norm <NA>.
 
-Outputs
+Outputs (BAPPS)
 - per-sample Parquet: one row per (item, loss network, variant): 2AFC rows carry ``d0``,
   ``d1``, ``judge``; JND rows carry ``d``, ``same``.
 - summary Parquet in the scores schema (:func:`workflow.metrics.similarity.bapps_rows`):

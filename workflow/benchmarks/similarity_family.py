@@ -71,6 +71,9 @@ def score(job: Job, config: Mapping[str, Any], nets: Sequence[LossNet],
     if dataset == NIGHTS:
         data = registry.module(NIGHTS).load(folder, NIGHTS_SPLIT)
         h, w = data["ref"].shape[1:3]
+        if h != w:
+            raise ValueError(f"prepared {dataset} ({folder}): triplets of {h}x{w} px; NIGHTS is "
+                             f"scored at its square prepared size (224); prepare it again")
         pixel.check_size(metrics, h, w, f"prepared {dataset} ({folder})")
         scorer = twoafc_scorer(int(h))
         progress = Progress(len(data["ref"]))
