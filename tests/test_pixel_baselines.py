@@ -233,8 +233,9 @@ def test_plan_pixel_baselines_are_one_job_without_weights():
     cfg = complete_config({})  # the full study: imagenet weights
     plan = Plan(cfg)
     ids = [n.id for n in plan.lossnets("similarity") if n.is_pixel]
-    assert ids == ["pixel/l2", "pixel/ssim", "pixel/l1"]
-    assert plan.jobs("similarity")[-1] == {"arch": "pixel"}
+    assert ids == ["pixel/l2", "pixel/ssim", "pixel/l1", "pixel/psnr", "pixel/ms_ssim",
+                   "pixel/gmsd", "pixel/vifp", "pixel/haarpsi"]
+    assert plan.jobs("similarity")[-1] == {"arch": "pixel", "dataset": "bapps"}
     assert {"arch": "pixel", "layer": "ssim"} in plan.jobs("probes")
 
     class W:

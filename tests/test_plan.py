@@ -203,7 +203,9 @@ def test_full_config_selects_the_study_grid():
     plan = Plan(_full())
     nets = plan.lossnets("similarity")
     assert len([n for n in nets if n.layer != "lpips" and not n.is_pixel]) == 56
-    assert [n.id for n in nets if n.is_pixel] == ["pixel/l2", "pixel/ssim", "pixel/l1"]
+    assert [n.id for n in nets if n.is_pixel] == [
+        "pixel/l2", "pixel/ssim", "pixel/l1", "pixel/psnr", "pixel/ms_ssim", "pixel/gmsd",
+        "pixel/vifp", "pixel/haarpsi"]
     assert {n.arch for n in nets if n.layer == "lpips"} == {"alexnet", "vgg16", "squeezenet1_1"}
     assert len(plan.lossnets("delineation")) == 56  # no LPIPS sets in delineation
     assert [n.id for n in plan.lossnets("adaptation")] == [
@@ -382,3 +384,61 @@ def test_full_study_dag_builds_without_torch(no_torch, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "train_sr" in out and "score_similarity" in out
+
+
+# ----------------------------------------------------------------------------- similarity family
+
+
+def _family(**similarity) -> Plan:
+    return Plan(load_config(ROOT / "config" / "demo.yaml", overrides={
+        "similarity": similarity, "benchmarks": ["similarity"]}))
+
+
+def test_similarity_jobs_per_architecture_and_dataset():
+    plan = _family(datasets=["bapps", "tid2013", "kadid10k", "nights"])
+    archs = ["alexnet", "squeezenet1_1", "resnet18", "pixel"]
+    assert plan.jobs("similarity") == [{"arch": a, "dataset": d} for a in archs
+                                       for d in ("bapps", "tid2013", "kadid10k", "nights")]
+    assert plan.datasets("similarity") == ["bapps", "tid2013", "kadid10k", "nights"]
+    assert plan.targets("R/{arch}/{dataset}.parquet", "similarity")[:2] == [
+        "R/alexnet/bapps.parquet", "R/alexnet/tid2013.parquet"]
+    assert _family().jobs("similarity") == [{"arch": a, "dataset": "bapps"} for a in archs]
+    pixel = [n.id for n in plan.lossnets("similarity") if n.is_pixel]
+    assert pixel == [f"pixel/{m}" for m in ("l2", "ssim", "l1", "psnr", "ms_ssim", "gmsd",
+                                            "vifp", "haarpsi")]
+
+
+def test_a_new_dataset_reruns_no_bapps_job():
+    """A job's config names its dataset and holds only the keys that concern it: adding a
+    dataset leaves the BAPPS jobs' params as they were, and the bootstrap keys reach only
+    the MOS and NIGHTS jobs (BAPPS's subsets and patch size only BAPPS's)."""
+    before = _family()
+    after = _family(datasets=["bapps", "tid2013", "nights"],
+                    bootstrap={"resamples": 10, "seed": 0, "level": 0.95})
+    for arch in ("alexnet", "pixel"):
+        w = type("W", (), {"arch": arch, "dataset": "bapps"})()
+        assert before.config_param("similarity", "score")(w) == \
+            after.config_param("similarity", "score")(w)
+    bapps = after.stage_config("similarity", "score", "alexnet", "bapps")
+    tid = after.stage_config("similarity", "score", "alexnet", "tid2013")
+    assert bapps["dataset"] == "bapps" and "bootstrap" not in bapps
+    assert tid["dataset"] == "tid2013" and tid["bootstrap"]["resamples"] == 10
+    assert not {"image_size", "twoafc_subsets", "jnd_subsets"} & set(tid)
+    assert {k: v for k, v in tid.items() if k not in ("dataset", "bootstrap")} == \
+        {k: v for k, v in bapps.items()
+         if k not in ("dataset", "image_size", "twoafc_subsets", "jnd_subsets")}
+    w = type("W", (), {"arch": "pixel", "dataset": "nights"})()
+    nights = json.loads(after.config_param("similarity", "score")(w))
+    assert nights["dataset"] == "nights" and "comparisons" not in nights
+
+
+@pytest.mark.parametrize("size, metrics, words", [
+    (16, ["ms_ssim"], "pixel/ms_ssim needs 21"),
+    (32, ["l2", "vifp"], "pixel/vifp needs 41"),
+])
+def test_too_small_bapps_patches_for_a_pixel_metric_stop_the_dag(size, metrics, words):
+    with pytest.raises(ConfigError) as e:
+        _family(image_size=size, pixel_baselines=metrics)
+    assert "config key similarity.image_size" in str(e.value) and words in str(e.value)
+    _family(image_size=size, pixel_baselines=metrics, datasets=["tid2013"])  # no BAPPS: fine
+    _family(image_size=64, pixel_baselines=metrics)  # 3 MS-SSIM scales on 64 px

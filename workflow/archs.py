@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "ARCHS", "LAYERS", "LPIPS_ARCHS", "PIXEL", "PIXEL_METRICS", "WEIGHTS_HOST", "ArchSpec",
+    "ARCHS", "LAYERS", "LPIPS_ARCHS", "PIXEL", "PIXEL_METRICS", "PIXEL_MIN_SIDE", "WEIGHTS_HOST",
+    "ArchSpec",
     "LossNet", "UnknownLossNetError", "all_lossnets", "arch_spec", "pixel_lossnets",
     "weights_filename", "weights_id", "weights_url",
 ]
@@ -43,7 +44,17 @@ PIXEL_METRICS: dict[str, str] = {
     "l2_rgb": "mean (x - y)^2 over pixels and channels, RGB in [0, 1]",
     "ssim": "LPIPS's DSSIM: (1 - SSIM) / 2, RGB, 7x7 uniform window, sample covariances",
     "ssim_lab": "(1 - SSIM) / 2 as ssim, on Lab / 100",
+    "psnr": "-PSNR in dB, RGB in [0, 1] (peak 1), the MSE over pixels and channels",
+    "ms_ssim": "1 - MS-SSIM (piq: 11x11 Gaussian, sigma 1.5; 5 scales, fewer on small images)",
+    "gmsd": "GMSD (piq: luma, 2x average pooling, Prewitt gradients, T = 170 / 255^2)",
+    "vifp": "1 - VIFp (piq: pixel-domain VIF on luma, sigma_n^2 = 2, 4 scales)",
+    "haarpsi": "1 - HaarPSI (piq: 3 Haar scales, luma + chroma, subsampled by 2)",
 }
+# The smallest image side (px) each pixel metric is defined at; absent: any side. MS-SSIM
+# needs (11 - 1) * 2^(s - 1) + 1 px for s scales: 161 for its 5, so smaller images use fewer
+# (metrics.pixel.ms_ssim_scales) and below 21 px (2 scales) it is refused.
+PIXEL_MIN_SIDE: dict[str, int] = {"ssim": 7, "ssim_lab": 7, "ms_ssim": 21, "gmsd": 6,
+                                  "vifp": 41, "haarpsi": 16}
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,9 @@ COMMANDS: dict[tuple[str, str], Command] = {
                                  ("archs", "out", "mirror")),
     # benchmarks
     ("similarity", "score"): Command(_B + "similarity:score",
-                                     "BAPPS 2AFC + JND of one architecture's loss networks",
+                                     "one architecture's loss networks on one dataset of "
+                                     "the family (BAPPS 2AFC + JND, MOS SRCC/KRCC/PLCC, "
+                                     "NIGHTS 2AFC)",
                                      ("job", "config", "prepared", "samples", "scores")),
     ("super_resolution", "train"): Command(_B + "super_resolution:train",
                                            "train one SR network (resumes from --workdir)",
@@ -229,6 +231,7 @@ COMMANDS: dict[tuple[str, str], Command] = {
 # Speed measurements: `python -m workflow perf NAME [args]` hands its arguments to the module.
 PERF = {
     "similarity": "BAPPS scoring throughput against the lpips package",
+    "iqa": "MOS-dataset scoring (one pass per reference) against per-image reference passes",
     "super_resolution": "SR training steps, reference vs default settings",
     "delineation": "road-delineation training steps",
     "autoencoder": "autoencoder training images/s, default vs fp32 reference",

@@ -43,6 +43,7 @@ from workflow.archs import (
     ARCHS,
     PIXEL,
     PIXEL_METRICS,
+    PIXEL_MIN_SIDE,
     LossNet,
     UnknownLossNetError,
     all_lossnets,
@@ -120,7 +121,8 @@ class Stage:
 STAGES: dict[str, dict[str, Stage]] = {
     "similarity": {
         "score": Stage(("comparisons", "channel_norm", "normalize", "image_size",
-                        "twoafc_subsets", "jnd_subsets"), settings=("batch_size",), scores=True),
+                        "twoafc_subsets", "jnd_subsets", "bootstrap.resamples", "bootstrap.seed",
+                        "bootstrap.level"), settings=("batch_size",), scores=True),
     },
     "super_resolution": {
         "train": Stage(("iterations", "batch_size", "lr", "eval_every", "val_images", "normalize",
@@ -182,7 +184,7 @@ STAGES: dict[str, dict[str, Stage]] = {
 
 # Keys that choose which jobs exist (the DAG), not what a job computes.
 DAG_KEYS: dict[str, tuple[str, ...]] = {
-    "similarity": ("lossnets", "lpips_sets", "pixel_baselines"),
+    "similarity": ("lossnets", "lpips_sets", "pixel_baselines", "datasets"),
     "super_resolution": ("lossnets", "lpips_sets", "scales", "runs"),
     "delineation": ("lossnets", "runs"),
     "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
@@ -193,7 +195,7 @@ DAG_KEYS: dict[str, tuple[str, ...]] = {
 
 # The prepared datasets each benchmark reads (adaptation's depend on its config: datasets()).
 BENCHMARK_DATASETS: dict[str, tuple[str, ...]] = {
-    "similarity": ("bapps",),
+    "similarity": ("bapps", "tid2013", "kadid10k", "csiq", "nights"),  # similarity.datasets
     "super_resolution": ("coco", "sr_test"),
     "delineation": ("roads",),
     "autoencoder": ("svhn", "stl10"),
@@ -204,6 +206,15 @@ BENCHMARK_DATASETS: dict[str, tuple[str, ...]] = {
 
 # The lpips package's name of each architecture it ships lin weights for (weights/v0.1/<name>.pth)
 LPIPS_SHIPPED = {"alexnet": "alex", "vgg16": "vgg", "squeezenet1_1": "squeeze"}
+
+
+# Keys of the similarity section that only some of its datasets use: absent from the other
+# datasets' job configs, so changing them reruns only the jobs they concern (a job's config
+# names its dataset; adding a dataset to similarity.datasets reruns no existing job).
+SIMILARITY_DATASET_KEYS: dict[str, tuple[str, ...]] = {
+    "image_size": ("bapps",), "twoafc_subsets": ("bapps",), "jnd_subsets": ("bapps",),
+    "bootstrap": ("tid2013", "kadid10k", "csiq", "nights"),
+}
 
 
 # ----------------------------------------------------------------------------- the config
@@ -574,6 +585,15 @@ class Plan:
                 f"torchvision.models.alexnet(weights='IMAGENET1K_V1') fills the torch hub "
                 f"cache), set lossnets.weights: random, or unset lossnets.weights_dir to fetch "
                 f"them into {self.res}/weights with `snakemake --cores 1 download_weights`")
+        sim = self.config["similarity"]
+        if "similarity" in self.enabled() and "bapps" in sim["datasets"]:
+            size = int(sim["image_size"])
+            small = [f"{n.id} needs {PIXEL_MIN_SIDE[n.layer]}" for n in self.lossnets("similarity")
+                     if n.is_pixel and size < PIXEL_MIN_SIDE.get(n.layer, 1)]
+            if small:
+                raise ConfigError(f"config key similarity.image_size ({size}) is too small for "
+                                  f"{', '.join(small)} px on BAPPS; raise it or drop those "
+                                  f"metrics from similarity.pixel_baselines")
         sr = self.config["super_resolution"]
         if "super_resolution" in self.enabled():
             size = int(sr["crop_size"] or COCO_SIZE)
@@ -713,7 +733,8 @@ class Plan:
         nets = self.lossnets(benchmark)
         runs = range(int(sec.get("runs", 1)))
         if benchmark == "similarity":
-            return [{"arch": a} for a in self.archs(benchmark)]
+            return [{"arch": a, "dataset": d} for a in self.archs(benchmark)
+                    for d in sec["datasets"]]
         if benchmark == "super_resolution":
             return [{"arch": n.arch, "layer": n.layer, "scale": s, "run": r}
                     for n in nets for s in sec["scales"] for r in runs]
@@ -752,6 +773,8 @@ class Plan:
         if benchmark == "adaptation":
             return list(dict.fromkeys(["svhn", *sec["eval_datasets"]]
                                       + (["bapps"] if sec["bapps"] else [])))
+        if benchmark == "similarity":
+            return list(sec["datasets"])
         return list(BENCHMARK_DATASETS[benchmark])
 
     def needed_datasets(self) -> list[str]:
@@ -815,10 +838,12 @@ class Plan:
 
     # ------------------------------------------------------------------ params
 
-    def stage_config(self, benchmark: str, stage: str, arch: str | None = None
-                     ) -> dict[str, Any]:
+    def stage_config(self, benchmark: str, stage: str, arch: str | None = None,
+                     dataset: str | None = None) -> dict[str, Any]:
         """What the stage's results depend on: its ``depends`` keys, ``precision`` and the
-        loss network's ``weights`` / ``weights_seed`` (for a job of architecture ``arch``)."""
+        loss network's ``weights`` / ``weights_seed`` (for a job of architecture ``arch``);
+        a similarity job also names its ``dataset`` (default bapps) and keeps only the keys
+        of :data:`SIMILARITY_DATASET_KEYS` that concern it."""
         spec = STAGES[benchmark][stage]
         cfg = _pick(self.config[benchmark], spec.depends)
         if spec.torch:
@@ -833,6 +858,11 @@ class Plan:
         if benchmark == "similarity" and arch is not None:
             # one job per architecture scores exactly its own loss networks
             cfg["lossnets"] = [n.id for n in self.lossnets(benchmark) if n.arch == arch]
+        if benchmark == "similarity":
+            cfg["dataset"] = dataset = dataset or "bapps"
+            for key, users in SIMILARITY_DATASET_KEYS.items():
+                if dataset not in users:
+                    cfg.pop(key, None)
         return cfg
 
     def stage_settings(self, benchmark: str, stage: str) -> dict[str, Any]:
@@ -851,7 +881,8 @@ class Plan:
             return as_json(self.stage_config(benchmark, stage))
 
         def param(wildcards: Any) -> str:
-            return as_json(self.stage_config(benchmark, stage, _job_arch(wildcards)))
+            return as_json(self.stage_config(benchmark, stage, _job_arch(wildcards),
+                                             _wildcard(wildcards, "dataset")))
 
         return param
 

@@ -15,8 +15,10 @@ channel_norm True / False / <NA>
 variant      benchmark-specific (e.g. "x4/standard", "K2/relaxed", "baseline", "adapted")
 ranking      adaptation ranking index, <NA> elsewhere
 run          seed index, <NA> where not repeated
-metric       2afc | jnd_ap | psnr | ssim | quality | accuracy | correct | ...
+metric       2afc | jnd_ap | srcc | krcc | plcc | psnr | ssim | quality | accuracy | ...
 value, n     the score and how many samples it averages
+ci_low,      a confidence interval of the value where the benchmark computes one (the
+ci_high      similarity family's bootstrap, docs/similarity.md), else <NA>
 provenance   config_hash, code_version, weights_id, device, precision, wall_time_s
 """
 
@@ -48,6 +50,8 @@ SCORE_COLUMNS: dict[str, str] = {
     "metric": "string",
     "value": "float64",
     "n": "Int64",
+    "ci_low": "float64",
+    "ci_high": "float64",
     "config_hash": "string",
     "code_version": "string",
     "weights_id": "string",
@@ -56,6 +60,8 @@ SCORE_COLUMNS: dict[str, str] = {
     "wall_time_s": "float64",
 }
 PROVENANCE = ("config_hash", "code_version", "weights_id", "device", "precision", "wall_time_s")
+# columns a summary written before they existed may lack: read as <NA>
+LATER_COLUMNS = ("ci_low", "ci_high")
 
 
 
@@ -106,6 +112,7 @@ def score_frame(rows: Iterable[Mapping[str, Any]], **common: Any) -> pd.DataFram
 
 
 def validate_scores(df: pd.DataFrame, source: str = "scores") -> pd.DataFrame:
+    df = df.assign(**{c: float("nan") for c in LATER_COLUMNS if c not in df.columns})
     missing = [c for c in SCORE_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{source}: missing scores columns {missing}")

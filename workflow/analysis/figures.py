@@ -50,6 +50,9 @@ LAYER_MARKERS = {"1": "o", "2": "s", "3": "^", "4": "D", "lpips": "*"}
 METRIC_LABELS = {
     "2afc": "2AFC score (fraction agreeing with humans)",
     "jnd_ap": "JND average precision",
+    "srcc": "SRCC with the subjective scores",
+    "krcc": "KRCC with the subjective scores",
+    "plcc": "PLCC (logistic fit) with the subjective scores",
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
     "quality": "quality TP/(TP+FP+FN)",

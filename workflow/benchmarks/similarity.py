@@ -1,4 +1,8 @@
-"""Benchmark 1 (BAPPS): 2AFC and JND scores of every loss network of one architecture.
+"""Benchmark 1, the similarity family: every loss network of one architecture on one dataset.
+
+A job scores one dataset of ``similarity.datasets``: BAPPS here (2AFC and JND, below), the
+MOS datasets and NIGHTS in :mod:`workflow.benchmarks.similarity_family` (SRCC / KRCC /
+PLCC with intervals over references; NIGHTS 2AFC with this module's :class:`Scorer`).
 
 One extractor covers every configured tap of the architecture (its layers 1..4 and its
 LPIPS set); each batch of images passes through it once, and every comparison x
@@ -11,7 +15,7 @@ chosen ``pixel/<metric>`` computed on the images themselves (:mod:`workflow.metr
 float64), no extractor and no weights. Their rows have layer = the metric, comparison ``""``
 and channel_norm <NA>.
 
-Outputs
+Outputs (BAPPS)
 - per-sample Parquet: one row per (item, loss network, variant): 2AFC rows carry ``d0``,
   ``d1``, ``judge``; JND rows carry ``d``, ``same``.
 - summary Parquet in the scores schema (:func:`workflow.metrics.similarity.bapps_rows`):
@@ -21,7 +25,6 @@ Outputs
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ import torch
 
 from workflow import compare
 from workflow.archs import PIXEL, LossNet
+from workflow.benchmarks import similarity_family as family
+from workflow.benchmarks.similarity_family import variant_columns
 from workflow.compare import Variant
 from workflow.datasets import bapps
 from workflow.files import write_parquet
@@ -40,15 +45,12 @@ from workflow.job import Job
 from workflow.lossnets import FeatureExtractor
 from workflow.metrics import pixel
 from workflow.metrics.similarity import bapps_rows
+from workflow.reference_scoring import CPU_FORWARD_BYTES, Progress
 from workflow.results import score_frame
 
 __all__ = ["CPU_FORWARD_BYTES", "PixelScorer", "Scorer", "score"]
 
-# Bytes of one forward chunk's activations on the CPU (all image sets together, the
-# largest tensor of the pass): far below glibc's mmap threshold, so every pass reuses the
-# heap instead of faulting in fresh pages (lossnets.FeatureExtractor.peak_activation_bytes;
-# measured in BENCHMARKS.md "similarity"). Devices with a caching allocator take a whole batch.
-CPU_FORWARD_BYTES = 24 << 20
+# CPU_FORWARD_BYTES (workflow.reference_scoring): one forward chunk's activations on the CPU
 
 
 class Scorer:
@@ -140,27 +142,7 @@ class PixelScorer:
         return {k: v[0] for k, v in self._score([p0, p1], [(0, 1)]).items()}
 
 
-def _variant_columns(v: Variant | None) -> dict[str, Any]:
-    """comparison / channel_norm of a variant: "" / <NA> for a pixel baseline (None)."""
-    if v is None:
-        return {"comparison": "", "channel_norm": None}
-    return {"comparison": v.method, "channel_norm": v.channel_norm}
-
-
-class _Progress:
-    def __init__(self, total: int) -> None:
-        self.done, self.total, self.t0, self.last = 0, total, time.perf_counter(), 0.0
-
-    def update(self, n: int, label: str) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last > 10 or self.done == self.total:
-            rate = self.done / max(now - self.t0, 1e-9)
-            print(f"  {label}: {self.done}/{self.total} image sets ({rate:.1f}/s)", flush=True)
-            self.last = now
-
-
-def _batched(fn, arrays: Sequence[np.ndarray], batch: int, label: str, progress: _Progress
+def _batched(fn, arrays: Sequence[np.ndarray], batch: int, label: str, progress: Progress
              ) -> dict:
     """Run ``fn`` over batches; concatenate the results per key (on the CPU, float64)."""
     n = len(arrays[0])
@@ -172,35 +154,67 @@ def _batched(fn, arrays: Sequence[np.ndarray], batch: int, label: str, progress:
     return {k: torch.cat(v, dim=-1).numpy().astype(np.float64) for k, v in parts.items()}
 
 
-def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], samples: Path,
-          scores: Path) -> pd.DataFrame:
-    """Score ``config["lossnets"]`` (one architecture's) on prepared BAPPS; write both tables.
-
-    Returns the summary rows (scores schema).
-    """
+def _lossnets(config: Mapping[str, Any]) -> tuple[list[LossNet], str]:
     nets = [LossNet.parse(s) for s in config["lossnets"]]
     archs = {n.arch for n in nets}
     if len(archs) != 1:
         raise ValueError(f"config key lossnets must list loss networks of one architecture, "
                          f"got {sorted(archs) or 'none'}")
-    arch = archs.pop()
-    scorer: Scorer | PixelScorer
+    return nets, archs.pop()
+
+
+def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], samples: Path,
+          scores: Path) -> pd.DataFrame:
+    """Score ``config["lossnets"]`` (one architecture's) on the prepared dataset
+    ``config["dataset"]`` of the family (BAPPS, a MOS dataset, NIGHTS); write both tables.
+
+    Returns the summary rows (scores schema).
+    """
+    nets, arch = _lossnets(config)
+    dataset = str(config["dataset"])
+    if dataset not in prepared:
+        raise ValueError(f"similarity {dataset}: --prepared has no {dataset} folder "
+                         f"(got {', '.join(prepared) or 'none'})")
     if arch == PIXEL:
         variants: list[Variant | None] = [None]
-        scorer = PixelScorer(job, nets, int(config["image_size"]))
-        taps, precision = "none (pixels)", pixel.PRECISION
+        taps, precision, extractor = "none (pixels)", pixel.PRECISION, None
     else:
         variants = list(compare.all_variants(config["comparisons"], config["channel_norm"]))
         extractor = job.extractor(nets, config["normalize"], channels_last=True)
-        scorer = Scorer(job, extractor, nets, variants, int(config["image_size"]))
-        taps, precision = str(scorer.taps), job.precision
-    data = {("2afc", s): bapps.load(prepared["bapps"], "2afc", "val", s)
-            for s in config["twoafc_subsets"]}
-    data |= {("jnd", s): bapps.load(prepared["bapps"], "jnd", "val", s)
-             for s in config["jnd_subsets"]}
-    progress = _Progress(sum(len(d["p0"]) for d in data.values()))
-    print(f"{arch}: {len(nets)} loss networks x {len(variants)} variants, taps {taps}, "
-          f"{progress.total} items, device {job.device}, {precision}", flush=True)
+        taps, precision = str(sorted({t for n in nets for t in n.taps})), job.precision
+    print(f"{arch} on {dataset}: {len(nets)} loss networks x {len(variants)} variants, taps "
+          f"{taps}, device {job.device}, {precision}", flush=True)
+    if dataset == "bapps":
+        rows, frame = _bapps(job, config, nets, variants, extractor, prepared["bapps"])
+    else:
+        def twoafc_scorer(size: int) -> Scorer | PixelScorer:
+            return (PixelScorer(job, nets, size) if extractor is None
+                    else Scorer(job, extractor, nets, variants, size))
+
+        rows, frame = family.score(job, config, nets, variants, extractor, dataset,
+                                   prepared[dataset], twoafc_scorer)
+    if arch == PIXEL:  # piq's metrics compute in float32 (metrics.pixel.precision)
+        rows = [{**r, "precision": pixel.precision(r["layer"])} for r in rows]
+    summary = score_frame(rows, benchmark="similarity", arch=arch,
+                          **{**job.provenance(arch), "precision": precision})
+    frame["arch"] = arch
+    write_parquet(_categories(frame), samples)
+    write_parquet(summary, scores)
+    best = summary[summary["split"].isin(["mean", "pooled", "all", "test"])]
+    print(best[["layer", "comparison", "channel_norm", "dataset", "split", "metric", "value"]]
+          .to_string(index=False))
+    return summary
+
+
+def _bapps(job, config, nets, variants, extractor, folder: Path) -> tuple[list, pd.DataFrame]:
+    size = int(config["image_size"])
+    pixel.check_size([n.layer for n in nets if n.is_pixel], size, size,
+                     "config key similarity.image_size")
+    scorer = (PixelScorer(job, nets, size) if extractor is None
+              else Scorer(job, extractor, nets, variants, size))
+    data = {("2afc", s): bapps.load(folder, "2afc", "val", s) for s in config["twoafc_subsets"]}
+    data |= {("jnd", s): bapps.load(folder, "jnd", "val", s) for s in config["jnd_subsets"]}
+    progress = Progress(sum(len(d["p0"]) for d in data.values()))
     batch = int(job.setting("batch_size"))
     dists = {}
     for (kind, subset), d in data.items():
@@ -213,23 +227,16 @@ def score(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], sam
     rows = []
     for net in nets:
         for v in variants:
-            key = {"layer": net.layer, **_variant_columns(v)}
+            key = {"layer": net.layer, **variant_columns(v)}
             twoafc = {s: (*dists[("2afc", s)][(net.id, v)], data[("2afc", s)]["judge"])
                       for s in config["twoafc_subsets"]}
             jnd = {s: (dists[("jnd", s)][(net.id, v)], np.asarray(data[("jnd", s)]["same"]))
                    for s in config["jnd_subsets"]}
             rows += [{**key, **r} for r in bapps_rows(twoafc, jnd)]
-    summary = score_frame(rows, benchmark="similarity", arch=arch,
-                          **{**job.provenance(arch), "precision": precision})
-    write_parquet(_samples_frame(arch, nets, variants, data, dists), samples)
-    write_parquet(summary, scores)
-    best = summary[summary["split"].isin(["mean", "pooled"])]
-    print(best[["layer", "comparison", "channel_norm", "dataset", "split", "value"]]
-          .to_string(index=False))
-    return summary
+    return rows, _samples_frame(nets, variants, data, dists)
 
 
-def _samples_frame(arch, nets, variants, data, dists) -> pd.DataFrame:
+def _samples_frame(nets, variants, data, dists) -> pd.DataFrame:
     frames = []
     for (kind, subset), d in data.items():
         n = len(d["p0"])
@@ -238,13 +245,16 @@ def _samples_frame(arch, nets, variants, data, dists) -> pd.DataFrame:
             for v in variants:
                 x = dists[(kind, subset)][(net.id, v)]
                 f = {"dataset": f"bapps-{kind}", "split": subset, "item": np.arange(n),
-                     "name": names, "arch": arch, "layer": net.layer, **_variant_columns(v)}
+                     "name": names, "layer": net.layer, **variant_columns(v)}
                 if kind == "2afc":
                     f |= {"d0": x[0], "d1": x[1], "judge": np.asarray(d["judge"], np.float64)}
                 else:
                     f |= {"d": x, "same": np.asarray(d["same"], np.float64)}
                 frames.append(pd.DataFrame(f))
-    df = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _categories(df: pd.DataFrame) -> pd.DataFrame:
     for c in ("dataset", "split", "arch", "layer", "comparison"):
         df[c] = df[c].astype("category")
     df["channel_norm"] = df["channel_norm"].astype("boolean")
