@@ -59,6 +59,15 @@ def test_similarity_rows_for_every_lossnet_and_variant(demo_run):
             assert any(m == "jnd_ap" for m, _ in got), (net.id, v.name)
             twoafc = r[r["metric"] == "2afc"]["value"]
             assert ((twoafc >= 0) & (twoafc <= 1)).all()
+    # the human-judgement family beside BAPPS (similarity.datasets): MOS correlations with
+    # bootstrap intervals on the TID2013 and KADID-10k fakes, 2AFC on the NIGHTS fake
+    for dataset, metrics in (("tid2013", {"srcc", "krcc", "plcc"}),
+                             ("kadid10k", {"srcc", "krcc", "plcc"}), ("nights", {"2afc"})):
+        rows = sim[sim["dataset"] == dataset]
+        assert metrics <= set(rows["metric"]), (dataset, set(rows["metric"]))
+        assert {"pixel/ssim", "alexnet/lpips"} <= set(rows["arch"] + "/" + rows["layer"])
+        whole = rows[rows["split"].isin(["all", "test"])]
+        assert (whole["ci_low"] <= whole["ci_high"]).all(), dataset  # NaN compares False
     # the probes table has the pixel baselines' rows too (config probes.pixel_baselines)
     pixel = scores[(scores["benchmark"] == "probes") & (scores["arch"] == "pixel")]
     assert {"l2", "ssim"} <= set(pixel["layer"]) and set(pixel["weights_id"]) == {"none"}
@@ -127,7 +136,8 @@ def test_adding_a_loss_network_reruns_only_its_architecture(demo_run, tmp_path):
     """One similarity job per architecture, whose params are that architecture's loss
     networks: adding one of alexnet's reruns the alexnet job and no other."""
     results = tmp_path / "results"
-    small = {"similarity": {"lossnets": ["alexnet/1", "resnet18/1"], "lpips_sets": False},
+    small = {"similarity": {"lossnets": ["alexnet/1", "resnet18/1"], "lpips_sets": False,
+                            "datasets": ["bapps"], "pixel_baselines": []},
              "benchmarks": ["similarity"]}
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(small))

@@ -774,6 +774,12 @@ class Plan:
             return list(dict.fromkeys(["svhn", *sec["eval_datasets"]]
                                       + (["bapps"] if sec["bapps"] else [])))
         if benchmark == "similarity":
+            missing = [d for d in sec["datasets"] if not self.obtainable(d)]
+            if missing:
+                raise ConfigError(
+                    f"config key similarity.datasets: {', '.join(missing)} cannot be downloaded"
+                    " (its publisher serves no stable archive): set data.paths."
+                    f"{missing[0]} to the folder of your copy (docs/data.md) or remove it")
             return list(sec["datasets"])
         return list(BENCHMARK_DATASETS[benchmark])
 
