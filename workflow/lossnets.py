@@ -330,3 +330,35 @@ def feature_loss(extractor: FeatureExtractor, taps: Sequence[int], output: Tenso
     for t in taps:
         loss = loss + torch.mean((feats[t] - ref[t]) ** 2)
     return loss
+
+
+def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]],
+                       outputs: Tensor, targets: Tensor, target_of: Sequence[int]) -> Tensor:
+    """:func:`feature_loss` of ``K`` models at once: ``[K]`` losses, one forward pass each way.
+
+    ``outputs`` ``[K, N, 3, H, W]`` (model ``k``'s batch), ``targets`` ``[R, N, 3, H, W]``
+    (the distinct target batches: models of one data stream share theirs), ``target_of[k]``
+    the target batch of model ``k``, ``taps[k]`` its taps. The loss network runs once on all
+    ``K * N`` outputs and once, under ``no_grad``, on the ``R * N`` targets; model ``k``'s
+    loss is the sum over its own taps of the MSE of its slice, as :func:`feature_loss`
+    computes it alone (the loss network is in eval mode: an image's features do not depend
+    on the batch it is in). Summing the losses gives every model its own gradient only.
+    """
+    k, n = outputs.shape[:2]
+    if len(taps) != k or len(target_of) != k:
+        raise ValueError(f"{k} outputs need {k} tap sets and target indices, got "
+                         f"{len(taps)} and {len(target_of)}")
+    used = sorted({int(t) for ts in taps for t in ts})
+    with torch.no_grad():
+        ref = extractor(targets.flatten(0, 1))
+        ref = {t: ref[t].unflatten(0, (targets.shape[0], n)) for t in used}
+    feats = extractor(outputs.flatten(0, 1))
+    losses = []
+    for i in range(k):
+        loss = outputs.new_zeros(())
+        for t in taps[i]:
+            f = feats[t][i * n:(i + 1) * n]
+            loss = loss + torch.mean((f - ref[t][target_of[i]]) ** 2)
+        losses.append(loss)
+    return torch.stack(losses)
+
