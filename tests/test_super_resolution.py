@@ -312,3 +312,186 @@ def test_missing_test_set_names_the_config_key(tmp_path, prepared, stage, traine
     with pytest.raises(FileNotFoundError, match="super_resolution.test_sets"):
         _command("eval", *stage("eval"), model=trained[0], prepared=empty,
                  samples=tmp_path / "i.parquet", scores=tmp_path / "s.parquet")
+
+
+# ----------------------------------------------------------------------------- fused training
+
+
+def _member_grads(fused, i: int) -> dict[str, torch.Tensor]:
+    """Member ``i``'s rows of every gradient of a FusedSRNet, in SRNet's parameter names."""
+    out = {}
+    for name, p in fused.net.named_parameters():
+        n = p.shape[0] // fused.k
+        out[name] = p.grad[i * n:(i + 1) * n]
+    return out
+
+
+def _steps(dtype: torch.dtype):
+    """One Adam step of K=3 SR models (two sharing a data stream, one with its own batch; two
+    layers), alone and fused: (losses, grads, updated weights, outputs after the step) each
+    way, the fused ones in the members' own layout."""
+    from workflow.archs import LossNet
+    from workflow.lossnets import build_extractor, feature_loss, fused_feature_loss
+    from workflow.models.srnet import FusedSRNet
+    from workflow.training import make_adam
+
+    nets = [LossNet.parse(i) for i in ("squeezenet1_1/1", "squeezenet1_1/2", "squeezenet1_1/2")]
+    target_of = [0, 0, 1]
+    gen = torch.Generator().manual_seed(5)
+    hr = torch.rand(2, 2, 3, 32, 32, generator=gen).to(dtype)  # two target batches, N = 2
+    lr = degrade(hr.flatten(0, 1), 4, 1.0).unflatten(0, (2, 2))
+    models = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        models.append(SRNet(4).to(dtype))
+    fused = FusedSRNet.from_members(models)
+    alone = {"loss": [], "grad": [], "weights": [], "out": []}
+    for m, net, t in zip(models, nets, target_of, strict=True):
+        ext = build_extractor("squeezenet1_1", lossnets=[net], weights="random",
+                              normalize="none").to(dtype)
+        opt = make_adam(m.parameters(), 1e-3, CPU)
+        loss = feature_loss(ext, net.taps, m(lr[t]), hr[t])
+        loss.backward()
+        opt.step()
+        alone["loss"].append(loss.detach())
+        alone["grad"].append({k: p.grad.clone() for k, p in m.named_parameters()})
+        alone["weights"].append({k: v.clone() for k, v in m.state_dict().items()})
+        alone["out"].append(m(lr[t]).detach())
+    ext = build_extractor("squeezenet1_1", lossnets=nets, weights="random",
+                          normalize="none").to(dtype)
+    opt = make_adam(fused.parameters(), 1e-3, CPU)
+    losses = fused_feature_loss(ext, [n.taps for n in nets], fused(lr[target_of]), hr, target_of)
+    losses.sum().backward()
+    opt.step()
+    together = {"loss": list(losses.detach()), "grad": [_member_grads(fused, i) for i in range(3)],
+                "weights": [fused.member_state_dict(i) for i in range(3)]}
+    together["out"] = list(fused(lr[target_of]).detach())
+    return alone, together
+
+
+def test_a_fused_step_of_three_models_is_three_separate_steps():
+    """fp64: the fused step's losses, gradients and Adam-updated weights are the separate
+    steps' within 1e-10 (the same arithmetic; only the order of sums differs). fp32: losses
+    within 1e-5, and every gradient as close to the exact (fp64) one as the separate step's
+    is: this tiny random-weight step is ill-conditioned (fp32's own gradient error is up to
+    ~1e-4 here), so a fixed 1e-5 would test fp32, not the fusion."""
+    alone, together = _steps(torch.float64)
+    for i in range(3):
+        torch.testing.assert_close(together["loss"][i], alone["loss"][i], atol=1e-10, rtol=0)
+        for what in ("grad", "weights"):
+            for k, v in together[what][i].items():
+                torch.testing.assert_close(v, alone[what][i][k], atol=1e-10, rtol=0,
+                                           msg=f"member {i} {what} {k}")
+    assert alone["loss"][1] != alone["loss"][2]  # the third model really had its own batch
+    alone32, together32 = _steps(torch.float32)
+    for i in range(3):
+        torch.testing.assert_close(together32["loss"][i], alone32["loss"][i], atol=1e-5, rtol=0)
+        for k, exact in alone["grad"][i].items():
+            err_alone = float((alone32["grad"][i][k].double() - exact).abs().max())
+            err_fused = float((together32["grad"][i][k].double() - exact).abs().max())
+            assert err_fused <= 2 * err_alone + 1e-7, (i, k, err_fused, err_alone)
+
+
+def _fused(tmp_path, prepared, stage, members, workdir, **overrides):
+    config, settings = stage("train", crop_size=32, **overrides)
+    argv = ["--scale", "4", "--members", json.dumps(members), "--config", json.dumps(config),
+            "--settings", json.dumps(settings), "--prepared", str(prepared("coco")),
+            "--workdir", str(workdir), "--out", str(workdir.parent / "models.json")]
+    return cli.run("super_resolution", "train_fused", argv)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    net = SRNet(4)
+    meta = load_model(path, {"model": net})
+    return {**net.state_dict(), "_meta": meta}
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory, prepared, stage):
+    """squeezenet1_1/2 run0 (the `trained` model) and squeezenet1_1/1 run1, fused, 4 steps."""
+    root = tmp_path_factory.mktemp("fused")
+    members = [{"net": NET, "run": 0, "dir": str(root / "a")},
+               {"net": "squeezenet1_1/1", "run": 1, "dir": str(root / "b")}]
+    listing = _fused(root, prepared, stage, members, root / "group" / "train")
+    return root, members, listing
+
+
+def test_fused_training_equals_training_each_model_alone(tmp_path, prepared, stage, trained,
+                                                         fused_run):
+    """Same initialisation, batches, crops, Adam and selection: the fused members' models are
+    the separately trained ones within fp32 rounding, with the same meta and best step."""
+    root, members, listing = fused_run
+    assert [m["trained_now"] for m in listing["members"]] == [True, True]
+    config, settings = stage("train", crop_size=32)
+    alone_b = tmp_path / "b.pt"
+    argv = ["--net", "squeezenet1_1/1", "--scale", "4", "--run", "1", "--config",
+            json.dumps(config), "--settings", json.dumps(settings), "--prepared",
+            str(prepared("coco")), "--workdir", str(tmp_path / "tb"), "--out", str(alone_b)]
+    cli.run("super_resolution", "train", argv)
+    for final, alone in ((root / "a" / "train" / "final.pt", trained[0]),
+                         (root / "b" / "train" / "final.pt", alone_b)):
+        f, a = _state(final), _state(alone)
+        fm, am = f.pop("_meta"), a.pop("_meta")
+        for k in a:
+            torch.testing.assert_close(f[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+        assert fm["best_step"] == am["best_step"] and fm["steps"] == am["steps"] == 4
+        assert fm["best_val_psnr"] == pytest.approx(am["best_val_psnr"], abs=1e-4)
+        assert {k: fm[k] for k in ("net", "scale", "run", "seed")} == \
+            {k: am[k] for k in ("net", "scale", "run", "seed")}
+        assert fm["fused_with"] == 2
+    hist = pd.read_csv(root / "group" / "train" / "metrics.csv")
+    assert {f"eval_{NET} run0/psnr", "eval_squeezenet1_1/1 run1/psnr"} <= set(hist.columns)
+    assert (root / "a" / "train" / "best.pt").exists()  # each member's own selection
+
+
+def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, prepared, stage, fused_run,
+                                                         monkeypatch):
+    root, members, _ = fused_run
+    mine = [{**m, "dir": str(tmp_path / f"m{i}")} for i, m in enumerate(members)]
+    workdir = tmp_path / "group" / "train"
+    from workflow.training import Trainer
+
+    real = Trainer.train_step
+
+    def killed_at_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        _fused(tmp_path, prepared, stage, mine, workdir, checkpoint_every=2)
+    assert torch.load(workdir / "last.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", real)
+    _fused(tmp_path, prepared, stage, mine, workdir)
+    for i in range(2):
+        resumed = _state(tmp_path / f"m{i}" / "train" / "final.pt")
+        straight = _state(root / "ab"[i] / "train" / "final.pt")
+        assert resumed.pop("_meta")["resumed_from"] == 2
+        straight.pop("_meta")
+        for k in straight:
+            assert torch.equal(resumed[k], straight[k]), k
+    ckpt = torch.load(workdir / "last.pt", weights_only=True)
+    assert set(ckpt["key"]["members"]) == {f"{NET} run0", "squeezenet1_1/1 run1"}
+    assert ckpt["key"]["members"][f"{NET} run0"]["job"] == {"net": NET, "scale": 4, "run": 0}
+
+
+def test_a_member_joining_retrains_only_itself(tmp_path, prepared, stage, fused_run, capsys):
+    root, members, _ = fused_run
+    third = {"net": "squeezenet1_1/3", "run": 0, "dir": str(tmp_path / "c")}
+    listing = _fused(tmp_path, prepared, stage, [*members, third], tmp_path / "group" / "train",
+                     iterations=2)
+    # another iterations value: the finished members are not this config's; all train
+    assert [m["trained_now"] for m in listing["members"]] == [True, True, True]
+    listing = _fused(tmp_path, prepared, stage, [*members, third], tmp_path / "group" / "train")
+    assert [m["trained_now"] for m in listing["members"]] == [False, False, True]
+    assert "not training it again" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "group" / "train" / "last.pt", weights_only=True)
+    assert set(ckpt["key"]["members"]) == {"squeezenet1_1/3 run0"}
+
+
+def test_a_fused_job_of_two_architectures_is_refused(tmp_path, prepared, stage):
+    members = [{"net": NET, "run": 0, "dir": str(tmp_path / "a")},
+               {"net": "alexnet/2", "run": 0, "dir": str(tmp_path / "b")}]
+    with pytest.raises(ValueError, match="one loss-network architecture"):
+        _fused(tmp_path, prepared, stage, members, tmp_path / "w")

@@ -92,6 +92,7 @@ class FusedSRNet(nn.Module):
             raise ValueError("FusedSRNet.from_members needs at least one SRNet")
         ch = members[0].head[1].out_channels
         fused = cls(members[0].scale, len(members), ch, len(members[0].residual))
+        fused.to(next(members[0].parameters()))  # the members' dtype and device
         for i, m in enumerate(members):
             fused.load_member(i, m.state_dict())
         return fused
