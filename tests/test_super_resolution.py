@@ -541,3 +541,58 @@ def test_a_fused_job_of_two_architectures_is_refused(tmp_path, prepared, stage):
                {"net": "alexnet/2", "run": 0, "dir": str(tmp_path / "b")}]
     with pytest.raises(ValueError, match="one loss-network architecture"):
         _fused(tmp_path, prepared, stage, members, tmp_path / "w")
+
+
+def test_the_index_path_makes_no_host_sync(monkeypatch):
+    """A fused job's batches across an epoch boundary, two data streams with crops: the
+    indices are device tensors sliced from the epoch order (drawn once per epoch), and no
+    step calls .item(), .tolist(), .cpu() or .numpy() (each a blocking copy on a GPU)."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    bank = ImageBank(images, CPU, "always")
+    assert bank.where == "device"
+    samplers = [EpochSampler(len(bank), 4, s, CPU) for s in (0, 1)]
+    gens = [torch.Generator(CPU).manual_seed(s) for s in (0, 1)]
+    batches = [sr.train_batches(bank, s, 8, g) for s, g in zip(samplers, gens, strict=True)]
+    draws = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a) or
+                        real_randperm(*a, **k))
+    for name in ("item", "tolist", "cpu", "numpy"):
+        def refuse(self, *a, _name=name, **k):
+            raise AssertionError(f"host sync: Tensor.{_name}() in the index path")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out = [[b(step) for b in batches] for step in range(4)]  # 2 steps per epoch: 2 epochs
+    idx = samplers[0](3)
+    monkeypatch.undo()
+    assert isinstance(idx, torch.Tensor) and idx.device == CPU and idx.dtype == torch.int64
+    assert len(draws) == 2 * 2  # one permutation per epoch and stream, not one per step
+    assert all(x.shape == (4, 3, 8, 8) or x.shape == (2, 3, 8, 8) for o in out for x in o)
+
+
+def test_the_plan_makes_one_training_job_per_architecture_and_scale(demo_plan):
+    """fuse (default): one train_sr job per architecture and scale holding its layers and runs;
+    fuse false: one per model. The eval jobs and targets are the models' either way."""
+    import copy
+
+    from workflow.plan import DAG_KEYS, Plan
+
+    assert "fuse" in DAG_KEYS["super_resolution"]
+    config = copy.deepcopy(demo_plan.config)
+    config["super_resolution"].update(lossnets=["alexnet/1", "alexnet/2", "squeezenet1_1/2"],
+                                      scales=[4, 8], runs=2)
+    fused = Plan(config)
+    groups = fused.sr_groups()
+    assert [(g["arch"], g["scale"], len(g["members"])) for g in groups] == [
+        ("alexnet", 4, 4), ("alexnet", 8, 4), ("squeezenet1_1", 4, 2), ("squeezenet1_1", 8, 2)]
+    assert len(fused.jobs("super_resolution")) == 12
+    assert fused.sr_members("alexnet", "8", "R/{layer}/run{run}") == [
+        {"net": "alexnet/1", "run": 0, "dir": "R/1/run0"},
+        {"net": "alexnet/1", "run": 1, "dir": "R/1/run1"},
+        {"net": "alexnet/2", "run": 0, "dir": "R/2/run0"},
+        {"net": "alexnet/2", "run": 1, "dir": "R/2/run1"}]
+    config["super_resolution"]["fuse"] = False
+    alone = Plan(config)
+    assert [len(g["members"]) for g in alone.sr_groups()] == [1] * 12
+    assert alone.jobs("super_resolution") == fused.jobs("super_resolution")
+    with pytest.raises(ValueError, match="no super-resolution job trains vgg16 at x4"):
+        fused.sr_members("vgg16", 4, "")
