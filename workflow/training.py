@@ -68,6 +68,11 @@ Semantics
   ``metrics.csv``) and the log says in one line what changed. Paths, intervals and
   placement are no part of a key, so moving the data folder or changing
   ``checkpoint_every`` resumes.
+* Fused members: ``members=[Member(...)]`` trains several models held in one set of
+  modules (e.g. ``FusedSRNet``), each with its own model selection: ``eval_fn`` returns
+  ``"<member>/<metric>"`` keys, each member's best goes to its own ``best.pt`` (with its own
+  key's fingerprint), ``restore_best`` restores each, ``result.extra["members"]`` reports
+  them; the checkpoint carries every member's best. No ``patience`` with members.
 * One writer: ``fit`` holds an exclusive lock on ``workdir/.trainer.lock``; a second
   trainer on the same folder (a rerun while an orphaned one still runs) stops at once,
   naming the pid that holds it. A trainer started by Snakemake (``LOSSNET_OWNER_PID`` in
