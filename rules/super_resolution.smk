@@ -5,31 +5,101 @@
 # train/last.pt; the harness exits with code 75 on SIGTERM/SIGUSR1 after checkpointing: run
 # with --retries to resume automatically). Target: `super_resolution`.
 
+from workflow.plan import Setting
+
 SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
+# super_resolution.fuse (default): ONE train_sr job per architecture and scale trains all its
+# layers and runs together (docs/super_resolution.md, "Fused training"); it lists them in
+# SR_FUSED, and each model's `sr_model` (a local rule: no process, no GPU) copies its
+# <job>/train/final.pt to <job>/model.pt. Its checkpoints live in SR_FUSED's folder/train.
+SR_FUSED = f"{OUT}/super_resolution/{{arch}}/fused/x{{scale}}"
+SR_MEMBER = f"{OUT}/super_resolution/{{arch}}/{{{{layer}}}}/x{{scale}}/run{{{{run}}}}"
 
 
-rule train_sr:
-    input:
-        coco=plan.prepared("coco"),
-        weights=plan.weights_param(),
-    output:
-        model=f"{SR_DIR}/model.pt",
-    params:
-        config=plan.config_param("super_resolution", "train"),
-        settings=plan.settings_param("super_resolution", "train"),
-        workdir=f"{SR_DIR}/train",
-    log:
-        f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/train_x{{scale}}_run{{run}}.log",
-    resources:
-        gpu=plan.gpus("super_resolution", "train"),
-    threads: 2
-    conda:
-        "../envs/workflow.yaml"
-    shell:
-        "python -m workflow super_resolution train --net {wildcards.arch}/{wildcards.layer}"
-        " --scale {wildcards.scale} --run {wildcards.run} --config {params.config:q}"
-        " --settings {params.settings:q} --threads {threads} --prepared {input.coco:q}"
-        " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
+def _sr_members(wildcards):
+    """The fused job's members with their folders (a Setting: paths are no rerun trigger)."""
+    folder = SR_MEMBER.format(arch=wildcards.arch, scale=wildcards.scale)
+    return Setting(plan.sr_members(wildcards.arch, wildcards.scale, folder))
+
+
+def _sr_nets(wildcards):
+    """Which models the fused job trains (a rerun trigger: a new member joins the job)."""
+    return " ".join(f"{m['net']}:{m['run']}" for m in
+                    plan.sr_members(wildcards.arch, wildcards.scale, ""))
+
+
+if plan.config["super_resolution"]["fuse"]:
+
+    localrules:
+        sr_model,
+
+    rule train_sr:
+        input:
+            coco=plan.prepared("coco"),
+            weights=plan.weights_param(),
+        output:
+            models=f"{SR_FUSED}/models.json",
+        params:
+            config=plan.config_param("super_resolution", "train"),
+            settings=plan.settings_param("super_resolution", "train"),
+            nets=_sr_nets,
+            members=_sr_members,
+            workdir=f"{SR_FUSED}/train",
+        log:
+            f"{OUT}/logs/super_resolution/{{arch}}/train_x{{scale}}_fused.log",
+        resources:
+            gpu=plan.gpus("super_resolution", "train"),
+        threads: 2
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow super_resolution train_fused --scale {wildcards.scale}"
+            " --members {params.members:q} --config {params.config:q}"
+            " --settings {params.settings:q} --threads {threads} --prepared {input.coco:q}"
+            " --workdir {params.workdir:q} --out {output.models:q} > {log:q} 2>&1"
+
+    rule sr_model:
+        input:
+            models=f"{SR_FUSED}/models.json",
+        output:
+            model=f"{SR_DIR}/model.pt",
+        params:
+            final=f"{SR_DIR}/train/final.pt",
+        run:
+            import shutil
+
+            from workflow.files import atomic_path
+
+            if not os.path.exists(params.final):
+                raise FileNotFoundError(f"{params.final} is missing: rerun the train_sr job "
+                                        f"that lists it in {input.models}")
+            with atomic_path(output.model) as tmp:
+                shutil.copyfile(params.final, tmp)
+
+else:
+
+    rule train_sr:
+        input:
+            coco=plan.prepared("coco"),
+            weights=plan.weights_param(),
+        output:
+            model=f"{SR_DIR}/model.pt",
+        params:
+            config=plan.config_param("super_resolution", "train"),
+            settings=plan.settings_param("super_resolution", "train"),
+            workdir=f"{SR_DIR}/train",
+        log:
+            f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/train_x{{scale}}_run{{run}}.log",
+        resources:
+            gpu=plan.gpus("super_resolution", "train"),
+        threads: 2
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow super_resolution train --net {wildcards.arch}/{wildcards.layer}"
+            " --scale {wildcards.scale} --run {wildcards.run} --config {params.config:q}"
+            " --settings {params.settings:q} --threads {threads} --prepared {input.coco:q}"
+            " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule eval_sr:

@@ -362,6 +362,7 @@ def _test_config(tmp: Path) -> Path:
                              pixel_baselines=[])
     cfg["super_resolution"].update(
         lossnets=[SR_NET], lpips_sets=False, scales=[SR_SCALE], runs=1,
+        fuse=False,  # one model per job: its train/last.pt is what the test interrupts
         iterations=SR_ITERATIONS, checkpoint_every=SR_CHECKPOINT_EVERY,
         eval_every=SR_ITERATIONS // 2, log_every=SR_CHECKPOINT_EVERY)
     path = tmp / "config.yaml"

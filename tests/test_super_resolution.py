@@ -312,3 +312,287 @@ def test_missing_test_set_names_the_config_key(tmp_path, prepared, stage, traine
     with pytest.raises(FileNotFoundError, match="super_resolution.test_sets"):
         _command("eval", *stage("eval"), model=trained[0], prepared=empty,
                  samples=tmp_path / "i.parquet", scores=tmp_path / "s.parquet")
+
+
+# ----------------------------------------------------------------------------- fused training
+
+
+def _member_grads(fused, i: int) -> dict[str, torch.Tensor]:
+    """Member ``i``'s rows of every gradient of a FusedSRNet, in SRNet's parameter names."""
+    out = {}
+    for name, p in fused.net.named_parameters():
+        n = p.shape[0] // fused.k
+        out[name] = p.grad[i * n:(i + 1) * n]
+    return out
+
+
+def _steps(dtype: torch.dtype):
+    """One Adam step of K=3 SR models (two sharing a data stream, one with its own batch; two
+    layers), alone and fused: (losses, grads, updated weights, outputs after the step) each
+    way, the fused ones in the members' own layout."""
+    from workflow.archs import LossNet
+    from workflow.lossnets import build_extractor, feature_loss, fused_feature_loss
+    from workflow.models.srnet import FusedSRNet
+    from workflow.training import make_adam
+
+    nets = [LossNet.parse(i) for i in ("squeezenet1_1/1", "squeezenet1_1/2", "squeezenet1_1/2")]
+    target_of = [0, 0, 1]
+    gen = torch.Generator().manual_seed(5)
+    hr = torch.rand(2, 2, 3, 24, 24, generator=gen).to(dtype)  # two target batches, N = 2
+    lr = degrade(hr.flatten(0, 1), 4, 1.0).unflatten(0, (2, 2))
+    models = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        models.append(SRNet(4).to(dtype))
+    fused = FusedSRNet.from_members(models)
+    alone = {"loss": [], "grad": [], "weights": [], "out": []}
+    for m, net, t in zip(models, nets, target_of, strict=True):
+        ext = build_extractor("squeezenet1_1", lossnets=[net], weights="random",
+                              normalize="none").to(dtype)
+        opt = make_adam(m.parameters(), 1e-3, CPU)
+        loss = feature_loss(ext, net.taps, m(lr[t]), hr[t])
+        loss.backward()
+        opt.step()
+        alone["loss"].append(loss.detach())
+        alone["grad"].append({k: p.grad.clone() for k, p in m.named_parameters()})
+        alone["weights"].append({k: v.clone() for k, v in m.state_dict().items()})
+        alone["out"].append(m(lr[t]).detach())
+    ext = build_extractor("squeezenet1_1", lossnets=nets, weights="random",
+                          normalize="none").to(dtype)
+    opt = make_adam(fused.parameters(), 1e-3, CPU)
+    losses = fused_feature_loss(ext, [n.taps for n in nets], fused(lr[target_of]), hr, target_of)
+    losses.sum().backward()
+    opt.step()
+    together = {"loss": list(losses.detach()), "grad": [_member_grads(fused, i) for i in range(3)],
+                "weights": [fused.member_state_dict(i) for i in range(3)]}
+    together["out"] = list(fused(lr[target_of]).detach())
+    return alone, together
+
+
+def test_a_fused_step_of_three_models_is_three_separate_steps():
+    """fp64: the fused step's losses, gradients and Adam-updated weights are the separate
+    steps' within 1e-10 (the same arithmetic; only the order of sums differs). fp32: losses
+    within 1e-5, and every gradient as close to the exact (fp64) one as the separate step's
+    is: this tiny random-weight step is ill-conditioned (fp32's own gradient error is up to
+    ~1e-4 here), so a fixed 1e-5 would test fp32, not the fusion."""
+    alone, together = _steps(torch.float64)
+    for i in range(3):
+        torch.testing.assert_close(together["loss"][i], alone["loss"][i], atol=1e-10, rtol=0)
+        for what in ("grad", "weights"):
+            for k, v in together[what][i].items():
+                torch.testing.assert_close(v, alone[what][i][k], atol=1e-10, rtol=0,
+                                           msg=f"member {i} {what} {k}")
+    assert alone["loss"][1] != alone["loss"][2]  # the third model really had its own batch
+    alone32, together32 = _steps(torch.float32)
+    for i in range(3):
+        torch.testing.assert_close(together32["loss"][i], alone32["loss"][i], atol=1e-5, rtol=0)
+        for k, exact in alone["grad"][i].items():
+            err_alone = float((alone32["grad"][i][k].double() - exact).abs().max())
+            err_fused = float((together32["grad"][i][k].double() - exact).abs().max())
+            assert err_fused <= 2 * err_alone + 1e-7, (i, k, err_fused, err_alone)
+
+
+def _fused(tmp_path, prepared, stage, members, workdir, **overrides):
+    config, settings = stage("train", crop_size=32, **overrides)
+    argv = ["--scale", "4", "--members", json.dumps(members), "--config", json.dumps(config),
+            "--settings", json.dumps(settings), "--prepared", str(prepared("coco")),
+            "--workdir", str(workdir), "--out", str(workdir.parent / "models.json")]
+    return cli.run("super_resolution", "train_fused", argv)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    net = SRNet(4)
+    meta = load_model(path, {"model": net})
+    return {**net.state_dict(), "_meta": meta}
+
+
+class _Record:
+    """Wraps the benchmark's degrade and losses: the training batches and per-model losses."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.batches, self.losses = [], []
+        real_degrade, real_loss, real_fused = sr.degrade, sr.feature_loss, sr.fused_feature_loss
+
+        def degrade_(hr, *a, **k):
+            if torch.is_grad_enabled():  # a training step (evaluation runs under no_grad)
+                self.batches.append(hr.clone())
+            return real_degrade(hr, *a, **k)
+
+        def loss_(*a, **k):
+            out = real_loss(*a, **k)
+            self.losses.append(out.detach().reshape(1))
+            return out
+
+        def fused_(*a, **k):
+            out = real_fused(*a, **k)
+            self.losses.append(out.detach())
+            return out
+
+        monkeypatch.setattr(sr, "degrade", degrade_)
+        monkeypatch.setattr(sr, "feature_loss", loss_)
+        monkeypatch.setattr(sr, "fused_feature_loss", fused_)
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory, prepared, stage):
+    """squeezenet1_1/2 run0 and squeezenet1_1/1 run1, fused, 4 steps on 32 px crops; and each
+    trained alone; with the batches and losses each saw."""
+    root = tmp_path_factory.mktemp("fused")
+    members = [{"net": NET, "run": 0, "dir": str(root / "a")},
+               {"net": "squeezenet1_1/1", "run": 1, "dir": str(root / "b")}]
+    with pytest.MonkeyPatch.context() as mp:
+        rec = _Record(mp)
+        listing = _fused(root, prepared, stage, members, root / "group" / "train")
+    alone = []
+    config, settings = stage("train", crop_size=32)
+    for m in members:
+        with pytest.MonkeyPatch.context() as mp:
+            one = _Record(mp)
+            argv = ["--net", m["net"], "--scale", "4", "--run", str(m["run"]), "--config",
+                    json.dumps(config), "--settings", json.dumps(settings), "--prepared",
+                    str(prepared("coco")), "--workdir", str(root / f"alone{m['run']}"),
+                    "--out", str(root / f"alone{m['run']}.pt")]
+            cli.run("super_resolution", "train", argv)
+        alone.append((root / f"alone{m['run']}.pt", one))
+    return root, members, listing, rec, alone
+
+
+def test_fused_training_is_training_each_model_alone(fused_run):
+    """Each member sees the batches (data order, crops) it sees alone, bit for bit, starts
+    from the same weights (the same first loss within 1e-5), follows the same trajectory and
+    keeps its own selection and meta."""
+    root, members, listing, rec, alone = fused_run
+    assert [m["trained_now"] for m in listing["members"]] == [True, True]
+    assert len(rec.batches) == 4 and all(b.shape[0] == 2 * 4 for b in rec.batches)  # 2 streams
+    for i, (path, one) in enumerate(alone):
+        assert len(one.batches) == 4
+        for step, (fused_b, alone_b) in enumerate(zip(rec.batches, one.batches, strict=True)):
+            assert torch.equal(fused_b[i * 4:(i + 1) * 4], alone_b), (i, step)
+        fused_losses = torch.stack([v[i] for v in rec.losses])
+        alone_losses = torch.cat(one.losses)
+        torch.testing.assert_close(fused_losses[0], alone_losses[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused_losses, alone_losses, rtol=2e-2, atol=0)
+        fm = load_model(root / "ab"[i] / "train" / "final.pt", {"model": SRNet(4)})
+        am = load_model(path, {"model": SRNet(4)})
+        assert fm["best_step"] == am["best_step"] and fm["steps"] == am["steps"] == 4
+        assert fm["best_val_psnr"] == pytest.approx(am["best_val_psnr"], abs=0.05)
+        assert {k: fm[k] for k in ("net", "scale", "run", "seed")} == \
+            {k: am[k] for k in ("net", "scale", "run", "seed")}
+        assert fm["fused_with"] == 2
+    assert not torch.equal(rec.batches[0][:4], rec.batches[0][4:])  # two data streams
+    hist = pd.read_csv(root / "group" / "train" / "metrics.csv")
+    assert {f"eval_{NET} run0/psnr", "eval_squeezenet1_1/1 run1/psnr"} <= set(hist.columns)
+    for d in "ab":  # each member's own selection, in its own folder
+        assert load_model(root / d / "train" / "best.pt", {"model": SRNet(4)})["member"]
+
+
+def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, prepared, stage, fused_run,
+                                                         monkeypatch):
+    root, members, *_ = fused_run
+    mine = [{**m, "dir": str(tmp_path / f"m{i}")} for i, m in enumerate(members)]
+    workdir = tmp_path / "group" / "train"
+    from workflow.training import Trainer
+
+    real = Trainer.train_step
+
+    def killed_at_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        _fused(tmp_path, prepared, stage, mine, workdir)  # the demo checkpoints every 2
+    assert torch.load(workdir / "last.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", real)
+    _fused(tmp_path, prepared, stage, mine, workdir)
+    for i in range(2):
+        resumed = _state(tmp_path / f"m{i}" / "train" / "final.pt")
+        straight = _state(root / "ab"[i] / "train" / "final.pt")
+        assert resumed.pop("_meta")["resumed_from"] == 2
+        straight.pop("_meta")
+        for k in straight:
+            assert torch.equal(resumed[k], straight[k]), k
+    ckpt = torch.load(workdir / "last.pt", weights_only=True)
+    assert set(ckpt["key"]["members"]) == {f"{NET} run0", "squeezenet1_1/1 run1"}
+    assert ckpt["key"]["members"][f"{NET} run0"]["job"] == {"net": NET, "scale": 4, "run": 0}
+
+
+def test_a_member_joining_retrains_only_itself(tmp_path, prepared, stage, fused_run, capsys):
+    """A third layer joins the group (config lossnets): the two finished members are not
+    trained again, the group's new checkpoint is the new member's alone."""
+    root, members, *_ = fused_run
+    mine = []
+    for i, m in enumerate(members):
+        (tmp_path / f"m{i}" / "train").mkdir(parents=True)
+        shutil.copy(root / "ab"[i] / "train" / "final.pt", tmp_path / f"m{i}" / "train")
+        mine.append({**m, "dir": str(tmp_path / f"m{i}")})
+    third = {"net": "squeezenet1_1/3", "run": 0, "dir": str(tmp_path / "c")}
+    listing = _fused(tmp_path, prepared, stage, [*mine, third], tmp_path / "group" / "train")
+    assert [m["trained_now"] for m in listing["members"]] == [False, False, True]
+    assert "not training it again" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "group" / "train" / "last.pt", weights_only=True)
+    assert set(ckpt["key"]["members"]) == {"squeezenet1_1/3 run0"}
+    assert (tmp_path / "c" / "train" / "final.pt").exists()
+
+
+def test_a_fused_job_of_two_architectures_is_refused(tmp_path, prepared, stage):
+    members = [{"net": NET, "run": 0, "dir": str(tmp_path / "a")},
+               {"net": "alexnet/2", "run": 0, "dir": str(tmp_path / "b")}]
+    with pytest.raises(ValueError, match="one loss-network architecture"):
+        _fused(tmp_path, prepared, stage, members, tmp_path / "w")
+
+
+def test_the_index_path_makes_no_host_sync(monkeypatch):
+    """A fused job's batches across an epoch boundary, two data streams with crops: the
+    indices are device tensors sliced from the epoch order (drawn once per epoch), and no
+    step calls .item(), .tolist(), .cpu() or .numpy() (each a blocking copy on a GPU)."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    bank = ImageBank(images, CPU, "always")
+    assert bank.where == "device"
+    samplers = [EpochSampler(len(bank), 4, s, CPU) for s in (0, 1)]
+    gens = [torch.Generator(CPU).manual_seed(s) for s in (0, 1)]
+    batches = [sr.train_batches(bank, s, 8, g) for s, g in zip(samplers, gens, strict=True)]
+    draws = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a) or
+                        real_randperm(*a, **k))
+    for name in ("item", "tolist", "cpu", "numpy"):
+        def refuse(self, *a, _name=name, **k):
+            raise AssertionError(f"host sync: Tensor.{_name}() in the index path")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out = [[b(step) for b in batches] for step in range(4)]  # 2 steps per epoch: 2 epochs
+    idx = samplers[0](3)
+    monkeypatch.undo()
+    assert isinstance(idx, torch.Tensor) and idx.device == CPU and idx.dtype == torch.int64
+    assert len(draws) == 2 * 2  # one permutation per epoch and stream, not one per step
+    assert all(x.shape == (4, 3, 8, 8) or x.shape == (2, 3, 8, 8) for o in out for x in o)
+
+
+def test_the_plan_makes_one_training_job_per_architecture_and_scale(demo_plan):
+    """fuse (default): one train_sr job per architecture and scale holding its layers and runs;
+    fuse false: one per model. The eval jobs and targets are the models' either way."""
+    import copy
+
+    from workflow.plan import DAG_KEYS, Plan
+
+    assert "fuse" in DAG_KEYS["super_resolution"]
+    config = copy.deepcopy(demo_plan.config)
+    config["super_resolution"].update(lossnets=["alexnet/1", "alexnet/2", "squeezenet1_1/2"],
+                                      scales=[4, 8], runs=2)
+    fused = Plan(config)
+    groups = fused.sr_groups()
+    assert [(g["arch"], g["scale"], len(g["members"])) for g in groups] == [
+        ("alexnet", 4, 4), ("alexnet", 8, 4), ("squeezenet1_1", 4, 2), ("squeezenet1_1", 8, 2)]
+    assert len(fused.jobs("super_resolution")) == 12
+    assert fused.sr_members("alexnet", "8", "R/{layer}/run{run}") == [
+        {"net": "alexnet/1", "run": 0, "dir": "R/1/run0"},
+        {"net": "alexnet/1", "run": 1, "dir": "R/1/run1"},
+        {"net": "alexnet/2", "run": 0, "dir": "R/2/run0"},
+        {"net": "alexnet/2", "run": 1, "dir": "R/2/run1"}]
+    config["super_resolution"]["fuse"] = False
+    alone = Plan(config)
+    assert [len(g["members"]) for g in alone.sr_groups()] == [1] * 12
+    assert alone.jobs("super_resolution") == fused.jobs("super_resolution")
+    with pytest.raises(ValueError, match="no super-resolution job trains vgg16 at x4"):
+        fused.sr_members("vgg16", 4, "")

@@ -473,3 +473,89 @@ def test_a_cuda_step_in_bf16_channels_last_fused_and_without_host_sync(tmp_path)
     after = list(gpu.modules["model"].parameters())
     assert all(p.device.type == "cuda" for p in after)
     assert any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(after, before, strict=True))
+
+
+# ----------------------------------------------------------------------------- fused members
+
+
+def _members_trainer(workdir, hook=None):
+    """Two linear models as one module (a weight row each); member a scores best at step 4,
+    member b at step 8 (scripted), so each keeps its own best.pt."""
+    from workflow.training import Member
+
+    torch.manual_seed(0)
+    fused = nn.Linear(3, 2)
+    opt = torch.optim.Adam(fused.parameters(), lr=1e-2)
+
+    def step_fn(step: int):
+        if hook is not None:
+            hook(step)
+        x = torch.rand(4, 3)
+        return ((fused(x) - x.sum(1, keepdim=True)) ** 2).mean(0).sum(), 4
+
+    script = {"a": {4: 3.0, 8: 1.0, 12: 2.0}, "b": {4: 1.0, 8: 3.0, 12: 2.0}}
+
+    def eval_fn(step: int):
+        return {f"{m}/score": script[m][step] for m in script}
+
+    def member(i: int, name: str) -> Member:
+        def state():
+            return {"model": {"weight": fused.weight[i:i + 1], "bias": fused.bias[i:i + 1]}}
+
+        def load(mods):
+            with torch.no_grad():
+                fused.weight[i:i + 1] = mods["model"]["weight"]
+                fused.bias[i:i + 1] = mods["model"]["bias"]
+
+        return Member(name, workdir / name, state, load, key={"job": {"net": name}})
+
+    snapshots = {}
+
+    def post_step(step: int):
+        snapshots[step] = fused.weight.detach().clone()
+
+    tr = Trainer(CPU, workdir / "group", {"fused": fused}, opt, step_fn,
+                 TrainConfig(max_steps=12, eval_every=4, checkpoint_every=4, seed=1,
+                             log_every=2, select_metric="score", progress=False),
+                 eval_fn=eval_fn, post_step=post_step, key={"members": ["a", "b"]},
+                 members=[member(0, "a"), member(1, "b")])
+    return tr, fused, snapshots
+
+
+def test_fused_members_keep_their_own_selection_and_resume_bit_exactly(tmp_path):
+    ref, ref_net, snaps = _members_trainer(tmp_path / "ref")
+    res = ref.fit()
+    best = res.extra["members"]
+    assert (best["a"]["best_step"], best["b"]["best_step"]) == (4, 8)
+    assert (best["a"]["best_metric"], best["b"]["best_metric"]) == (3.0, 3.0)
+    for i, (name, step) in enumerate((("a", 4), ("b", 8))):
+        saved = torch.load(tmp_path / "ref" / name / "best.pt", weights_only=True)
+        assert torch.equal(saved["modules"]["model"]["weight"], snaps[step][i:i + 1])
+        assert saved["meta"]["step"] == step and saved["meta"]["member"] == name
+        assert torch.equal(ref_net.weight[i:i + 1], snaps[step][i:i + 1])  # restore_best
+
+    def crash_at_10(step):
+        if step == 10:
+            raise RuntimeError("node died")
+
+    tr, _, _ = _members_trainer(tmp_path / "run", hook=crash_at_10)
+    with pytest.raises(RuntimeError, match="node died"):
+        tr.fit()
+    (tmp_path / "run" / "b" / "best.pt").unlink()  # rebuilt from the checkpoint
+    tr2, net2, _ = _members_trainer(tmp_path / "run")
+    res2 = tr2.fit()
+    assert res2.resumed_from == 8 and res2.extra["members"]["b"]["best_step"] == 8
+    assert torch.equal(net2.weight, ref_net.weight) and torch.equal(net2.bias, ref_net.bias)
+    assert (tmp_path / "run" / "b" / "best.pt").exists()
+
+
+def test_fused_members_refuse_early_stopping(tmp_path):
+    from workflow.training import Member
+
+    net = nn.Linear(1, 1)
+    m = Member("a", tmp_path, lambda: {}, lambda mods: None)
+    with pytest.raises(ValueError, match="no patience"):
+        Trainer(CPU, tmp_path, {"m": net}, torch.optim.Adam(net.parameters()),
+                lambda s: net.weight.sum(), TrainConfig(max_steps=1, select_metric="x",
+                                                        patience=2),
+                eval_fn=lambda s: {"a/x": 0.0}, members=[m])

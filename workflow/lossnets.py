@@ -330,3 +330,49 @@ def feature_loss(extractor: FeatureExtractor, taps: Sequence[int], output: Tenso
     for t in taps:
         loss = loss + torch.mean((feats[t] - ref[t]) ** 2)
     return loss
+
+
+def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]],
+                       outputs: Tensor, targets: Tensor, target_of: Sequence[int]) -> Tensor:
+    """:func:`feature_loss` of ``K`` models at once: ``[K]`` losses, one forward pass each way.
+
+    ``outputs`` ``[K, N, 3, H, W]`` (model ``k``'s batch), ``targets`` ``[R, N, 3, H, W]``
+    (the distinct target batches: models of one data stream share theirs), ``target_of[k]``
+    the target batch of model ``k``, ``taps[k]`` its taps. The targets go through the loss
+    network once, under ``no_grad``; the ``K * N`` outputs once, as one batch that sheds a
+    model's rows after its deepest tap (the models are ordered deepest first, so shedding is
+    a slice), so a layer-1 model's output never runs the layers of a layer-4 one. Model
+    ``k``'s loss is the sum over its own taps of the MSE of its rows, as :func:`feature_loss`
+    computes it alone (the loss network is in eval mode: an image's features do not depend
+    on the batch it is in). Summing the losses gives every model its own gradient only.
+    """
+    k, n = outputs.shape[:2]
+    if len(taps) != k or len(target_of) != k:
+        raise ValueError(f"{k} outputs need {k} tap sets and target indices, got "
+                         f"{len(taps)} and {len(target_of)}")
+    used = sorted({int(t) for ts in taps for t in ts})
+    with torch.no_grad():
+        ref = extractor(targets.flatten(0, 1))
+        ref = {t: ref[t].unflatten(0, (targets.shape[0], n)) for t in used}
+    deepest = [max(int(t) for t in ts) for ts in taps]
+    order = sorted(range(k), key=lambda i: -deepest[i])  # stable: ties keep their order
+    x = extractor.norm(torch.stack([outputs[i] for i in order]).flatten(0, 1))
+    active = len(order)  # the first `active` models of `order` are in x
+    feats: dict[int, dict[int, Tensor]] = {i: {} for i in range(k)}
+    for depth, child in enumerate(extractor.body):
+        x = child(x)
+        for pos in range(active):
+            if depth in taps[order[pos]]:
+                feats[order[pos]][depth] = x[pos * n:(pos + 1) * n]
+        while active and deepest[order[active - 1]] <= depth:
+            active -= 1
+        if not active:
+            break
+        x = x[:active * n]
+    losses = []
+    for i in range(k):
+        loss = outputs.new_zeros(())
+        for t in taps[i]:
+            loss = loss + torch.mean((feats[i][t] - ref[t][target_of[i]]) ** 2)
+        losses.append(loss)
+    return torch.stack(losses)

@@ -185,7 +185,7 @@ STAGES: dict[str, dict[str, Stage]] = {
 # Keys that choose which jobs exist (the DAG), not what a job computes.
 DAG_KEYS: dict[str, tuple[str, ...]] = {
     "similarity": ("lossnets", "lpips_sets", "pixel_baselines", "datasets"),
-    "super_resolution": ("lossnets", "lpips_sets", "scales", "runs"),
+    "super_resolution": ("lossnets", "lpips_sets", "scales", "runs", "fuse"),
     "delineation": ("lossnets", "runs"),
     "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
     "adaptation": ("lossnets", "runs"),
@@ -759,6 +759,28 @@ class Plan:
         return [{"arch": n.arch, "layer": n.layer, "file": f"{folder}/{LPIPS_SHIPPED[n.arch]}.pth"}
                 for n in self.lossnets("calibration")
                 if n.layer == "lpips" and n.arch in LPIPS_SHIPPED]
+
+    def sr_groups(self) -> list[dict[str, Any]]:
+        """The super-resolution training jobs: with ``super_resolution.fuse`` one per
+        architecture and scale, holding every layer and run of it (``members``: the
+        :meth:`jobs` it trains); without, one per model."""
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        fuse = bool(self.config["super_resolution"]["fuse"])
+        for j in self.jobs("super_resolution"):
+            key = (j["arch"], j["scale"]) if fuse else (j["arch"], j["scale"], j["layer"],
+                                                       j["run"])
+            groups.setdefault(key, []).append(j)
+        return [{"arch": m[0]["arch"], "scale": m[0]["scale"], "members": m}
+                for m in groups.values()]
+
+    def sr_members(self, arch: str, scale: int | str, folder: str) -> list[dict[str, Any]]:
+        """The fused SR job of ``arch`` at ``scale``: ``[{"net", "run", "dir"}]``, ``dir``
+        being ``folder`` (a pattern with ``{layer}`` and ``{run}``) for each member."""
+        for g in self.sr_groups():
+            if g["arch"] == arch and int(g["scale"]) == int(scale):
+                return [{"net": f"{m['arch']}/{m['layer']}", "run": m["run"],
+                         "dir": folder.format(**m)} for m in g["members"]]
+        raise ValueError(f"no super-resolution job trains {arch} at x{scale}")
 
     def enabled(self) -> list[str]:
         return [b for b in BENCHMARKS if b in self.config["benchmarks"]]

@@ -68,6 +68,11 @@ Semantics
   ``metrics.csv``) and the log says in one line what changed. Paths, intervals and
   placement are no part of a key, so moving the data folder or changing
   ``checkpoint_every`` resumes.
+* Fused members: ``members=[Member(...)]`` trains several models held in one set of
+  modules (e.g. ``FusedSRNet``), each with its own model selection: ``eval_fn`` returns
+  ``"<member>/<metric>"`` keys, each member's best goes to its own ``best.pt`` (with its own
+  key's fingerprint), ``restore_best`` restores each, ``result.extra["members"]`` reports
+  them; the checkpoint carries every member's best. No ``patience`` with members.
 * One writer: ``fit`` holds an exclusive lock on ``workdir/.trainer.lock``; a second
   trainer on the same folder (a rerun while an orphaned one still runs) stops at once,
   naming the pid that holds it. A trainer started by Snakemake (``LOSSNET_OWNER_PID`` in
@@ -139,6 +144,11 @@ def resume_key(job: Job, inputs: Mapping[str, str | os.PathLike | None] | None =
         ins["lossnet_weights"] = content_id(weights)
     return {"config": {k: v for k, v in job.config.items() if k not in continues},
             "job": dict(identity), "inputs": ins}
+
+
+def key_fingerprint(key: Mapping[str, Any]) -> str:
+    """The short hash of a resume key that checkpoints and model files carry."""
+    return _key_hash(key)
 
 
 def _key_hash(key: Mapping[str, Any]) -> str:
@@ -245,6 +255,28 @@ class TrainResult:
     @property
     def stopped_early(self) -> bool:
         return self.stop_reason == "early_stop"
+
+
+@dataclass
+class Member:
+    """One model of a fused training run (several models trained as one set of modules).
+
+    Each member keeps its own model selection: ``eval_fn`` returns its metrics under
+    ``"<name>/<metric>"``, and the best evaluation by ``select_metric`` writes the member's
+    weights (``state()``: ``{module name: state_dict}``) to ``workdir/best.pt``, in the one
+    model format with the member's own ``key`` fingerprint. ``load(modules)`` puts such
+    weights back into the fused modules (``restore_best``).
+    """
+
+    name: str
+    workdir: Path
+    state: Callable[[], Mapping[str, Mapping[str, Tensor]]]
+    load: Callable[[Mapping[str, Mapping[str, Tensor]]], None]
+    key: Mapping[str, Any] | None = None
+
+    @property
+    def best_path(self) -> Path:
+        return Path(self.workdir) / "best.pt"
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -409,6 +441,7 @@ class Trainer:
         scaler: torch.amp.GradScaler | None = None,
         key: Mapping[str, Any] | None = None,
         description: str | None = None,
+        members: list[Member] | None = None,
     ) -> None:
         if not modules:
             raise ValueError("Trainer needs at least one module to train (modules={'model': net})")
@@ -430,6 +463,15 @@ class Trainer:
             raise ValueError(f"select_metric={config.select_metric!r} needs an eval_fn")
         if config.patience is not None and config.select_metric is None:
             raise ValueError("patience (early stopping) needs a select_metric")
+        self.members = list(members or [])
+        if self.members and (config.select_metric is None or config.patience is not None):
+            raise ValueError("fused members need a select_metric and no patience (a member "
+                             "cannot stop early while the others train on)")
+        if len({m.name for m in self.members}) != len(self.members):
+            raise ValueError(f"member names repeat: {[m.name for m in self.members]}")
+        # per member: {"metric", "step", "modules"} of its best evaluation so far
+        self.member_best: dict[str, dict[str, Any]] = {
+            m.name: {"metric": None, "step": None, "modules": None} for m in self.members}
 
         self.job = job
         self.device = job.device
@@ -501,6 +543,7 @@ class Trainer:
                      # a copy, so best.pt can be rebuilt if a workflow manager deleted it
                      "modules": self._best_modules},
             "early_stopping": {"bad_evals": self.bad_evals},
+            **({"members": self.member_best} if self.members else {}),
             "finished": self.finished,
             "history": [{"step": s, **row} for s, row in sorted(self.history.items())],
             "rng": _rng_state(self.generators),
@@ -524,6 +567,11 @@ class Trainer:
         if self._best_modules is not None and not self.best_path.exists():
             self._write_best(self._best_modules, self.best_step, self.best_metric)
         self.bad_evals = int(ckpt["early_stopping"]["bad_evals"])
+        for m in self.members:
+            best = ckpt["members"][m.name]
+            self.member_best[m.name] = dict(best)
+            if best["modules"] is not None and not m.best_path.exists():
+                self._write_member_best(m)
         self.finished = ckpt["finished"]
         self.history = {int(r["step"]): {k: v for k, v in r.items() if k != "step"}
                         for r in ckpt["history"]}
@@ -546,6 +594,33 @@ class Trainer:
         save_model(self.best_path, modules, {"fingerprint": self.fingerprint, "step": step,
                                              "metric": metric,
                                              "select_metric": self.cfg.select_metric})
+
+    def _write_member_best(self, m: Member) -> None:
+        best = self.member_best[m.name]
+        save_model(m.best_path, best["modules"],
+                   {"fingerprint": _key_hash(m.key) if m.key is not None else None,
+                    "step": best["step"], "metric": best["metric"],
+                    "select_metric": self.cfg.select_metric, "member": m.name})
+
+    def _evaluate_members(self, metrics: Mapping[str, float]) -> None:
+        """Each member's own model selection (fused training: no early stopping)."""
+        sel = self.cfg.select_metric
+        for m in self.members:
+            name = f"{m.name}/{sel}"
+            if name not in metrics:
+                raise KeyError(f"eval_fn returned {sorted(metrics)}, which lacks {name!r} "
+                               f"(member {m.name}'s select_metric)")
+            value, best = metrics[name], self.member_best[m.name]
+            if _is_better(value, best["metric"], self.cfg.select_mode, self.cfg.min_delta):
+                state = {k: {n: t.detach().to("cpu", copy=True) for n, t in sd.items()}
+                         for k, sd in m.state().items()}
+                self.member_best[m.name] = {"metric": value, "step": self.step,
+                                            "modules": state}
+                self._write_member_best(m)
+                verdict = "new best"
+            else:
+                verdict = f"best {best['metric']:.5g} at step {best['step']}"
+            self._say(f"step {self.step}: {m.name} validation {sel} {value:.5g} ({verdict})")
 
     def _try_resume(self) -> int | None:
         if not self.last_path.exists():
@@ -576,6 +651,9 @@ class Trainer:
         for p in (self.last_path, self.best_path, self.metrics_path):
             if p.exists():
                 os.replace(p, dest / p.name)
+        for i, m in enumerate(self.members):  # each member's best.pt of the superseded run
+            if m.best_path.exists():
+                os.replace(m.best_path, dest / f"best.member{i}.pt")
         return dest
 
     @contextmanager
@@ -736,6 +814,9 @@ class Trainer:
             self._set_train(True)
         self._log_row(**{f"eval_{k}": v for k, v in metrics.items()})
         sel = self.cfg.select_metric
+        if self.members:
+            self._evaluate_members(metrics)
+            return False
         if sel is None:
             self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.5g}"
                                                         for k, v in metrics.items()))
@@ -836,6 +917,8 @@ class Trainer:
         return self._finish(stop_reason, resumed)
 
     def _finish(self, reason: str, resumed: int | None) -> TrainResult:
+        if self.members:
+            return self._finish_members(reason, resumed)
         if self.cfg.select_metric is None:
             self.best_step = self.step
             self._save_best(None)
@@ -849,3 +932,21 @@ class Trainer:
             history=self.history_frame(), stop_reason=reason, last_checkpoint=self.last_path,
             wall_time_s=time.perf_counter() - self._t_start, resumed_from=resumed,
         )
+
+    def _finish_members(self, reason: str, resumed: int | None) -> TrainResult:
+        """A fused run's result: ``extra["members"][name]`` = ``{"best_checkpoint",
+        "best_metric", "best_step"}``; with ``restore_best`` each member holds its best."""
+        out = {}
+        for m in self.members:
+            best = self.member_best[m.name]
+            if self.cfg.restore_best and best["modules"] is not None:
+                m.load(best["modules"])
+            out[m.name] = {"best_checkpoint": m.best_path if m.best_path.exists() else None,
+                           "best_metric": best["metric"], "best_step": best["step"]}
+        if not self.metrics_path.exists():
+            self.write_metrics()
+        return TrainResult(
+            best_checkpoint=None, best_metric=None, best_step=None, steps=self.step,
+            history=self.history_frame(), stop_reason=reason, last_checkpoint=self.last_path,
+            wall_time_s=time.perf_counter() - self._t_start, resumed_from=resumed,
+            extra={"members": out})

@@ -130,15 +130,19 @@ class ImageBank:
 
 
 def random_crops(n: int, height: int, width: int, crop: int, flip: bool = False,
-                 device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                 device: torch.device | None = None, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Offsets (and horizontal flips with probability 1/2) of ``n`` random ``crop`` x ``crop``
-    windows, drawn from the global torch RNG of ``device`` (which the harness checkpoints):
-    top offsets, then left offsets, then flips."""
+    windows, drawn from the global torch RNG of ``device`` (which the harness checkpoints), or
+    from ``generator`` (one of ``device``, passed to the harness too): top offsets, then left
+    offsets, then flips. A generator seeded ``s`` draws what the global RNG draws after
+    ``torch.manual_seed(s)``."""
     if crop > height or crop > width:
         raise ValueError(f"crop {crop} exceeds the {height}x{width} images")
-    top = torch.randint(0, height - crop + 1, (n,), device=device)
-    left = torch.randint(0, width - crop + 1, (n,), device=device)
-    flips = torch.rand(n, device=device) < 0.5 if flip else None
+    g = {"generator": generator} if generator is not None else {}
+    top = torch.randint(0, height - crop + 1, (n,), device=device, **g)
+    left = torch.randint(0, width - crop + 1, (n,), device=device, **g)
+    flips = torch.rand(n, device=device, **g) < 0.5 if flip else None
     return top, left, flips
 
 

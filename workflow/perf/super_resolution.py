@@ -18,6 +18,12 @@ TFLOP/s = FLOPs per step x steps per second. The projection for the full grid is
 batch 4) at the measured mean throughput of the measured loss networks, i.e. an estimate
 that treats them as representative of the grid (validation and test scoring excluded: under
 1% of the steps' work). Weights are random (nothing is downloaded; the cost is the same).
+
+Fused training (``super_resolution.fuse``): for each measured architecture, one step of
+the four grid layers trained as ONE job (``FusedSRNet``, one loss-network pass over the four
+outputs, one no-grad pass over the shared target) against the four models trained one per
+job, in the same run: FLOPs (flop counter) and kernel ops (aten ops dispatched, counted by a
+``TorchDispatchMode``) per model-step (``--fused-k 0`` skips it).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from workflow.archs import LossNet
@@ -38,8 +45,8 @@ from workflow.benchmarks.super_resolution import train_batches
 from workflow.datasets.bank import EpochSampler, ImageBank
 from workflow.imaging import degrade
 from workflow.job import Job
-from workflow.lossnets import feature_loss
-from workflow.models.srnet import SRNet
+from workflow.lossnets import feature_loss, fused_feature_loss
+from workflow.models.srnet import FusedSRNet, SRNet
 from workflow.perf.report import machine_description, update_section
 from workflow.training import TrainConfig, Trainer, make_adam
 
@@ -98,6 +105,88 @@ def build(job: Job, net_id: LossNet, scale: int, batch: int, size: int, channels
     return trainer
 
 
+def build_fused(job: Job, nets: list[LossNet], scale: int, batch: int, size: int,
+                workdir: Path) -> Trainer:
+    """The fused job's step (``train_fused``): ``len(nets)`` models of one data stream."""
+    device = job.device
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (max(64, batch * 4), size, size, 3), dtype=torch.uint8)
+    bank = ImageBank(images.numpy(), device, "always")
+    fused = FusedSRNet.from_members([SRNet(scale) for _ in nets])
+    extractor = job.extractor(nets, "none", channels_last=False)
+    opt = make_adam(fused.parameters(), 1e-3, device)
+    batches = train_batches(bank, EpochSampler(len(bank), batch, 0, device), None)
+    taps, target_of = [n.taps for n in nets], [0] * len(nets)
+
+    def step_fn(step: int):
+        with torch.autocast(device.type, enabled=False):
+            hr = batches(step)
+            lr = degrade(hr, scale)
+        out = fused(lr)
+        return fused_feature_loss(extractor, taps, out, hr[None], target_of).sum(), batch
+
+    cfg = TrainConfig(max_steps=10**9, checkpoint_every=None, channels_last=False,
+                      progress=False)
+    return Trainer(job, workdir, {"fused": fused}, opt, step_fn, cfg,
+                   aux_modules={"lossnet": extractor})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched (each one kernel launch on a GPU, roughly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                       transposed, _output_padding, groups, output_mask, out_shape,
+                       **kwargs) -> int:
+    """Convolution backward FLOPs that count a grouped convolution right.
+
+    torch's formula (2.x) counts grad_weight as a dense convolution over all input channels,
+    ``groups`` times too many for a grouped one (a FusedSRNet of 4 models: 53 instead of 21
+    GFLOP of backward in a 16 px test). grad_weight and grad_input each do the forward's
+    multiplications exactly, so each is counted as the forward (non-transposed convs only).
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    if transposed:
+        from torch.utils.flop_counter import conv_backward_flop as torch_formula
+
+        return torch_formula(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding,
+                             _dilation, transposed, _output_padding, groups, output_mask,
+                             out_shape, **kwargs)
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape))
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def step_counts(trainer: Trainer, step: int = 0) -> tuple[int, int]:
+    """(FLOPs, aten ops) of one harness step (grouped convolutions counted right)."""
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, OpCounter() as oc:
+        trainer.train_step(step)
+    trainer.check_losses()
+    return int(fc.get_total_flops()), oc.ops
+
+
+def fused_counts(arch: str, k: int, scale: int, size: int, job: Job) -> dict[str, Any]:
+    """Per model-step FLOPs and ops: ``k`` layers of ``arch`` fused vs one model per job."""
+    nets = [LossNet(arch, str(layer)) for layer in range(1, k + 1)]
+    with tempfile.TemporaryDirectory(prefix="perf_sr_fused_") as tmp:
+        alone = [step_counts(build(job, n, scale, 4, size, False, False, Path(tmp) / n.layer))
+                 for n in nets]
+        fused = step_counts(build_fused(job, nets, scale, 4, size, Path(tmp) / "fused"))
+    return {"arch": arch, "k": k,
+            "alone_gflop": sum(f for f, _ in alone) / k / 1e9,
+            "alone_ops": sum(o for _, o in alone) / k,
+            "fused_gflop": fused[0] / k / 1e9, "fused_ops": fused[1] / k}
+
+
 def step_flops(trainer: Trainer) -> int:
     with FlopCounterMode(display=False) as fc:
         trainer.train_step(0)
@@ -152,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time default + torch.compile")
     ap.add_argument("--big-batch", type=int, default=None, help="also time default at this batch")
+    ap.add_argument("--fused-k", type=int, default=4,
+                    help="models per fused job in the FLOP/op count (the 4 layers; 0: skip)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is rewritten")
@@ -181,7 +272,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in rows[-len(configs):]:
             print(f"{r['lossnet']} {r['config']}: {r['images_per_s']:.2f} images/s, "
                   f"{r['tflops']:.3f} TFLOP/s ({r['gflop_per_step']:.1f} GFLOP/step)", flush=True)
+    fused = []
+    if args.fused_k:
+        for arch in dict.fromkeys(LossNet.parse(t).arch for t in args.lossnets):
+            fused.append(fused_counts(arch, args.fused_k, args.scale, args.size, jobs["fp32"]))
+            f = fused[-1]
+            print(f"{arch} fused K={f['k']}: {f['fused_gflop']:.1f} GFLOP and "
+                  f"{f['fused_ops']:.0f} ops per model-step; one per job: "
+                  f"{f['alone_gflop']:.1f} GFLOP, {f['alone_ops']:.0f} ops", flush=True)
     md = _markdown(rows, configs, device, args, steps, warmup, default_precision)
+    if fused:
+        md += "\n\n" + _fused_markdown(fused, args)
     print(md)
     if not args.no_write:
         update_section(f"super_resolution-{device.type}", md, args.out)
@@ -235,3 +336,19 @@ def _markdown(rows: list[dict[str, Any]], configs: dict[str, dict[str, Any]], de
               + "; ".join(f"{name}: {statistics.mean(h):,.0f} {unit}-hours"
                           for name, h in by_cfg.items()) + "."]
     return "\n".join(lines)
+
+
+def _fused_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [f"Fused training (`super_resolution.fuse`, the default): one step of the "
+             f"{rows[0]['k']} grid layers of an architecture trained as one job vs one model "
+             f"per job, x{args.scale}, {args.size}x{args.size}, batch 4 per model, fp32, counted "
+             f"in this run (FLOPs: `torch.utils.flop_counter`; ops: aten ops dispatched, about "
+             f"one kernel launch each on a GPU), per model-step:", "",
+             "| architecture | K | GFLOP one per job | GFLOP fused | ops one per job | "
+             "ops fused | ops ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['k']} | {r['alone_gflop']:.1f} | "
+                     f"{r['fused_gflop']:.1f} | {r['alone_ops']:.0f} | {r['fused_ops']:.0f} | "
+                     f"{r['alone_ops'] / max(r['fused_ops'], 1e-9):.2f}x |")
+    return "\n".join(lines)
+
