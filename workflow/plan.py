@@ -817,9 +817,15 @@ class Plan:
 
         return param
 
-    def settings_param(self, benchmark: str, stage: str) -> Setting:
-        """A rule param that is never a rerun trigger: the stage's settings."""
-        return Setting(self.stage_settings(benchmark, stage))
+    def settings_param(self, benchmark: str, stage: str, *folded: str) -> Setting:
+        """A rule param that is never a rerun trigger: the stage's settings, merged with those
+        of the stages ``folded`` into its command (one process running several stages)."""
+        merged = self.stage_settings(benchmark, stage)
+        for other in folded:
+            for key, value in self.stage_settings(benchmark, other).items():
+                both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+                merged[key] = {**merged[key], **value} if both else value
+        return Setting(merged)
 
     def weights_param(self) -> Callable[[Any], list[str]]:
         """A rule input function: the loss network's weights file of the job, if any."""

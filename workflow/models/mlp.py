@@ -24,6 +24,7 @@ comes first in ``HIDDEN_GRID`` (the simpler one).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,12 @@ from workflow.datasets.bank import EpochSampler
 from workflow.job import Job, seed_everything
 from workflow.training import TrainConfig, Trainer, make_adam
 
-__all__ = ["HIDDEN_GRID", "GridSelection", "MLPGrid", "build_mlp", "fit_grid", "mlp_name",
-           "select_best"]
+__all__ = ["BEST_VARIANT", "HIDDEN_GRID", "GridSelection", "MLPGrid", "build_mlp", "fit_grid",
+           "mlp_name", "score_rows", "select_best"]
 
 HIDDEN_GRID: tuple[tuple[int, ...], ...] = ((), (32,), (64,), (32, 32), (64, 32), (64, 64),
                                             (128, 128))
+BEST_VARIANT = "best-val-mlp"  # the scores' variant of the selected head (the reported score)
 
 
 def mlp_name(hidden: Sequence[int]) -> str:
@@ -236,6 +238,20 @@ class GridSelection(nn.Module):
     def done(self) -> bool:
         return not bool(self.active.any())
 
+    def report(self, test_z: Tensor, test_y: Tensor, steps_per_epoch: int) -> dict[str, list]:
+        """Per head, in grid order: ``mlp`` (name), ``hidden`` (JSON), ``val_accuracy`` (its
+        best), ``test_accuracy`` (of its best weights), ``best_epoch`` (evaluations done at
+        its best; -1 if none) and ``selected`` (the selection rule's head)."""
+        val = self.best_acc.cpu().tolist()
+        chosen = select_best(val)
+        return {"mlp": self.best.names,
+                "hidden": [json.dumps(list(h)) for h in self.best.hidden_grid],
+                "val_accuracy": val,
+                "test_accuracy": self.best.accuracy(test_z, test_y).cpu().tolist(),
+                "best_epoch": [int(s) // steps_per_epoch if s >= 0 else -1
+                               for s in self.best_step.tolist()],
+                "selected": [k == chosen for k in range(len(val))]}
+
 
 def select_best(val_acc: Sequence[float] | Tensor) -> int:
     """Index of the net with the highest validation accuracy; ties -> the first in grid order."""
@@ -247,6 +263,20 @@ def select_best(val_acc: Sequence[float] | Tensor) -> int:
         if v > vals[best]:
             best = k
     return best
+
+
+def score_rows(report: Mapping[str, list], n_val: int, n_test: int) -> list[dict[str, Any]]:
+    """Scores rows (split, variant, metric, value, n) of a :meth:`GridSelection.report`: the
+    selected head's test and validation accuracy as variant ``best-val-mlp``, then every
+    head's validation and test accuracy under its own name."""
+    k = report["selected"].index(True)
+    picks = [("test", BEST_VARIANT, report["test_accuracy"][k], n_test),
+             ("val", BEST_VARIANT, report["val_accuracy"][k], n_val)]
+    for i, name in enumerate(report["mlp"]):
+        picks += [("val", name, report["val_accuracy"][i], n_val),
+                  ("test", name, report["test_accuracy"][i], n_test)]
+    return [{"split": sp, "variant": v, "metric": "accuracy", "value": x, "n": n}
+            for sp, v, x, n in picks]
 
 
 def fit_grid(job: Job, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
