@@ -1,8 +1,10 @@
-"""Benchmark 4: the autoencoder, the MLP grid and its selection rule, the train/encode/mlp
-commands (workflow.benchmarks.autoencoder, workflow.models.autoencoder, workflow.models.mlp)."""
+"""Benchmark 4: the autoencoder, the batched MLP grid and its selection rule, the train and
+encode + mlp commands (workflow.benchmarks.autoencoder, workflow.models.autoencoder,
+workflow.models.mlp)."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -25,7 +27,7 @@ from workflow.models.mlp import (
     mlp_name,
     select_best,
 )
-from workflow.plan import as_json
+from workflow.plan import Plan, as_json
 from workflow.training import save_model
 
 
@@ -361,20 +363,35 @@ def test_padded_entries_stay_zero_and_a_step_is_one_batched_pass():
 
 
 def _argv(plan, stage, net, **paths):
-    """The command line the rule writes (plan's config and settings, on the CPU)."""
+    """The command line the rule writes (plan's config and settings, on the CPU); the mlp
+    command also gets the encode stage's config, as the fit_mlps rule passes it."""
     arch = None if net == "pixel" else net.split("/")[0]
     config = {**plan.stage_config("autoencoder", stage, arch), "precision": "fp32"}
-    settings = {**plan.stage_settings("autoencoder", stage), "threads": 1, "device": "cpu"}
+    folded = ("encode",) if stage == "mlp" else ()
+    settings = {**plan.settings_param("autoencoder", stage, *folded).value, "threads": 1,
+                "device": "cpu"}
     argv = ["--config", as_json(config), "--settings", as_json(settings)]
+    if stage == "mlp":
+        encode = {**plan.stage_config("autoencoder", "encode"), "precision": "fp32"}
+        argv += ["--encode-config", as_json(encode)]
     for k, v in paths.items():
         argv += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]
     return argv
 
 
+def _fit(demo_plan, job, net="pixel", workdir="mlps", scores="scores.parquet", plan=None):
+    root = job["root"]
+    return cli.run("autoencoder", "mlp", [
+        "--net", net, "--dataset", "svhn", "--run", "0",
+        *_argv(plan or demo_plan, "mlp", net, model=root / "autoencoder.pt",
+               prepared=[job["prepared"]], codes=root / "codes.npz", workdir=root / workdir,
+               samples=root / f"{workdir}.parquet", scores=root / scores)])
+
+
 @pytest.fixture(scope="module")
 def pixel_job(tmp_path_factory, demo_plan, prepared):
-    """The three commands of the rules for the pixel baseline on SVHN (demo config);
-    the images the encoder saw are recorded."""
+    """The two commands of the rules for the pixel baseline on SVHN (demo config): train,
+    then encode + fit the MLPs in one process; the images the encoder saw are recorded."""
     root = tmp_path_factory.mktemp("ae") / "pixel" / "svhn" / "run0"
     data = prepared("svhn")
     meta = cli.run("autoencoder", "train", [
@@ -388,22 +405,13 @@ def pixel_job(tmp_path_factory, demo_plan, prepared):
         encoded.append(x.shape[0])
         return orig(self, x)
 
+    job = {"root": root, "meta": meta, "encoded": encoded, "prepared": data}
     ConvAutoencoder.encode = counting_encode
     try:
-        cli.run("autoencoder", "encode", ["--dataset", "svhn", *_argv(
-            demo_plan, "encode", "pixel", model=root / "autoencoder.pt", prepared=[data],
-            out=root / "codes.npz")])
+        job["scores"] = _fit(demo_plan, job)
     finally:
         ConvAutoencoder.encode = orig
-    return {"root": root, "meta": meta, "encoded": encoded, "prepared": data}
-
-
-def _fit(demo_plan, job, net="pixel", workdir="mlps", scores="scores.parquet"):
-    root = job["root"]
-    return cli.run("autoencoder", "mlp", [
-        "--net", net, "--dataset", "svhn", "--run", "0",
-        *_argv(demo_plan, "mlp", net, codes=root / "codes.npz", workdir=root / workdir,
-               samples=root / f"{workdir}.parquet", scores=root / scores)])
+    return job
 
 
 def test_model_file_holds_what_encode_needs(pixel_job):
@@ -415,6 +423,13 @@ def test_model_file_holds_what_encode_needs(pixel_job):
     assert meta == pixel_job["meta"] and isinstance(ae, ConvAutoencoder) and not ae.training
 
 
+def _edited(plan, section, **keys):
+    """The plan of the same config with ``autoencoder.<section>`` keys changed."""
+    config = json.loads(json.dumps(plan.config))
+    config["autoencoder"][section] |= keys
+    return Plan(config)
+
+
 def test_codes_are_computed_once_and_reused_by_all_mlps(demo_plan, pixel_job, monkeypatch):
     root = pixel_job["root"]
     assert sum(pixel_job["encoded"]) == 100 + 50  # every drawn labelled image encoded once
@@ -424,12 +439,24 @@ def test_codes_are_computed_once_and_reused_by_all_mlps(demo_plan, pixel_job, mo
     def forbidden(*a, **k):
         raise AssertionError("the mlp command must not run the encoder")
 
-    monkeypatch.setattr(ConvAutoencoder, "encode", forbidden)
-    monkeypatch.setattr(bench, "load_autoencoder", forbidden)
-    _fit(demo_plan, pixel_job)
+    # an MLP key changed (the rule reruns): the codes of the same model are not encoded again
+    other = _edited(demo_plan, "mlp", lr=0.01)
+    with monkeypatch.context() as m:
+        m.setattr(ConvAutoencoder, "encode", forbidden)
+        _fit(demo_plan, pixel_job, workdir="mlps_lr", scores="scores_lr.parquet", plan=other)
     assert codes.stat().st_mtime_ns == stamp and codes.read_bytes() == blob
     per = pd.read_parquet(root / "mlps.parquet")
     assert len(per) == 7 and per["n_train"].eq(80).all() and per["n_test"].eq(50).all()
+    # an encode key changed: encoded again, into the same file
+    fewer = _edited(demo_plan, "encode", max_test_images=20)
+    _fit(demo_plan, pixel_job, workdir="mlps_fewer", scores="scores_fewer.parquet", plan=fewer)
+    with np.load(codes) as f:
+        assert len(f["test_codes"]) == 20 and len(f["train_codes"]) == 100
+    # and back: the demo's codes, bit for bit (encoding is deterministic)
+    _fit(demo_plan, pixel_job)
+    with np.load(codes) as f, np.load(io.BytesIO(blob)) as g:
+        assert sorted(f.files) == sorted(g.files) == sorted([*bench.CODES, "key"])
+        assert all(np.array_equal(f[k], g[k]) for k in f.files)
 
 
 def test_codes_and_pixel_mse_by_hand(pixel_job):
@@ -524,15 +551,13 @@ def test_mlps_learn_separable_codes(cpu_job, tmp_path):
 
 
 def test_bad_codes_and_models_fail_clearly(cpu_job, pixel_job, prepared, tmp_path):
-    with pytest.raises(FileNotFoundError, match="encode rule"):
+    with pytest.raises(FileNotFoundError, match="pass --model to encode first"):
         bench.read_codes(tmp_path / "codes.npz")
     save_npz(tmp_path / "codes.npz", {"train_codes": np.zeros((4, 64), np.float32)})
-    with pytest.raises(ValueError, match="codes.npz.*rerun the encode rule"):
+    with pytest.raises(ValueError, match="codes.npz.*delete it to encode again"):
         bench.read_codes(tmp_path / "codes.npz")
     job = cpu_job("autoencoder", "encode")
     args = {"prepared": {"svhn": prepared("svhn")}, "out": tmp_path / "c.npz"}
-    with pytest.raises(ValueError, match="--model"):
-        bench.encode(job, job.config, "svhn", None, **args)
     with pytest.raises(ValueError, match="trained on 'svhn', not --dataset 'stl10'"):
         bench.encode(job, job.config, "stl10", pixel_job["root"] / "autoencoder.pt", **args)
     save_model(tmp_path / "other.pt", {"autoencoder": torch.nn.Linear(2, 2)}, {"net": "x"})

@@ -245,13 +245,13 @@ def _codes_fresh(job: Job, dataset: str, model: Path, prepared: Mapping, codes: 
 def read_codes(path: Path) -> dict[str, np.ndarray]:
     """The arrays of ``codes.npz``, checked (a stale file names itself and the fix)."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} is missing: run the encode rule first")
+        raise FileNotFoundError(f"{path} is missing: pass --model to encode first")
     with np.load(path) as f:
         codes = {k: f[k] for k in f.files}
     if any(k not in codes for k in CODES) or any(
             len(codes[f"{s}_codes"]) != len(codes[f"{s}_labels"]) for s in ("train", "test")):
         raise ValueError(f"{path}: expected arrays {', '.join(CODES)} (codes and labels of "
-                         f"equal length), got {sorted(codes)}; rerun the encode rule")
+                         f"equal length), got {sorted(codes)}; delete it to encode again")
     return codes
 
 
