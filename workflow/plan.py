@@ -81,13 +81,16 @@ class Setting:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+        self._text: str | None = None  # Snakemake formats each shell command three times
 
     def __getitem__(self, key: str) -> Setting:
         return Setting(self.value.get(key, "") if isinstance(self.value, Mapping)
                        else self.value[key])
 
     def __str__(self) -> str:
-        return self.value if isinstance(self.value, str) else as_json(self.value)
+        if self._text is None:
+            self._text = self.value if isinstance(self.value, str) else as_json(self.value)
+        return self._text
 
     def __repr__(self) -> str:
         return f"Setting({self.value!r})"
