@@ -3,7 +3,7 @@ grid trains.
 
 Seven nets with hidden layers ``HIDDEN_GRID`` and LeakyReLU activations, trained against
 one-hot targets with MSE. They are small, so all seven train together on one device as one
-batched model: ``MLPGrid`` stacks the heads of equal depth into ``[K, in, out]`` weights
+batched model: ``MLPGrid`` stacks the heads of equal depth into ``[K, out, in]`` weights
 (one batched matrix product per layer and depth, one forward and one backward per step),
 the training loss is the sum of the heads' losses (they share no parameter entry, so each
 gets exactly its own gradient and Adam moments), and a ``GridSelection`` keeps every head's
@@ -65,8 +65,7 @@ class MLPGrid(nn.Module):
     The heads are stacked by depth (number of hidden layers): each depth is one group whose
     layer ``i`` is a ``[K_g, out, in]`` weight (``nn.Linear``'s layout, so each head's
     product is computed as the separate net computes it) and a ``[K_g, 1, out]`` bias, widths
-    padded
-    with zeros to the widest head of the group, and runs as one batched matrix product
+    padded with zeros to the widest head of the group, and runs as one batched matrix product
     (``baddbmm``) per layer: three groups (depths 0, 1, 2) instead of seven nets, one
     forward and one backward per step. A padded unit has zero weights in and out, so its
     pre-activation, its output and every gradient reaching a padded entry are exactly zero,
