@@ -1,5 +1,6 @@
 # Benchmark 4: autoencoder + MLP dimensionality reduction per loss network (docs/autoencoder.md).
-#   prepared SVHN / STL-10 -> train_autoencoder -> encode -> fit_mlps, per (net, dataset, run)
+#   prepared SVHN / STL-10 -> train_autoencoder -> fit_mlps (encode + MLPs), per (net, dataset,
+#   run)
 # {net} is a loss network "arch/layer" (files under autoencoder/{arch}/{layer}/...) or "pixel",
 # the pixel-MSE baseline (autoencoder/pixel/..., scores with arch = layer = "").
 # Checkpoints live in <job>/train/ and <job>/mlps/ (not rule outputs, so a rerun after
@@ -37,34 +38,14 @@ rule train_autoencoder:
         " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
-rule encode:
+# fit_mlps encodes the labelled splits (the encode stage, its own config and precision) and
+# fits the MLP grid in one process; codes.npz stays for the next fit and is encoded again
+# only when the model, the data or the encode config changed (the key it holds). Changing
+# an MLP key reruns this rule alone: the autoencoder is another rule's output.
+rule fit_mlps:
     input:
         data=plan.prepared("{dataset}"),
         model=f"{AE_DIR}/autoencoder.pt",
-    output:
-        f"{AE_DIR}/codes.npz",
-    wildcard_constraints:
-        **AE_WILDCARDS,
-    params:
-        config=plan.config_param("autoencoder", "encode"),
-        settings=plan.settings_param("autoencoder", "encode"),
-    log:
-        f"{AE_LOG}_encode.log",
-    resources:
-        gpu=plan.gpus("autoencoder", "encode"),
-    threads: 1
-    conda:
-        "../envs/workflow.yaml"
-    shell:
-        "python -m workflow autoencoder encode --dataset {wildcards.dataset}"
-        " --config {params.config:q} --settings {params.settings:q}"
-        " --threads {threads} --model {input.model:q}"
-        " --prepared {input.data:q} --out {output:q} > {log:q} 2>&1"
-
-
-rule fit_mlps:
-    input:
-        codes=f"{AE_DIR}/codes.npz",
     output:
         samples=f"{AE_DIR}/mlps.parquet",
         scores=f"{AE_DIR}/scores.parquet",
@@ -72,7 +53,9 @@ rule fit_mlps:
         **AE_WILDCARDS,
     params:
         config=plan.config_param("autoencoder", "mlp"),
-        settings=plan.settings_param("autoencoder", "mlp"),
+        encode=plan.config_param("autoencoder", "encode"),
+        settings=plan.settings_param("autoencoder", "mlp", "encode"),
+        codes=f"{AE_DIR}/codes.npz",
         workdir=f"{AE_DIR}/mlps",
     log:
         f"{AE_LOG}_fit_mlps.log",
@@ -84,9 +67,10 @@ rule fit_mlps:
     shell:
         "python -m workflow autoencoder mlp --net {wildcards.net}"
         " --dataset {wildcards.dataset} --run {wildcards.run} --config {params.config:q}"
-        " --settings {params.settings:q} --threads {threads} --codes {input.codes:q}"
-        " --workdir {params.workdir:q} --samples {output.samples:q} --scores {output.scores:q}"
-        " > {log:q} 2>&1"
+        " --encode-config {params.encode:q} --settings {params.settings:q}"
+        " --threads {threads} --model {input.model:q} --prepared {input.data:q}"
+        " --codes {params.codes:q} --workdir {params.workdir:q}"
+        " --samples {output.samples:q} --scores {output.scores:q} > {log:q} 2>&1"
 
 
 BENCH_OUTPUTS["autoencoder"] = plan.targets(f"{AE_DIR}/scores.parquet", "autoencoder")

@@ -3,7 +3,8 @@
 # {OUT}/delineation/{arch}/{layer}/run{run}/:
 #   train/     checkpoints (last.pt, best.pt) and metrics.csv of the training harness
 #   model.pt   the kept model (best validation quality) + meta  <- train_delineation
-#   tiles.parquet, scores.parquet  per-tile and summary rows     <- eval_delineation
+#   tiles.parquet, scores.parquet  per-tile and summary rows     <- train_delineation (after
+#              training, in the same process)
 # --config: what the stage's numbers depend on (a rerun trigger); --settings: how it runs
 # (tile_size, inference_batch, data_on_device, device, threads; never a rerun trigger).
 # Target: `delineation`.
@@ -11,15 +12,22 @@
 DELINEATION_DIR = f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}"
 
 
+# One process trains and then scores (the eval stage, its own config and precision). A
+# change of an eval-only key reruns this rule, whose trainer finds its checkpoint complete
+# (train/: the resume key holds only the train stage's config) and trains no step: the
+# U-Net is not retrained, only scored again.
 rule train_delineation:
     input:
         roads=plan.prepared("roads"),
         weights=plan.weights_param(),
     output:
         model=f"{DELINEATION_DIR}/model.pt",
+        samples=f"{DELINEATION_DIR}/tiles.parquet",
+        scores=f"{DELINEATION_DIR}/scores.parquet",
     params:
         config=plan.config_param("delineation", "train"),
-        settings=plan.settings_param("delineation", "train"),
+        eval=plan.config_param("delineation", "eval"),
+        settings=plan.settings_param("delineation", "train", "eval"),
         workdir=f"{DELINEATION_DIR}/train",
     log:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/train_run{{run}}.log",
@@ -30,34 +38,9 @@ rule train_delineation:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow delineation train --net {wildcards.arch}/{wildcards.layer}"
-        " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
-        " --threads {threads}"
-        " --prepared {input.roads:q} --workdir {params.workdir:q} --out {output.model:q}"
-        " > {log:q} 2>&1"
-
-
-rule eval_delineation:
-    input:
-        roads=plan.prepared("roads"),
-        model=f"{DELINEATION_DIR}/model.pt",
-    output:
-        samples=f"{DELINEATION_DIR}/tiles.parquet",
-        scores=f"{DELINEATION_DIR}/scores.parquet",
-    params:
-        config=plan.config_param("delineation", "eval"),
-        settings=plan.settings_param("delineation", "eval"),
-    log:
-        f"{OUT}/logs/delineation/{{arch}}/{{layer}}/eval_run{{run}}.log",
-    resources:
-        gpu=plan.gpus("delineation", "eval"),
-    threads: 2
-    conda:
-        "../envs/workflow.yaml"
-    shell:
-        "python -m workflow delineation eval --net {wildcards.arch}/{wildcards.layer}"
-        " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
-        " --threads {threads}"
-        " --model {input.model:q} --prepared {input.roads:q} --samples {output.samples:q}"
+        " --run {wildcards.run} --config {params.config:q} --eval-config {params.eval:q}"
+        " --settings {params.settings:q} --threads {threads} --prepared {input.roads:q}"
+        " --workdir {params.workdir:q} --out {output.model:q} --samples {output.samples:q}"
         " --scores {output.scores:q} > {log:q} 2>&1"
 
 

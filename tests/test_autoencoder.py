@@ -1,8 +1,10 @@
-"""Benchmark 4: the autoencoder, the MLP grid and its selection rule, the train/encode/mlp
-commands (workflow.benchmarks.autoencoder, workflow.models.autoencoder, workflow.models.mlp)."""
+"""Benchmark 4: the autoencoder, the batched MLP grid and its selection rule, the train and
+encode + mlp commands (workflow.benchmarks.autoencoder, workflow.models.autoencoder,
+workflow.models.mlp)."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -17,8 +19,15 @@ from workflow.datasets.arrays import CorruptFileError
 from workflow.datasets.bank import EpochSampler
 from workflow.files import save_npz
 from workflow.models.autoencoder import ConvAutoencoder
-from workflow.models.mlp import HIDDEN_GRID, GridSelection, MLPGrid, mlp_name, select_best
-from workflow.plan import as_json
+from workflow.models.mlp import (
+    HIDDEN_GRID,
+    GridSelection,
+    MLPGrid,
+    fit_grid,
+    mlp_name,
+    select_best,
+)
+from workflow.plan import Plan, as_json
 from workflow.training import save_model
 
 
@@ -162,8 +171,10 @@ def test_mlp_grid_architectures():
             64 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10,
             64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10,
             64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10]
-    assert [sum(p.numel() for p in n.parameters()) for n in grid.nets] == want
-    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in grid.nets[6]) == 2
+    heads = [grid.head(k) for k in range(7)]
+    assert [sum(p.numel() for p in n.parameters()) for n in heads] == want
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in heads[6]) == 2
+    assert [sum(w.numel() + b.numel() for w, b in grid.head_params(k)) for k in range(7)] == want
     assert grid(torch.rand(5, 64)).shape == (7, 5, 10)
 
 
@@ -173,25 +184,38 @@ def test_mlp_loss_is_mse_against_one_hot_summed_over_active_nets():
     z, y = torch.rand(6, 4), torch.tensor([0, 1, 2, 2, 1, 0])
     onehot = torch.eye(3)[y]
     with torch.no_grad():
-        per = [float(((net(z) - onehot) ** 2).mean()) for net in grid.nets]
+        per = [float(((grid.head(k)(z) - onehot) ** 2).mean()) for k in range(2)]
         assert float(grid.loss(z, y)) == pytest.approx(sum(per), rel=1e-6)
         assert float(grid.loss(z, y, [False, True])) == pytest.approx(per[1], rel=1e-6)
 
 
-def test_inactive_nets_are_not_updated():
+def test_stopped_heads_are_not_updated():
     torch.manual_seed(0)
-    grid = MLPGrid(4, 3, [(), (5,)])
+    grid = MLPGrid(4, 3, [(), (5,), (2,)])  # heads 1 and 2 share a stacked weight
     opt = torch.optim.Adam(grid.parameters(), lr=0.1)
     z, y = torch.rand(6, 4), torch.tensor([0, 1, 2, 2, 1, 0])
-    before = [p.clone() for p in grid.parameters()]
-    for active in ([True, True], [False, True], [False, True]):  # Adam moments exist for net 0
-        opt.zero_grad(set_to_none=True)
-        grid.loss(z, y, active).backward()
+    opt.zero_grad()
+    grid.loss(z, y).backward()
+    opt.step()  # Adam moments exist for every head
+    frozen = [t.clone() for wb in grid.head_params(1) for t in wb]
+    moving = [t.clone() for wb in grid.head_params(2) for t in wb]
+    grid.stop_head(opt, 1)
+    for _ in range(3):
+        opt.zero_grad()
+        grid.loss(z, y, [True, False, True]).backward()
         opt.step()
-        if active[0] is False:
-            frozen = [p.clone() for p in grid.nets[0].parameters()]
-    assert all(torch.equal(a, b) for a, b in zip(frozen, grid.nets[0].parameters(), strict=True))
-    assert not torch.equal(before[-1], list(grid.parameters())[-1])
+    assert all(torch.equal(a, b) for a, b in
+               zip(frozen, [t for wb in grid.head_params(1) for t in wb], strict=True))
+    assert not torch.equal(moving[0], grid.head_params(2)[0][0])
+    # without stop_head, Adam's momentum would have kept moving head 1
+    grid2 = MLPGrid(4, 3, [(), (5,), (2,)])
+    opt2 = torch.optim.Adam(grid2.parameters(), lr=0.1)
+    for active in ([True] * 3, [True, False, True]):
+        opt2.zero_grad()
+        grid2.loss(z, y, active).backward()
+        before = grid2.head_params(1)[0][0].clone()
+        opt2.step()
+    assert not torch.equal(before, grid2.head_params(1)[0][0])
 
 
 def test_selection_rule_on_a_constructed_case():
@@ -211,41 +235,163 @@ def test_per_net_early_stopping_keeps_each_nets_best_weights():
               [0.6, 0.4, 0.7],   # net 0 equal (1), net 1 worse (2 -> stops), net 2 improves
               [0.5, 0.9, 0.6],   # net 0 (2 -> stops); net 1 stopped: 0.9 is ignored
               [0.9, 0.9, 0.6]]   # net 0 stopped; net 2 (2 -> stops)
-    snaps = []
+    snaps, stops = [], []
     for step, accs in enumerate(script):
         with torch.no_grad():
             for p in grid.parameters():
                 p.add_(1.0)  # a visibly different state at every evaluation
-        snaps.append([{k: v.clone() for k, v in n.state_dict().items()} for n in grid.nets])
-        sel.update(grid, torch.tensor(accs, dtype=torch.float64), step)
+        snaps.append([grid.head(k).state_dict() for k in range(3)])
+        stops.append(sel.update(grid, torch.tensor(accs, dtype=torch.float64), step))
     assert sel.best_acc.tolist() == [0.6, 0.5, 0.7]
     assert sel.best_step.tolist() == [1, 0, 2]
     assert sel.active.tolist() == [False, False, False] and sel.done
+    assert stops == [[], [], [1], [0], [2]]  # the heads that stop at each evaluation
     assert int(sel.improvements) == 3 + 1 + 1  # first evaluation, net 0 at 1, net 2 at 2
     for k, step in enumerate([1, 0, 2]):
-        for name, v in sel.best.nets[k].state_dict().items():
+        for name, v in sel.best.head(k).state_dict().items():
             assert torch.equal(v, snaps[step][k][name])
     assert select_best(sel.best_acc) == 2
+
+
+def _seven_separate_nets(train, val, hidden, *, epochs, patience, batch_size, lr, seed):
+    """The reference: one nn.Sequential and one Adam per net, each net stepped on its own and
+    stopped on its own (after ``patience`` epochs without a strictly higher validation
+    accuracy; a stopped net is not run again). Returns per-epoch mean summed losses, every
+    net's final and best weights, best accuracy, best epoch and the epoch it stopped at."""
+    (tz, ty), (vz, vy) = train, val
+    torch.manual_seed(seed)  # fit_grid's initialisation: the nets in grid order
+    nets = []
+    for hs in hidden:
+        layers, width = [], tz.shape[1]
+        for h in hs:
+            layers += [torch.nn.Linear(width, h), torch.nn.LeakyReLU()]
+            width = h
+        nets.append(torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)))
+    opts = [torch.optim.Adam(n.parameters(), lr=lr) for n in nets]
+    sampler = EpochSampler(len(tz), batch_size, seed, min_batch=2)
+    spe, onehot = sampler.steps_per_epoch, torch.eye(10)
+    best = [{k: v.clone() for k, v in n.state_dict().items()} for n in nets]
+    best_acc, best_epoch, since = [-1.0] * 7, [-1] * 7, [0] * 7
+    stopped_at: list[int | None] = [None] * 7
+    losses = []
+    for epoch in range(epochs):
+        running = [k for k in range(len(nets)) if stopped_at[k] is None]
+        if not running:
+            break
+        epoch_losses = []
+        for step in range(epoch * spe, (epoch + 1) * spe):
+            idx = sampler(step)
+            total = 0.0
+            for k in running:
+                opts[k].zero_grad()
+                loss = torch.mean((nets[k](tz[idx]) - onehot[ty[idx]]) ** 2)
+                loss.backward()
+                opts[k].step()
+                total += float(loss.detach())
+            epoch_losses.append(total)
+        losses.append(sum(epoch_losses) / spe)
+        with torch.no_grad():
+            for k in running:
+                acc = float((nets[k](vz).argmax(1) == vy).double().mean())
+                if acc > best_acc[k]:
+                    best[k] = {n: v.clone() for n, v in nets[k].state_dict().items()}
+                    best_acc[k], best_epoch[k], since[k] = acc, epoch, 0
+                else:
+                    since[k] += 1
+                    if since[k] >= patience:
+                        stopped_at[k] = epoch
+    return losses, nets, best, best_acc, best_epoch, stopped_at
+
+
+def test_batched_heads_equal_seven_separate_nets(cpu_job, tmp_path):
+    # noisy codes of 10 classes: with patience 1 some nets stop early, others run to the end
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(10, 16, generator=g)
+
+    def draw(n):
+        y = torch.randint(0, 10, (n,), generator=g)
+        return centres[y] + 1.5 * torch.randn(n, 16, generator=g), y
+
+    train, val = draw(96), draw(48)
+    args = {"epochs": 6, "patience": 1, "batch_size": 32, "lr": 3e-3, "seed": 5}
+    losses, nets, best, best_acc, best_epoch, stopped = _seven_separate_nets(
+        train, val, HIDDEN_GRID, **args)
+    assert any(s is not None and s < 5 for s in stopped) and None in stopped  # both kinds
+    selection, spe = fit_grid(cpu_job("autoencoder", "mlp"), train, val, HIDDEN_GRID,
+                              workdir=tmp_path, **args)
+    assert spe == 3
+    assert selection.best_acc.tolist() == best_acc
+    assert selection.best_step.tolist() == [(e + 1) * spe for e in best_epoch]
+    assert selection.active.tolist() == [s is None for s in stopped]
+    logged = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["loss"])
+    np.testing.assert_allclose(logged["loss"].to_numpy(), losses, rtol=1e-6, atol=1e-7)
+    final = MLPGrid(16, 10)
+    final.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)
+                          ["modules"]["grid"])
+    for k in range(7):  # the last weights (frozen where a net stopped) and the best ones
+        for a, b in zip(final.head(k).parameters(), nets[k].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        for name, v in selection.best.head(k).state_dict().items():
+            torch.testing.assert_close(v, best[k][name], rtol=0, atol=1e-6)
+
+
+def test_padded_entries_stay_zero_and_a_step_is_one_batched_pass():
+    torch.manual_seed(0)
+    grid = MLPGrid(8, 10)
+    # three groups (depths 0, 1, 2) padded to the widest head: 3 + 2 weights of 64 / 128
+    assert [tuple(w.shape) for w in grid.weights[2]] == [(4, 128, 8), (4, 128, 128),
+                                                         (4, 10, 128)]
+    opt = torch.optim.Adam(grid.parameters(), lr=0.1)
+    z, y = torch.rand(6, 8), torch.tensor([0, 1, 2, 2, 1, 0])
+    for _ in range(3):
+        opt.zero_grad()
+        grid.loss(z, y).backward()
+        opt.step()
+    w = grid.weights[2][0]  # head mlp[32,32] sits at row 0 of the depth-2 group
+    assert w[0, 32:].abs().sum() == 0 and grid.weights[2][1][0, :, 32:].abs().sum() == 0
+    assert grid.weights[2][1][0, 32:].abs().sum() == 0 and w[0, :32].abs().sum() > 0
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        grid.loss(z, y).backward()
+    ops = fc.get_flop_counts()["Global"]
+    # 6 layers (1 + 2 + 3) forward as baddbmm; backward as bmm: one op per layer, not per net
+    assert ops[torch.ops.aten.baddbmm] > 0 and torch.ops.aten.addmm not in ops
 
 
 # ----------------------------------------------------------------------------- the commands
 
 
 def _argv(plan, stage, net, **paths):
-    """The command line the rule writes (plan's config and settings, on the CPU)."""
+    """The command line the rule writes (plan's config and settings, on the CPU); the mlp
+    command also gets the encode stage's config, as the fit_mlps rule passes it."""
     arch = None if net == "pixel" else net.split("/")[0]
     config = {**plan.stage_config("autoencoder", stage, arch), "precision": "fp32"}
-    settings = {**plan.stage_settings("autoencoder", stage), "threads": 1, "device": "cpu"}
+    folded = ("encode",) if stage == "mlp" else ()
+    settings = {**plan.settings_param("autoencoder", stage, *folded).value, "threads": 1,
+                "device": "cpu"}
     argv = ["--config", as_json(config), "--settings", as_json(settings)]
+    if stage == "mlp":
+        encode = {**plan.stage_config("autoencoder", "encode"), "precision": "fp32"}
+        argv += ["--encode-config", as_json(encode)]
     for k, v in paths.items():
         argv += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]
     return argv
 
 
+def _fit(demo_plan, job, net="pixel", workdir="mlps", scores="scores.parquet", plan=None):
+    root = job["root"]
+    return cli.run("autoencoder", "mlp", [
+        "--net", net, "--dataset", "svhn", "--run", "0",
+        *_argv(plan or demo_plan, "mlp", net, model=root / "autoencoder.pt",
+               prepared=[job["prepared"]], codes=root / "codes.npz", workdir=root / workdir,
+               samples=root / f"{workdir}.parquet", scores=root / scores)])
+
+
 @pytest.fixture(scope="module")
 def pixel_job(tmp_path_factory, demo_plan, prepared):
-    """The three commands of the rules for the pixel baseline on SVHN (demo config);
-    the images the encoder saw are recorded."""
+    """The two commands of the rules for the pixel baseline on SVHN (demo config): train,
+    then encode + fit the MLPs in one process; the images the encoder saw are recorded."""
     root = tmp_path_factory.mktemp("ae") / "pixel" / "svhn" / "run0"
     data = prepared("svhn")
     meta = cli.run("autoencoder", "train", [
@@ -259,22 +405,13 @@ def pixel_job(tmp_path_factory, demo_plan, prepared):
         encoded.append(x.shape[0])
         return orig(self, x)
 
+    job = {"root": root, "meta": meta, "encoded": encoded, "prepared": data}
     ConvAutoencoder.encode = counting_encode
     try:
-        cli.run("autoencoder", "encode", ["--dataset", "svhn", *_argv(
-            demo_plan, "encode", "pixel", model=root / "autoencoder.pt", prepared=[data],
-            out=root / "codes.npz")])
+        job["scores"] = _fit(demo_plan, job)
     finally:
         ConvAutoencoder.encode = orig
-    return {"root": root, "meta": meta, "encoded": encoded, "prepared": data}
-
-
-def _fit(demo_plan, job, net="pixel", workdir="mlps", scores="scores.parquet"):
-    root = job["root"]
-    return cli.run("autoencoder", "mlp", [
-        "--net", net, "--dataset", "svhn", "--run", "0",
-        *_argv(demo_plan, "mlp", net, codes=root / "codes.npz", workdir=root / workdir,
-               samples=root / f"{workdir}.parquet", scores=root / scores)])
+    return job
 
 
 def test_model_file_holds_what_encode_needs(pixel_job):
@@ -286,6 +423,13 @@ def test_model_file_holds_what_encode_needs(pixel_job):
     assert meta == pixel_job["meta"] and isinstance(ae, ConvAutoencoder) and not ae.training
 
 
+def _edited(plan, section, **keys):
+    """The plan of the same config with ``autoencoder.<section>`` keys changed."""
+    config = json.loads(json.dumps(plan.config))
+    config["autoencoder"][section] |= keys
+    return Plan(config)
+
+
 def test_codes_are_computed_once_and_reused_by_all_mlps(demo_plan, pixel_job, monkeypatch):
     root = pixel_job["root"]
     assert sum(pixel_job["encoded"]) == 100 + 50  # every drawn labelled image encoded once
@@ -295,12 +439,24 @@ def test_codes_are_computed_once_and_reused_by_all_mlps(demo_plan, pixel_job, mo
     def forbidden(*a, **k):
         raise AssertionError("the mlp command must not run the encoder")
 
-    monkeypatch.setattr(ConvAutoencoder, "encode", forbidden)
-    monkeypatch.setattr(bench, "load_autoencoder", forbidden)
-    _fit(demo_plan, pixel_job)
+    # an MLP key changed (the rule reruns): the codes of the same model are not encoded again
+    other = _edited(demo_plan, "mlp", lr=0.01)
+    with monkeypatch.context() as m:
+        m.setattr(ConvAutoencoder, "encode", forbidden)
+        _fit(demo_plan, pixel_job, workdir="mlps_lr", scores="scores_lr.parquet", plan=other)
     assert codes.stat().st_mtime_ns == stamp and codes.read_bytes() == blob
     per = pd.read_parquet(root / "mlps.parquet")
     assert len(per) == 7 and per["n_train"].eq(80).all() and per["n_test"].eq(50).all()
+    # an encode key changed: encoded again, into the same file
+    fewer = _edited(demo_plan, "encode", max_test_images=20)
+    _fit(demo_plan, pixel_job, workdir="mlps_fewer", scores="scores_fewer.parquet", plan=fewer)
+    with np.load(codes) as f:
+        assert len(f["test_codes"]) == 20 and len(f["train_codes"]) == 100
+    # and back: the demo's codes, bit for bit (encoding is deterministic)
+    _fit(demo_plan, pixel_job)
+    with np.load(codes) as f, np.load(io.BytesIO(blob)) as g:
+        assert sorted(f.files) == sorted(g.files) == sorted([*bench.CODES, "key"])
+        assert all(np.array_equal(f[k], g[k]) for k in f.files)
 
 
 def test_codes_and_pixel_mse_by_hand(pixel_job):
@@ -324,9 +480,11 @@ def test_codes_and_pixel_mse_by_hand(pixel_job):
 
 def _by_hand_accuracy(state: dict, k: int, hidden: list[int], z: np.ndarray, y: np.ndarray):
     """Net ``k`` of the selection's best weights, as matrix products and LeakyReLU(0.01)."""
+    best = MLPGrid(z.shape[1], 10)
+    best.load_state_dict({n[5:]: v for n, v in state.items() if n.startswith("best.")})
     h = torch.from_numpy(z)
-    for i in range(len(hidden) + 1):
-        w, b = state[f"best.nets.{k}.{2 * i}.weight"], state[f"best.nets.{k}.{2 * i}.bias"]
+    for i, (w, b) in enumerate(best.head_params(k)):
+        assert w.shape == ((hidden + [10])[i], ([z.shape[1]] + hidden)[i])
         h = h @ w.T + b
         if i < len(hidden):
             h = torch.where(h > 0, h, 0.01 * h)
@@ -393,15 +551,13 @@ def test_mlps_learn_separable_codes(cpu_job, tmp_path):
 
 
 def test_bad_codes_and_models_fail_clearly(cpu_job, pixel_job, prepared, tmp_path):
-    with pytest.raises(FileNotFoundError, match="encode rule"):
+    with pytest.raises(FileNotFoundError, match="pass --model to encode first"):
         bench.read_codes(tmp_path / "codes.npz")
     save_npz(tmp_path / "codes.npz", {"train_codes": np.zeros((4, 64), np.float32)})
-    with pytest.raises(ValueError, match="codes.npz.*rerun the encode rule"):
+    with pytest.raises(ValueError, match="codes.npz.*delete it to encode again"):
         bench.read_codes(tmp_path / "codes.npz")
     job = cpu_job("autoencoder", "encode")
     args = {"prepared": {"svhn": prepared("svhn")}, "out": tmp_path / "c.npz"}
-    with pytest.raises(ValueError, match="--model"):
-        bench.encode(job, job.config, "svhn", None, **args)
     with pytest.raises(ValueError, match="trained on 'svhn', not --dataset 'stl10'"):
         bench.encode(job, job.config, "stl10", pixel_job["root"] / "autoencoder.pt", **args)
     save_model(tmp_path / "other.pt", {"autoencoder": torch.nn.Linear(2, 2)}, {"net": "x"})

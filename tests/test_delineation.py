@@ -298,16 +298,34 @@ def _cli(group_cmd: str, config: dict, settings: dict, **paths) -> object:
     return run("delineation", group_cmd, argv)
 
 
-def _train(demo_plan, data, workdir, **over):
+def _eval_config(demo_plan, **over):
+    return {**demo_plan.stage_config("delineation", "eval", NET.arch), "precision": "fp32",
+            **{k: v for k, v in TINY.items() if k in ("tile_margin", "reference_size",
+                                                      "tolerance", "passes")}, **over}
+
+
+def _settings(demo_plan, *stages):
+    return {**demo_plan.settings_param("delineation", *stages).value,
+            "threads": torch.get_num_threads(), **TINY_SETTINGS, "device": "cpu"}
+
+
+def _train(demo_plan, data, workdir, eval_over=None, score=True, **over):
+    """The rule's one process: train (resuming from ``workdir``), then score into
+    ``workdir/tiles.parquet`` and ``workdir/scores.parquet`` (``score=False``: train only)."""
     cfg = {**demo_plan.stage_config("delineation", "train", NET.arch), "precision": "fp32",
            **{k: v for k, v in TINY.items() if k in ("epochs", "batch_size", "crop_size",
                                                      "tile_margin")}, **over}
-    settings = {**demo_plan.stage_settings("delineation", "train"),
-                "threads": torch.get_num_threads(),
-                **TINY_SETTINGS, "device": "cpu"}
     out = workdir / "model.pt"
-    _cli("train", cfg, settings, net=NET.id, run=0, prepared=data, workdir=workdir,
-         out=out)
+    if not score:
+        from workflow.job import Job
+
+        job = Job.create(cfg, _settings(demo_plan, "train"))
+        bench.train(job, cfg, NET.id, 0, {"roads": data}, workdir, out)
+        return out
+    _cli("train", cfg, _settings(demo_plan, "train", "eval"), net=NET.id, run=0,
+         prepared=data, workdir=workdir, out=out, samples=workdir / "tiles.parquet",
+         scores=workdir / "scores.parquet",
+         **{"eval-config": json.dumps(_eval_config(demo_plan, **(eval_over or {})))})
     return out
 
 
@@ -318,15 +336,15 @@ def test_train_and_eval_end_to_end(demo_plan, prepared, tmp_path):
     meta = load_model(model, {"model": net})
     assert meta["steps"] == 4 and meta["steps_per_epoch"] == 2 and meta["train_tiles"] == 6
     assert meta["weights_id"] == "random" and meta["net"] == NET.id
-    cfg = {**demo_plan.stage_config("delineation", "eval", NET.arch), "precision": "fp32",
-           **{k: v for k, v in TINY.items() if k in ("tile_margin", "reference_size",
-                                                     "tolerance", "passes")}}
-    settings = {**demo_plan.stage_settings("delineation", "eval"),
-                "threads": torch.get_num_threads(),
-                **TINY_SETTINGS, "device": "cpu"}
+    # the train command scored the model as the eval command does on its own
     samples, scores = tmp_path / "tiles.parquet", tmp_path / "scores.parquet"
-    _cli("eval", cfg, settings, net=NET.id, run=0, model=model, prepared=data,
-         samples=samples, scores=scores)
+    _cli("eval", _eval_config(demo_plan), _settings(demo_plan, "eval"), net=NET.id, run=0,
+         model=model, prepared=data, samples=samples, scores=scores)
+    cols = ["split", "variant", "metric", "value", "n", "config_hash", "weights_id"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run0" / "scores.parquet")[cols],
+                                  pd.read_parquet(scores)[cols])
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run0" / "tiles.parquet"),
+                                  pd.read_parquet(samples))
     s, t = pd.read_parquet(scores), pd.read_parquet(samples)
     full = {f"K{k}/{m}" for k in (1, 2, 3) for m in ("exact", "relaxed")}
     assert set(s["variant"]) == full | {"reference/K1", "reference/K2", "reference/K3"}
@@ -374,11 +392,35 @@ def test_train_and_eval_end_to_end(demo_plan, prepared, tmp_path):
 
 def test_resume_extends_training_bit_identically(demo_plan, prepared, tmp_path):
     data = prepared("roads", **SIZES)
-    _train(demo_plan, data, tmp_path / "a", epochs=1)
-    _train(demo_plan, data, tmp_path / "a", epochs=2)  # resumes from last.pt after epoch 1
-    _train(demo_plan, data, tmp_path / "b", epochs=2)
+    _train(demo_plan, data, tmp_path / "a", score=False, epochs=1)
+    _train(demo_plan, data, tmp_path / "a", score=False, epochs=2)  # resumes after epoch 1
+    _train(demo_plan, data, tmp_path / "b", score=False, epochs=2)
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     for k in b["modules"]["model"]:
         assert torch.equal(a["modules"]["model"][k], b["modules"]["model"][k]), k
+
+
+def test_an_eval_key_rescores_without_training(demo_plan, prepared, tmp_path, monkeypatch):
+    """What the rule does when only an eval key changed: the trainer finds its checkpoint
+    complete and trains no step; the same model is scored with the new key."""
+    from workflow.training import Trainer
+
+    data = prepared("roads", **SIZES)
+    run = tmp_path / "run0"
+    _train(demo_plan, data, run, epochs=1)
+    weights = torch.load(run / "model.pt", weights_only=True)["modules"]["model"]
+    (run / "model.pt").unlink()  # Snakemake removes a job's outputs before it reruns
+    (run / "scores.parquet").unlink()
+
+    def forbidden(*a, **k):
+        raise AssertionError("an eval key must not train the U-Net")
+
+    monkeypatch.setattr(Trainer, "train_step", forbidden)
+    _train(demo_plan, data, run, eval_over={"tolerance": 1}, epochs=1)
+    again = torch.load(run / "model.pt", weights_only=True)["modules"]["model"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    tiles = pd.read_parquet(run / "tiles.parquet")
+    assert sorted(tiles.loc[tiles["protocol"] == "full", "tolerance"].unique()) == [0, 1]
+    assert "K1/relaxed" in set(pd.read_parquet(run / "scores.parquet")["variant"])

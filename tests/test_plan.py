@@ -327,6 +327,21 @@ def test_settings_param_is_not_a_rerun_trigger():
     assert str(plan.mirror_param("weights")) == ""
 
 
+def test_a_folded_rule_gets_the_settings_of_every_stage_it_runs():
+    """fit_mlps runs the encode and the mlp stage, train_delineation train and eval: their
+    --settings hold both stages' keys (nested sections merged), still never a trigger."""
+    plan = Plan(_full())
+    ae = plan.settings_param("autoencoder", "mlp", "encode").value
+    assert ae == {"mlp": {"checkpoint_every": None}, "encode": {"batch_size": 1024},
+                  "device": "auto", "weights_dir": "resources/weights"}
+    both = plan.settings_param("autoencoder", "train", "mlp").value
+    assert both["train"] == {"checkpoint_every": None} and both["mlp"] == ae["mlp"]
+    de = plan.settings_param("delineation", "train", "eval").value
+    assert de.keys() == {"tile_size", "inference_batch", "data_on_device", "device",
+                         "weights_dir"}
+    assert plan.settings_param("delineation", "train").value == de  # eval adds no other key
+
+
 def test_archive_limits_reach_the_download_as_a_setting_only():
     """Raising an archive limit reruns nothing: it is in no rule's params trigger, and the
     download command gets it through --settings."""

@@ -85,13 +85,16 @@ class Setting:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+        self._text: str | None = None  # Snakemake formats each shell command three times
 
     def __getitem__(self, key: str) -> Setting:
         return Setting(self.value.get(key, "") if isinstance(self.value, Mapping)
                        else self.value[key])
 
     def __str__(self) -> str:
-        return self.value if isinstance(self.value, str) else as_json(self.value)
+        if self._text is None:
+            self._text = self.value if isinstance(self.value, str) else as_json(self.value)
+        return self._text
 
     def __repr__(self) -> str:
         return f"Setting({self.value!r})"
@@ -914,9 +917,15 @@ class Plan:
 
         return param
 
-    def settings_param(self, benchmark: str, stage: str) -> Setting:
-        """A rule param that is never a rerun trigger: the stage's settings."""
-        return Setting(self.stage_settings(benchmark, stage))
+    def settings_param(self, benchmark: str, stage: str, *folded: str) -> Setting:
+        """A rule param that is never a rerun trigger: the stage's settings, merged with those
+        of the stages ``folded`` into its command (one process running several stages)."""
+        merged = self.stage_settings(benchmark, stage)
+        for other in folded:
+            for key, value in self.stage_settings(benchmark, other).items():
+                both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+                merged[key] = {**merged[key], **value} if both else value
+        return Setting(merged)
 
     def weights_param(self) -> Callable[[Any], list[str]]:
         """A rule input function: the loss network's weights file of the job, if any."""

@@ -1,11 +1,11 @@
 """Benchmark 4: an autoencoder trained on a deep perceptual loss, scored by MLPs on its codes.
 
 Per loss network (or the pixel-MSE baseline, net ``pixel``), dataset and run (docs/autoencoder.md):
-``train`` the autoencoder on the unlabelled split, keeping its best epoch; ``encode`` the
-labelled ``train`` and ``test`` splits once; ``fit_mlps`` the MLP grid on the codes (the
-reported score, variant ``best-val-mlp``, is the test accuracy of the MLP with the best
-validation accuracy). Splits are seeded with ``seed``, the same for every loss network;
-``run`` shifts only the training seed.
+``train`` the autoencoder on the unlabelled split, keeping its best epoch; then, in one
+process, ``encode`` the labelled ``train`` and ``test`` splits (kept while model, data and
+encode config stay the same) and ``fit_mlps`` the MLP grid on the codes (the score: the test
+accuracy of the MLP with the best validation accuracy). Splits are seeded with ``seed``, the
+same for every loss network; ``run`` shifts only the training seed.
 """
 
 from __future__ import annotations
@@ -24,20 +24,19 @@ from torch import Tensor, nn
 from workflow.archs import LossNet, UnknownLossNetError
 from workflow.datasets import stl10, svhn
 from workflow.datasets.bank import EpochSampler, ImageBank
-from workflow.files import save_npz, write_parquet
+from workflow.files import content_id, save_npz, write_parquet
 from workflow.job import Job, seed_everything
 from workflow.lossnets import feature_loss
 from workflow.models.autoencoder import ConvAutoencoder
-from workflow.models.mlp import fit_grid, select_best
+from workflow.models.mlp import BEST_VARIANT, fit_grid, score_rows
 from workflow.results import score_frame
 from workflow.training import TrainConfig, Trainer, load_model, make_adam, resume_key, save_model
 
 __all__ = ["BEST_VARIANT", "DATASETS", "MIN_BATCH", "PIXEL", "DatasetSpec", "encode",
-           "fit_mlps", "inputs", "load_autoencoder", "load_split", "parse_net", "read_codes",
-           "reconstruction_loss", "seeded_split", "seeded_subset", "train"]
+           "fit_mlps", "inputs", "load_autoencoder", "load_split", "parse_net",
+           "read_codes", "reconstruction_loss", "seeded_split", "seeded_subset", "train"]
 
 PIXEL = "pixel"  # net id of the pixel-MSE baseline (arch == layer == "" in the scores table)
-BEST_VARIANT = "best-val-mlp"
 MIN_BATCH = 2  # a trailing training batch of one item is dropped: BatchNorm cannot train on it
 CODES = ("train_codes", "train_labels", "test_codes", "test_labels", "test_pixel_mse")
 
@@ -82,9 +81,6 @@ def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded ``1 - val_fraction`` / ``val_fraction`` split of ``range(n)`` (both sorted)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"config key autoencoder.val_fraction must be in (0, 1), "
-                         f"got {val_fraction}")
     n_val = int(round(n * val_fraction))
     if n_val < 1 or n - n_val < 2:
         raise ValueError(f"{n} items are too few for a {val_fraction:.0%} validation split "
@@ -127,12 +123,9 @@ def reconstruction_loss(job: Job, net: LossNet | None, normalize: str
 
 def train(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: int | None,
           prepared: Mapping[str, Path], workdir: Path, out: Path) -> dict[str, Any]:
-    """Train one autoencoder (resuming from ``workdir``) and save its best epoch to ``out``.
-
-    Args: ``config`` the complete ``train`` stage config; ``net`` ``arch/layer`` or
-    ``pixel``; ``prepared`` ``{dataset: folder}``.
-    Returns: the model file's meta (sizes, net, dataset, the training summary).
-    """
+    """Train one autoencoder (resuming from ``workdir``) and save its best epoch to ``out``:
+    ``config`` the ``train`` stage's, ``net`` ``arch/layer`` or ``pixel``, ``prepared``
+    ``{dataset: folder}``. Returns the model file's meta (sizes, net, the training summary)."""
     spec, lossnet, run = _spec(dataset), parse_net(net), int(run or 0)
     tcfg, seed = config["train"], int(config["seed"])
     images, _ = load_split(prepared, dataset, spec.ae_split, tcfg["max_images"], seed)
@@ -197,18 +190,13 @@ def load_autoencoder(path: Path) -> tuple[ConvAutoencoder, dict[str, Any]]:
 
 
 @torch.no_grad()
-def encode(job: Job, config: Mapping[str, Any], dataset: str, model: Path | None,
+def encode(job: Job, config: Mapping[str, Any], dataset: str, model: Path,
            prepared: Mapping[str, Path], out: Path) -> Path:
-    """Encode the labelled ``train`` and the ``test`` split, each image once.
-
-    Args: ``model`` the file of ``train``; ``config`` the complete ``encode`` stage config.
-    Returns: ``out``, a ``codes.npz`` with ``{train,test}_{codes,labels}`` and
-    ``test_pixel_mse`` (of the test reconstructions).
-    """
+    """Encode the labelled ``train`` and the ``test`` split, each image once, with ``model``
+    (the file of ``train``; ``config`` the ``encode`` stage's) into ``out``, a ``codes.npz``:
+    ``{train,test}_{codes,labels}``, ``test_pixel_mse`` (of the test reconstructions) and
+    ``key`` (what they were made from)."""
     spec = _spec(dataset)
-    if model is None:
-        raise ValueError("autoencoder encode needs --model, the file written by "
-                         "`python -m workflow autoencoder train`")
     ae, meta = load_autoencoder(model)
     if meta.get("dataset") != dataset:
         raise ValueError(f"{model} was trained on {meta.get('dataset')!r}, not --dataset "
@@ -231,37 +219,59 @@ def encode(job: Job, config: Mapping[str, Any], dataset: str, model: Path | None
             codes.append(z.float().cpu())
         arrays[f"{split}_codes"] = torch.cat(codes).numpy()
     arrays["test_pixel_mse"] = np.float64(sq / count)
+    arrays["key"] = np.array(_codes_key(job, dataset, model, prepared))
     save_npz(out, arrays)
-    print(f"{out}: {len(arrays['train_codes'])} train and {len(arrays['test_codes'])} test "
-          f"codes, test pixel MSE {sq / count:.6g}", flush=True)
+    print(f"{out}: {len(arrays['train_codes'])} train, {len(arrays['test_codes'])} test codes, "
+          f"test pixel MSE {sq / count:.6g}", flush=True)
     return Path(out)
+
+
+def _codes_key(job: Job, dataset: str, model: Path, prepared: Mapping[str, Path]) -> str:
+    # what codes are made from: the encode config (with its precision), model and data
+    return json.dumps({"config": dict(job.config), "dataset": dataset, "model": content_id(
+        model), "data": content_id(prepared[dataset])}, sort_keys=True, default=str)
+
+
+def _codes_fresh(job: Job, dataset: str, model: Path, prepared: Mapping, codes: Path) -> bool:
+    try:
+        with np.load(codes) as f:
+            fresh = str(f["key"]) == _codes_key(job, dataset, model, prepared)
+    except (OSError, ValueError, KeyError):  # missing, unreadable or without a key
+        return False
+    print(f"{codes}: the codes of {model}{'' if fresh else ' no more: encoding'}", flush=True)
+    return fresh
 
 
 def read_codes(path: Path) -> dict[str, np.ndarray]:
     """The arrays of ``codes.npz``, checked (a stale file names itself and the fix)."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} is missing: run the encode rule first")
+        raise FileNotFoundError(f"{path} is missing: pass --model to encode first")
     with np.load(path) as f:
         codes = {k: f[k] for k in f.files}
     if any(k not in codes for k in CODES) or any(
             len(codes[f"{s}_codes"]) != len(codes[f"{s}_labels"]) for s in ("train", "test")):
         raise ValueError(f"{path}: expected arrays {', '.join(CODES)} (codes and labels of "
-                         f"equal length), got {sorted(codes)}; rerun the encode rule")
+                         f"equal length), got {sorted(codes)}; delete it to encode again")
     return codes
 
 
 def fit_mlps(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: int | None,
-             codes: Path, workdir: Path, samples: Path, scores: Path) -> pd.DataFrame:
-    """Fit the MLP grid on ``codes`` (resuming from ``workdir``); write both tables.
-
-    Args: ``config`` the complete ``mlp`` stage config; ``samples`` the per-MLP Parquet.
-    Returns: the scores rows; arch / layer / weights_id come from ``net`` and the job.
-    """
+             codes: Path, workdir: Path, samples: Path, scores: Path, model: Path | None = None,
+             prepared: Mapping[str, Path] | None = None,
+             encode_config: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Fit the MLP grid on ``codes`` (resuming from ``workdir``); write both tables. Given
+    ``model`` (the rule's call), first :func:`encode` into ``codes`` (a job of the encode
+    stage's ``encode_config``) unless they are the codes of this model, data and config.
+    ``config``: the ``mlp`` stage's. Returns the scores rows (net and job give arch, layer,
+    weights_id)."""
     _spec(dataset)
+    if model is not None:
+        enc = Job.create(encode_config, job.settings)
+        if not _codes_fresh(enc, dataset, model, prepared or {}, codes):
+            encode(enc, encode_config, dataset, model, prepared or {}, codes)
     lossnet, run, seed, dev = parse_net(net), int(run or 0), int(config["seed"]), job.device
     data = read_codes(codes)
-    z_all = torch.from_numpy(data["train_codes"]).float()
-    y_all = torch.from_numpy(data["train_labels"]).long()
+    z_all, y_all = (torch.from_numpy(data[f"train_{k}"]) for k in ("codes", "labels"))
     tr, va = (torch.from_numpy(i) for i in
               seeded_split(len(z_all), float(config["val_fraction"]), seed))
     mcfg = config["mlp"]
@@ -271,29 +281,20 @@ def fit_mlps(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: i
         batch_size=mcfg["batch_size"], lr=mcfg["lr"], seed=seed + run, workdir=workdir,
         n_classes=N_CLASSES, checkpoint_every=job.setting("mlp")["checkpoint_every"],
         key=_key(job, net, dataset, run, {"codes": codes}))
-    test_y = torch.from_numpy(data["test_labels"]).long().to(dev)
-    test_acc = selection.best.accuracy(torch.from_numpy(data["test_codes"]).float().to(dev),
-                                       test_y).cpu().tolist()
-    val_acc = selection.best_acc.cpu().tolist()
-    chosen, names, n_val, n_test = select_best(val_acc), selection.best.names, len(va), len(test_y)
-    write_parquet(pd.DataFrame({
-        "mlp": names, "hidden": [json.dumps(list(h)) for h in selection.best.hidden_grid],
-        "val_accuracy": val_acc, "test_accuracy": test_acc,
-        "best_epoch": [int(s) // spe if s >= 0 else -1 for s in selection.best_step.tolist()],
-        "selected": [k == chosen for k in range(len(names))],
-        "n_train": len(tr), "n_val": n_val, "n_test": n_test}), samples)
-    rows = [("test", BEST_VARIANT, "accuracy", test_acc[chosen], n_test),
-            ("val", BEST_VARIANT, "accuracy", val_acc[chosen], n_val),
-            ("test", "autoencoder", "pixel_mse", float(data["test_pixel_mse"]), n_test)]
-    for k, name in enumerate(names):
-        rows += [("val", name, "accuracy", val_acc[k], n_val),
-                 ("test", name, "accuracy", test_acc[k], n_test)]
+    per = selection.report(torch.from_numpy(data["test_codes"]).float().to(dev),
+                           torch.from_numpy(data["test_labels"]).long().to(dev), spe)
+    n_val, n_test, chosen = len(va), len(data["test_labels"]), per["selected"].index(True)
+    write_parquet(pd.DataFrame({**per, "n_train": len(tr), "n_val": n_val, "n_test": n_test}),
+                  samples)
+    rows = score_rows(per, n_val, n_test)
+    rows.insert(2, {"split": "test", "variant": "autoencoder", "metric": "pixel_mse",
+                    "value": float(data["test_pixel_mse"]), "n": n_test})
     arch = None if lossnet is None else lossnet.arch
-    df = score_frame([dict(zip(("split", "variant", "metric", "value", "n"), r, strict=True))
-                      for r in rows], benchmark="autoencoder", dataset=dataset, comparison="",
+    df = score_frame(rows, benchmark="autoencoder", dataset=dataset, comparison="",
                      run=run, arch=arch or "", layer="" if lossnet is None else lossnet.layer,
                      **job.provenance(arch))
     write_parquet(df, scores)
-    print(f"{scores}: test accuracy of the best-validation MLP ({names[chosen]}) "
-          f"{test_acc[chosen]:.4f}", flush=True)
+    print(f"{scores}: test accuracy of the best-validation MLP ({per['mlp'][chosen]}) "
+          f"{per['test_accuracy'][chosen]:.4f}", flush=True)
     return df
+

@@ -208,12 +208,17 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
 
 
 def train(job: Job, config: Mapping[str, Any], net: str, run: int | None,
-          prepared: Mapping[str, Path], workdir: Path, out: Path) -> dict[str, Any]:
-    """Train one U-Net for loss network ``net`` (resuming from ``workdir``).
+          prepared: Mapping[str, Path], workdir: Path, out: Path,
+          eval_config: Mapping[str, Any] | None = None, samples: Path | None = None,
+          scores: Path | None = None) -> dict[str, Any]:
+    """Train one U-Net for loss network ``net`` (resuming from ``workdir``; a run whose
+    checkpoint is complete trains no further step), then, given ``eval_config``, score it.
 
     Args: the job, the train stage's config, ``arch/layer``, the run index (seed offset),
     ``{"roads": folder}``, the harness's folder, the model file to write (the weights of the
-    best validation quality; its meta carries what ``evaluate`` needs). Returns the meta.
+    best validation quality; its meta carries what ``evaluate`` needs); the eval stage's
+    config and :func:`evaluate`'s two outputs (the rule's one process: the evaluation runs in
+    a job of its own config, so its scores are those of a separate eval). Returns the meta.
     """
     lossnet, run = LossNet.parse(net), int(run or 0)
     valid = _load(prepared, config, "valid")
@@ -226,6 +231,9 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int | None,
              "valid_tiles": len(valid["sat"]), "train_wall_s": job.elapsed()}
     save_model(out, {"model": model}, info)
     print(info, flush=True)
+    if eval_config is not None:
+        evaluate(Job.create(eval_config, job.settings), eval_config, net, run, out, prepared,
+                 samples, scores)
     return info
 
 
