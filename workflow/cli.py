@@ -73,6 +73,8 @@ ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "prepared": (("--prepared",), {"type": Path, "nargs": "+", "required": True,
                                    "help": "prepared dataset folders (or their manifest.json)"}),
     "archs": (("--archs",), {"nargs": "+", "required": True, "help": "architectures"}),
+    "custom": (("--custom",), {"type": json_arg, "default": {},
+                               "help": "config lossnets.custom entries of --archs (JSON)"}),
     "rankings": (("--rankings",), {"type": Path, "required": True, "help": "rankings.json"}),
     "triplets": (("--triplets",), {"type": Path, "nargs": "*", "default": [],
                                    "help": "triplet files (.npz)"}),
@@ -141,7 +143,7 @@ COMMANDS: dict[tuple[str, str], Command] = {
                                  ("name", "raw", "out", "options", "settings")),
     ("data", "weights"): Command("workflow.datasets.weights:fetch_weights",
                                  "download and verify ImageNet weight files into a folder",
-                                 ("archs", "out", "mirror")),
+                                 ("archs", "out", "mirror", "custom")),
     # benchmarks
     ("similarity", "score"): Command(_B + "similarity:score",
                                      "BAPPS 2AFC + JND of one architecture's loss networks",
