@@ -9,6 +9,7 @@ from math import log2
 
 import pytest
 import torch
+from torch import nn
 
 from workflow import lossnets
 from workflow.archs import (
@@ -94,12 +95,14 @@ def _fast_random(arch: str, seed: int = 0, upto: int | None = None) -> torch.nn.
     """Random weights without torchvision's initialisation (seconds for the big models):
     built on meta, then every parameter and buffer drawn from a seeded normal (BatchNorm
     variances positive). The classifier heads (and, with ``upto``, the study container's
-    children after child ``upto``) stay on meta: no pass reaches them. Not for the
-    transformers, whose index buffers are computed at build."""
+    children after child ``upto``) stay on meta: no pass reaches them. Not for Swin and
+    MaxViT, whose index buffers are computed at build."""
     with torch.device("meta"):
         model = lossnets._build_model(arch, True).eval()
+    model.to_empty(device="cpu")  # allocated, not touched: only what is filled costs
     if upto is None:
         parts = [m for n, m in model.named_children() if n not in HEADS]
+        parts.append(nn.ParameterList(model.parameters(recurse=False)))  # a ViT's class token
     else:
         container = model.features if ARCHS[arch].container == "features" else model
         parts = list(container.children())[: upto + 1]
@@ -107,7 +110,6 @@ def _fast_random(arch: str, seed: int = 0, upto: int | None = None) -> torch.nn.
     pool = torch.randn(1 << 16, generator=g) * 0.05  # drawn once, then tiled: fills are copies
     at = 0
     for part in parts:
-        part.to_empty(device="cpu")
         with torch.no_grad():
             for name, t in [*part.named_parameters(), *part.named_buffers()]:
                 if not t.is_floating_point():
@@ -187,8 +189,7 @@ def test_vit_tokens_fold_onto_the_patch_grid():
     register_custom({"vit_small_in": {"builder": "vit_b_16", "taps": [
         "encoder.dropout", "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1",
         "encoder.layers.encoder_layer_2"], "layout": "tokens", "input_size": 32}})
-    torch.manual_seed(0)
-    ex = build_extractor("vit_small_in", weights="random")
+    ex = NodeExtractor(_fast_random("vit_small_in"), "vit_small_in", CUSTOM["vit_small_in"].layers)
     x = torch.rand(1, 3, 48, 48, requires_grad=True)  # resized to 32 px
     feats = ex(x)
     assert [f.shape for f in feats.values()] == [(1, 768, 2, 2)] * 4
@@ -202,6 +203,15 @@ def test_vit_tokens_fold_onto_the_patch_grid():
         pos = m.encoder.pos_embedding[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
     assert got.shape == (1, 768, 2, 2)
     torch.testing.assert_close(got, patches + pos, rtol=1e-6, atol=1e-6)
+    # a 224 px file's 14 x 14 position embeddings are interpolated to the 2 x 2 grid on load,
+    # as torchvision's own interpolate_embeddings does it
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    state = dict(ex.backbone.state_dict())
+    state["encoder.pos_embedding"] = torch.randn(1, 1 + 14 * 14, 768)
+    picked = lossnets.fit_state_dict(ex.backbone, "vit_small_in", state)
+    expected = interpolate_embeddings(32, 16, state)["encoder.pos_embedding"]
+    torch.testing.assert_close(picked["encoder.pos_embedding"], expected, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- study archs
@@ -344,3 +354,57 @@ def test_bad_custom_entries_fail_at_dag_build(tmp_path):
                                                   "'yours'"):
         _plan(tmp_path, lossnets={"custom": {"mine": mine}, "weights": "random"},
               similarity={"lossnets": ["yours/1"]})
+
+
+# ----------------------------------------------------------------------------- attributes
+
+
+def test_attributes_of_the_node_name_kind(tmp_path):
+    """Against independent values: parameters counted on the torchvision modules, ConvNeXt's
+    receptive field by hand, total FLOPs against torchvision's metadata (GFLOPS = MACs)."""
+    from torchvision import models as tvm
+
+    from workflow.analysis.attributes import count_params, lossnet_attributes
+
+    df = lossnet_attributes(["alexnet"], [1], [], [224], extra=[
+        "convnext_tiny/2", "vit_b_16/3", "swin_t/1", "pixel/l2"]).set_index("lossnet")
+    assert list(df.index) == ["alexnet/1", "convnext_tiny/2", "vit_b_16/3", "swin_t/1"]
+    with torch.device("meta"):
+        cnx, vit = tvm.convnext_tiny(), tvm.vit_b_16()
+    c = df.loc["convnext_tiny/2"]
+    assert c["params_to_tap"] == count_params(cnx.features[:4].modules())
+    assert c["params_total"] == tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.meta["num_params"]
+    # stem 4x4/4: 4; 3 blocks of 7x7 depthwise at jump 4: +72; 2x2/2 downsample: +4;
+    # 3 blocks at jump 8: +144
+    assert c["receptive_field"] == 4 + 72 + 4 + 144
+    assert c["flops_total_224"] / 2 / 1e9 == pytest.approx(
+        tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.meta["_ops"], rel=0.01)
+    assert (c["channels"], c["features_224"], c["container"]) == (192, 192 * 28 * 28, "nodes")
+    assert pd_isna(c["child_index"]) and c["self_supervised"] == False  # noqa: E712
+    v = df.loc["vit_b_16/3"]
+    blocks = [vit.encoder.layers[i] for i in range(9)]
+    by_hand = (count_params(vit.conv_proj.modules()) + vit.class_token.numel()
+               + vit.encoder.pos_embedding.numel() + sum(count_params(b.modules()) for b in blocks))
+    assert v["params_to_tap"] == by_hand
+    assert v["imagenet_acc1"] == tvm.ViT_B_16_Weights.IMAGENET1K_V1.meta["_metrics"][
+        "ImageNet-1K"]["acc@1"]
+    assert v["flops_total_224"] / 2 / 1e9 == pytest.approx(
+        tvm.ViT_B_16_Weights.IMAGENET1K_V1.meta["_ops"], rel=0.01)
+    assert pd_isna(v["receptive_field"]) and pd_isna(v["skip_connections"])
+    assert (v["channels"], v["features_224"]) == (768, 768 * 14 * 14)
+    assert df.loc["alexnet/1", "receptive_field"] == 11 and not df.loc["alexnet/1",
+                                                                        "self_supervised"]
+
+
+def pd_isna(v) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(v))
+
+
+def test_the_attribute_rule_sees_the_benchmarks_presets(tmp_path):
+    import json
+
+    plan = _plan(tmp_path, similarity={"lossnets": ["convnext_tiny/2", "vit_b_16/3"]})
+    ln = json.loads(plan.analysis_params("attributes"))["lossnets"]
+    assert ln["extra"] == ["convnext_tiny/2", "vit_b_16/3"]

@@ -895,7 +895,14 @@ class Plan:
         an = self.config["analysis"]
         if what == "attributes":
             ln = self.config["lossnets"]
-            return as_json({"lossnets": {k: ln[k] for k in ("archs", "layers", "lpips_sets")},
+            grid = {n.id for n in [*self.grid(), *self.lpips_sets()]}
+            extra = list(dict.fromkeys(n.id for b in self.enabled() for n in self.lossnets(b)
+                                       if not n.is_pixel and n.id not in grid))
+            custom = {a: ln["custom"][a] for a in dict.fromkeys(LossNet.parse(i).arch
+                                                                  for i in extra) if a in CUSTOM}
+            return as_json({"lossnets": {**{k: ln[k] for k in ("archs", "layers", "lpips_sets")},
+                                         **({"extra": extra} if extra else {}),
+                                         **({"custom": custom} if custom else {})},
                             "sizes": sorted({int(v) for v in an["input_sizes"].values()})})
         if what == "tables":
             # the published-vs-reproduced table also sees the config keys its numbers require
