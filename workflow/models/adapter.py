@@ -35,6 +35,17 @@ __all__ = ["FusedAdapter", "baseline_distances", "load_adapter", "make_optimizer
            "metric_seed", "tap_channels"]
 
 
+def tap_key(t: int | str) -> int | str:
+    """A tap as the extractor names it: a child index (the study's architectures; ``"3"`` in
+    a model file's meta) or a module path (the node-name kind)."""
+    return int(t) if isinstance(t, int) or str(t).isdigit() else str(t)
+
+
+def _pname(v: int, t: int | str) -> str:
+    # parameter names cannot hold "."; a module path's dots become ":" (child indices as before)
+    return f"{v}_{str(t).replace('.', ':')}"
+
+
 def metric_seed(seed: int, ranking: int, variant: Variant) -> int:
     """Initialisation seed of one (ranking, comparison) metric, the same fused or alone."""
     return zlib.crc32(f"{seed}/{ranking}/{variant.name}".encode())
@@ -56,12 +67,15 @@ class FusedAdapter(nn.Module):
             raise ValueError(f"config key adaptation.dropout must be in [0, 1), got {dropout}")
         self.variants = list(variants)
         self.rankings = [int(r) for r in rankings]
-        self.taps = sorted(int(t) for t in channels)
+        channels = {tap_key(t): int(c) for t, c in channels.items()}
+        self.taps = list(channels)
+        if all(isinstance(t, int) for t in self.taps):
+            self.taps.sort()
         self.dropout = float(dropout)
         self.sync_weight = float(sync_weight)
         r = len(self.rankings)
         self.channel_weights = nn.ParameterDict({
-            f"{v}_{t}": nn.Parameter(torch.ones(r, int(channels[t])))
+            _pname(v, t): nn.Parameter(torch.ones(r, channels[t]))
             for v in range(len(self.variants)) for t in self.taps
         })
         self.rank_net = BatchedRankingNet([metric_seed(seed, rk, var) for var in self.variants
@@ -70,7 +84,7 @@ class FusedAdapter(nn.Module):
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> FusedAdapter:
         """An adapter shaped as :meth:`describe` says (its weights are then loaded)."""
-        return cls({int(t): int(c) for t, c in meta["taps"].items()},
+        return cls({tap_key(t): int(c) for t, c in meta["taps"].items()},
                    [Variant(m, bool(n)) for m, n in meta["variants"]], meta["rankings"],
                    dropout=meta["dropout"], sync_weight=meta["sync_weight"])
 
@@ -79,7 +93,7 @@ class FusedAdapter(nn.Module):
         return len(self.variants), len(self.rankings)
 
     def weights(self, v: int) -> dict[int, Tensor]:
-        return {t: self.channel_weights[f"{v}_{t}"] for t in self.taps}
+        return {t: self.channel_weights[_pname(v, t)] for t in self.taps}
 
     def dropout_masks(self, n: int, generator: torch.Generator | None, device: torch.device
                       ) -> dict[int, Tensor] | None:
@@ -87,7 +101,7 @@ class FusedAdapter(nn.Module):
         if not self.training or self.dropout == 0.0:
             return None
         keep = 1.0 - self.dropout
-        return {t: (torch.rand(n, self.channel_weights[f"0_{t}"].shape[1], generator=generator,
+        return {t: (torch.rand(n, self.channel_weights[_pname(0, t)].shape[1], generator=generator,
                                device=device) < keep).float() / keep for t in self.taps}
 
     def distances(self, diffs: Mapping[Variant, Mapping[int, Tensor]],
@@ -127,7 +141,7 @@ class FusedAdapter(nn.Module):
         """What :meth:`from_meta` needs, for the model file's meta."""
         return {"variants": [[v.method, v.channel_norm] for v in self.variants],
                 "rankings": self.rankings,
-                "taps": {str(t): int(self.channel_weights[f"0_{t}"].shape[1])
+                "taps": {str(t): int(self.channel_weights[_pname(0, t)].shape[1])
                          for t in self.taps},
                 "dropout": self.dropout, "sync_weight": self.sync_weight}
 
@@ -143,7 +157,7 @@ def tap_channels(extractor: nn.Module, size: int, device: torch.device) -> dict[
     """Channels per tap of a loss-network extractor (the widths of the channel weights)."""
     with torch.no_grad():
         feats = extractor(torch.zeros(1, 3, size, size, device=device))
-    return {int(t): int(f.shape[1]) for t, f in feats.items()}
+    return {tap_key(t): int(f.shape[1]) for t, f in feats.items()}
 
 
 def make_optimizer(adapter: FusedAdapter, lr: float, betas: Sequence[float]
