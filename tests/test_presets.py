@@ -219,8 +219,8 @@ def test_vit_tokens_fold_onto_the_patch_grid():
 
 def _by_hand(model, arch, taps, x):
     """The study's taps by hand: ImageNet-normalise, run the container's children in order,
-    keep a copy after each tapped child (every in-place op off: nothing is overwritten)."""
-    model = copy.deepcopy(model)
+    keep a copy after each tapped child (every in-place op of ``model`` switched off: nothing
+    is overwritten)."""
     for m in model.modules():
         if hasattr(m, "inplace"):
             m.inplace = False
@@ -245,8 +245,10 @@ def test_study_taps_equal_the_children_run_by_hand(arch):
     normalisation, which is bit-compared by feeding both the same normalised input)."""
     spec = ARCHS[arch]
     taps = sorted({*spec.layers, *(spec.lpips or ())})
+    # two builds of the same seeded weights (cheaper than a deep copy)
     model = _fast_random(arch, seed=1, upto=max(taps))
-    ex = lossnets.FeatureExtractor(copy.deepcopy(model), arch, taps, normalize="none")
+    ex = lossnets.FeatureExtractor(_fast_random(arch, seed=1, upto=max(taps)), arch, taps,
+                                   normalize="none")
     size = 80 if arch == "inception_v3" else 48
     x = torch.rand(1, 3, size, size)
     mean = torch.tensor(lossnets.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -408,3 +410,22 @@ def test_the_attribute_rule_sees_the_benchmarks_presets(tmp_path):
     plan = _plan(tmp_path, similarity={"lossnets": ["convnext_tiny/2", "vit_b_16/3"]})
     ln = json.loads(plan.analysis_params("attributes"))["lossnets"]
     assert ln["extra"] == ["convnext_tiny/2", "vit_b_16/3"]
+
+
+def test_the_weights_command_takes_the_custom_entries(tmp_path):
+    """`data weights --archs mine --custom JSON` (what download_weights runs): the job's own
+    process learns the entry from --custom and verifies its file under the URL's name."""
+    import json
+
+    from workflow import cli
+
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "mine-file.pth").write_bytes(b"weights")
+    custom = {"mine": {"builder": "resnet34", "taps": ["relu", "layer1", "layer2", "layer4"],
+                       "weights_url": "https://example.invalid/models/mine-file.pth"}}
+    CUSTOM.clear()
+    cli.run("data", "weights", ["--archs", "mine", "--out", str(tmp_path / "verified"),
+                                "--mirror", str(folder), "--custom", json.dumps(custom)])
+    rec = json.loads((tmp_path / "verified" / "mine-file.pth.json").read_text())
+    assert rec["arch"] == "mine" and rec["size"] == 7
