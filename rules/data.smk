@@ -138,6 +138,7 @@ if plan.own_weights_dir():
             plan.weight_targets(),
         params:
             archs=" ".join(plan.weight_archs()),
+            custom=plan.custom_param(),
             source=plan.weights_dir(),
             folder=lambda w, output: os.path.dirname(output[0]),
         message:
@@ -148,7 +149,7 @@ if plan.own_weights_dir():
             "../envs/workflow.yaml"
         shell:
             "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
-            " --mirror {params.source:q} > {log:q} 2>&1"
+            " --mirror {params.source:q} --custom {params.custom:q} > {log:q} 2>&1"
 
 else:
 
@@ -158,6 +159,7 @@ else:
             plan.weight_files(),
         params:
             archs=" ".join(plan.weight_archs()),
+            custom=plan.custom_param(),
             mirror=plan.mirror_param("weights"),
             folder=lambda w, output: os.path.dirname(output[0]),
         message:
@@ -168,7 +170,7 @@ else:
             "../envs/workflow.yaml"
         shell:
             "python -m workflow data weights --out {params.folder:q} --archs {params.archs}"
-            " --mirror {params.mirror:q} > {log:q} 2>&1"
+            " --mirror {params.mirror:q} --custom {params.custom:q} > {log:q} 2>&1"
 
 
 rule download:

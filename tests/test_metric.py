@@ -141,3 +141,101 @@ def test_unpaired_or_unreadable_files_are_named(tmp_path, capsys):
     assert cli.main(["metric", "score", str(tmp_path / "a"), str(tmp_path / "b"), *base]) == 1
     assert "only_b.png is not a readable image" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- node-name kind
+
+
+PRESET = "mobilenet_v3_large/2"  # the cheapest preset to build
+
+
+def test_a_preset_equals_the_similarity_benchmark(cpu_job):
+    net = LossNet.parse(PRESET)
+    variants = all_variants(["spatial", "mean", "sort"], (True, False))
+    job = cpu_job()
+    scorer = Scorer(job, job.extractor(net), [net], variants, image_size=64)
+    a, b = _images(3, 4), _images(3, 5)
+    bench = scorer.jnd(a, b)
+    for v in variants:
+        metric = PerceptualMetric(PRESET, v.method, v.channel_norm, weights="random")
+        with torch.no_grad():
+            ours = metric(_tensor(a), _tensor(b))
+        torch.testing.assert_close(ours, bench[(net.id, v)].float(), rtol=1e-5, atol=1e-7)
+    x = _tensor(a).requires_grad_()
+    PerceptualMetric(PRESET, "mean", True, weights="random")(x, x.detach()).sum().backward()
+    assert torch.isfinite(x.grad).all()  # at x == y too
+
+
+def test_weights_imagenet_from_a_hub_cache_random_or_a_file(tmp_path, monkeypatch):
+    from workflow.archs import weights_filename
+
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    state = load_backbone("mobilenet_v3_large", "random", seed=5).state_dict()
+    torch.save(state, hub / "checkpoints" / weights_filename("mobilenet_v3_large"))
+    monkeypatch.chdir(tmp_path)  # no resources/weights here
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    x, y = _tensor(_images(2, 6)), _tensor(_images(2, 7))
+    with torch.no_grad():
+        want = PerceptualMetric(PRESET, "mean", weights="random", seed=5)(x, y)
+        for kwargs in ({}, {"weights_dir": hub / "checkpoints"}):
+            got = PerceptualMetric(PRESET, "mean", weights="imagenet", **kwargs)(x, y)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        path = tmp_path / "mine.pth"
+        torch.save(state, path)
+        torch.testing.assert_close(PerceptualMetric(PRESET, "mean", weights=str(path))(x, y),
+                                   want, rtol=0, atol=0)
+    with pytest.raises(MetricError, match="weights_dir .* has no mobilenet_v3_large-8738ca79"):
+        PerceptualMetric(PRESET, weights="imagenet", weights_dir=tmp_path)
+    with pytest.raises(MetricError, match="'imagenet', 'random' or the path"):
+        PerceptualMetric(PRESET, weights=str(tmp_path / "none.pth"))
+    with pytest.raises(MetricError, match="did you mean mobilenet_v3_large"):
+        PerceptualMetric("mobilenet_v3_larg/2", weights="random")
+
+
+def test_a_custom_entry_as_a_metric():
+    custom = {"r18": {"builder": "resnet18", "taps": ["relu", "layer1", "layer2.1", "layer4"]}}
+    metric = PerceptualMetric("r18/3", "spatial", weights="random", custom=custom)
+    x, y = _tensor(_images(2, 8)), _tensor(_images(2, 9))
+    with torch.no_grad():
+        fx, fy = metric.extractor(x)["layer2.1"], metric.extractor(y)["layer2.1"]
+        unit = lambda f: f / f.norm(dim=1, keepdim=True).clamp_min(1e-10)  # noqa: E731
+        want = ((unit(fx) - unit(fy)) ** 2).sum(1).mean((1, 2))
+        torch.testing.assert_close(metric(x, y), want, rtol=1e-4, atol=1e-6)
+    from workflow.archs import CUSTOM
+
+    CUSTOM.clear()
+
+
+@pytest.mark.parametrize("lossnet", ["alexnet/2", PRESET])
+def test_an_adapted_metric_from_the_adaptation_model_file(cpu_job, tmp_path, lossnet):
+    """The adaptation benchmark's model file (FusedAdapter + save_model) into PerceptualMetric:
+    its distance is the benchmark's adapted distance (feature_diffs + FusedAdapter.distances)
+    of the chosen comparison and ranking."""
+    from workflow.benchmarks.adaptation import feature_diffs
+    from workflow.compare import Variant
+    from workflow.models.adapter import FusedAdapter, tap_channels
+    from workflow.training import save_model
+
+    job = cpu_job()
+    net = LossNet.parse(lossnet)
+    extractor = job.extractor(net, "imagenet")
+    variants = [Variant("mean", True), Variant("spatial", False)]
+    adapter = FusedAdapter(tap_channels(extractor, 64, job.device), variants, [0, 1, 2], seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.channel_weights.values():
+            p.copy_(torch.rand(p.shape, generator=g) * 2)
+    path = save_model(tmp_path / "adapter.pt", {"adapter": adapter},
+                      {**adapter.describe(), "net": net.id, "run": 0})
+    x, y = _tensor(_images(3, 10)), _tensor(_images(3, 11))
+    bench = adapter.eval().distances(feature_diffs(job, extractor, variants, [x, y])[0])
+    metric = PerceptualMetric.from_adapted(path, "spatial", False, ranking=2, weights="random")
+    with torch.no_grad():
+        torch.testing.assert_close(metric(x, y), bench[:, 1, 2], rtol=1e-5, atol=1e-7)
+        plain = PerceptualMetric(lossnet, "spatial", False, weights="random")(x, y)
+    assert not torch.allclose(metric(x, y), plain)
+    with pytest.raises(MetricError, match="holds the adapted comparisons mean-norm, spatial"):
+        PerceptualMetric.from_adapted(path, weights="random")
+    with pytest.raises(MetricError, match="rankings \\[0, 1, 2\\]; ranking=5"):
+        PerceptualMetric.from_adapted(path, "mean", ranking=5, weights="random")

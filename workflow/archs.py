@@ -16,6 +16,12 @@ extractor; the benchmarks that score it (plan.PIXEL_BENCHMARKS) compute the metr
 images themselves (:mod:`workflow.metrics.pixel`). The autoencoder's pixel-MSE baseline is
 the bare net id ``pixel`` of that benchmark (a training loss, not one of these metrics).
 
+A *node-name* loss network (:class:`NodeSpec`, the rows of :data:`PRESETS` and the user's
+``lossnets.custom`` entries, :func:`register_custom`) is any torchvision classifier with its
+taps named by module path (``features.3``, ``layer2``, ``encoder.layers.encoder_layer_5``),
+read by forward hooks; transformer taps are folded into ``(N, C, H, W)`` grids
+(docs/lossnets.md). It has layers ``"1".."4"`` and no LPIPS set.
+
 Weights: ``"imagenet"`` (torchvision's IMAGENET1K_V1 file, fetched by the ``download_weights``
 rule into a local folder), ``"random"`` (torchvision's initialisation, seeded), or a path to
 a state_dict file.
@@ -23,14 +29,16 @@ a state_dict file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "ARCHS", "LAYERS", "LPIPS_ARCHS", "PIXEL", "PIXEL_METRICS", "PIXEL_MIN_SIDE", "WEIGHTS_HOST",
-    "ArchSpec",
-    "LossNet", "UnknownLossNetError", "all_lossnets", "arch_spec", "pixel_lossnets",
+    "ARCHS", "CUSTOM", "LAYERS", "LPIPS_ARCHS", "PIXEL", "PIXEL_METRICS", "PIXEL_MIN_SIDE",
+    "PRESETS", "WEIGHTS_HOST", "ArchSpec", "LossNet", "NodeSpec", "UnknownLossNetError",
+    "all_lossnets", "arch_spec", "is_node_arch", "known_archs", "pixel_lossnets", "register_custom",
     "weights_filename", "weights_id", "weights_url",
 ]
 
@@ -116,19 +124,143 @@ ARCHS: dict[str, ArchSpec] = {
 }
 LPIPS_ARCHS = tuple(a for a, s in ARCHS.items() if s.lpips is not None)
 
+# how a tap's output is laid out (NodeSpec.layout); every tap reaches the comparisons as
+# (N, C, H, W): "nhwc" is permuted, "tokens" drops the prefix tokens and folds the rest
+LAYOUTS = ("nchw", "nhwc", "tokens")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A loss network of the node-name kind: any torchvision classification builder, with
+    the four layers "1".."4" named by module path and read by forward hooks."""
+
+    name: str
+    builder: str  # torchvision.models attribute
+    weights: str  # torchvision weights enum member, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1"
+    layers: tuple[str, str, str, str]  # module paths of layers 1..4 (early to late)
+    weights_file: str = ""  # the enum's file name (its sha256 prefix in the name)
+    layout: str = "nchw"  # of every tap: "nchw", "nhwc" (Swin stages), "tokens" (ViT blocks)
+    prefix_tokens: int = 0  # class / register tokens in front of a "tokens" tap's patches
+    input_size: int | None = None  # None: images as they come; N: resized to N x N first
+    self_supervised: bool = False
+    weights_url: str = ""  # where the file is fetched from, when not WEIGHTS_HOST
+    custom: bool = False  # from config lossnets.custom
+
+    @property
+    def weights_enum(self) -> str:
+        return self.weights.split(".", 1)[0]
+
+    @property
+    def weights_variant(self) -> str:
+        return self.weights.split(".", 1)[1] if "." in self.weights else "IMAGENET1K_V1"
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return self.layers
+
+
+# The presets: V1 ImageNet weights throughout (every one of these builders has IMAGENET1K_V1;
+# mobilenet_v3_large, regnet_y_1_6gf, resnet101 and wide_resnet50_2 also have a V2, which
+# torchvision calls DEFAULT: not used, for the study's like-for-like V1). Taps as the study's:
+# an early map, then three stages, the last one the deepest stage before the head.
+PRESETS: dict[str, NodeSpec] = {
+    s.name: s
+    for s in [
+        NodeSpec("convnext_tiny", "convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1",
+                 ("features.1", "features.3", "features.5", "features.7"),
+                 "convnext_tiny-983f1562.pth"),
+        NodeSpec("convnext_base", "convnext_base", "ConvNeXt_Base_Weights.IMAGENET1K_V1",
+                 ("features.1", "features.3", "features.5", "features.7"),
+                 "convnext_base-6075fbad.pth"),
+        NodeSpec("efficientnet_v2_s", "efficientnet_v2_s",
+                 "EfficientNet_V2_S_Weights.IMAGENET1K_V1",
+                 ("features.1", "features.2", "features.4", "features.6"),
+                 "efficientnet_v2_s-dd5fe13b.pth"),
+        NodeSpec("mobilenet_v3_large", "mobilenet_v3_large",
+                 "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
+                 ("features.1", "features.3", "features.6", "features.15"),
+                 "mobilenet_v3_large-8738ca79.pth"),
+        NodeSpec("regnet_y_1_6gf", "regnet_y_1_6gf", "RegNet_Y_1_6GF_Weights.IMAGENET1K_V1",
+                 ("stem", "trunk_output.block1", "trunk_output.block2", "trunk_output.block4"),
+                 "regnet_y_1_6gf-b11a554e.pth"),
+        NodeSpec("resnet101", "resnet101", "ResNet101_Weights.IMAGENET1K_V1",
+                 ("relu", "layer1", "layer2", "layer4"), "resnet101-63fe2227.pth"),
+        NodeSpec("wide_resnet50_2", "wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1",
+                 ("relu", "layer1", "layer2", "layer4"), "wide_resnet50_2-95faca4d.pth"),
+        NodeSpec("swin_t", "swin_t", "Swin_T_Weights.IMAGENET1K_V1",
+                 ("features.1", "features.3", "features.5", "features.7"),
+                 "swin_t-704ceda3.pth", layout="nhwc"),
+        NodeSpec("vit_b_16", "vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1",
+                 tuple(f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)),
+                 "vit_b_16-c867db91.pth", layout="tokens", prefix_tokens=1, input_size=224),
+        NodeSpec("maxvit_t", "maxvit_t", "MaxVit_T_Weights.IMAGENET1K_V1",
+                 ("blocks.0", "blocks.1", "blocks.2", "blocks.3"), "maxvit_t-bc5ab103.pth",
+                 input_size=224),
+    ]
+}
+# config lossnets.custom, registered by the plan (and by each job from its config)
+CUSTOM: dict[str, NodeSpec] = {}
+_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def known_archs() -> list[str]:
+    """Every architecture name: the study's 14, the presets and the registered custom ones."""
+    return [*ARCHS, *PRESETS, *CUSTOM]
+
+
+def is_node_arch(arch: str) -> bool:
+    """A loss network of the node-name kind (a preset or a custom entry)?"""
+    return arch in PRESETS or arch in CUSTOM
+
+
+def register_custom(custom: Mapping[str, Mapping] | None, key: str = "lossnets.custom"
+                    ) -> dict[str, NodeSpec]:
+    """Check the entries of config ``lossnets.custom`` (torch-free: the node names are checked
+    when the network is built) and make them known; returns them as specs."""
+    specs = {}
+    for name, entry in (custom or {}).items():
+        where = f"config key {key}.{name}"
+        if not _NAME.fullmatch(str(name)):
+            raise UnknownLossNetError(f"{where}: a name of lower-case letters, digits and _ only")
+        if name in ARCHS or name in PRESETS or name == PIXEL:
+            raise UnknownLossNetError(f"{where}: {name!r} is already a loss network of the "
+                                      f"table; pick another name")
+        taps = list(entry.get("taps") or ())
+        if len(taps) != 4 or not all(isinstance(t, str) and t for t in taps):
+            raise UnknownLossNetError(f"{where}.taps: give four module paths (layers 1..4, "
+                                      f"early to late), e.g. [layer1, layer2, layer3, layer4]")
+        layout = str(entry.get("layout", "nchw"))
+        if layout not in LAYOUTS:
+            raise UnknownLossNetError(f"{where}.layout: {layout!r}; use one of {LAYOUTS}")
+        size = entry.get("input_size")
+        weights = str(entry.get("weights", ""))
+        url = str(entry.get("weights_url", ""))
+        specs[name] = NodeSpec(
+            str(name), str(entry["builder"]), weights, tuple(taps),
+            url.rsplit("/", 1)[-1] if url else "", layout,
+            int(entry.get("prefix_tokens", 1 if layout == "tokens" else 0)),
+            int(size) if size else None, bool(entry.get("self_supervised", False)),
+            url, custom=True)
+    CUSTOM.clear()
+    CUSTOM.update(specs)
+    return specs
+
 
 class UnknownLossNetError(ValueError):
     """A loss network, architecture or layer that is not in the table; the message lists them."""
 
 
-def arch_spec(arch: str) -> ArchSpec:
-    try:
-        return ARCHS[arch]
-    except KeyError:
+def arch_spec(arch: str) -> ArchSpec | NodeSpec:
+    spec = ARCHS.get(arch) or PRESETS.get(arch) or CUSTOM.get(arch)
+    if spec is None:
+        near = difflib.get_close_matches(str(arch), known_archs(), n=3, cutoff=0.6)
         raise UnknownLossNetError(
-            f"unknown architecture {arch!r}; known architectures: {', '.join(ARCHS)} "
-            f"(or {PIXEL}/<metric> for a pixel baseline: {', '.join(PIXEL_METRICS)})"
-        ) from None
+            f"unknown architecture {arch!r}{f' (did you mean {near[0]}?)' if near else ''}; "
+            f"known architectures: {', '.join(known_archs())} "
+            f"(or {PIXEL}/<metric> for a pixel baseline: {', '.join(PIXEL_METRICS)}; or an "
+            f"entry of config lossnets.custom)"
+        )
+    return spec
 
 
 @dataclass(frozen=True)
@@ -148,7 +280,7 @@ class LossNet:
             return
         spec = arch_spec(self.arch)
         if self.layer == "lpips":
-            if spec.lpips is None:
+            if getattr(spec, "lpips", None) is None:
                 raise UnknownLossNetError(
                     f"{self.arch} has no LPIPS layer set; LPIPS sets exist for "
                     f"{', '.join(LPIPS_ARCHS)}"
@@ -168,10 +300,13 @@ class LossNet:
         return self.arch == PIXEL
 
     @property
-    def taps(self) -> tuple[int, ...]:
+    def taps(self) -> tuple[int, ...] | tuple[str, ...]:
+        """Child indices (the study's architectures) or module paths (the node-name kind)."""
         if self.is_pixel:
             return ()
-        spec = ARCHS[self.arch]
+        spec = arch_spec(self.arch)
+        if isinstance(spec, NodeSpec):
+            return (spec.layers[int(self.layer) - 1],)
         if self.layer == "lpips":
             return spec.lpips  # type: ignore[return-value]
         return (spec.layers[int(self.layer) - 1],)
@@ -211,6 +346,14 @@ def weights_filename(arch: str) -> str:
 
 def weights_url(arch: str) -> str:
     """Download URL of the IMAGENET1K_V1 weights (equal to the torchvision enum's; tested)."""
+    spec = arch_spec(arch)
+    if isinstance(spec, NodeSpec) and spec.weights_url:
+        return spec.weights_url
+    if not weights_filename(arch):
+        raise UnknownLossNetError(
+            f"config key lossnets.custom.{arch}: no weights_url, so its ImageNet file cannot "
+            f"be fetched; give weights_url (torchvision's {spec.weights or 'enum'}.url), a "
+            f"lossnets.weights_paths.{arch} file, or use weights: random")
     return WEIGHTS_HOST + weights_filename(arch)
 
 

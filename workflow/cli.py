@@ -80,6 +80,8 @@ ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "prepared": (("--prepared",), {"type": Path, "nargs": "+", "required": True,
                                    "help": "prepared dataset folders (or their manifest.json)"}),
     "archs": (("--archs",), {"nargs": "+", "required": True, "help": "architectures"}),
+    "custom": (("--custom",), {"type": json_arg, "default": {},
+                               "help": "config lossnets.custom entries of --archs (JSON)"}),
     "rankings": (("--rankings",), {"type": Path, "required": True, "help": "rankings.json"}),
     "triplets": (("--triplets",), {"type": Path, "nargs": "*", "default": [],
                                    "help": "triplet files (.npz)"}),
@@ -148,7 +150,7 @@ COMMANDS: dict[tuple[str, str], Command] = {
                                  ("name", "raw", "out", "options", "settings")),
     ("data", "weights"): Command("workflow.datasets.weights:fetch_weights",
                                  "download and verify ImageNet weight files into a folder",
-                                 ("archs", "out", "mirror")),
+                                 ("archs", "out", "mirror", "custom")),
     # benchmarks
     ("similarity", "score"): Command(_B + "similarity:score",
                                      "one architecture's loss networks on one dataset of "

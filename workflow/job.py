@@ -121,6 +121,10 @@ class Job:
                settings: Mapping[str, Any] | None = None) -> Job:
         """Resolve a job from a stage's ``--config`` and ``--settings`` and configure torch."""
         config, settings = dict(config or {}), dict(settings or {})
+        if config.get("custom_lossnets"):  # config lossnets.custom entries of this job
+            from workflow.archs import register_custom
+
+            register_custom(config["custom_lossnets"])
         device = pick_device(str(settings.get("device", "auto")))
         job = cls(device=device,
                   precision=resolve_precision(str(config.get("precision", "auto")), device),

@@ -4,10 +4,17 @@
 forward pass; :func:`feature_loss` is the deep perceptual loss. The models' own ``forward``
 is never used, so GoogLeNet/Inception ``transform_input`` is not applied (as in the study).
 Names, taps and weight files: :mod:`workflow.archs` (re-exported here).
+
+The node-name kind (:class:`workflow.archs.NodeSpec`: the presets and config
+``lossnets.custom``) is built by the same functions and read by :class:`NodeExtractor`:
+forward hooks on the named modules, one pass that stops after the last tap, transformer
+taps folded into ``(N, C, H, W)`` (:func:`fold_tap`).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,12 +26,15 @@ from workflow.archs import (  # noqa: F401  (re-exported: the registry belongs w
     ARCHS,
     LAYERS,
     LPIPS_ARCHS,
+    PRESETS,
     WEIGHTS_HOST,
     ArchSpec,
     LossNet,
+    NodeSpec,
     UnknownLossNetError,
     all_lossnets,
     arch_spec,
+    is_node_arch,
     weights_filename,
     weights_id,
     weights_url,
@@ -44,9 +54,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def weights_enum(arch: str):
+    """The torchvision weights enum member of ``arch`` (IMAGENET1K_V1 for the study's)."""
     import torchvision
 
-    return getattr(torchvision.models, arch_spec(arch).weights_enum).IMAGENET1K_V1
+    spec = arch_spec(arch)
+    if isinstance(spec, NodeSpec):
+        try:
+            return getattr(getattr(torchvision.models, spec.weights_enum), spec.weights_variant)
+        except AttributeError:
+            raise UnknownLossNetError(
+                f"{arch}: torchvision {torchvision.__version__} has no weights "
+                f"{spec.weights!r} (config key lossnets.custom.{arch}.weights, e.g. "
+                f"ResNet34_Weights.IMAGENET1K_V1)") from None
+    return getattr(torchvision.models, spec.weights_enum).IMAGENET1K_V1
 
 
 def imagenet_acc1(arch: str) -> float:
@@ -57,8 +77,17 @@ def _build_model(arch: str, pretrained_layout: bool) -> nn.Module:
     import torchvision
 
     spec = arch_spec(arch)
-    builder = getattr(torchvision.models, spec.builder)
+    builder = getattr(torchvision.models, spec.builder, None)
+    if builder is None or not callable(builder):
+        near = difflib.get_close_matches(spec.builder, torchvision.models.list_models(), n=5)
+        raise UnknownLossNetError(
+            f"config key lossnets.custom.{arch}.builder: torchvision.models has no builder "
+            f"{spec.builder!r}; near it: {', '.join(near) or 'none'}")
     kwargs: dict = {"weights": None}
+    if isinstance(spec, NodeSpec):
+        if spec.input_size and spec.builder.startswith("vit_"):
+            kwargs["image_size"] = spec.input_size  # position embeddings for that grid
+        return builder(**kwargs)
     if arch in ("googlenet", "inception_v3"):
         # the IMAGENET1K_V1 state_dicts carry the auxiliary heads
         kwargs.update(aux_logits=True, init_weights=not pretrained_layout)
@@ -88,6 +117,8 @@ def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
     """
     spec = arch_spec(arch)
     state = torchvision_keys(spec.builder, state)
+    if isinstance(spec, NodeSpec):
+        return _fit_node_state_dict(model, spec, state, taps, where, fix)
     taps = sorted(set(taps)) if taps else sorted({*spec.layers, *(spec.lpips or ())})
     container = model.features if spec.container == "features" else model
     base = "features." if spec.container == "features" else ""
@@ -126,6 +157,62 @@ def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
             f"have; {needs}; {fix}")
     return {k: v for k, v in state.items() if k in own
             and (k.startswith(tapped) or tuple(v.shape) == tuple(own[k].shape))}
+
+
+def _fit_node_state_dict(model: nn.Module, spec: NodeSpec, state: dict[str, Tensor],
+                         taps: Iterable[str] | None, where: str, fix: str) -> dict[str, Tensor]:
+    """:func:`fit_state_dict` for the node-name kind: the modules that run up to the end of
+    the deepest tap (in ``named_modules`` order, the order torchvision defines and runs
+    them) must be the file's; a ViT's position embeddings are interpolated to the grid the
+    model was built for (torchvision's ``interpolate_embeddings``)."""
+    arch = spec.name
+    order = [n for n, _ in model.named_modules()]
+    taps = list(taps) if taps else list(spec.layers)
+    check_taps(model, arch, taps)
+    last = max(order.index(t) for t in taps)
+    deepest = order[last]
+    end = max(i for i, n in enumerate(order) if n == deepest or n.startswith(deepest + "."))
+    owner = {n: i for i, n in enumerate(order)}
+    own = model.state_dict()
+    pos = "encoder.pos_embedding"
+    if pos in own and pos in state and state[pos].shape != own[pos].shape:
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = dict(interpolate_embeddings(model.image_size, model.patch_size, state))
+
+    def needed(key: str) -> bool:
+        return owner.get(key.rsplit(".", 1)[0] if "." in key else "", 0) <= end
+
+    needs = (f"the modules up to {deepest} (the deepest tap) must be {arch}'s; later ones, "
+             f"e.g. a classifier head, may differ")
+    fix = fix or f"give a {arch} state_dict"
+    for key, param in own.items():
+        if not needed(key):
+            continue
+        if key not in state:
+            if key.endswith(".num_batches_tracked"):
+                continue
+            raise WeightsFileError(f"{where} is not a {arch} state_dict: it has no key {key!r} "
+                                   f"(its first key is {next(iter(state), None)!r}); {needs}; "
+                                   f"{fix}")
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise WeightsFileError(
+                f"{where} does not fit {arch}: key {key!r} has shape {list(state[key].shape)} "
+                f"in the file, {arch} needs {list(param.shape)}; {needs}; {fix}")
+    return {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+
+
+def check_taps(model: nn.Module, arch: str, taps: Iterable[str]) -> None:
+    """Every tap names a module of ``model``, or the error names the valid ones near it."""
+    names = [n for n, _ in model.named_modules() if n]
+    for t in taps:
+        if t not in names:
+            near = difflib.get_close_matches(str(t), names, n=6, cutoff=0.5)
+            parent = str(t).rsplit(".", 1)[0]
+            near += [n for n in names if n.rsplit(".", 1)[0] == parent and n not in near][:6]
+            raise UnknownLossNetError(
+                f"{arch} has no module {t!r} (a tap of config lossnets.custom.{arch}.taps or of "
+                f"its preset); modules near it: {', '.join(near) or ', '.join(names[:12])}")
 
 
 def load_backbone(
@@ -286,6 +373,103 @@ class FeatureExtractor(nn.Module):
         return out
 
 
+def fold_tap(t: Tensor, layout: str, prefix_tokens: int = 0) -> Tensor:
+    """One tap's output as ``(N, C, H, W)``: ``nchw`` as it is; ``nhwc`` (a Swin stage's
+    ``(N, H, W, C)``) permuted; ``tokens`` (a ViT block's ``(N, prefix + H*W, C)``) without
+    its ``prefix_tokens`` class / register tokens, the patch tokens folded back row-major
+    (the order torchvision flattens the patch grid in) onto a square grid. The permutes are
+    views: a folded tap is a channels_last tensor, no copy."""
+    if layout == "nchw":
+        return t
+    if layout == "nhwc":
+        return t.permute(0, 3, 1, 2)
+    if layout != "tokens":
+        raise ValueError(f"unknown tap layout {layout!r}")
+    n, length, c = t.shape
+    patches = length - prefix_tokens
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"a token tap of {length} tokens less {prefix_tokens} prefix tokens "
+                         f"is not a square grid of patches")
+    return t[:, prefix_tokens:].reshape(n, side, side, c).permute(0, 3, 1, 2)
+
+
+class _Stop(Exception):
+    """Raised by the hook of the last tap: the pass stops there."""
+
+
+class NodeExtractor(nn.Module):
+    """The taps of a node-name loss network (module paths) from one forward pass.
+
+    Forward hooks on the named modules record their outputs (folded by :func:`fold_tap`);
+    the hook of the last one to run stops the pass, so nothing after it is computed.
+    Images in [0, 1] are resized to the spec's ``input_size`` first where it has one
+    (bilinear, differentiable), then ImageNet-normalised (``normalize="imagenet"``). The
+    output is ``{module path: (N, C, H, W)}``; gradients flow, parameters are frozen,
+    eval mode always. Every in-place op of the backbone is switched off: a hook's output
+    is then never overwritten, whatever module a user names.
+    """
+
+    def __init__(self, backbone: nn.Module, arch: str, taps: Sequence[str],
+                 normalize: str = "imagenet"):
+        super().__init__()
+        spec = arch_spec(arch)
+        if normalize not in ("imagenet", "none"):
+            raise ValueError(f"normalize must be 'imagenet' or 'none', got {normalize!r}")
+        if not taps:
+            raise ValueError("no taps requested")
+        check_taps(backbone, arch, taps)
+        order = [n for n, _ in backbone.named_modules()]
+        self.taps = tuple(sorted(set(taps), key=order.index))
+        self.arch, self.spec = arch, spec
+        self.backbone = backbone
+        for m in backbone.modules():
+            if hasattr(m, "inplace"):
+                m.inplace = False
+        modules = dict(backbone.named_modules())
+        for t in self.taps:
+            modules[t].register_forward_hook(self._hook(t))
+        self.norm = ImageNetNormalize() if normalize == "imagenet" else nn.Identity()
+        self._out: dict[str, Tensor] | None = None
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def _hook(self, tap: str):
+        def hook(_m, _i, out) -> None:
+            got = self._out
+            if got is None:  # a pass not started by forward (e.g. a user's own)
+                return
+            got[tap] = fold_tap(out, self.spec.layout, self.spec.prefix_tokens)
+            if len(got) == len(self.taps):
+                raise _Stop
+
+        return hook
+
+    def train(self, mode: bool = True) -> NodeExtractor:
+        return super().train(False)  # a loss network always runs in eval mode
+
+    peak_activation_bytes = FeatureExtractor.peak_activation_bytes
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        size = self.spec.input_size
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                                align_corners=False)
+        x = self.norm(x)
+        self._out = out = {}
+        try:
+            self.backbone(x)
+        except _Stop:
+            pass
+        finally:
+            self._out = None
+        missing = [t for t in self.taps if t not in out]
+        if missing:
+            raise RuntimeError(f"{self.arch}: the forward pass never ran {', '.join(missing)}")
+        return {t: out[t] for t in self.taps}
+
+
 def build_extractor(
     arch: str,
     taps: Iterable[int] | None = None,
@@ -295,8 +479,9 @@ def build_extractor(
     weights_dir: str | Path = "resources/weights",
     normalize: str = "imagenet",
     seed: int = 0,
-) -> FeatureExtractor:
-    """One extractor for ``arch`` covering ``taps`` and the taps of every given loss network."""
+) -> FeatureExtractor | NodeExtractor:
+    """One extractor for ``arch`` covering ``taps`` and the taps of every given loss network
+    (a :class:`NodeExtractor` for the node-name kind)."""
     wanted = set(taps or ())
     for net in lossnets:
         if net.arch != arch:
@@ -305,6 +490,8 @@ def build_extractor(
     if not wanted:
         wanted = set(arch_spec(arch).layers)
     backbone = load_backbone(arch, weights, weights_dir, seed=seed, taps=wanted)
+    if is_node_arch(arch):
+        return NodeExtractor(backbone, arch, sorted(wanted), normalize)
     return FeatureExtractor(backbone, arch, sorted(wanted), normalize)
 
 

@@ -13,6 +13,10 @@ for the comparison), so the numbers equal the benchmark's::
     loss_fn = PerceptualLoss("vgg16/2")   # the study's loss: feature MSE at one layer
     loss = loss_fn(output, target)        # a scalar; no gradient flows into the target
 
+    PerceptualMetric("convnext_tiny/2")   # a preset of the node-name kind (docs/lossnets.md)
+    PerceptualMetric("mine/3", custom={"mine": {"builder": "resnet34", "taps": [...]}})
+    PerceptualMetric.from_adapted("adapter.pt", comparison="mean", ranking=0)  # adaptation's
+
 ``weights``: ``"imagenet"`` reads torchvision's published file (never downloads) from
 ``weights_dir``, by default the first of ``resources/weights`` (this workflow's download
 folder) and torch's hub cache (``torch.hub.get_dir()/checkpoints``, same file names) that
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from workflow import compare
-from workflow.archs import LossNet, weights_filename
+from workflow.archs import CUSTOM, LossNet, UnknownLossNetError, register_custom, weights_filename
 from workflow.lossnets import build_extractor, feature_loss
 
 __all__ = ["IMAGE_SUFFIXES", "PerceptualLoss", "PerceptualMetric", "find_weights_dir",
@@ -52,7 +57,12 @@ class MetricError(ValueError):
 def find_weights_dir(arch: str, weights_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding ``arch``'s ImageNet weights file (see the module docstring)."""
     if weights_dir is not None:
-        return Path(weights_dir).expanduser()
+        folder = Path(weights_dir).expanduser()
+        if not (folder / weights_filename(arch)).is_file():
+            raise MetricError(f"weights_dir {folder} has no {weights_filename(arch)} (the "
+                              f"ImageNet file of {arch}, torchvision's name); fetch it with "
+                              f"`snakemake --cores 1 download_weights`, or use weights='random'")
+        return folder
     name = weights_filename(arch)
     candidates = [Path("resources/weights"), Path(torch.hub.get_dir()) / "checkpoints"]
     for d in candidates:
@@ -70,15 +80,26 @@ class PerceptualMetric(nn.Module):
     ``workflow.compare.METHODS``; ``channel_norm`` unit-normalise each position's channel
     vector (after the mean / sort transform); ``weights``, ``weights_dir``: see the module
     docstring; ``normalize``: ``imagenet`` (the loss network sees ImageNet-normalised
-    inputs, as in BAPPS scoring) or ``none``; ``seed``: of random weights.
+    inputs, as in BAPPS scoring) or ``none``; ``seed``: of random weights; ``custom``:
+    entries as config ``lossnets.custom`` (docs/lossnets.md) for a ``lossnet`` of your own.
+    ``weights="random"`` or a state_dict path; ``"imagenet"`` needs the file in
+    ``weights_dir`` (or in ``resources/weights`` or the torch hub cache when unset).
     """
 
     def __init__(self, lossnet: str = "squeezenet1_1/lpips", comparison: str = "spatial",
                  channel_norm: bool = True, weights: str = "imagenet",
                  weights_dir: str | os.PathLike | None = None, normalize: str = "imagenet",
-                 seed: int = 0) -> None:
+                 seed: int = 0, custom: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
-        self.net = LossNet.parse(lossnet)
+        if custom:
+            register_custom({**{k: v for k, v in _custom_specs().items()}, **custom}, "custom")
+        try:
+            self.net = LossNet.parse(lossnet)
+        except UnknownLossNetError as e:
+            raise MetricError(str(e)) from None
+        if weights not in ("imagenet", "random") and not Path(weights).expanduser().is_file():
+            raise MetricError(f"weights={weights!r}: use 'imagenet', 'random' or the path of a "
+                              f"state_dict file (no such file)")
         try:
             self.variant = compare.Variant(comparison, bool(channel_norm))
         except ValueError as e:
@@ -90,6 +111,40 @@ class PerceptualMetric(nn.Module):
         for p in self.extractor.parameters():
             p.requires_grad_(False)
         self.weights = weights
+        self.channel_weights: dict[int | str, Tensor] | None = None
+
+    @classmethod
+    def from_adapted(cls, model: str | os.PathLike, comparison: str | None = None,
+                     channel_norm: bool | None = None, ranking: int = 0, **kwargs: Any
+                     ) -> PerceptualMetric:
+        """The metric that the adaptation benchmark adapted: its model file (``adapter.pt``,
+        written by ``training.save_model``) holds non-negative channel weights per comparison
+        and ranking for one loss network (its ``net``); pick the comparison (and
+        ``channel_norm``) and the ``ranking``. The distance is the benchmark's adapted one,
+        the channel-weighted sum of the per-channel differences. ``kwargs`` go to the
+        constructor (``weights``, ``weights_dir``, ``normalize``: as the adaptation ran)."""
+        from workflow.models.adapter import load_adapter
+
+        try:
+            adapter, meta = load_adapter(model, torch.device("cpu"))
+        except (OSError, ValueError) as e:
+            raise MetricError(f"{model}: not an adaptation model file ({e})") from None
+        names = [v.name for v in adapter.variants]
+        pick = [i for i, v in enumerate(adapter.variants)
+                if (comparison is None or v.method == comparison)
+                and (channel_norm is None or v.channel_norm == bool(channel_norm))]
+        if len(pick) != 1:
+            raise MetricError(f"{model} holds the adapted comparisons {', '.join(names)}; "
+                              f"choose one with comparison= and channel_norm=")
+        if int(ranking) not in adapter.rankings:
+            raise MetricError(f"{model} was adapted to rankings {adapter.rankings}; "
+                              f"ranking={ranking} is not one of them")
+        r, var = adapter.rankings.index(int(ranking)), adapter.variants[pick[0]]
+        metric = cls(meta["net"], var.method, var.channel_norm, **kwargs)
+        metric.channel_weights = {t: w[r].detach().clone()
+                                  for t, w in adapter.weights(pick[0]).items()}
+        metric.adapted = {"model": str(model), "ranking": int(ranking), "run": meta.get("run")}
+        return metric
 
     def features(self, x: Tensor) -> dict[int, Tensor]:
         _check_images(x, "x")
@@ -102,7 +157,10 @@ class PerceptualMetric(nn.Module):
             raise MetricError(f"x is {list(x.shape)} and y {list(y.shape)}: y needs x's shape "
                               f"or a batch of 1")
         fx, fy = self.features(x), self.extractor(y)
-        return compare.distances(fx, fy, [self.variant], self.net.taps)[self.variant]
+        weights = None
+        if self.channel_weights is not None:
+            weights = {t: w.to(x.device) for t, w in self.channel_weights.items()}
+        return compare.distances(fx, fy, [self.variant], self.net.taps, weights)[self.variant]
 
     def extra_repr(self) -> str:
         return f"{self.net.id}, {self.variant.name}, weights={self.weights}"
@@ -127,6 +185,14 @@ class PerceptualLoss(nn.Module):
             _check_images(output, "output")
             return feature_loss(self.metric.extractor, self.metric.net.taps, output, target)
         return self.metric(output, target.detach()).mean()
+
+
+def _custom_specs() -> dict[str, dict[str, Any]]:
+    """The registered custom entries back as config entries (a second metric keeps them)."""
+    return {n: {"builder": s.builder, "weights": s.weights, "taps": list(s.layers),
+                "input_size": s.input_size, "layout": s.layout, "prefix_tokens": s.prefix_tokens,
+                "self_supervised": s.self_supervised, "weights_url": s.weights_url}
+            for n, s in CUSTOM.items()}
 
 
 def _check_images(x: Tensor, name: str) -> None:

@@ -41,13 +41,16 @@ from typing import Any
 
 from workflow.archs import (
     ARCHS,
+    CUSTOM,
     PIXEL,
     PIXEL_METRICS,
     PIXEL_MIN_SIDE,
     LossNet,
     UnknownLossNetError,
     all_lossnets,
+    known_archs,
     pixel_lossnets,
+    register_custom,
     weights_filename,
     weights_url,
 )
@@ -435,6 +438,10 @@ def complete_config(config: dict[str, Any]) -> dict[str, Any]:
     root, _ = _schemas()
     _fill_defaults(config, root, root["$id"])
     _validate(config)
+    try:
+        register_custom(config["lossnets"]["custom"])
+    except UnknownLossNetError as e:
+        raise ConfigError(str(e)) from None
     _check_weights_paths(config)
     return config
 
@@ -443,10 +450,10 @@ def _check_weights_paths(config: Mapping[str, Any]) -> None:
     """Every ``lossnets.weights_paths`` entry names an architecture of the registry and a file
     (checked when the DAG is built, not in the job that would read it)."""
     for arch, path in config["lossnets"]["weights_paths"].items():
-        if arch not in ARCHS:
+        if arch not in known_archs():
             raise ConfigError(
                 f"config key lossnets.weights_paths: {arch!r} (file {path}) is not an "
-                f"architecture of the registry; valid names: {', '.join(ARCHS)}")
+                f"architecture of the registry; valid names: {', '.join(known_archs())}")
         if not str(path).strip():
             raise ConfigError(f"config key lossnets.weights_paths.{arch}: the path is empty; "
                               f"give the state_dict file, or remove the entry")
@@ -578,6 +585,12 @@ class Plan:
 
         for b in self.enabled():
             self.lossnets(b)  # an unknown loss network id is named with its config key
+        for a in self.imagenet_archs():
+            if a in CUSTOM and not CUSTOM[a].weights_file:
+                raise ConfigError(
+                    f"config key lossnets.custom.{a}: weights is imagenet but the entry has "
+                    f"no weights_url (torchvision's {CUSTOM[a].weights or 'weights enum'}.url);"
+                    f" add it, give lossnets.weights_paths.{a}, or set lossnets.weights: random")
         own = self.own_weights_dir()
         missing = [weights_filename(a) for a in self.imagenet_archs()
                    if own and not Path(self.weight_file(a)).is_file()]
@@ -724,6 +737,12 @@ class Plan:
         """The ImageNet files of :meth:`weight_archs` (with ``lossnets.weights_dir``: the
         user's files, the inputs of ``download_weights``)."""
         return [self.weight_file(a) for a in self.weight_archs()]
+
+    def custom_param(self) -> str:
+        """The ``lossnets.custom`` entries among :meth:`weight_archs`, as JSON (the download
+        job registers them)."""
+        custom = self.config["lossnets"]["custom"]
+        return as_json({a: custom[a] for a in self.weight_archs() if a in custom})
 
     def weight_urls(self) -> list[str]:
         return [weights_url(a) for a in self.weight_archs()]
@@ -882,6 +901,8 @@ class Plan:
         if spec.lossnet and arch not in (None, PIXEL):
             cfg["weights"] = self.weights(arch)
             cfg["weights_seed"] = int(self.config["lossnets"]["seed"])
+        if arch in CUSTOM:  # the job registers its own entry of lossnets.custom
+            cfg["custom_lossnets"] = {arch: self.config["lossnets"]["custom"][arch]}
         if arch == PIXEL and benchmark in PIXEL_BENCHMARKS:
             # a pixel baseline computes on the images: no features, no autocast
             for key in (*PIXEL_INDEPENDENT, "precision"):
@@ -982,7 +1003,14 @@ class Plan:
         an = self.config["analysis"]
         if what == "attributes":
             ln = self.config["lossnets"]
-            return as_json({"lossnets": {k: ln[k] for k in ("archs", "layers", "lpips_sets")},
+            grid = {n.id for n in [*self.grid(), *self.lpips_sets()]}
+            extra = list(dict.fromkeys(n.id for b in self.enabled() for n in self.lossnets(b)
+                                       if not n.is_pixel and n.id not in grid))
+            custom = {a: ln["custom"][a] for a in dict.fromkeys(LossNet.parse(i).arch
+                                                                  for i in extra) if a in CUSTOM}
+            return as_json({"lossnets": {**{k: ln[k] for k in ("archs", "layers", "lpips_sets")},
+                                         **({"extra": extra} if extra else {}),
+                                         **({"custom": custom} if custom else {})},
                             "sizes": sorted({int(v) for v in an["input_sizes"].values()})})
         if what == "tables":
             # the published-vs-reproduced table also sees the config keys its numbers require

@@ -46,7 +46,22 @@ How each attribute is computed (``docs/analysis.md`` says the same for readers):
   ``Conv2d`` up to the tap; ``batch_norm``: a ``BatchNorm2d`` up to the tap.
   All four come from inspecting the traced graph and modules; no flag is declared.
 - ``imagenet_acc1``: top-1 accuracy of the IMAGENET1K_V1 weights from torchvision's
-  weights metadata (``workflow.lossnets.imagenet_acc1``).
+  weights metadata (``workflow.lossnets.imagenet_acc1``); for the node-name kind, of the
+  weights enum member its row names (NaN where a custom entry names none).
+- ``self_supervised``: the loss network was pretrained without labels (the table's flag;
+  False for every torchvision classifier).
+
+The node-name kind (presets, ``lossnets.custom``; :func:`node_attributes`): ``child_index``
+is <NA>, ``taps`` the module path, ``container`` ``nodes``. "Up to the tap" means the
+modules in ``named_modules`` order up to the end of the tap's subtree (the order torchvision
+defines and runs them): their leaves, convolutions and parameters (a ViT's class token and
+position embedding included). FLOPs and shapes come from one pass of the extractor's input
+(resized to the spec's ``input_size`` where it has one, so ``flops_<S>`` of vit_b_16 is the
+224 px pass for every S) with a hook on the tap. The graph walk (receptive field, matmul
+depth, skips, branching, global context) runs through the nested children that lead to the
+tap, for the ``nchw`` CNNs (a ``Linear`` there is a per-pixel channel mix, as in ConvNeXt);
+for the transformers (``nhwc``/``tokens`` layouts, MaxViT's grid attention) attention mixes
+positions and the receptive field is NaN (not defined), the walk's flags <NA>.
 """
 
 from __future__ import annotations
@@ -65,8 +80,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from workflow.archs import NodeSpec, is_node_arch, known_archs
 from workflow.files import write_parquet
-from workflow.lossnets import ARCHS, LossNet, all_lossnets, arch_spec, imagenet_acc1, load_backbone
+from workflow.lossnets import (
+    LossNet,
+    all_lossnets,
+    arch_spec,
+    imagenet_acc1,
+    load_backbone,
+    weights_enum,
+)
 
 # Training-only heads: never run in eval mode, so not part of any forward pass.
 AUX_HEADS = ("aux1", "aux2", "AuxLogits")
@@ -150,8 +173,10 @@ def _fn_arg(node: fx.Node, pos: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def walk_child(child: nn.Module, facts: GraphFacts) -> GraphFacts:
-    """Propagate ``facts`` through one child module, traced with torch.fx."""
+def walk_child(child: nn.Module, facts: GraphFacts, pointwise_linear: bool = False
+               ) -> GraphFacts:
+    """Propagate ``facts`` through one child module, traced with torch.fx (``pointwise_linear``:
+    a ``Linear`` mixes channels at each position, not the whole map)."""
     gm = fx.symbolic_trace(nn.Sequential(child))  # the wrapper keeps the child a call_module
     flows: dict[fx.Node, _Flow] = {}
     bit: dict[fx.Node, int] = {}
@@ -200,7 +225,7 @@ def walk_child(child: nn.Module, facts: GraphFacts) -> GraphFacts:
                 base = _window(base, mod.kernel_size, mod.stride, mod.dilation)
                 base.matmuls += 1
             elif isinstance(mod, nn.Linear):
-                base.glob, base.matmuls = True, base.matmuls + 1
+                base.glob, base.matmuls = base.glob or not pointwise_linear, base.matmuls + 1
             elif isinstance(mod, nn.MaxPool2d):
                 base = _window(base, mod.kernel_size, mod.stride, mod.dilation)
             elif isinstance(mod, nn.AvgPool2d):
@@ -342,18 +367,148 @@ def arch_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) ->
     return rows
 
 
+def _node_acc1(arch: str) -> float:
+    try:
+        return float(weights_enum(arch).meta["_metrics"]["ImageNet-1K"]["acc@1"])
+    except Exception:  # a custom entry without (a known) weights enum member
+        return math.nan
+
+
+def _tap_path(model: nn.Module, tap: str) -> list[nn.Module]:
+    """The chain of children from the model to the tap, each step's earlier siblings first:
+    the modules the walk passes through when every parent on the way is sequential."""
+    chain, parent, prefix = [], model, ""
+    for part in tap.split("."):
+        names = [n for n, _ in parent.named_children()]
+        if part not in names:
+            raise NotImplementedError(tap)
+        chain += [getattr(parent, n) for n in names[: names.index(part)]]
+        parent, prefix = getattr(parent, part), f"{prefix}{part}."
+    return [*chain, parent]
+
+
+def _up_to(model: nn.Module, tap: str) -> list[nn.Module]:
+    """The modules up to the end of ``tap``'s subtree, in named_modules order."""
+    named = list(model.named_modules())
+    end = max(i for i, (n, _) in enumerate(named) if n == tap or n.startswith(tap + "."))
+    return [m for _, m in named[: end + 1]]
+
+
+def node_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) -> list[dict]:
+    """Attribute rows for loss networks of the node-name kind (see the module docstring)."""
+    from workflow.lossnets import fold_tap
+
+    spec: NodeSpec = arch_spec(arch)  # type: ignore[assignment]
+    dev = "cpu" if spec.builder.startswith("regnet") else "meta"  # regnet computes its widths
+    with torch.device(dev):
+        model = load_backbone(arch, "random").eval()
+    whole = list(model.modules())
+    leaves_total, params_total = len(_leaves(whole)), count_params(whole)
+    convs_total = sum(isinstance(m, nn.Conv2d) for m in whole)
+    acc1 = _node_acc1(arch)
+    modules = dict(model.named_modules())
+    attention = spec.layout != "nchw" or spec.builder.startswith("maxvit")
+
+    def flops(size: int) -> tuple[dict[str, float], dict[str, tuple], float]:
+        side = spec.input_size or size
+        x = torch.zeros(1, 3, side, side, device=dev)
+        at: dict[str, float] = {}
+        shapes: dict[str, tuple] = {}
+        with FlopCounterMode(display=False) as counter:
+            def hook(t):
+                def record(_m, _i, out):
+                    at[t] = float(counter.get_total_flops())
+                    shapes[t] = tuple(fold_tap(out, spec.layout, spec.prefix_tokens).shape)
+                return record
+
+            handles = [modules[n.taps[0]].register_forward_hook(hook(n.taps[0])) for n in nets]
+            try:
+                with torch.no_grad():
+                    model(x)
+                total = float(counter.get_total_flops())
+            except RuntimeError:
+                total = math.nan
+            finally:
+                for h in handles:
+                    h.remove()
+        return at, shapes, total
+
+    counted = {s: flops(s) for s in sizes}
+    rows = []
+    for net in nets:
+        tap = net.taps[0]
+        upto = _up_to(model, tap)
+        facts: GraphFacts | None = None
+        if not attention:
+            try:
+                facts = GraphFacts()
+                for c in _tap_path(model, tap):
+                    facts = walk_child(c, facts, pointwise_linear=True)
+            except Exception:  # not traceable, or a parent that is not sequential
+                facts = None
+        params = count_params(upto)
+        rf = (math.nan if facts is None
+              else float(max(facts.flow.rf)) if not facts.flow.glob else math.inf)
+        na = pd.NA
+        row = {
+            "lossnet": net.id, "arch": arch, "layer": net.layer,
+            "layer_index": int(net.layer), "layer_name": tap,
+            "child_index": na, "taps": tap, "container": "nodes",
+            "depth_pct": 100.0 * len(_leaves(upto)) / leaves_total,
+            "conv_depth_pct": (100.0 * sum(isinstance(m, nn.Conv2d) for m in upto) / convs_total
+                               if convs_total else math.nan),
+            "params_to_tap": params, "params_total": params_total,
+            "params_pct": 100.0 * params / params_total,
+            "receptive_field": rf,
+            "matmul_depth": facts.flow.matmuls if facts else na,
+            "skip_connections": facts.skip if facts else na,
+            "branching": facts.branching if facts else na,
+            "conv1x1": any(isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+                           for m in upto),
+            "batch_norm": any(isinstance(m, nn.BatchNorm2d) for m in upto),
+            "global_context": facts.global_context if facts else na,
+            "imagenet_acc1": acc1, "self_supervised": spec.self_supervised,
+        }
+        shape = counted[sizes[-1]][1].get(tap) if sizes else None
+        row["channels"] = shape[1] if shape else na
+        for s in sizes:
+            at, shapes, total = counted[s]
+            cum = at.get(tap, math.nan)
+            row[f"features_{s}"] = float(math.prod(shapes[tap][1:])) if tap in shapes \
+                else math.nan
+            row[f"flops_{s}"] = cum
+            row[f"flops_total_{s}"] = total
+            row[f"flops_pct_{s}"] = 100.0 * cum / total
+            row[f"macs_{s}"] = cum / 2
+            row[f"macs_total_{s}"] = total / 2
+        rows.append(row)
+    return rows
+
+
 def lossnet_attributes(
     archs: Sequence[str], layers: Sequence[str | int], lpips_sets: Sequence[str],
-    sizes: Sequence[int],
+    sizes: Sequence[int], extra: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """The attribute table of every loss network of the grid (+ LPIPS sets)."""
+    """The attribute table of every loss network of the grid (+ LPIPS sets, + the ``extra``
+    loss network ids that benchmarks use outside the grid)."""
     sizes = sorted({int(s) for s in sizes})
     nets = all_lossnets(archs, [str(x) for x in layers], lpips_sets)
+    nets = list(dict.fromkeys([*nets, *(LossNet.parse(str(i)) for i in extra)]))
+    nets = [n for n in nets if not n.is_pixel]
     rows: list[dict] = []
     for arch in dict.fromkeys([n.arch for n in nets]):
-        rows += arch_attributes(arch, [n for n in nets if n.arch == arch], sizes)
+        mine = [n for n in nets if n.arch == arch]
+        if is_node_arch(arch):
+            rows += node_attributes(arch, mine, sizes)
+        else:
+            rows += [{**r, "self_supervised": False} for r in arch_attributes(arch, mine, sizes)]
     df = pd.DataFrame(rows)
     df["layer_index"] = df["layer_index"].astype("Int64")
+    for c in ("child_index", "matmul_depth", "channels"):  # nullable only where NA occurs
+        df[c] = df[c].astype("Int64") if df[c].isna().any() else df[c].astype("int64")
+    for c in ("skip_connections", "branching", "global_context", "conv1x1", "batch_norm",
+              "self_supervised"):
+        df[c] = df[c].astype("boolean") if df[c].isna().any() else df[c].astype(bool)
     for c in ("arch", "layer", "lossnet", "layer_name", "taps", "container"):
         df[c] = df[c].astype("string")
     return df
@@ -362,16 +517,20 @@ def lossnet_attributes(
 def write_attributes(config: Mapping[str, Any], out: str | Path) -> pd.DataFrame:
     """``lossnets.parquet`` of the grid ``config["lossnets"]`` (archs, layers, lpips_sets) at
     the input sizes ``config["sizes"]`` (config ``analysis.input_sizes``)."""
+    from workflow.archs import register_custom
+
     ln, sizes = config["lossnets"], [int(s) for s in config["sizes"]]
-    unknown = [a for a in ln["archs"] if a not in ARCHS]
+    register_custom(ln.get("custom"))
+    unknown = [a for a in ln["archs"] if a not in known_archs()]
     if unknown:
         raise AttributeConfigError(f"config key lossnets.archs: unknown architectures {unknown}; "
-                                   f"known: {list(ARCHS)}")
+                                   f"known: {known_archs()}")
     bad = [s for s in sizes if s < 16]
     if bad:
         raise AttributeConfigError(f"config key analysis.input_sizes: sizes {bad} are too small "
                                    f"(use >= 16 px)")
-    df = lossnet_attributes(ln["archs"], ln["layers"], ln.get("lpips_sets", []), sizes)
+    df = lossnet_attributes(ln["archs"], ln["layers"], ln.get("lpips_sets", []), sizes,
+                            ln.get("extra", []))
     write_parquet(df, out)
     print(f"{out}: {len(df)} loss networks, {len(df.columns)} attributes")
     return df

@@ -70,12 +70,26 @@ COST_LABELS = {
 }
 
 
+class _Colors(dict):
+    """Architecture -> colour; a name outside the table (a custom loss network) takes the
+    next colour of the cycle."""
+
+    def __init__(self, names: list[str], palette: list) -> None:
+        super().__init__({a: palette[i % len(palette)] for i, a in enumerate(names)})
+        self.palette = palette
+
+    def __missing__(self, arch: str) -> Any:
+        self[arch] = self.palette[len(self) % len(self.palette)]
+        return self[arch]
+
+
 def arch_colors(palette: str = "tab20") -> dict[str, Any]:
-    """One fixed colour per architecture, by registry position (not by what a run contains)."""
-    colors = sns.color_palette(palette, max(len(ARCHS), 1))
-    if len(colors) < len(ARCHS):  # a short qualitative palette: cycle rather than fail
-        colors = [colors[i % len(colors)] for i in range(len(ARCHS))]
-    return {a: colors[i] for i, a in enumerate(ARCHS)}
+    """One fixed colour per architecture, by registry position (not by what a run contains):
+    the study's 14, then the node-name presets (a short palette cycles rather than fails)."""
+    from workflow.archs import PRESETS
+
+    names = [*ARCHS, *PRESETS]
+    return _Colors(names, list(sns.color_palette(palette, max(len(names), 1))))
 
 
 def _style(fig_cfg: Mapping[str, Any]) -> None:

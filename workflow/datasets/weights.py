@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from workflow.archs import weights_filename, weights_url
+from workflow.archs import register_custom, weights_filename, weights_url
 from workflow.datasets.fetch import ChecksumBook, DownloadError, fetch, mirror_url
 from workflow.files import sha256_file
 
@@ -52,12 +52,16 @@ def verify_weights_file(path: Path) -> None:
 
 
 def fetch_weights(archs: Iterable[str], out: str | Path, mirror: str | None = None,
-                  progress: bool = True, retries: int = 5) -> list[Path]:
-    """Download and verify the weight files of ``archs`` into the folder ``out``.
+                  progress: bool = True, retries: int = 5,
+                  custom: Mapping[str, Any] | None = None) -> list[Path]:
+    """Download and verify the weight files of ``archs`` into the folder ``out``
+    (``custom``: the config ``lossnets.custom`` entries among them).
 
     A ``mirror`` that is a local folder rather than a URL (config ``lossnets.weights_dir``,
     e.g. a torch hub cache) is only verified: :func:`verify_folder`.
     """
+    if custom:
+        register_custom(custom)
     if mirror and not mirror.startswith(("http://", "https://")):
         return verify_folder(archs, mirror, out)
     out = Path(out)

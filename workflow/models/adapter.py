@@ -46,6 +46,18 @@ def terms(variants: Sequence[Variant]) -> list[Variant]:
     return list(dict.fromkeys(Variant(p, v.channel_norm) for v in variants for p in v.parts))
 
 
+def tap_key(t: int | str) -> int | str:
+    """A tap as the extractor names it: a child index (the study's architectures; ``"3"`` in
+    a model file's meta) or a module path (the node-name kind)."""
+    return int(t) if isinstance(t, int) or str(t).isdigit() else str(t)
+
+
+def _pname(v: int, t: int | str, term: int = 0) -> str:
+    # comparison v, its term, tap t; parameter names cannot hold ".": a module path's dots
+    # become ":" (child indices as before)
+    return f"{v}_{term}_{str(t).replace('.', ':')}"
+
+
 def metric_seed(seed: int, ranking: int, variant: Variant) -> int:
     """Initialisation seed of one (ranking, comparison) metric, the same fused or alone."""
     return zlib.crc32(f"{seed}/{ranking}/{variant.name}".encode())
@@ -69,13 +81,16 @@ class FusedAdapter(nn.Module):
         self.variants = list(variants)
         self.terms = terms(self.variants)
         self.rankings = [int(r) for r in rankings]
-        self.taps = sorted(int(t) for t in channels)
-        self.channels = {t: int(channels[t]) for t in self.taps}
+        channels = {tap_key(t): int(c) for t, c in channels.items()}
+        self.taps = list(channels)
+        if all(isinstance(t, int) for t in self.taps):
+            self.taps.sort()
+        self.channels = {t: channels[t] for t in self.taps}
         self.dropout = float(dropout)
         self.sync_weight = float(sync_weight)
         r = len(self.rankings)
         self.channel_weights = nn.ParameterDict({
-            f"{v}_{j}_{t}": nn.Parameter(torch.ones(r, self.channels[t]))
+            _pname(v, t, j): nn.Parameter(torch.ones(r, self.channels[t]))
             for v, var in enumerate(self.variants) for j in range(len(var.parts))
             for t in self.taps
         })
@@ -85,7 +100,7 @@ class FusedAdapter(nn.Module):
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> FusedAdapter:
         """An adapter shaped as :meth:`describe` says (its weights are then loaded)."""
-        return cls({int(t): int(c) for t, c in meta["taps"].items()},
+        return cls({tap_key(t): int(c) for t, c in meta["taps"].items()},
                    [Variant(m, bool(n)) for m, n in meta["variants"]], meta["rankings"],
                    dropout=meta["dropout"], sync_weight=meta["sync_weight"])
 
@@ -93,9 +108,9 @@ class FusedAdapter(nn.Module):
     def shape(self) -> tuple[int, int]:
         return len(self.variants), len(self.rankings)
 
-    def weights(self, v: int, term: int = 0) -> dict[int, Tensor]:
+    def weights(self, v: int, term: int = 0) -> dict[int | str, Tensor]:
         """``{tap: [R, C]}``: the weights of term ``term`` of comparison ``variants[v]``."""
-        return {t: self.channel_weights[f"{v}_{term}_{t}"] for t in self.taps}
+        return {t: self.channel_weights[_pname(v, t, term)] for t in self.taps}
 
     def dropout_masks(self, n: int, generator: torch.Generator | None, device: torch.device
                       ) -> dict[Variant, dict[int, Tensor]] | None:
@@ -186,7 +201,7 @@ def tap_channels(extractor: nn.Module, size: int, device: torch.device) -> dict[
     """Channels per tap of a loss-network extractor (the widths of the channel weights)."""
     with torch.no_grad():
         feats = extractor(torch.zeros(1, 3, size, size, device=device))
-    return {int(t): int(f.shape[1]) for t, f in feats.items()}
+    return {tap_key(t): int(f.shape[1]) for t, f in feats.items()}
 
 
 def make_optimizer(adapter: FusedAdapter, lr: float, betas: Sequence[float]
