@@ -140,6 +140,10 @@ class PerceptualMetric(nn.Module):
             raise MetricError(f"{model} was adapted to rankings {adapter.rankings}; "
                               f"ranking={ranking} is not one of them")
         r, var = adapter.rankings.index(int(ranking)), adapter.variants[pick[0]]
+        if len(var.parts) > 1:
+            raise MetricError(f"{model}: {var.name} is a combined comparison, adapted with one "
+                              f"weight set per term; from_adapted loads the single comparisons "
+                              f"(spatial, mean, sort) only")
         metric = cls(meta["net"], var.method, var.channel_norm, **kwargs)
         metric.channel_weights = {t: w[r].detach().clone()
                                   for t, w in adapter.weights(pick[0]).items()}
