@@ -429,3 +429,21 @@ def test_the_weights_command_takes_the_custom_entries(tmp_path):
                                 "--mirror", str(folder), "--custom", json.dumps(custom)])
     rec = json.loads((tmp_path / "verified" / "mine-file.pth.json").read_text())
     assert rec["arch"] == "mine" and rec["size"] == 7
+
+
+def test_fused_feature_loss_of_node_taps_equals_each_model_alone():
+    """The fused SR loss with a module-path loss network (mobilenet_v3_large/1 and /2): each
+    model's loss is feature_loss of its own output against its target."""
+    from workflow.lossnets import feature_loss, fused_feature_loss
+
+    nets = [LossNet.parse("mobilenet_v3_large/1"), LossNet.parse("mobilenet_v3_large/2")]
+    ex = build_extractor("mobilenet_v3_large", lossnets=nets, weights="random")
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.rand(2, 2, 3, 32, 32, generator=g, requires_grad=True)
+    targets = torch.rand(1, 2, 3, 32, 32, generator=g)
+    got = fused_feature_loss(ex, [n.taps for n in nets], outputs, targets, [0, 0])
+    for i, n in enumerate(nets):
+        want = feature_loss(ex, n.taps, outputs[i], targets[0])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-7)
+    got.sum().backward()
+    assert torch.isfinite(outputs.grad).all() and outputs.grad[1].abs().sum() > 0

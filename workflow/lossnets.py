@@ -537,6 +537,8 @@ def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]
     if len(taps) != k or len(target_of) != k:
         raise ValueError(f"{k} outputs need {k} tap sets and target indices, got "
                          f"{len(taps)} and {len(target_of)}")
+    if not isinstance(extractor, FeatureExtractor):  # taps by module path (NodeExtractor)
+        return _fused_node_loss(extractor, taps, outputs, targets, target_of)
     used = sorted({int(t) for ts in taps for t in ts})
     with torch.no_grad():
         ref = extractor(targets.flatten(0, 1))
@@ -561,5 +563,24 @@ def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]
         loss = outputs.new_zeros(())
         for t in taps[i]:
             loss = loss + torch.mean((feats[i][t] - ref[t][target_of[i]]) ** 2)
+        losses.append(loss)
+    return torch.stack(losses)
+
+
+def _fused_node_loss(extractor: nn.Module, taps: Sequence[Sequence[int | str]],
+                     outputs: Tensor, targets: Tensor, target_of: Sequence[int]) -> Tensor:
+    """:func:`fused_feature_loss` for a loss network whose taps are module paths: the hooks
+    see the whole forward pass, so the ``K * N`` outputs run as one batch to the deepest tap
+    of any model (no shedding); the targets once, under ``no_grad``."""
+    k, n = outputs.shape[:2]
+    with torch.no_grad():
+        ref = extractor(targets.flatten(0, 1))
+        ref = {t: v.unflatten(0, (targets.shape[0], n)) for t, v in ref.items()}
+    feats = extractor(outputs.flatten(0, 1))
+    losses = []
+    for i in range(k):
+        loss = outputs.new_zeros(())
+        for t in taps[i]:
+            loss = loss + torch.mean((feats[t][i * n:(i + 1) * n] - ref[t][target_of[i]]) ** 2)
         losses.append(loss)
     return torch.stack(losses)
