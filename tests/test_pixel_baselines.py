@@ -235,7 +235,8 @@ def test_plan_pixel_baselines_are_one_job_without_weights():
     ids = [n.id for n in plan.lossnets("similarity") if n.is_pixel]
     assert ids == ["pixel/l2", "pixel/ssim", "pixel/l1", "pixel/psnr", "pixel/ms_ssim",
                    "pixel/gmsd", "pixel/vifp", "pixel/haarpsi"]
-    assert plan.jobs("similarity")[-1] == {"arch": "pixel", "dataset": "bapps"}
+    assert plan.jobs("similarity")[-4:] == [{"arch": "pixel", "dataset": d}
+                                            for d in ("bapps", "tid2013", "kadid10k", "nights")]
     assert {"arch": "pixel", "layer": "ssim"} in plan.jobs("probes")
 
     class W:

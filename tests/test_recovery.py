@@ -96,7 +96,8 @@ def test_failed_attempt_keeps_its_log(tmp_path):
 SMALL = {"benchmarks": ["super_resolution"],
          "super_resolution": {"lossnets": ["alexnet/2"], "lpips_sets": False, "scales": [4],
                               "iterations": 60, "eval_every": 30, "checkpoint_every": 5,
-                              "log_every": 50}}
+                              "log_every": 50,
+                              "fuse": False}}  # one model per job: its train/last.pt is watched
 
 
 def _start(args) -> subprocess.Popen:

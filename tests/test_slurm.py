@@ -359,7 +359,7 @@ def _test_config(tmp: Path) -> Path:
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["benchmarks"] = ["similarity", "super_resolution"]
     cfg["similarity"].update(lossnets=["alexnet/1", "squeezenet1_1/1"], lpips_sets=False,
-                             pixel_baselines=[])
+                             pixel_baselines=[], datasets=["bapps"])
     cfg["super_resolution"].update(
         lossnets=[SR_NET], lpips_sets=False, scales=[SR_SCALE], runs=1,
         fuse=False,  # one model per job: its train/last.pt is what the test interrupts

@@ -320,7 +320,8 @@ def test_verify_folder_checks_the_name_hash_and_never_writes(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
-    hub = _hub(tmp_path, archs=("alexnet", "squeezenet1_1", "resnet18"))
+    hub = _hub(tmp_path, archs=("alexnet", "squeezenet1_1", "resnet18", "convnext_tiny",
+                                "vit_b_16"))  # the demo's architectures and presets
     proc = snakemake("-n", "-p", "similarity", "--configfile",
                      str(ROOT / "config" / "demo.yaml"), "--config",
                      f"resources_dir={tmp_path / 'res'}", f"results_dir={tmp_path / 'out'}",
@@ -330,9 +331,9 @@ def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
     assert "download.pytorch.org" not in text
     # the similarity jobs wait for the verification and read the files where they are
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", proc.stdout, re.M)}
-    # one job per architecture (3) and one for the pixel baselines
-    assert jobs["download_weights"] == 1 and jobs["score_similarity"] == 4, proc.stdout
-    assert text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"') == 4
+    # one job per architecture (4) and one for the pixel baselines, per dataset (4)
+    assert jobs["download_weights"] == 1 and jobs["score_similarity"] == 20, proc.stdout
+    assert text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"') == 20
 
 
 # ----------------------------------------------------------------------------- every dataset
