@@ -686,9 +686,12 @@ def test_architecture_join_and_errors(tmp_path):
     joined = arch_table.join(attrs, arch_table.load())
     assert joined["arch_depth"].tolist() == [16.0, 16.0, 18.0]
     assert joined["arch_skip_connections"].tolist() == [0.0, 0.0, 1.0]
-    attrs.loc[2, "arch"] = "mynet"
-    with pytest.raises(arch_table.ArchTableError, match=r"no row for the architectures \['mynet'"):
-        arch_table.join(attrs, arch_table.load())
+    attrs.loc[2, "arch"] = "convnext_tiny"  # a preset: not in Table 2.2, NA
+    assert arch_table.join(attrs, arch_table.load())["arch_depth"].isna().tolist() == [
+        False, False, True]
+    table = arch_table.load()
+    with pytest.raises(arch_table.ArchTableError, match=r"no row for the architectures \['vgg16'"):
+        arch_table.join(attrs, table[table["arch"] != "vgg16"])
     bad = tmp_path / "a.yaml"
     bad.write_text("architectures:\n  x: {depth: 3, skip_connections: 1, branching: false,"
                    " conv1x1: false, batch_norm: false, source: s}\n")
