@@ -1,5 +1,6 @@
 # Benchmark 2: super-resolution per loss network (docs/super_resolution.md).
-#   prepared COCO -> train_sr per (loss network, scale, run) -> eval_sr on Set5/Set14/BSD100
+#   prepared COCO -> train_sr per (architecture, scale), scoring each model on Set5/Set14/BSD100
+#   (super_resolution.fuse: false: train_sr per (loss network, scale, run) -> eval_sr)
 # model.pt holds the weights and their meta (workflow.training.save_model); the checkpoints
 # live in <job>/train/ (not rule outputs, so a rerun after preemption resumes from
 # train/last.pt; the harness exits with code 75 on SIGTERM/SIGUSR1 after checkpointing: run
@@ -9,9 +10,13 @@ from workflow.plan import Setting
 
 SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
 # super_resolution.fuse (default): ONE train_sr job per architecture and scale trains all its
-# layers and runs together (docs/super_resolution.md, "Fused training"); it lists them in
-# SR_FUSED, and each model's `sr_model` (a local rule: no process, no GPU) copies its
-# <job>/train/final.pt to <job>/model.pt. Its checkpoints live in SR_FUSED's folder/train.
+# layers and runs together (docs/super_resolution.md, "Fused training") and then, in the same
+# process, scores every member with the eval stage's own config and precision: each member's
+# folder (SR_DIR) gets model.pt, images.parquet and scores.parquet; SR_FUSED gets models.json
+# (the listing) and scores.parquet (every member's rows, what the gather reads). No eval_sr
+# and no per-model job: a change of an eval-only key reruns train_sr, whose members find
+# their train/final.pt complete (the resume key holds only the train stage's config) and
+# train no step. Its checkpoints live in SR_FUSED's folder/train.
 SR_FUSED = f"{OUT}/super_resolution/{{arch}}/fused/x{{scale}}"
 SR_MEMBER = f"{OUT}/super_resolution/{{arch}}/{{{{layer}}}}/x{{scale}}/run{{{{run}}}}"
 
@@ -30,18 +35,18 @@ def _sr_nets(wildcards):
 
 if plan.config["super_resolution"]["fuse"]:
 
-    localrules:
-        sr_model,
-
     rule train_sr:
         input:
             coco=plan.prepared("coco"),
+            sr_test=plan.prepared("sr_test"),
             weights=plan.weights_param(),
         output:
             models=f"{SR_FUSED}/models.json",
+            scores=f"{SR_FUSED}/scores.parquet",
         params:
             config=plan.config_param("super_resolution", "train"),
-            settings=plan.settings_param("super_resolution", "train"),
+            eval=plan.config_param("super_resolution", "eval"),
+            settings=plan.settings_param("super_resolution", "train", "eval"),
             nets=_sr_nets,
             members=_sr_members,
             workdir=f"{SR_FUSED}/train",
@@ -55,26 +60,10 @@ if plan.config["super_resolution"]["fuse"]:
         shell:
             "python -m workflow super_resolution train_fused --scale {wildcards.scale}"
             " --members {params.members:q} --config {params.config:q}"
-            " --settings {params.settings:q} --threads {threads} --prepared {input.coco:q}"
-            " --workdir {params.workdir:q} --out {output.models:q} > {log:q} 2>&1"
-
-    rule sr_model:
-        input:
-            models=f"{SR_FUSED}/models.json",
-        output:
-            model=f"{SR_DIR}/model.pt",
-        params:
-            final=f"{SR_DIR}/train/final.pt",
-        run:
-            import shutil
-
-            from workflow.files import atomic_path
-
-            if not os.path.exists(params.final):
-                raise FileNotFoundError(f"{params.final} is missing: rerun the train_sr job "
-                                        f"that lists it in {input.models}")
-            with atomic_path(output.model) as tmp:
-                shutil.copyfile(params.final, tmp)
+            " --eval-config {params.eval:q} --settings {params.settings:q}"
+            " --threads {threads} --prepared {input.coco:q} {input.sr_test:q}"
+            " --workdir {params.workdir:q} --out {output.models:q}"
+            " --scores {output.scores:q} > {log:q} 2>&1"
 
 else:
 
@@ -102,6 +91,9 @@ else:
             " --workdir {params.workdir:q} --out {output.model:q} > {log:q} 2>&1"
 
 
+# One model's scores from its model.pt: the rule of super_resolution.fuse false. With fuse no
+# target asks for it (the gather reads the fused jobs' files); asked for one model's
+# scores.parquet by name it scores that model.pt again.
 rule eval_sr:
     input:
         model=f"{SR_DIR}/model.pt",
@@ -127,7 +119,8 @@ rule eval_sr:
         " --samples {output.samples:q} --scores {output.scores:q} > {log:q} 2>&1"
 
 
-BENCH_OUTPUTS["super_resolution"] = plan.targets(f"{SR_DIR}/scores.parquet", "super_resolution")
+BENCH_OUTPUTS["super_resolution"] = plan.sr_targets(f"{SR_DIR}/scores.parquet",
+                                                    f"{SR_FUSED}/scores.parquet")
 
 
 rule super_resolution:

@@ -212,6 +212,10 @@ def test_full_config_selects_the_study_grid():
         "alexnet/lpips", "vgg16/lpips", "squeezenet1_1/lpips"]
     # 56 networks x 2 scales; 57 autoencoders (56 + pixel) x 2 datasets
     assert len(plan.jobs("super_resolution")) == 112
+    # super_resolution.fuse: 28 jobs (14 architectures x 2 scales) train and score the 112
+    groups = plan.sr_groups()
+    assert len(groups) == 28 and sum(len(g["members"]) for g in groups) == 112
+    assert len(plan.sr_targets("{arch}/{layer}/{scale}/{run}", "{arch}/{scale}")) == 28
     assert len(plan.jobs("autoencoder")) == 114
 
 
@@ -399,6 +403,7 @@ def test_full_study_dag_builds_without_torch(no_torch, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "train_sr" in out and "score_similarity" in out
+    assert "eval_sr" not in out and "sr_model" not in out  # fused: scored in train_sr
 
 
 # ----------------------------------------------------------------------------- similarity family

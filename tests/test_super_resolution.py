@@ -392,11 +392,17 @@ def test_a_fused_step_of_three_models_is_three_separate_steps():
             assert err_fused <= 2 * err_alone + 1e-7, (i, k, err_fused, err_alone)
 
 
-def _fused(tmp_path, prepared, stage, members, workdir, **overrides):
+def _fused(tmp_path, prepared, stage, members, workdir, eval_overrides=None, **overrides):
+    """The train_fused command, scoring each member after training (by default on one Set5
+    image: the tests of the training need no more)."""
     config, settings = stage("train", crop_size=32, **overrides)
+    eval_config, _ = stage("eval", **(eval_overrides or {"test_sets": ["set5"],
+                                                         "test_limit": 1}))
     argv = ["--scale", "4", "--members", json.dumps(members), "--config", json.dumps(config),
-            "--settings", json.dumps(settings), "--prepared", str(prepared("coco")),
-            "--workdir", str(workdir), "--out", str(workdir.parent / "models.json")]
+            "--eval-config", json.dumps(eval_config), "--settings", json.dumps(settings),
+            "--prepared", str(prepared("coco")), str(prepared("sr_test")),
+            "--workdir", str(workdir), "--out", str(workdir.parent / "models.json"),
+            "--scores", str(workdir.parent / "scores.parquet")]
     return cli.run("super_resolution", "train_fused", argv)
 
 
@@ -536,6 +542,60 @@ def test_a_member_joining_retrains_only_itself(tmp_path, prepared, stage, fused_
     assert (tmp_path / "c" / "train" / "final.pt").exists()
 
 
+def test_the_fused_job_scores_each_member_as_a_separate_eval_would(tmp_path, prepared, stage,
+                                                                   fused_run):
+    """The folded evaluation (eval stage's config, its own job) writes each member's
+    model.pt, images.parquet and scores.parquet equal to the separate eval command's on the
+    same model, and the group's scores.parquet holds exactly the members' rows."""
+    root, members, *_ = fused_run
+    group = pd.read_parquet(root / "group" / "scores.parquet")
+    config, settings = stage("eval", test_sets=["set5"], test_limit=1)
+    parts = []
+    for m in members:
+        folder = root / "ab"[members.index(m)]
+        assert _state(folder / "model.pt").keys() == _state(folder / "train" / "final.pt").keys()
+        argv = ["--net", m["net"], "--scale", "4", "--run", str(m["run"]), "--config",
+                json.dumps(config), "--settings", json.dumps(settings), "--model",
+                str(folder / "train" / "final.pt"), "--prepared", str(prepared("sr_test")),
+                "--samples", str(tmp_path / "images.parquet"),
+                "--scores", str(tmp_path / "scores.parquet")]
+        separate = cli.run("super_resolution", "eval", argv)
+        folded = pd.read_parquet(folder / "scores.parquet")
+        assert len(folded) == 1 * 2 * 2  # set5 x protocols x metrics
+        keep = ["dataset", "variant", "metric", "value", "n", "arch", "layer", "run",
+                "weights_id", "precision"]
+        pd.testing.assert_frame_equal(folded[keep], separate[keep])
+        pd.testing.assert_frame_equal(pd.read_parquet(folder / "images.parquet"),
+                                      pd.read_parquet(tmp_path / "images.parquet"))
+        parts.append(folded)
+    assert set(zip(group["layer"], group["run"], strict=True)) == {("2", 0), ("1", 1)}
+    pd.testing.assert_frame_equal(group[keep], pd.concat(parts, ignore_index=True)[keep])
+
+
+def test_an_eval_only_key_rescores_without_training(tmp_path, prepared, stage, fused_run,
+                                                    monkeypatch):
+    """A rerun of the fused job for another eval config (test_limit 2: the rule's --eval-config
+    changed) trains no step of any member and scores each again under the new config."""
+    root, members, *_ = fused_run
+    mine = []
+    for i, m in enumerate(members):
+        (tmp_path / f"m{i}" / "train").mkdir(parents=True)
+        shutil.copy(root / "ab"[i] / "train" / "final.pt", tmp_path / f"m{i}" / "train")
+        mine.append({**m, "dir": str(tmp_path / f"m{i}")})
+    from workflow.training import Trainer
+
+    def no_training(self, step):
+        raise AssertionError(f"trained step {step} for an eval-only change")
+
+    monkeypatch.setattr(Trainer, "train_step", no_training)
+    listing = _fused(tmp_path, prepared, stage, mine, tmp_path / "group" / "train",
+                     eval_overrides={"test_sets": ["set5"], "test_limit": 2})
+    assert [m["trained_now"] for m in listing["members"]] == [False, False]
+    group = pd.read_parquet(tmp_path / "group" / "scores.parquet")
+    assert len(group) == 2 * 4 and (group["n"] == 2).all()
+    assert (pd.read_parquet(tmp_path / "m1" / "scores.parquet")["n"] == 2).all()
+
+
 def test_a_fused_job_of_two_architectures_is_refused(tmp_path, prepared, stage):
     members = [{"net": NET, "run": 0, "dir": str(tmp_path / "a")},
                {"net": "alexnet/2", "run": 0, "dir": str(tmp_path / "b")}]
@@ -571,7 +631,8 @@ def test_the_index_path_makes_no_host_sync(monkeypatch):
 
 def test_the_plan_makes_one_training_job_per_architecture_and_scale(demo_plan):
     """fuse (default): one train_sr job per architecture and scale holding its layers and runs;
-    fuse false: one per model. The eval jobs and targets are the models' either way."""
+    fuse false: one per model. With fuse the gathered files are the groups' (each member is
+    scored in its group's job), without the models'."""
     import copy
 
     from workflow.plan import DAG_KEYS, Plan
@@ -590,9 +651,15 @@ def test_the_plan_makes_one_training_job_per_architecture_and_scale(demo_plan):
         {"net": "alexnet/1", "run": 1, "dir": "R/1/run1"},
         {"net": "alexnet/2", "run": 0, "dir": "R/2/run0"},
         {"net": "alexnet/2", "run": 1, "dir": "R/2/run1"}]
+    member, group = "R/{arch}/{layer}/x{scale}/run{run}/s", "R/{arch}/fused/x{scale}/s"
+    assert fused.sr_targets(member, group) == [
+        "R/alexnet/fused/x4/s", "R/alexnet/fused/x8/s", "R/squeezenet1_1/fused/x4/s",
+        "R/squeezenet1_1/fused/x8/s"]
     config["super_resolution"]["fuse"] = False
     alone = Plan(config)
     assert [len(g["members"]) for g in alone.sr_groups()] == [1] * 12
     assert alone.jobs("super_resolution") == fused.jobs("super_resolution")
     with pytest.raises(ValueError, match="no super-resolution job trains vgg16 at x4"):
         fused.sr_members("vgg16", 4, "")
+    assert alone.sr_targets(member, group) == alone.targets(member, "super_resolution")
+    assert len(alone.sr_targets(member, group)) == 12

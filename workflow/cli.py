@@ -163,8 +163,10 @@ COMMANDS: dict[tuple[str, str], Command] = {
                                             "prepared", "workdir", "out")),
     ("super_resolution", "train_fused"): Command(
         _B + "super_resolution:train_fused",
-        "train the SR networks of one architecture and scale as one (resumes from --workdir)",
-        ("job", "config", "members", "scale", "prepared", "workdir", "out")),
+        "train the SR networks of one architecture and scale as one (resumes from --workdir), "
+        "then score each",
+        ("job", "config", "eval_config", "members", "scale", "prepared", "workdir", "out",
+         "scores")),
     ("super_resolution", "eval"): Command(_B + "super_resolution:evaluate",
                                           "score a trained SR network on the test sets",
                                           ("job", "config", "net", "scale", "run", "model",

@@ -804,6 +804,14 @@ class Plan:
                          "dir": folder.format(**m)} for m in g["members"]]
         raise ValueError(f"no super-resolution job trains {arch} at x{scale}")
 
+    def sr_targets(self, member: str, group: str) -> list[str]:
+        """The super-resolution files the gather reads: with ``super_resolution.fuse`` the
+        fused jobs' ``group`` pattern (``{arch}``, ``{scale}``: every member's rows), else
+        each model's ``member`` pattern."""
+        if self.config["super_resolution"]["fuse"]:
+            return [group.format(**g) for g in self.sr_groups()]
+        return self.targets(member, "super_resolution")
+
     def enabled(self) -> list[str]:
         return [b for b in BENCHMARKS if b in self.config["benchmarks"]]
 

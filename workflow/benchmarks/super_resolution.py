@@ -24,6 +24,7 @@ Outputs are quantised to 8 bits before scoring (as if saved as PNG). Per-image r
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from workflow.archs import LossNet, weights_id
 from workflow.datasets import coco, sr_test
 from workflow.datasets.bank import EpochSampler, ImageBank, crop_grid, random_crops
-from workflow.files import write_json, write_parquet
+from workflow.files import atomic_path, write_json, write_parquet
 from workflow.imaging import (
     center_crop,
     crop_to_multiple,
@@ -221,7 +222,8 @@ def member_name(net: str, run: int) -> str:
 
 
 def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[str, Any]],
-                scale: int, prepared: Mapping[str, Path], workdir: Path, out: Path
+                scale: int, prepared: Mapping[str, Path], workdir: Path, out: Path,
+                eval_config: Mapping[str, Any] | None = None, scores: Path | None = None
                 ) -> dict[str, Any]:
     """Train every SR network of one loss-network architecture and scale as ONE network.
 
@@ -232,11 +234,16 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
     all outputs and once on the distinct targets (:func:`fused_feature_loss`), and the
     harness selects each member's best weights by its own validation PSNR into
     ``<dir>/train/best.pt``. Each member's selected model goes to ``<dir>/train/final.pt``
-    (the model file format of :func:`train`; the ``sr_model`` rule copies it to
-    ``<dir>/model.pt``); ``out`` lists them, written last. A member whose ``final.pt`` was
-    trained with its exact config, identity and inputs is not trained again (another
-    member joining the group retrains nobody). The group's checkpoints in ``workdir``
-    carry every member's resume key.
+    (the model file format of :func:`train`); ``out`` lists them, written last. A member
+    whose ``final.pt`` was trained with its exact config, identity and inputs is not trained
+    again (another member joining the group retrains nobody; a rerun for an eval-only key
+    trains no step). The group's checkpoints in ``workdir`` carry every member's resume key.
+
+    Given ``eval_config`` (the eval stage's config; ``prepared`` then holds ``sr_test``
+    too), every member is then scored in this process, as the separate ``eval`` command
+    would: its model goes to ``<dir>/model.pt``, :func:`evaluate` runs in a job of the eval
+    stage's own config and precision and writes ``<dir>/images.parquet`` and
+    ``<dir>/scores.parquet``; ``scores`` gets all members' rows (the gathered file).
     """
     nets = [LossNet.parse(str(m["net"])) for m in members]
     runs = [int(m.get("run") or 0) for m in members]
@@ -264,6 +271,20 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
         _fit_fused(job, config, [nets[i] for i in todo], [runs[i] for i in todo], scale,
                    prepared, Path(workdir), [Path(members[i]["dir"]) for i in todo],
                    [keys[i] for i in todo], [exact[i] for i in todo])
+    if eval_config is not None:
+        if scores is None:
+            raise ValueError("train_fused with an eval config needs --scores (the group's "
+                             "summary file)")
+        frames = []
+        for m, n, r, final in zip(members, nets, runs, finals, strict=True):
+            folder = Path(m["dir"])
+            with atomic_path(folder / "model.pt") as tmp:
+                shutil.copyfile(final, tmp)
+            # a job of the eval stage's own config (precision, provenance, its own clock)
+            frames.append(evaluate(Job.create(eval_config, job.settings), eval_config, n.id,
+                                   scale, r, folder / "model.pt", prepared,
+                                   folder / "images.parquet", folder / "scores.parquet"))
+        write_parquet(pd.concat(frames, ignore_index=True), scores)
     listing = {"scale": scale, "arch": arch, "members": [
         {"net": n.id, "run": r, "final": str(f), "trained_now": not d}
         for n, r, f, d in zip(nets, runs, finals, done, strict=True)]}
