@@ -6,7 +6,6 @@
 # train/last.pt; the harness exits with code 75 on SIGTERM/SIGUSR1 after checkpointing: run
 # with --retries to resume automatically). Target: `super_resolution`.
 
-from workflow.plan import Setting
 
 SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
 # super_resolution.fuse (default): ONE train_sr job per architecture and scale trains all its
@@ -19,18 +18,6 @@ SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
 # train no step. Its checkpoints live in SR_FUSED's folder/train.
 SR_FUSED = f"{OUT}/super_resolution/{{arch}}/fused/x{{scale}}"
 SR_MEMBER = f"{OUT}/super_resolution/{{arch}}/{{{{layer}}}}/x{{scale}}/run{{{{run}}}}"
-
-
-def _sr_members(wildcards):
-    """The fused job's members with their folders (a Setting: paths are no rerun trigger)."""
-    folder = SR_MEMBER.format(arch=wildcards.arch, scale=wildcards.scale)
-    return Setting(plan.sr_members(wildcards.arch, wildcards.scale, folder))
-
-
-def _sr_nets(wildcards):
-    """Which models the fused job trains (a rerun trigger: a new member joins the job)."""
-    return " ".join(f"{m['net']}:{m['run']}" for m in
-                    plan.sr_members(wildcards.arch, wildcards.scale, ""))
 
 
 if plan.config["super_resolution"]["fuse"]:
@@ -47,8 +34,8 @@ if plan.config["super_resolution"]["fuse"]:
             config=plan.config_param("super_resolution", "train"),
             eval=plan.config_param("super_resolution", "eval"),
             settings=plan.settings_param("super_resolution", "train", "eval"),
-            nets=_sr_nets,
-            members=_sr_members,
+            nets=plan.sr_nets_param(),
+            members=plan.sr_members_param(SR_MEMBER),
             workdir=f"{SR_FUSED}/train",
         log:
             f"{OUT}/logs/super_resolution/{{arch}}/train_x{{scale}}_fused.log",

@@ -15,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from workflow import cli
 from workflow.benchmarks import super_resolution as sr
+from workflow.benchmarks import super_resolution_fused as srf
 from workflow.datasets.arrays import CorruptFileError
 from workflow.datasets.bank import EpochSampler, ImageBank
 from workflow.imaging import crop_to_multiple, degrade, quantize, reference_target, to_float
@@ -417,7 +418,7 @@ class _Record:
 
     def __init__(self, monkeypatch) -> None:
         self.batches, self.losses = [], []
-        real_degrade, real_loss, real_fused = sr.degrade, sr.feature_loss, sr.fused_feature_loss
+        real_degrade, real_loss, real_fused = sr.degrade, sr.feature_loss, srf.fused_feature_loss
 
         def degrade_(hr, *a, **k):
             if torch.is_grad_enabled():  # a training step (evaluation runs under no_grad)
@@ -435,8 +436,9 @@ class _Record:
             return out
 
         monkeypatch.setattr(sr, "degrade", degrade_)
+        monkeypatch.setattr(srf, "degrade", degrade_)
         monkeypatch.setattr(sr, "feature_loss", loss_)
-        monkeypatch.setattr(sr, "fused_feature_loss", fused_)
+        monkeypatch.setattr(srf, "fused_feature_loss", fused_)
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ COMMANDS: dict[tuple[str, str], Command] = {
                                            ("job", "config", "net", "scale", "run",
                                             "prepared", "workdir", "out")),
     ("super_resolution", "train_fused"): Command(
-        _B + "super_resolution:train_fused",
+        _B + "super_resolution_fused:train_fused",
         "train the SR networks of one architecture and scale as one (resumes from --workdir), "
         "then score each",
         ("job", "config", "eval_config", "members", "scale", "prepared", "workdir", "out",

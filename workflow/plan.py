@@ -795,6 +795,19 @@ class Plan:
         return [{"arch": m[0]["arch"], "scale": m[0]["scale"], "members": m}
                 for m in groups.values()]
 
+    def sr_members_param(self, folder: str) -> Callable[[Any], Setting]:
+        """A fused SR rule's param: the job's members with their folders (``folder``: a
+        pattern with ``{arch}``, ``{scale}``, ``{{layer}}``, ``{{run}}``), as a Setting (paths
+        are no rerun trigger)."""
+        return lambda wc: Setting(self.sr_members(
+            wc.arch, wc.scale, folder.format(arch=wc.arch, scale=wc.scale)))
+
+    def sr_nets_param(self) -> Callable[[Any], str]:
+        """A fused SR rule's param: which models the job trains (a rerun trigger: a new member
+        joins the job)."""
+        return lambda wc: " ".join(f"{m['net']}:{m['run']}"
+                                   for m in self.sr_members(wc.arch, wc.scale, ""))
+
     def sr_members(self, arch: str, scale: int | str, folder: str) -> list[dict[str, Any]]:
         """The fused SR job of ``arch`` at ``scale``: ``[{"net", "run", "dir"}]``, ``dir``
         being ``folder`` (a pattern with ``{layer}`` and ``{run}``) for each member."""
