@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """A finished demo (results/ and resources/ in one folder). LOSSNET_DEMO_DIR names a
-    folder of an earlier run of this tree's demo (e.g. the README command's `demo/`) to
-    check instead of running it again; the run below then only confirms it is complete."""
+    folder of an earlier run of the demo FROM THIS CHECKOUT (e.g. its README command's
+    `demo/`: Snakemake keeps the params it compares in this checkout's .snakemake/, so a run
+    from another clone makes the rerun tests pass or fail for the wrong reason)."""
     tmp = Path(os.environ.get("LOSSNET_DEMO_DIR") or tmp_path_factory.mktemp("demo"))
     snakemake("--cores", "2", *demo_args(tmp), timeout=1500)
     return tmp
