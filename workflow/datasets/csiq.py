@@ -211,11 +211,7 @@ def synthesize(raw_dir: Path, seed: int, references: int = 3, types: int = 4,
                                   7: round(0.05 + 0.1 * rng.random(), 6), 8: round(dmos, 6)}
                     row += 1
         write_xlsx(stage / LABELS, SHEET, sheet)
-        for p in stage.iterdir():
-            target = raw_dir / p.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            p.replace(target)
+        mos.install_staged(stage, raw_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

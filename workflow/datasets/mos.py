@@ -69,6 +69,15 @@ class Row:
     where: str
 
 
+def install_staged(stage: Path, raw_dir: Path) -> None:
+    """Move a synthesized fake's staged entries into ``raw_dir`` (replacing older ones)."""
+    for p in stage.iterdir():
+        target = raw_dir / p.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        p.replace(target)
+
+
 def number(text: str, where: str, what: str = "score") -> float:
     """``text`` as a finite float, or an error naming ``where`` (``file:line``)."""
     try:

@@ -87,11 +87,7 @@ def synthesize(raw_dir: Path, seed: int, references: int = 3, types: int = 4,
         (stage / LABELS).write_text("\r\n".join(lines) + "\r\n")
         (stage / STD).write_text("\r\n".join(stds) + "\r\n")
         (stage / "mos.txt").write_text("\r\n".join(x.split()[0] for x in lines) + "\r\n")
-        for p in stage.iterdir():
-            target = raw_dir / p.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            p.replace(target)
+        mos.install_staged(stage, raw_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
