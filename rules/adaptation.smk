@@ -61,7 +61,7 @@ rule adaptation_train:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/train_run{{run}}.log",
     resources:
         gpu=plan.gpus("adaptation", "train"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:
@@ -86,7 +86,7 @@ rule adaptation_baseline:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/baseline.log",
     resources:
         gpu=plan.gpus("adaptation", "evaluate"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:
@@ -111,7 +111,7 @@ rule adaptation_evaluate:
         f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/evaluate_run{{run}}.log",
     resources:
         gpu=plan.gpus("adaptation", "evaluate"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:

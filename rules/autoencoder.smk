@@ -28,7 +28,7 @@ rule train_autoencoder:
         f"{AE_LOG}_train.log",
     resources:
         gpu=plan.gpus("autoencoder", "train"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:

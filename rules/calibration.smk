@@ -22,7 +22,7 @@ rule calibration_train:
         f"{OUT}/logs/calibration/{{arch}}/{{layer}}/train_run{{run}}.log",
     resources:
         gpu=plan.gpus("calibration", "train"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:
@@ -46,7 +46,7 @@ rule calibration_evaluate:
         f"{OUT}/logs/calibration/{{arch}}/{{layer}}/evaluate_run{{run}}.log",
     resources:
         gpu=plan.gpus("calibration", "evaluate"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:
@@ -72,7 +72,7 @@ rule calibration_shipped:
         f"{OUT}/logs/calibration/{{arch}}/lpips/shipped.log",
     resources:
         gpu=plan.gpus("calibration", "shipped"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:

@@ -98,7 +98,7 @@ if LINKED:
             "link {wildcards.dataset}: data.paths.{wildcards.dataset}"
         log:
             f"{RES}/logs/link_{{dataset}}.log",
-        threads: 4
+        threads: plan.threads(4)
         conda:
             "../envs/workflow.yaml"
         shell:
@@ -118,7 +118,7 @@ rule prepare_dataset:
         out=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{RES}/logs/prepare_{{dataset}}.log",
-    threads: 8
+    threads: plan.threads(8)
     conda:
         "../envs/workflow.yaml"
     shell:

@@ -33,7 +33,7 @@ rule train_delineation:
         f"{OUT}/logs/delineation/{{arch}}/{{layer}}/train_run{{run}}.log",
     resources:
         gpu=plan.gpus("delineation", "train"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:

@@ -23,7 +23,7 @@ rule score_similarity:
         f"{OUT}/logs/similarity/{{arch}}/{{dataset}}.log",
     resources:
         gpu=plan.gpus("similarity", "score"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:

@@ -41,7 +41,7 @@ if plan.config["super_resolution"]["fuse"]:
             f"{OUT}/logs/super_resolution/{{arch}}/train_x{{scale}}_fused.log",
         resources:
             gpu=plan.gpus("super_resolution", "train"),
-        threads: 2
+        threads: plan.threads(2)
         conda:
             "../envs/workflow.yaml"
         shell:
@@ -68,7 +68,7 @@ else:
             f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/train_x{{scale}}_run{{run}}.log",
         resources:
             gpu=plan.gpus("super_resolution", "train"),
-        threads: 2
+        threads: plan.threads(2)
         conda:
             "../envs/workflow.yaml"
         shell:
@@ -95,7 +95,7 @@ rule eval_sr:
         f"{OUT}/logs/super_resolution/{{arch}}/{{layer}}/eval_x{{scale}}_run{{run}}.log",
     resources:
         gpu=plan.gpus("super_resolution", "eval"),
-    threads: 2
+    threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:

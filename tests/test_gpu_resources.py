@@ -74,6 +74,21 @@ def test_gpus_follow_the_device(device, gpus):
     assert plan.gpus("probes", "images") == 0
 
 
+@pytest.mark.parametrize("cap, wanted, got", [(None, 2, 2), (None, 8, 8), (1, 2, 1), (4, 2, 2),
+                                              (4, 8, 4)])
+def test_max_threads_caps_every_rule_s_threads(cap, wanted, got):
+    plan = Plan(load_config(ROOT / "config.yaml", overrides={"max_threads": cap}))
+    assert plan.threads(wanted) == got
+
+
+def test_every_multi_thread_rule_takes_its_threads_from_the_plan():
+    """A literal ``threads: N`` above 1 would ignore ``max_threads``."""
+    for name, block in _rules().items():
+        m = re.search(r"^\s+threads: (.+)$", block, re.M)
+        if m and m.group(1).strip() != "1":
+            assert re.fullmatch(r"plan\.threads\(\d+\)", m.group(1).strip()), (name, m.group(1))
+
+
 def _what_is_left_command() -> list[str]:
     text = (ROOT / "docs" / "cluster.md").read_text()
     m = re.search(r"What is left to do: `uv run snakemake ([^`]+)`", text)

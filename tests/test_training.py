@@ -446,14 +446,18 @@ def test_every_adam_is_built_by_make_adam(repo_root):
 def test_a_cuda_step_in_bf16_channels_last_fused_and_without_host_sync(tmp_path):
     """The SR benchmark's harness step on CUDA (bf16 autocast, channels_last, fused Adam)
     makes no host sync and starts where the fp32 CPU step does (bf16 tolerance)."""
+    from argparse import Namespace
+
     from workflow.archs import LossNet
-    from workflow.perf.super_resolution import build, make_job
+    from workflow.perf.report import run_job
+    from workflow.perf.super_resolution import build
 
     net = LossNet.parse("alexnet/2")
-    job = make_job("cuda", "auto", None)
+    job = run_job(Namespace(device="cuda", threads=None), "auto")
     assert job.precision == "bf16" and job.channels_last
     gpu = build(job, net, 4, 4, 64, True, False, tmp_path / "gpu")
-    cpu = build(make_job("cpu", "fp32", None), net, 4, 4, 64, False, False, tmp_path / "cpu")
+    cpu_job = run_job(Namespace(device="cpu", threads=None), "fp32")
+    cpu = build(cpu_job, net, 4, 4, 64, False, False, tmp_path / "cpu")
     assert gpu.optimizer.defaults["fused"] is True
     before = [p.detach().clone() for p in gpu.modules["model"].parameters()]
     gpu.train_step(0)

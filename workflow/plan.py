@@ -997,6 +997,11 @@ class Plan:
 
     # ------------------------------------------------------------------ resources
 
+    def threads(self, wanted: int) -> int:
+        """A rule's ``threads``: ``wanted``, capped by ``max_threads`` when that is set."""
+        cap = self.config.get("max_threads")
+        return min(wanted, int(cap)) if cap else wanted
+
     def gpus(self, benchmark: str, stage: str) -> int:
         """The ``gpu`` resource of a stage's rule: 1 where the stage computes with torch
         (``STAGES``) and ``device`` can be a GPU (auto, cuda, cuda:N, mps), else 0. With it

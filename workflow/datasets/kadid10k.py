@@ -99,18 +99,10 @@ def read_rows(root: Path) -> list[mos.Row]:
 
 
 def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None) -> dict[str, Any]:
-    raw_dir = Path(raw_dir)
-    root = mos.find_root(raw_dir, LABELS, "KADID-10k")
-    return mos.write(out_dir, "kadid10k", read_rows(root), higher_is_better=True,
-                     extra={"source": str(raw_dir), "root": str(root.relative_to(raw_dir)),
-                            "score": "dmos column (1..5, higher = better quality)",
-                            "checksums": raw_checksums(raw_dir)},
-                     workers=workers)
+    return mos.prepare(raw_dir, out_dir, "kadid10k", "KADID-10k", LABELS, read_rows,
+                       higher_is_better=True, score="dmos column (1..5, higher = better quality)",
+                       checksums=raw_checksums(Path(raw_dir)), workers=workers)
 
 
-def load(prepared_dir: Path) -> dict[str, np.ndarray]:
-    """``ref, dist, ref_index, mos, dist_type, level, names`` (:func:`mos.load`)."""
-    return mos.load(prepared_dir, "kadid10k")
-
-
+load = mos.loader("kadid10k")
 load_manifest = mos.load_manifest

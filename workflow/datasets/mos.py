@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,8 @@ from workflow.datasets.arrays import (
 )
 from workflow.files import save_npy, sha256_file, write_json
 
-__all__ = ["MosError", "Row", "case_index", "find_root", "load", "load_manifest", "number",
-           "read_image", "write"]
+__all__ = ["MosError", "Row", "case_index", "find_root", "load", "load_manifest", "loader",
+           "number", "prepare", "read_image", "write"]
 
 ARRAYS = ("ref", "dist", "ref_index", "mos", "dist_type", "level", "names")
 
@@ -231,6 +231,20 @@ def write(out_dir: Path, dataset: str, rows: Sequence[Row], higher_is_better: bo
     return manifest
 
 
+def prepare(raw_dir: Path, out_dir: Path, dataset: str, title: str, labels: str,
+            read_rows: Callable[[Path], list[Row]], higher_is_better: bool, score: str,
+            checksums: dict[str, str], workers: int | None = None) -> dict[str, Any]:
+    """The whole ``prepare`` of a MOS dataset: find the raw tree's root by its label file
+    ``labels``, read its rows with the dataset's own ``read_rows`` and :func:`write` them;
+    the manifest records the raw folder, the root, what ``score`` means and ``checksums``."""
+    raw_dir = Path(raw_dir)
+    root = find_root(raw_dir, labels, title)
+    return write(out_dir, dataset, read_rows(root), higher_is_better=higher_is_better,
+                 extra={"source": str(raw_dir), "root": str(root.relative_to(raw_dir)),
+                        "score": score, "checksums": checksums},
+                 workers=workers)
+
+
 def load_manifest(prepared_dir: str | os.PathLike) -> dict[str, Any]:
     return read_manifest(prepared_dir)
 
@@ -269,6 +283,17 @@ def load(prepared_dir: str | os.PathLike, dataset: str | None = None) -> dict[st
         raise MosError(f"{d}/manifest.json: size {manifest.get('size')} is not the arrays' "
                        f"[{h}, {w}]; rerun the prepare_dataset rule")
     return a
+
+
+def loader(dataset: str) -> Callable[[str | os.PathLike], dict[str, np.ndarray]]:
+    """The ``load`` of one MOS dataset's module: :func:`load` checked against ``dataset``."""
+    def load_dataset(prepared_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+        return load(prepared_dir, dataset)
+
+    load_dataset.__doc__ = (f"The prepared {dataset} arrays: ``ref, dist, ref_index, mos, "
+                            f"dist_type, level, names`` (:func:`workflow.datasets.mos.load`).")
+    load_dataset.__name__ = load_dataset.__qualname__ = "load"
+    return load_dataset
 
 
 def image_files(folder: Path, suffixes: Iterable[str]) -> list[str]:

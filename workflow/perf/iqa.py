@@ -30,7 +30,7 @@ import torch
 from workflow import compare
 from workflow.archs import ARCHS, LPIPS_ARCHS, all_lossnets
 from workflow.job import Job
-from workflow.perf.report import machine_description, update_section
+from workflow.perf.report import add_run_options, machine_description, run_job, update_section
 from workflow.reference_scoring import ReferenceScorer
 
 TID2013 = {"refs": 25, "images": 3000}
@@ -97,14 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, nargs=2, default=[384, 512], metavar=("H", "W"))
     ap.add_argument("--batch", type=int, default=128)  # the similarity config's batch_size
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is rewritten")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args(argv)
-    job = Job.create({"precision": args.precision, "weights": "random"},
-                     {"device": args.device, "threads": args.threads})
+    args = add_run_options(ap).parse_args(argv)
+    job = run_job(args)
     size = (int(args.size[0]), int(args.size[1]))
     rows = []
     for arch in args.archs:

@@ -6,11 +6,13 @@ import fcntl
 import os
 import platform
 import re
+from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 import torch
 
 from workflow.files import write_text
+from workflow.job import Job
 
 HEADER = (
     "# Benchmarks\n\n"
@@ -52,3 +54,23 @@ def update_section(name: str, markdown: str, path: str | Path = "BENCHMARKS.md")
             text = text.rstrip() + "\n\n" + block + "\n"
         write_text(text, path)
     return path
+
+
+def add_run_options(ap: ArgumentParser, precision: bool = True) -> ArgumentParser:
+    """The options every timing command shares: where it runs (``--device``, ``--precision``
+    unless the command times several precisions itself, ``--threads``) and where its section
+    goes (``--out``, ``--no-write``)."""
+    ap.add_argument("--device", default="auto")
+    if precision:
+        ap.add_argument("--precision", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is rewritten")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    return ap
+
+
+def run_job(args: Namespace, precision: str | None = None) -> Job:
+    """The job of a timing command's options (random loss-network weights: nothing is read);
+    ``precision`` overrides ``--precision``."""
+    return Job.create({"precision": precision or args.precision, "weights": "random"},
+                      {"device": args.device, "threads": args.threads})

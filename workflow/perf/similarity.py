@@ -27,7 +27,7 @@ from workflow.archs import all_lossnets
 from workflow.benchmarks.similarity import Scorer
 from workflow.imaging import to_images
 from workflow.job import Job
-from workflow.perf.report import machine_description, update_section
+from workflow.perf.report import add_run_options, machine_description, run_job, update_section
 
 LPIPS_NET = {"alexnet": "alex", "squeezenet1_1": "squeeze", "vgg16": "vgg"}
 
@@ -148,14 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--triplets", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128)  # the similarity config's batch_size
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is rewritten")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args(argv)
-    job = Job.create({"precision": args.precision, "weights": "random"},
-                     {"device": args.device, "threads": args.threads})
+    args = add_run_options(ap).parse_args(argv)
+    job = run_job(args)
     device, precision = job.device, job.precision
     rows = []
     for arch in args.archs:

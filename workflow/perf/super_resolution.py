@@ -47,7 +47,7 @@ from workflow.imaging import degrade
 from workflow.job import Job
 from workflow.lossnets import feature_loss, fused_feature_loss
 from workflow.models.srnet import FusedSRNet, SRNet
-from workflow.perf.report import machine_description, update_section
+from workflow.perf.report import add_run_options, machine_description, run_job, update_section
 from workflow.training import TrainConfig, Trainer, make_adam
 
 GRID_MODELS = 112
@@ -70,12 +70,6 @@ def bf16_peak(device: torch.device) -> float | None:
         if key in name:
             return peak
     return None
-
-
-def make_job(device: str, precision: str, threads: int | None) -> Job:
-    """The job of one configuration (random loss-network weights: nothing is read)."""
-    return Job.create({"precision": precision, "weights": "random"},
-                      {"device": device, "threads": threads})
 
 
 def build(job: Job, net_id: LossNet, scale: int, batch: int, size: int, channels_last: bool,
@@ -243,15 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--big-batch", type=int, default=None, help="also time default at this batch")
     ap.add_argument("--fused-k", type=int, default=4,
                     help="models per fused job in the FLOP/op count (the 4 layers; 0: skip)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="BENCHMARKS.md", help="the file whose section is rewritten")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args(argv)
+    args = add_run_options(ap, precision=False).parse_args(argv)
     # one job per precision: it resolves the device and sets the threads and TF32 switches
-    auto = make_job(args.device, "auto", args.threads)
+    auto = run_job(args, "auto")
     device, default_precision = auto.device, auto.precision
-    jobs = {"fp32": make_job(args.device, "fp32", args.threads), default_precision: auto}
+    jobs = {"fp32": run_job(args, "fp32"), default_precision: auto}
     gpu = device.type == "cuda"
     steps = args.steps or (50 if gpu else 2)
     warmup = args.warmup if args.warmup is not None else (20 if gpu else 1)
