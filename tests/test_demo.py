@@ -17,7 +17,7 @@ from tests.snakemake_helpers import ROOT, demo_args, snakemake
 from workflow.compare import all_variants
 from workflow.plan import Plan, load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # the demo fixture: its own limit
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,15 @@ def _where(arch: str, weights: str, weights_dir: str | Path) -> tuple[Path, str]
     return Path(weights), f"lossnets.weights_paths.{arch}"
 
 
+def _check_shape(got: torch.Tensor, param: torch.Tensor, key: str, where: str, arch: str,
+                 what_to_do: str) -> None:
+    """A weights file's tensor ``got`` for ``key`` has the shape ``param`` of ``arch`` needs."""
+    if tuple(got.shape) != tuple(param.shape):
+        raise WeightsFileError(
+            f"{where} does not fit {arch}: key {key!r} has shape {list(got.shape)} "
+            f"in the file, {arch} needs {list(param.shape)}; {what_to_do}")
+
+
 def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
                    taps: Iterable[int] | None = None, where: str = "the weights file",
                    fix: str = "") -> dict[str, Tensor]:
@@ -146,10 +155,7 @@ def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
             raise WeightsFileError(
                 f"{where} is not a {arch} state_dict: it has no key {key!r} ({hint}); {needs}; "
                 f"{fix}")
-        if tuple(state[key].shape) != tuple(param.shape):
-            raise WeightsFileError(
-                f"{where} does not fit {arch}: key {key!r} has shape {list(state[key].shape)} "
-                f"in the file, {arch} needs {list(param.shape)}; {needs}; {fix}")
+        _check_shape(state[key], param, key, where, arch, f"{needs}; {fix}")
     extra = next((k for k in state if k.startswith(tapped) and k not in own), None)
     if extra is not None:
         raise WeightsFileError(
@@ -195,10 +201,7 @@ def _fit_node_state_dict(model: nn.Module, spec: NodeSpec, state: dict[str, Tens
             raise WeightsFileError(f"{where} is not a {arch} state_dict: it has no key {key!r} "
                                    f"(its first key is {next(iter(state), None)!r}); {needs}; "
                                    f"{fix}")
-        if tuple(state[key].shape) != tuple(param.shape):
-            raise WeightsFileError(
-                f"{where} does not fit {arch}: key {key!r} has shape {list(state[key].shape)} "
-                f"in the file, {arch} needs {list(param.shape)}; {needs}; {fix}")
+        _check_shape(state[key], param, key, where, arch, f"{needs}; {fix}")
     return {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
 
 

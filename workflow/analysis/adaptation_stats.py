@@ -19,7 +19,7 @@ ranking, the one baseline of the method). Per evaluation dataset and metric:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -58,30 +58,32 @@ def _variants(cfg: Mapping[str, Any] | None) -> tuple[str, str]:
     return a.get("baseline_variant", "baseline"), a.get("adapted_variant", "adapted")
 
 
+def _case_groups(scores: pd.DataFrame, cfg: Mapping[str, Any] | None
+                 ) -> Iterator[tuple[tuple[Any, Any, Any], pd.DataFrame]]:
+    """((dataset, split, metric), its non-empty cases) for each group of the adaptation rows,
+    in sorted order."""
+    base_v, adapt_v = _variants(cfg)
+    rows = scores[scores["benchmark"] == "adaptation"]
+    for key, g in rows.groupby(["dataset", "split", "metric"], sort=True, dropna=False):
+        cases = _cases(g, base_v, adapt_v)
+        if not cases.empty:
+            yield key, cases
+
+
 def all_cases(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Every case of every (dataset, split, metric): those columns, METHOD, ranking, baseline,
     adapted (the adapted score averaged over runs)."""
-    base_v, adapt_v = _variants(cfg)
-    rows = scores[scores["benchmark"] == "adaptation"]
-    out = [_cases(g, base_v, adapt_v).assign(dataset=d, split=sp, metric=m)
-           for (d, sp, m), g in rows.groupby(["dataset", "split", "metric"], sort=True,
-                                             dropna=False)]
+    out = [cases.assign(dataset=d, split=sp, metric=m)
+           for (d, sp, m), cases in _case_groups(scores, cfg)]
     cols = ["dataset", "split", "metric", *METHOD, "ranking", "baseline", "adapted"]
-    out = [c for c in out if not c.empty]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
 def ranking_means(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """One row per (dataset, split, metric, ranking): the mean baseline and adapted score over
     the ranking's cases (the points the paper's correlations are computed over)."""
-    base_v, adapt_v = _variants(cfg)
-    rows = scores[scores["benchmark"] == "adaptation"]
     out = []
-    for (dataset, split, metric), g in rows.groupby(["dataset", "split", "metric"], sort=True,
-                                                    dropna=False):
-        cases = _cases(g, base_v, adapt_v)
-        if cases.empty:
-            continue
+    for (dataset, split, metric), cases in _case_groups(scores, cfg):
         m = cases.groupby("ranking")[["baseline", "adapted"]].mean().reset_index()
         m["cases"] = cases.groupby("ranking").size().to_numpy()
         out.append(m.assign(dataset=dataset, split=split, metric=metric))
@@ -93,14 +95,8 @@ def adaptation_statistics(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = 
                           ) -> pd.DataFrame:
     """One row per (dataset, split, metric) of the adaptation rows; see the module docstring.
     ``cfg``: config ``analysis`` (its ``adaptation.baseline_variant`` / ``adapted_variant``)."""
-    base_v, adapt_v = _variants(cfg)
-    rows = scores[scores["benchmark"] == "adaptation"]
     out = []
-    for (dataset, split, metric), g in rows.groupby(["dataset", "split", "metric"], sort=True,
-                                                    dropna=False):
-        cases = _cases(g, base_v, adapt_v)
-        if cases.empty:
-            continue
+    for (dataset, split, metric), cases in _case_groups(scores, cfg):
         per_ranking = cases.groupby("ranking")[["baseline", "adapted"]].mean()
         out.append({
             "dataset": dataset, "split": split, "metric": metric, "cases": len(cases),

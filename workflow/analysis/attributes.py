@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,6 +249,34 @@ def walk_child(child: nn.Module, facts: GraphFacts, pointwise_linear: bool = Fal
 # ----------------------------------------------------------------------------- FLOPs
 
 
+def flops_at(model: nn.Module, x: torch.Tensor, taps: Mapping[Any, nn.Module],
+             shape: Callable[[Any], tuple] = lambda out: tuple(out.shape)
+             ) -> tuple[dict[Any, float], dict[Any, tuple], float]:
+    """One no-grad pass of ``model`` on ``x`` under FlopCounterMode: for each of ``taps``
+    (key -> module) the FLOPs counted when it returns and ``shape`` of its output, and the
+    whole pass's FLOPs (NaN, and only the taps reached, where the pass fails at this size)."""
+    at: dict[Any, float] = {}
+    shapes: dict[Any, tuple] = {}
+    with FlopCounterMode(display=False) as counter:
+        def hook(key):
+            def record(_m, _inp, out):
+                at[key] = float(counter.get_total_flops())
+                shapes[key] = shape(out)
+            return record
+
+        handles = [m.register_forward_hook(hook(k)) for k, m in taps.items()]
+        try:
+            with torch.no_grad():
+                model(x)
+            total = float(counter.get_total_flops())
+        except RuntimeError:
+            total = math.nan
+        finally:
+            for h in handles:
+                h.remove()
+    return at, shapes, total
+
+
 def flops_per_child(model: nn.Module, arch: str, size: int
                     ) -> tuple[list[float], list[tuple], float]:
     """Cumulative FLOPs after each container child, their output shapes, and the full pass.
@@ -261,25 +289,9 @@ def flops_per_child(model: nn.Module, arch: str, size: int
     children = container_children(model, arch)
     device = next(model.parameters()).device
     x = torch.zeros(1, 3, size, size, device=device)
-    cumulative: list[float] = [math.nan] * len(children)
-    shapes: list[tuple] = [()] * len(children)
-    with FlopCounterMode(display=False) as counter:
-        def hook(i):
-            def record(_m, _inp, out):
-                cumulative[i] = float(counter.get_total_flops())
-                shapes[i] = tuple(out.shape)
-            return record
-
-        handles = [c.register_forward_hook(hook(i)) for i, c in enumerate(children)]
-        try:
-            with torch.no_grad():
-                model(x)
-            total = float(counter.get_total_flops())
-        except RuntimeError:
-            total = math.nan
-        finally:
-            for h in handles:
-                h.remove()
+    at, at_shapes, total = flops_at(model, x, dict(enumerate(children)))
+    cumulative = [at.get(i, math.nan) for i in range(len(children))]
+    shapes = [at_shapes.get(i, ()) for i in range(len(children))]
     if math.isnan(total):
         # the full pass failed at this size: recount the children alone, in order
         cumulative = [math.nan] * len(children)
@@ -412,26 +424,8 @@ def node_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) ->
     def flops(size: int) -> tuple[dict[str, float], dict[str, tuple], float]:
         side = spec.input_size or size
         x = torch.zeros(1, 3, side, side, device=dev)
-        at: dict[str, float] = {}
-        shapes: dict[str, tuple] = {}
-        with FlopCounterMode(display=False) as counter:
-            def hook(t):
-                def record(_m, _i, out):
-                    at[t] = float(counter.get_total_flops())
-                    shapes[t] = tuple(fold_tap(out, spec.layout, spec.prefix_tokens).shape)
-                return record
-
-            handles = [modules[n.taps[0]].register_forward_hook(hook(n.taps[0])) for n in nets]
-            try:
-                with torch.no_grad():
-                    model(x)
-                total = float(counter.get_total_flops())
-            except RuntimeError:
-                total = math.nan
-            finally:
-                for h in handles:
-                    h.remove()
-        return at, shapes, total
+        return flops_at(model, x, {n.taps[0]: modules[n.taps[0]] for n in nets},
+                        lambda out: tuple(fold_tap(out, spec.layout, spec.prefix_tokens).shape))
 
     counted = {s: flops(s) for s in sizes}
     rows = []
