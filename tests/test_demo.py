@@ -66,8 +66,9 @@ def test_similarity_rows_for_every_lossnet_and_variant(demo_run):
             twoafc = r[r["metric"] == "2afc"]["value"]
             assert ((twoafc >= 0) & (twoafc <= 1)).all()
     # the human-judgement family beside BAPPS (similarity.datasets): MOS correlations with
-    # bootstrap intervals on the TID2013 fake, 2AFC on the NIGHTS fake
-    for dataset, metrics in (("tid2013", {"srcc", "krcc", "plcc"}), ("nights", {"2afc"})):
+    # bootstrap intervals on the TID2013 and KADID-10k fakes, 2AFC on the NIGHTS fake
+    mos = {"srcc", "krcc", "plcc"}
+    for dataset, metrics in (("tid2013", mos), ("kadid10k", mos), ("nights", {"2afc"})):
         rows = sim[sim["dataset"] == dataset]
         assert metrics <= set(rows["metric"]), (dataset, set(rows["metric"]))
         assert {"pixel/ssim", "alexnet/lpips"} <= set(rows["arch"] + "/" + rows["layer"])

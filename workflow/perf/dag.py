@@ -26,14 +26,24 @@ ROOT = Path(__file__).resolve().parents[2]
 BASELINE = "49daa64"
 
 
+def python_env(bytecode: bool, scratch: Path) -> dict[str, str]:
+    """This environment; without ``bytecode`` Python neither writes nor reads ``.pyc`` files
+    (an empty ``PYTHONPYCACHEPREFIX``: the ``__pycache__`` folders a warm-up or an earlier
+    run left are not looked at), so every imported module is compiled again."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    if not bytecode:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env["PYTHONPYCACHEPREFIX"] = str(scratch / "no-pycache")  # stays empty
+    return env
+
+
 def dry_run(checkout: Path, scratch: Path, bytecode: bool) -> tuple[float, float, int]:
     """CPU seconds and wall seconds of one ``snakemake -n`` in ``checkout``; jobs planned."""
     cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1",
            "--config", f"results_dir={scratch / 'results'}", f"resources_dir={scratch / 'res'}"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = python_env(bytecode, scratch)
     env["PYTHONPATH"] = str(checkout)
-    if not bytecode:
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
@@ -50,12 +60,10 @@ def dry_run(checkout: Path, scratch: Path, bytecode: bool) -> tuple[float, float
     return cpu, wall, jobs
 
 
-def import_only(bytecode: bool) -> float:
+def import_only(bytecode: bool, scratch: Path) -> float:
     """CPU seconds of ``snakemake --version``: Snakemake importing itself (and its plugins),
     the part of any dry run that no workflow can make smaller."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    if not bytecode:
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env = python_env(bytecode, scratch)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "snakemake", "--version"], env=env, check=True,
                    capture_output=True, timeout=300)
@@ -76,7 +84,7 @@ def measure(baseline: str, repeats: int, bytecode: bool) -> dict:
         for i in range(repeats):
             for name, checkout in (("baseline", worktree), ("this", ROOT)):
                 rows[name].append(dry_run(checkout, scratch / f"{name}{i}", bytecode))
-            floor.append(import_only(bytecode))
+            floor.append(import_only(bytecode, scratch))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT,
                        capture_output=True)
@@ -93,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--baseline", default=BASELINE, help="the commit to compare against")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bytecode", action="store_true",
-                    help="compile every module on every run (PYTHONDONTWRITEBYTECODE=1), as "
+                    help="compile every module on every run (no .pyc read or written), as "
                          "machines without writable .pyc caches do")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
