@@ -30,7 +30,16 @@ def snakemake(*args: str, workdir: Path | None = None, timeout: int = 900,
 
 
 def demo_args(tmp: Path, *extra: str) -> list[str]:
-    """The demo config with results and resources redirected into ``tmp``."""
+    """The demo config with results and resources redirected into ``tmp``; relative to the
+    repository when ``tmp`` is inside it (Snakemake keys its metadata by the output paths as
+    written, so a run of the README's command, ``demo/...``, is only found under those)."""
     return ["--configfile", str(ROOT / "config" / "demo.yaml"),
-            "--config", f"results_dir={tmp / 'results'}", f"resources_dir={tmp / 'resources'}",
-            *extra]
+            "--config", f"results_dir={as_written(tmp / 'results')}",
+            f"resources_dir={as_written(tmp / 'resources')}", *extra]
+
+
+def as_written(path: Path) -> Path:
+    """``path`` as a config value: relative to the repository (Snakemake's working
+    directory) when it lies inside it, as the README's demo command writes it."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.snakemake_helpers import ROOT, demo_args, snakemake
+from tests.snakemake_helpers import ROOT, as_written, demo_args, snakemake
 from workflow.compare import all_variants
 from workflow.plan import Plan, load_config
 
@@ -90,8 +90,8 @@ def _planned(demo_run, tmp_path, override: dict, results=None) -> dict[str, int]
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(override))
     args = ["--configfile", str(ROOT / "config" / "demo.yaml"), str(path), "--config",
-            f"results_dir={results or demo_run / 'results'}",
-            f"resources_dir={demo_run / 'resources'}"]
+            f"results_dir={as_written(results or demo_run / 'results')}",
+            f"resources_dir={as_written(demo_run / 'resources')}"]
     out = snakemake("-n", "--cores", "2", "--quiet", "rules", *args, timeout=600).stdout
     if "Nothing to be done" in out:
         return {}
@@ -127,7 +127,7 @@ def test_moving_resources_dir_reruns_nothing(demo_run, tmp_path):
     path = tmp_path / "none.yaml"
     path.write_text("{}\n")
     out = snakemake("-n", "--cores", "2", "--configfile", str(ROOT / "config" / "demo.yaml"),
-                    str(path), "--config", f"results_dir={demo_run / 'results'}",
+                    str(path), "--config", f"results_dir={as_written(demo_run / 'results')}",
                     f"resources_dir={moved}", timeout=600).stdout
     assert "Nothing to be done" in out, out[-3000:]
 
