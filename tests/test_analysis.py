@@ -229,6 +229,21 @@ def test_flops_in_table_by_hand(attrs):
     assert attrs[f"flops_total_{SIZE}"].notna().all()
 
 
+def test_inception_s_share_at_64_px_is_its_share_at_75_px():
+    """At 64 px Inception-v3's full pass fails (Mixed_7a on a 2 x 2 map): its total stays NaN,
+    the cost to each tap is counted at 64 px and the share is the one at 75 px, the smallest
+    side the full pass runs at (found by trying 65, 66, ...)."""
+    from workflow.analysis.attributes import smallest_full_pass
+
+    df = lossnet_attributes(["inception_v3"], [1, 4], [], [64, 75])
+    assert df["flops_total_64"].isna().all() and df["flops_total_75"].notna().all()
+    assert df["flops_64"].notna().all() and (df["flops_64"] < df["flops_75"]).all()
+    assert df["flops_pct_64"].tolist() == df["flops_pct_75"].tolist()
+    assert (df["flops_pct_75"] == 100 * df["flops_75"] / df["flops_total_75"]).all()
+    model = load_backbone("inception_v3", "random").eval()
+    assert smallest_full_pass(model, "inception_v3", 64) == 75
+
+
 def test_flops_total_near_torchvision_ops():
     # torchvision's meta["_ops"] (GFLOPs at 224 px) counts one multiply-accumulate as one op
     df = lossnet_attributes(["alexnet", "resnet18"], [4], [], [224])

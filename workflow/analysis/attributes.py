@@ -25,7 +25,8 @@ How each attribute is computed (``docs/analysis.md`` says the same for readers):
   counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per
   multiply-accumulate of convolutions and matrix products; element-wise ops,
   pooling and normalisation are not counted). Where the full pass cannot run at
-  that size (Inception-v3 needs at least 75 px) the total and the share are NaN.
+  that size (Inception-v3 needs at least 75 px) the total is NaN and the share is the
+  share at the smallest size the full pass runs (``smallest_full_pass``).
 - ``macs_<S>`` / ``macs_total_<S>``: the same work in multiply-accumulates (half the
   FLOPs): the unit the thesis's "MFLOPS" figures count, so its log10 cost axis is this
   one (log10 FLOPs sits log10 2 = 0.30 higher).
@@ -307,6 +308,15 @@ def flops_per_child(model: nn.Module, arch: str, size: int
     return cumulative, shapes, total
 
 
+def smallest_full_pass(model: nn.Module, arch: str, size: int, limit: int = 512) -> int | None:
+    """The smallest side above ``size`` (up to ``limit``) at which the whole model's forward
+    pass runs (Inception-v3: 75), or None."""
+    for side in range(size + 1, limit + 1):
+        if not math.isnan(flops_per_child(model, arch, side)[2]):
+            return side
+    return None
+
+
 def count_flops(module: nn.Module, x: torch.Tensor) -> float:
     """FLOPs of ``module(x)`` as torch.utils.flop_counter counts them."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -344,6 +354,11 @@ def arch_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) ->
         bn = bn or any(isinstance(m, nn.BatchNorm2d) for m in mods)
         per_child.append((facts, leaves, convs, params, conv1x1, bn))
     flops = {s: flops_per_child(model, arch, s) for s in sizes}
+    # where the full pass cannot run at S, the share is taken at the smallest side it runs
+    share_at = {s: s if not math.isnan(flops[s][2]) else smallest_full_pass(model, arch, s)
+                for s in sizes}
+    shares = {s: flops[s] if share_at[s] in (s, None) else flops_per_child(model, arch, share_at[s])
+              for s in sizes}
 
     rows = []
     for net in nets:
@@ -372,7 +387,7 @@ def arch_attributes(arch: str, nets: Sequence[LossNet], sizes: Sequence[int]) ->
             row[f"features_{s}"] = float(sum(feats))
             row[f"flops_{s}"] = cum[tap]
             row[f"flops_total_{s}"] = total
-            row[f"flops_pct_{s}"] = 100.0 * cum[tap] / total
+            row[f"flops_pct_{s}"] = 100.0 * shares[s][0][tap] / shares[s][2]
             row[f"macs_{s}"] = cum[tap] / 2  # FlopCounterMode: 2 FLOPs per multiply-add
             row[f"macs_total_{s}"] = total / 2
         rows.append(row)
