@@ -526,15 +526,21 @@ def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, prepared, sta
     assert ckpt["key"]["members"][f"{NET} run0"]["job"] == {"net": NET, "scale": 4, "run": 0}
 
 
-def test_a_member_joining_retrains_only_itself(tmp_path, prepared, stage, fused_run, capsys):
-    """A third layer joins the group (config lossnets): the two finished members are not
-    trained again, the group's new checkpoint is the new member's alone."""
-    root, members, *_ = fused_run
+def _finished_copies(tmp_path, root, members):
+    """The fused run's members, each pointed at a copy of its finished checkpoint."""
     mine = []
     for i, m in enumerate(members):
         (tmp_path / f"m{i}" / "train").mkdir(parents=True)
         shutil.copy(root / "ab"[i] / "train" / "final.pt", tmp_path / f"m{i}" / "train")
         mine.append({**m, "dir": str(tmp_path / f"m{i}")})
+    return mine
+
+
+def test_a_member_joining_retrains_only_itself(tmp_path, prepared, stage, fused_run, capsys):
+    """A third layer joins the group (config lossnets): the two finished members are not
+    trained again, the group's new checkpoint is the new member's alone."""
+    root, members, *_ = fused_run
+    mine = _finished_copies(tmp_path, root, members)
     third = {"net": "squeezenet1_1/3", "run": 0, "dir": str(tmp_path / "c")}
     listing = _fused(tmp_path, prepared, stage, [*mine, third], tmp_path / "group" / "train")
     assert [m["trained_now"] for m in listing["members"]] == [False, False, True]
@@ -579,11 +585,7 @@ def test_an_eval_only_key_rescores_without_training(tmp_path, prepared, stage, f
     """A rerun of the fused job for another eval config (test_limit 2: the rule's --eval-config
     changed) trains no step of any member and scores each again under the new config."""
     root, members, *_ = fused_run
-    mine = []
-    for i, m in enumerate(members):
-        (tmp_path / f"m{i}" / "train").mkdir(parents=True)
-        shutil.copy(root / "ab"[i] / "train" / "final.pt", tmp_path / f"m{i}" / "train")
-        mine.append({**m, "dir": str(tmp_path / f"m{i}")})
+    mine = _finished_copies(tmp_path, root, members)
     from workflow.training import Trainer
 
     def no_training(self, step):

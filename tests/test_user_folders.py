@@ -331,9 +331,15 @@ def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
     assert "download.pytorch.org" not in text
     # the similarity jobs wait for the verification and read the files where they are
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", proc.stdout, re.M)}
-    # one job per architecture (4) and one for the pixel baselines, per dataset (3)
-    assert jobs["download_weights"] == 1 and jobs["score_similarity"] == 15, proc.stdout
-    assert text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"') == 15
+    # one job per architecture (4) and one for the pixel baselines, per dataset
+    from workflow.plan import load_config
+
+    datasets = load_config(ROOT / "config.yaml", ROOT / "config" / "demo.yaml")[
+        "similarity"]["datasets"]
+    expected = 5 * len(datasets)
+    assert jobs["download_weights"] == 1 and jobs["score_similarity"] == expected, proc.stdout
+    assert (text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"')
+            == expected)
 
 
 # ----------------------------------------------------------------------------- every dataset
