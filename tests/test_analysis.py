@@ -14,6 +14,7 @@ from scipy import stats
 from torch import nn
 
 from workflow.analysis import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES
+from workflow.analysis.all_figures import run_figures
 from workflow.analysis.attributes import (
     GraphFacts,
     build_meta_model,
@@ -30,7 +31,7 @@ from workflow.analysis.correlations import (
     score_correlations,
     select_scores,
 )
-from workflow.analysis.figures import TEXT_PX, run_figures
+from workflow.analysis.figures import TEXT_PX
 from workflow.analysis.pareto import pareto_front
 from workflow.lossnets import ARCHS, load_backbone, weights_enum
 from workflow.results import score_frame

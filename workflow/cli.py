@@ -239,7 +239,7 @@ COMMANDS: dict[tuple[str, str], Command] = {
     ("analysis", "tables"): Command("workflow.analysis.correlations:write_tables",
                                     "correlation tables and Pareto points",
                                     ("config", "scores", "lossnets", "out")),
-    ("analysis", "figures"): Command("workflow.analysis.figures:write_figures",
+    ("analysis", "figures"): Command("workflow.analysis.all_figures:write_figures",
                                      "the figures, from the scores and the tables",
                                      ("config", "scores", "tables", "out")),
 }

@@ -1,7 +1,6 @@
-"""Figures of the analysis (seaborn; PNG + SVG), built from whatever results exist.
-
-``python -m workflow analysis figures --scores scores.parquet --tables DIR --config JSON --out DIR``
-writes ``<out>/<name>.png`` and ``.svg`` for every name in ``FIGURES``:
+"""Figures of the analysis (seaborn; PNG + SVG), built from whatever results exist, and the
+drawing helpers ``study_figures.py`` shares. ``all_figures.py`` draws every one of ``FIGURES``
+(``python -m workflow analysis figures``); those of this module:
 
 - ``scores_by_layer``: each selected score (config ``analysis.scores``) against the extraction
   layer 1..4, one line per architecture, one panel per score;
@@ -21,7 +20,7 @@ so the declared outputs always exist and a partial study still gets a report.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +36,9 @@ from matplotlib.text import Text  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from workflow.analysis import FIGURE_FORMATS as FORMATS  # noqa: E402
-from workflow.analysis import FIGURES  # noqa: E402
-from workflow.analysis.correlations import select_scores  # noqa: E402
 from workflow.archs import ARCHS  # noqa: E402
-from workflow.files import atomic_path, write_text  # noqa: E402
-from workflow.results import validate_scores  # noqa: E402
+from workflow.files import atomic_path  # noqa: E402
 
-CAPTIONS = Path(__file__).resolve().parents[1] / "report"  # the caption templates
 REPORT_WIDTH_PX = 1000  # about how wide the report shows a figure
 TEXT_PX: dict[str, float] = {}  # figure -> its smallest text, in px at REPORT_WIDTH_PX
 LAYER_MARKERS = {"1": "o", "2": "s", "3": "^", "4": "D", "lpips": "*"}
@@ -390,64 +385,3 @@ def probes_figure(scores: pd.DataFrame, cfg: Mapping[str, Any], stem: Path) -> t
                f"averaged over {len(sets)} sets), {wl} with {wc} the fewest "
                f"({100 * frac.min():.0f}%).")
     return f"{stem.name}: {len(lines)} x {len(comps)} x {len(sets)} sets", finding
-
-
-def run_figures(scores: pd.DataFrame, tables: Path, cfg: Mapping[str, Any], outdir: Path
-                ) -> list[str]:
-    """Every figure of ``FIGURES`` into ``outdir``, each with its caption ``<name>.rst``: the
-    finding computed from the data, then the caption template of ``workflow/report``."""
-    from workflow.analysis import study_figures as sf
-
-    fig_cfg = cfg.get("figures", {})
-    _style(fig_cfg)
-    colors = arch_colors(fig_cfg.get("palette", "tab20"))
-    selected = select_scores(scores, cfg.get("scores", []))
-    pareto = pd.read_parquet(tables / "pareto.parquet")
-    corr = pd.read_parquet(tables / "attribute_correlations.parquet")
-    ranks = pd.read_parquet(tables / "rankings.parquet")
-    per_arch = pd.read_parquet(tables / "arch_scores.parquet")
-    jobs: dict[str, Callable[[Path], str | tuple[str, str]]] = {
-        "scores_by_layer": lambda s: scores_by_layer(selected, cfg, colors, s),
-        "flops_pareto": lambda s: pareto_figure(pareto, cfg, colors, s, accuracy=False),
-        "imagenet_pareto": lambda s: pareto_figure(pareto, cfg, colors, s, accuracy=True),
-        "correlation_heatmap": lambda s: correlation_heatmap(corr, cfg, s),
-        "adaptation": lambda s: adaptation_figure(scores, cfg, colors, s),
-        "probes": lambda s: probes_figure(scores, cfg, s),
-        "rank_heatmap": lambda s: sf.rankings_figure(ranks, per_arch, cfg, s),
-        "comparison_methods": lambda s: sf.comparison_methods_figure(scores, cfg, s),
-        "super_resolution": lambda s: sf.super_resolution_figure(scores, cfg, colors, s),
-        "adaptation_rankings": lambda s: sf.adaptation_rankings_figure(scores, cfg, s),
-        "adaptation_change": lambda s: sf.adaptation_change_figure(scores, cfg, s),
-    }
-    notes = []
-    for name in FIGURES:
-        got = jobs[name](outdir / name)
-        note, finding = got if isinstance(got, tuple) else (got, "")
-        if "no data" in note and not finding:
-            finding = "none: " + note.split("no data", 1)[1].strip(" ()")
-        write_caption(outdir / f"{name}.rst", name, finding)
-        notes.append(note)
-    return notes
-
-
-def write_caption(path: Path, name: str, finding: str) -> None:
-    """The report caption of figure ``name``: its finding, then the template (still rendered
-    by Snakemake's Jinja, so it can show the config)."""
-    template = (CAPTIONS / f"{name}.rst").read_text()
-    text = finding.replace("*", "\\*").replace("`", "'")
-    # raw: the data's text is never read as Jinja (the report renders the caption with it)
-    write_text(f"**Finding:** {{% raw %}}{text}{{% endraw %}}\n\n{template}", path)
-
-
-def write_figures(config: Mapping[str, Any], scores: str | Path, tables: str | Path,
-                  out: str | Path) -> list[str]:
-    """Every figure of config ``analysis`` (``config``) into the folder ``out``."""
-    tables = Path(tables)
-    for name in ("pareto", "attribute_correlations", "rankings", "arch_scores"):
-        if not (tables / f"{name}.parquet").exists():
-            raise FileNotFoundError(f"{tables / name}.parquet is missing: run "
-                                    f"`snakemake analysis_tables` first")
-    score_table = validate_scores(pd.read_parquet(scores), str(scores))
-    notes = run_figures(score_table, tables, config, Path(out))
-    print("\n".join(notes))
-    return notes

@@ -1,5 +1,5 @@
 """The study's summary figures (thesis 3.7.1 and Table 4.4, both SR protocols, the adaptation
-paper's per-ranking view), drawn by :func:`workflow.analysis.figures.run_figures`.
+paper's per-ranking view), drawn by :func:`workflow.analysis.all_figures.run_figures`.
 
 Each function draws one figure into ``stem`` (PNG + SVG) and returns ``(note, finding)``:
 the note for the log, the finding (one sentence computed from the data) for the caption.
