@@ -17,11 +17,18 @@ import torch.nn.functional as F
 
 from workflow import cli, compare
 from workflow.archs import LossNet
-from workflow.benchmarks.calibration import CalibrationError, TrainSet, load_shipped
+from workflow.benchmarks.calibration import CalibrationError, TrainSet
 from workflow.compare import Variant
 from workflow.lossnets import build_extractor, load_backbone
 from workflow.metrics.similarity import agreement
-from workflow.models.adapter import FusedAdapter, load_adapter, make_optimizer, tap_channels
+from workflow.models.adapter import (
+    FusedAdapter,
+    LinWeightsError,
+    load_adapter,
+    load_lpips_lin,
+    make_optimizer,
+    tap_channels,
+)
 from workflow.plan import Plan, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +135,7 @@ def test_shipped_lin_equals_the_lpips_package(arch, tmp_path):
     theirs.net.load_state_dict({k: state[f"features.{k.split('.', 2)[1]}.{k.split('.', 2)[2]}"]
                                 for k in theirs.net.state_dict()}, strict=True)
     theirs.eval()
-    adapter = load_shipped(_lpips_folder(), net, tap_channels(ours, 64, CPU))
+    adapter = load_lpips_lin(_lpips_folder(), net, tap_channels(ours, 64, CPU))
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(3, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
     with torch.no_grad():
@@ -140,16 +147,16 @@ def test_shipped_lin_equals_the_lpips_package(arch, tmp_path):
 def test_shipped_file_errors(tmp_path):
     net = LossNet("alexnet", "lpips")
     channels = {1: 64, 4: 192, 7: 384, 9: 256, 11: 256}
-    with pytest.raises(CalibrationError, match="alex.pth not found.*shipped_weights"):
-        load_shipped(tmp_path, net, channels)
+    with pytest.raises(LinWeightsError, match="alex.pth not found.*shipped_weights"):
+        load_lpips_lin(tmp_path, net, channels)
     torch.save({"lin0.model.1.weight": torch.ones(1, 64, 1, 1)}, tmp_path / "alex.pth")
-    with pytest.raises(CalibrationError, match="not the 5 lin layers"):
-        load_shipped(tmp_path, net, channels)
-    with pytest.raises(CalibrationError, match="ships lin weights for"):
-        load_shipped(tmp_path, LossNet("resnet18", "2"), channels)
+    with pytest.raises(LinWeightsError, match="not the 5 lin layers"):
+        load_lpips_lin(tmp_path, net, channels)
+    with pytest.raises(LinWeightsError, match="ships lin weights for"):
+        load_lpips_lin(tmp_path, LossNet("resnet18", "2"), channels)
     wrong = {1: 64, 4: 192, 7: 384, 9: 256, 11: 255}
-    with pytest.raises(CalibrationError, match="lin4.model.1.weight has 256 channels"):
-        load_shipped(_lpips_folder(), net, wrong)
+    with pytest.raises(LinWeightsError, match="lin4.model.1.weight has 256 channels"):
+        load_lpips_lin(_lpips_folder(), net, wrong)
 
 
 # ----------------------------------------------------------------------------- end to end

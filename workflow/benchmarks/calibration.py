@@ -11,8 +11,8 @@ sync loss, so every configured comparison x channel-norm metric of one loss netw
 calibrated at once from one extractor pass per batch (a combined comparison has weights per
 term), and scoring is the adaptation's :func:`workflow.benchmarks.adaptation.bapps_scores`.
 
-``shipped`` scores the lpips package's own lin weights (``weights/v0.1/<alex|vgg|squeeze>.pth``)
-the same way. Commands (rules/calibration.smk): ``python -m workflow calibration train |
+``shipped`` scores the lpips package's own lin weights (``weights/v0.1/<alex|vgg|squeeze>.pth``,
+read by :func:`workflow.models.adapter.load_lpips_lin`) the same way. Commands (rules/calibration.smk): ``python -m workflow calibration train |
 evaluate | shipped``.
 """
 
@@ -29,19 +29,24 @@ from torch import Tensor
 
 from workflow.archs import LossNet
 from workflow.benchmarks.adaptation import bapps_scores, feature_diffs
-from workflow.compare import Variant, all_variants
+from workflow.compare import all_variants
 from workflow.datasets import bapps
 from workflow.datasets.bank import EpochSampler
 from workflow.files import write_parquet
 from workflow.imaging import to_images
 from workflow.job import Job
 from workflow.lossnets import FeatureExtractor
-from workflow.models.adapter import FusedAdapter, load_adapter, make_optimizer, tap_channels
+from workflow.models.adapter import (
+    FusedAdapter,
+    load_adapter,
+    load_lpips_lin,
+    make_optimizer,
+    tap_channels,
+)
 from workflow.results import score_frame
 from workflow.training import TrainConfig, Trainer, constant_then_linear, resume_key, save_model
 
-__all__ = ["CalibrationError", "TrainSet", "calibration_step", "evaluate", "load_shipped",
-           "shipped", "train"]
+__all__ = ["CalibrationError", "TrainSet", "calibration_step", "evaluate", "shipped", "train"]
 
 BENCHMARK = "calibration"
 SEED_STRIDE = 100_003  # the epoch permutation of run seed s, epoch e is seeded s * 100_003 + e
@@ -141,44 +146,6 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int, prepared: Map
     return meta
 
 
-def load_shipped(folder_or_file: Path, lossnet: LossNet, channels: Mapping[int, int]
-                 ) -> FusedAdapter:
-    """An adapter (spatial, channel-normalised) holding the lpips package's lin weights of
-    ``lossnet`` (``lin{k}.model.1.weight`` [1, C, 1, 1] of ``<alex|vgg|squeeze>.pth``), in
-    tap order; ``channels``: the extractor's channels per tap, checked against the file."""
-    from workflow.plan import LPIPS_SHIPPED
-
-    path = Path(folder_or_file)
-    if path.is_dir():
-        if lossnet.arch not in LPIPS_SHIPPED:
-            raise CalibrationError(f"the lpips package ships lin weights for "
-                                   f"{', '.join(LPIPS_SHIPPED)}, not {lossnet.arch}")
-        path = path / f"{LPIPS_SHIPPED[lossnet.arch]}.pth"
-    if not path.is_file():
-        raise CalibrationError(f"{path} not found: config key calibration.shipped_weights must "
-                               f"be a folder laid out as the lpips package's weights/v0.1/")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CalibrationError(f"cannot read {path} ({e}); it should be a lin weights file "
-                               f"of the lpips package (weights/v0.1/)") from e
-    taps = sorted(channels)
-    keys = [f"lin{k}.model.1.weight" for k in range(len(taps))]
-    if sorted(state) != sorted(keys):
-        raise CalibrationError(f"{path} holds {sorted(state)}, not the {len(taps)} lin layers "
-                               f"({keys[0]} ...) of {lossnet.id}'s taps {taps}")
-    adapter = FusedAdapter(channels, [Variant("spatial", True)], [0], dropout=0.0,
-                           sync_weight=0.0)
-    with torch.no_grad():
-        for k, t in zip(keys, taps, strict=True):
-            w = state[k].reshape(-1)
-            if w.numel() != channels[t]:
-                raise CalibrationError(f"{path}: {k} has {w.numel()} channels, tap {t} of "
-                                       f"{lossnet.id} has {channels[t]}")
-            adapter.weights(0)[t][0].copy_(w)
-    return adapter.eval()
-
-
 def _score(job: Job, config: Mapping[str, Any], lossnet: LossNet, extractor: FeatureExtractor,
            adapter: FusedAdapter, folder: Path, variant: str, run: int | None, scores: Path
            ) -> pd.DataFrame:
@@ -217,6 +184,6 @@ def shipped(job: Job, config: Mapping[str, Any], net: str, model: Path,
     lossnet = LossNet.parse(net)
     extractor = job.extractor(lossnet, config["normalize"])
     channels = tap_channels(extractor, int(config["image_size"]), job.device)
-    adapter = load_shipped(model, lossnet, channels).to(job.device)
+    adapter = load_lpips_lin(model, lossnet, channels).to(job.device)
     return _score(job, config, lossnet, extractor, adapter, prepared["bapps"], "lin-shipped",
                   None, scores)

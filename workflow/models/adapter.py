@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workflow.archs import LossNet
 from workflow.compare import Variant, reduce_channels
 from workflow.metrics.similarity import twoafc_rate
 from workflow.models.ranking import BatchedRankingNet
 
-__all__ = ["FusedAdapter", "baseline_distances", "load_adapter", "make_optimizer",
-           "metric_seed", "tap_channels", "terms"]
+__all__ = ["FusedAdapter", "LinWeightsError", "baseline_distances", "load_adapter",
+           "load_lpips_lin", "make_optimizer", "metric_seed", "tap_channels", "terms"]
 
 
 def terms(variants: Sequence[Variant]) -> list[Variant]:
@@ -235,3 +236,46 @@ def load_adapter(path: str | Path, device: torch.device) -> tuple[FusedAdapter, 
 
     meta = load_model(path, build)
     return made["adapter"].to(device).eval(), meta
+
+
+class LinWeightsError(ValueError):
+    """A lin weights file of the lpips package that is missing or does not fit the loss
+    network; the message names the file and the config key."""
+
+
+def load_lpips_lin(folder_or_file: Path, lossnet: LossNet, channels: Mapping[int, int]
+                 ) -> FusedAdapter:
+    """An adapter (spatial, channel-normalised) holding the lpips package's lin weights of
+    ``lossnet`` (``lin{k}.model.1.weight`` [1, C, 1, 1] of ``<alex|vgg|squeeze>.pth``), in
+    tap order; ``channels``: the extractor's channels per tap, checked against the file."""
+    from workflow.plan import LPIPS_SHIPPED  # the rules' module: torch-free, so no circle
+
+    path = Path(folder_or_file)
+    if path.is_dir():
+        if lossnet.arch not in LPIPS_SHIPPED:
+            raise LinWeightsError(f"the lpips package ships lin weights for "
+                                   f"{', '.join(LPIPS_SHIPPED)}, not {lossnet.arch}")
+        path = path / f"{LPIPS_SHIPPED[lossnet.arch]}.pth"
+    if not path.is_file():
+        raise LinWeightsError(f"{path} not found: config key calibration.shipped_weights must "
+                               f"be a folder laid out as the lpips package's weights/v0.1/")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise LinWeightsError(f"cannot read {path} ({e}); it should be a lin weights file "
+                               f"of the lpips package (weights/v0.1/)") from e
+    taps = sorted(channels)
+    keys = [f"lin{k}.model.1.weight" for k in range(len(taps))]
+    if sorted(state) != sorted(keys):
+        raise LinWeightsError(f"{path} holds {sorted(state)}, not the {len(taps)} lin layers "
+                               f"({keys[0]} ...) of {lossnet.id}'s taps {taps}")
+    adapter = FusedAdapter(channels, [Variant("spatial", True)], [0], dropout=0.0,
+                           sync_weight=0.0)
+    with torch.no_grad():
+        for k, t in zip(keys, taps, strict=True):
+            w = state[k].reshape(-1)
+            if w.numel() != channels[t]:
+                raise LinWeightsError(f"{path}: {k} has {w.numel()} channels, tap {t} of "
+                                       f"{lossnet.id} has {channels[t]}")
+            adapter.weights(0)[t][0].copy_(w)
+    return adapter.eval()
