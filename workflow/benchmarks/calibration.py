@@ -11,9 +11,10 @@ sync loss, so every configured comparison x channel-norm metric of one loss netw
 calibrated at once from one extractor pass per batch (a combined comparison has weights per
 term), and scoring is the adaptation's :func:`workflow.benchmarks.adaptation.bapps_scores`.
 
-``shipped`` scores the lpips package's own lin weights (``weights/v0.1/<alex|vgg|squeeze>.pth``,
-read by :func:`workflow.models.adapter.load_lpips_lin`) the same way. Commands (rules/calibration.smk): ``python -m workflow calibration train |
-evaluate | shipped``.
+``shipped`` scores the lpips package's own lin weights
+(``weights/v0.1/<alex|vgg|squeeze>.pth``, read by
+:func:`workflow.models.adapter.load_lpips_lin`) the same way. Commands
+(rules/calibration.smk): ``python -m workflow calibration train | evaluate | shipped``.
 """
 
 from __future__ import annotations
