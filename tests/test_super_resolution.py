@@ -3,6 +3,7 @@ train / eval commands end to end on the synthetic COCO and test sets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -19,6 +20,7 @@ from workflow.benchmarks import super_resolution_fused as srf
 from workflow.datasets.arrays import CorruptFileError
 from workflow.datasets.bank import EpochSampler, ImageBank
 from workflow.imaging import crop_to_multiple, degrade, quantize, reference_target, to_float
+from workflow.lossnets import feature_loss as sr_feature_loss
 from workflow.metrics.image import psnr, rgb_to_y, shave, ssim
 from workflow.models.srnet import SRNet
 from workflow.results import SCORE_COLUMNS
@@ -393,10 +395,12 @@ def test_a_fused_step_of_three_models_is_three_separate_steps():
             assert err_fused <= 2 * err_alone + 1e-7, (i, k, err_fused, err_alone)
 
 
-def _fused(tmp_path, prepared, stage, members, workdir, eval_overrides=None, **overrides):
+def _fused(tmp_path, prepared, stage, members, workdir, eval_overrides=None, settings_=None,
+           **overrides):
     """The train_fused command, scoring each member after training (by default on one Set5
     image: the tests of the training need no more)."""
-    config, settings = stage("train", crop_size=32, **overrides)
+    config, settings = stage("train", **{"crop_size": 32, **overrides})
+    settings = {**settings, **(settings_ or {})}
     eval_config, _ = stage("eval", **(eval_overrides or {"test_sets": ["set5"],
                                                          "test_limit": 1}))
     argv = ["--scale", "4", "--members", json.dumps(members), "--config", json.dumps(config),
@@ -667,3 +671,93 @@ def test_the_plan_makes_one_training_job_per_architecture_and_scale(demo_plan):
         fused.sr_members("vgg16", 4, "")
     assert alone.sr_targets(member, group) == alone.targets(member, "super_resolution")
     assert len(alone.sr_targets(member, group)) == 12
+
+
+# ----------------------------------------------------------------------------- target cache
+
+
+def test_cached_target_features_are_the_target_pass(monkeypatch):
+    """A step's loss from the cache equals the loss with a target pass, and the cached step
+    runs the loss network once (the output's pass only); the memory rule says no when the
+    features would take more than half of the (here: pretended) free memory."""
+    from workflow.datasets import bank as bank_mod
+    from workflow.lossnets import build_extractor
+    from workflow.target_cache import TargetFeatures, plan_cache
+
+    rng = np.random.default_rng(0)
+    bank = ImageBank((rng.random((5, 40, 40, 3)) * 255).astype(np.uint8), CPU)
+    ext = build_extractor("squeezenet1_1", taps=[3, 6], weights="random", normalize="none").eval()
+    cache = TargetFeatures(ext, bank, [3, 6], batch=2, autocast=contextlib.nullcontext,
+                           to_device=lambda x: x)
+    idx = torch.tensor([4, 1, 2])
+    out = torch.rand(3, 3, 40, 40, requires_grad=True)
+    want = sr_feature_loss(ext, [3, 6], out, bank.images(idx))
+    calls = []
+    handle = ext.register_forward_hook(lambda *a: calls.append(1))
+    got = sr_feature_loss(ext, [3, 6], out, cache.lookup(idx))
+    handle.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    stacked = cache.stacked([idx, idx.flip(0)])
+    assert stacked[6].shape[:2] == (2, 3)
+    torch.testing.assert_close(stacked[6][1], cache.lookup(idx.flip(0))[6])
+
+    noop = (contextlib.nullcontext, lambda x: x)
+    assert plan_cache(ext, bank, [3, 6], "never", *noop)[0] is False
+    monkeypatch.setattr(bank_mod, "_available_ram", lambda: 1000)  # 1 kB free
+    keep, why = plan_cache(ext, bank, [3, 6], "auto", *noop)
+    assert not keep and "more than half of the free memory" in why
+    assert plan_cache(ext, bank, [3, 6], "always", *noop)[0] is True
+
+
+@pytest.fixture
+def small_images(monkeypatch):
+    """The training data of both train commands as 48 px centre crops of the prepared COCO
+    images (whole-image training at 288 px takes minutes on a CPU)."""
+    real = sr._train_data
+
+    def small(job, config, prepared, scale):
+        bank, val = real(job, config, prepared, scale)
+        crop = lambda b: ImageBank(np.ascontiguousarray(  # noqa: E731
+            np.asarray(b.data)[:, 120:168, 120:168]), CPU)
+        return crop(bank), crop(val)
+
+    monkeypatch.setattr(sr, "_train_data", small)
+    monkeypatch.setattr(srf, "_train_data", small)
+
+
+def test_training_on_cached_targets_is_training_on_target_passes(tmp_path, prepared, stage,
+                                                                 capsys, small_images):
+    """Whole images (crop_size null, the study's setting): the cache is built, and the
+    trained weights equal those of a run with a target pass every step (fp32, CPU)."""
+    states = {}
+    for policy in ("never", "always"):
+        config, settings = stage("train", crop_size=None, iterations=2, eval_every=2)
+        settings = {**settings, "target_cache": policy}
+        _command("train", config, settings, prepared=prepared("coco"),
+                 workdir=tmp_path / policy, out=tmp_path / f"{policy}.pt")
+        states[policy] = _state(tmp_path / f"{policy}.pt")
+    log = capsys.readouterr().out
+    assert "caching the target features of 32 images" in log
+    assert "target_cache: never" in log
+    for k, v in states["never"].items():
+        if k != "_meta":
+            torch.testing.assert_close(states["always"][k], v, atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_fused_training_on_cached_targets_is_training_on_target_passes(tmp_path, prepared,
+                                                                       stage, small_images):
+    """The fused job's cache holds every member's taps; its members' weights equal those of
+    the fused run with target passes (two data streams, two layers)."""
+    states = {}
+    for policy in ("never", "always"):
+        root = tmp_path / policy
+        members = [{"net": NET, "run": 0, "dir": str(root / "a")},
+                   {"net": "squeezenet1_1/1", "run": 1, "dir": str(root / "b")}]
+        _fused(root, prepared, stage, members, root / "group" / "train", crop_size=None,
+               iterations=2, eval_every=2, settings_={"target_cache": policy})
+        states[policy] = [_state(root / m / "train" / "final.pt") for m in "ab"]
+    for never, always in zip(states["never"], states["always"], strict=True):
+        for k, v in never.items():
+            if k != "_meta":
+                torch.testing.assert_close(always[k], v, atol=1e-5, rtol=1e-5, msg=k)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -499,7 +499,7 @@ def build_extractor(
 
 
 def feature_loss(extractor: FeatureExtractor, taps: Sequence[int], output: Tensor,
-                 target: Tensor) -> Tensor:
+                 target: Tensor | Mapping) -> Tensor:
     """Deep perceptual loss: mean squared error of features at ``taps`` (summed over taps).
 
     The target's features carry no gradient, so they come from a pass of their own under
@@ -511,10 +511,11 @@ def feature_loss(extractor: FeatureExtractor, taps: Sequence[int], output: Tenso
     leaves on never write into a tap, with or without a graph (on the CPU in fp32 the loss
     and its gradient are bit-identical to the joint pass's for all 14 architectures). The
     target pass runs first, so its activations are freed before the output's graph is built.
+    ``target`` may also be the target's features already, ``{tap: Tensor}`` (a
+    :class:`workflow.target_cache.TargetFeatures` lookup): then no target pass runs.
     """
-    with torch.no_grad():
-        ref = extractor(target)
-        ref = {t: ref[t] for t in taps}
+    ref = target if isinstance(target, Mapping) else _target_features(extractor, target)
+    ref = {t: ref[t] for t in taps}
     feats = extractor(output)
     loss = output.new_zeros(())
     for t in taps:
@@ -522,8 +523,24 @@ def feature_loss(extractor: FeatureExtractor, taps: Sequence[int], output: Tenso
     return loss
 
 
+def _target_features(extractor: nn.Module, target: Tensor) -> dict:
+    with torch.no_grad():
+        return dict(extractor(target))
+
+
+def _stacked_targets(extractor: nn.Module, targets: Tensor | Mapping) -> dict:
+    """``{tap: [R, N, ...]}`` of ``R`` target batches ``[R, N, 3, H, W]`` (one pass, no_grad),
+    or the mapping itself when the features are given (a target cache's ``stacked``)."""
+    if isinstance(targets, Mapping):
+        return dict(targets)
+    r, n = targets.shape[:2]
+    return {t: v.unflatten(0, (r, n))
+            for t, v in _target_features(extractor, targets.flatten(0, 1)).items()}
+
+
 def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]],
-                       outputs: Tensor, targets: Tensor, target_of: Sequence[int]) -> Tensor:
+                       outputs: Tensor, targets: Tensor | Mapping, target_of: Sequence[int]
+                       ) -> Tensor:
     """:func:`feature_loss` of ``K`` models at once: ``[K]`` losses, one forward pass each way.
 
     ``outputs`` ``[K, N, 3, H, W]`` (model ``k``'s batch), ``targets`` ``[R, N, 3, H, W]``
@@ -535,6 +552,7 @@ def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]
     ``k``'s loss is the sum over its own taps of the MSE of its rows, as :func:`feature_loss`
     computes it alone (the loss network is in eval mode: an image's features do not depend
     on the batch it is in). Summing the losses gives every model its own gradient only.
+    ``targets`` may also be their features already, ``{tap: [R, N, ...]}``.
     """
     k, n = outputs.shape[:2]
     if len(taps) != k or len(target_of) != k:
@@ -542,10 +560,7 @@ def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]
                          f"{len(taps)} and {len(target_of)}")
     if not isinstance(extractor, FeatureExtractor):  # taps by module path (NodeExtractor)
         return _fused_node_loss(extractor, taps, outputs, targets, target_of)
-    used = sorted({int(t) for ts in taps for t in ts})
-    with torch.no_grad():
-        ref = extractor(targets.flatten(0, 1))
-        ref = {t: ref[t].unflatten(0, (targets.shape[0], n)) for t in used}
+    ref = _stacked_targets(extractor, targets)
     deepest = [max(int(t) for t in ts) for ts in taps]
     order = sorted(range(k), key=lambda i: -deepest[i])  # stable: ties keep their order
     x = extractor.norm(torch.stack([outputs[i] for i in order]).flatten(0, 1))
@@ -571,14 +586,13 @@ def fused_feature_loss(extractor: FeatureExtractor, taps: Sequence[Sequence[int]
 
 
 def _fused_node_loss(extractor: nn.Module, taps: Sequence[Sequence[int | str]],
-                     outputs: Tensor, targets: Tensor, target_of: Sequence[int]) -> Tensor:
+                     outputs: Tensor, targets: Tensor | Mapping, target_of: Sequence[int]
+                     ) -> Tensor:
     """:func:`fused_feature_loss` for a loss network whose taps are module paths: the hooks
     see the whole forward pass, so the ``K * N`` outputs run as one batch to the deepest tap
     of any model (no shedding); the targets once, under ``no_grad``."""
     k, n = outputs.shape[:2]
-    with torch.no_grad():
-        ref = extractor(targets.flatten(0, 1))
-        ref = {t: v.unflatten(0, (targets.shape[0], n)) for t, v in ref.items()}
+    ref = _stacked_targets(extractor, targets)
     feats = extractor(outputs.flatten(0, 1))
     losses = []
     for i in range(k):

@@ -134,7 +134,7 @@ STAGES: dict[str, dict[str, Stage]] = {
         "train": Stage(("iterations", "batch_size", "lr", "eval_every", "val_images", "normalize",
                         "blur_sigma", "crop_size", "seed"),
                        settings=("checkpoint_every", "log_every", "data_on_device",
-                                 "eval_batch_size", "compile")),
+                                 "eval_batch_size", "compile", "target_cache")),
         "eval": Stage(("blur_sigma", "image_size", "test_sets", "test_limit", "protocols"),
                       lossnet=False, scores=True),
     },

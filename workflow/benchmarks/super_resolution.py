@@ -49,6 +49,7 @@ from workflow.lossnets import feature_loss
 from workflow.metrics.image import psnr, rgb_to_y, shave, ssim
 from workflow.models.srnet import SRNet
 from workflow.results import score_frame
+from workflow.target_cache import TargetFeatures, cached_targets
 from workflow.training import (
     TrainConfig,
     Trainer,
@@ -58,7 +59,7 @@ from workflow.training import (
     save_model,
 )
 
-__all__ = ["PROTOCOLS", "evaluate", "evaluate_image", "super_resolve", "train",
+__all__ = ["PROTOCOLS", "evaluate", "evaluate_image", "super_resolve", "target_cache", "train",
            "train_batches", "validation_psnr"]
 
 BENCHMARK = "super_resolution"
@@ -161,15 +162,17 @@ def train(job: Job, config: Mapping[str, Any], net: str, scale: int, run: int | 
     model = SRNet(scale)
     extractor = job.extractor(lossnet, config["normalize"])
     opt = make_adam(model.parameters(), config["lr"], device)
-    batch = train_batches(bank, EpochSampler(len(bank), int(config["batch_size"]), seed, device),
-                          config["crop_size"])
+    sampler = EpochSampler(len(bank), int(config["batch_size"]), seed, device)
+    batch = train_batches(bank, sampler, config["crop_size"])
+    cache = target_cache(job, config, extractor, bank, lossnet.taps)
 
     def step_fn(step: int):
         with torch.autocast(device.type, enabled=False):  # the degradation stays fp32
             hr = batch(step)
             lr = degrade(hr, scale, sigma)
         output = model(job.to_device(lr))
-        return feature_loss(extractor, lossnet.taps, output, job.to_device(hr)), hr.shape[0]
+        target = cache.lookup(sampler(step)) if cache else job.to_device(hr)
+        return feature_loss(extractor, lossnet.taps, output, target), hr.shape[0]
 
     def eval_fn(step: int) -> dict[str, float]:
         return {"psnr": validation_psnr(model, val, scale, sigma,
@@ -200,6 +203,18 @@ def train(job: Job, config: Mapping[str, Any], net: str, scale: int, run: int | 
     print(f"trained {lossnet.id} x{scale} run{run}: best val PSNR "
           f"{meta['best_val_psnr']:.3f} dB at step {meta['best_step']}", flush=True)
     return meta
+
+
+def target_cache(job: Job, config: Mapping[str, Any], extractor: nn.Module, bank: ImageBank,
+                 taps) -> TargetFeatures | None:
+    """The training targets' features at ``taps``, computed once, when the targets are whole
+    images and the memory rule keeps them (setting ``target_cache``,
+    :mod:`workflow.target_cache`); else ``None``."""
+    h, w = bank.shape[1:3]
+    crop = config["crop_size"]
+    return cached_targets(extractor, bank, taps, str(job.setting("target_cache")),
+                          int(job.setting("eval_batch_size")), job.autocast, job.to_device,
+                          cropping=bool(crop) and crop < min(h, w))
 
 
 def _train_data(job: Job, config: Mapping[str, Any], prepared: Mapping[str, Path], scale: int

@@ -23,6 +23,7 @@ from workflow.benchmarks.super_resolution import (
     _CONTINUES,
     _train_data,
     evaluate,
+    target_cache,
     train_batches,
 )
 from workflow.datasets.bank import EpochSampler
@@ -142,9 +143,9 @@ def _fit_fused(job: Job, config: Mapping[str, Any], nets: list[LossNet], runs: l
     seeds = [int(config["seed"]) + r for r in streams]
     gens = {f"crops_run{r}": torch.Generator(device).manual_seed(s)
             for r, s in zip(streams, seeds, strict=True)}
-    batches = [train_batches(bank, EpochSampler(len(bank), int(config["batch_size"]), s, device),
-                             config["crop_size"], gens[f"crops_run{r}"])
-               for r, s in zip(streams, seeds, strict=True)]
+    samplers = [EpochSampler(len(bank), int(config["batch_size"]), s, device) for s in seeds]
+    batches = [train_batches(bank, sampler, config["crop_size"], gens[f"crops_run{r}"])
+               for r, sampler in zip(streams, samplers, strict=True)]
     models = []
     for r in runs:
         seed_everything(int(config["seed"]) + r)  # each member's initialisation is train's
@@ -154,13 +155,17 @@ def _fit_fused(job: Job, config: Mapping[str, Any], nets: list[LossNet], runs: l
     opt = make_adam(fused.parameters(), config["lr"], device)
     taps = [n.taps for n in nets]
     k = len(nets)
+    cache = target_cache(job, config, extractor, bank,
+                         sorted({t for ts in taps for t in ts}, key=str))
 
     def step_fn(step: int):
         with torch.autocast(device.type, enabled=False):  # the degradation stays fp32
             hr = torch.stack([b(step) for b in batches])
             lr = degrade(hr.flatten(0, 1), scale, sigma).unflatten(0, hr.shape[:2])
         x = job.to_device(lr[0]) if len(streams) == 1 else job.to_device(lr[target_of])
-        losses = fused_feature_loss(extractor, taps, fused(x), job.to_device(hr), target_of)
+        targets = (cache.stacked([sampler(step) for sampler in samplers]) if cache
+                   else job.to_device(hr))
+        losses = fused_feature_loss(extractor, taps, fused(x), targets, target_of)
         return losses.sum(), hr.shape[1] * k
 
     def eval_fn(step: int) -> dict[str, float]:
