@@ -79,3 +79,51 @@ def test_sr_table_has_ms_per_step_in_every_row():
     assert {len(c) for c in cells} == {len(cells[0])}  # header, rule and rows align
     assert [float(c[col]) for c in cells[2:]] == [250.0, 200.0]  # 1000 x s/step
     assert [c[col + 1] for c in cells[2:]] == ["16.00", "20.00"]  # images/s = 4 / s
+
+
+def test_study_projection_is_models_x_steps_x_measured_seconds(monkeypatch, demo_plan):
+    """The projection's arithmetic, with the step timers replaced by fixed seconds: hours =
+    models x steps per model (from the config and the study's dataset sizes) x mean s/step."""
+    import math
+
+    from workflow.job import Job
+    from workflow.perf import study
+
+    seconds = {"alexnet": 0.5, "vgg19": 1.5}
+    monkeypatch.setattr(study, "sr_step_s", lambda job, arch, *a: seconds[arch])
+    monkeypatch.setattr(study, "ae_step_s", lambda job, net, *a: seconds[net.split("/")[0]])
+    monkeypatch.setattr(study, "delineation_step_s",
+                        lambda job, net, *a: seconds[net.split("/")[0]])
+    monkeypatch.setattr(study, "adaptation_step_s", lambda job, net, *a: 2.0)
+    job = Job.create({"precision": "fp32"}, {"device": "cpu"})
+    rows = {r["benchmark"]: r for r in study.projection(demo_plan, job, ["alexnet", "vgg19"],
+                                                        1, 0)}
+    cfg = demo_plan.config
+    sr = rows["super_resolution"]
+    assert sr["models"] == len(demo_plan.jobs("super_resolution"))
+    assert sr["hours"] == pytest.approx(sr["models"] * cfg["super_resolution"]["iterations"]
+                                        * 1.0 / 3600)
+    ae = cfg["autoencoder"]
+    for d in ae["datasets"]:
+        r = rows[f"autoencoder ({d})"]
+        n = min(study.AE_TRAIN_IMAGES[d], ae["train"]["max_images"] or math.inf)
+        per_epoch = math.ceil((1 - ae["val_fraction"]) * n / ae["train"]["batch_size"])
+        assert r["steps_per_model"] == ae["train"]["epochs"] * per_epoch
+        assert r["hours"] == pytest.approx(r["models"] * r["steps_per_model"] * 1.0 / 3600)
+    dl = cfg["delineation"]
+    assert rows["delineation"]["steps_per_model"] == dl["epochs"] * math.ceil(
+        study.ROADS_TRAIN_TILES / dl["batch_size"])
+    md = study.markdown(list(rows.values()), job, ["alexnet", "vgg19"], 1, 0, startup=2.0,
+                        gpu_jobs=360, snakemake_s=3.0, configfiles=["config/demo.yaml"])
+    train_h = sum(r["hours"] for r in rows.values())
+    assert f"Training: {train_h:,.1f} CPU-hours" in md
+    assert f"with start-up {train_h + 360 * 2.0 / 3600:,.1f} (local)" in md
+    assert f"or {train_h + 360 * 5.0 / 3600:,.1f} on SLURM" in md
+
+
+def test_study_counts_the_rules_that_ask_for_a_gpu():
+    from workflow.perf import study
+
+    gpu = study.gpu_rules()
+    assert {"train_sr", "train_delineation", "train_autoencoder"} <= gpu
+    assert "download_dataset" not in gpu and "gather_scores" not in gpu

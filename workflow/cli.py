@@ -254,6 +254,7 @@ PERF = {
     "adaptation": "fused adaptation against one metric at a time",
     "prepare": "PNG decoding throughput of dataset preparation",
     "dag": "CPU time of `snakemake -n` on the full study against an earlier commit",
+    "study": "the full study's device-hours, projected from training steps measured here",
 }
 
 

@@ -62,14 +62,30 @@ def _time_steps(job: Job, extractor, adapter: FusedAdapter, bank: ImageBank, pos
     return (clock() - t0) / steps
 
 
-def bench_net(job: Job, net: LossNet, rankings: int, methods: Sequence[str], batch: int,
-              steps: int, warmup: int) -> dict:
+def _setup(job: Job, net: LossNet, rankings: int):
     device = job.device
     extractor = job.extractor(net)
     channels = tap_channels(extractor, 64, device)
     rng = np.random.default_rng(0)
     bank = ImageBank(rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8), device)  # SVHN-shaped
     pos = positions(random_rankings(rankings, 0)).to(device)
+    return extractor, channels, bank, pos
+
+
+def fused_step_s(job: Job, net: LossNet, rankings: int, methods: Sequence[str], batch: int,
+                 steps: int, warmup: int) -> float:
+    """Seconds per step of the fused adapter of ``rankings`` x ``methods`` (channel-normalised)
+    metrics of ``net``, as the trainer runs it."""
+    extractor, channels, bank, pos = _setup(job, net, rankings)
+    fused = FusedAdapter(channels, [Variant(m, True) for m in methods],
+                         range(rankings)).to(job.device)
+    return _time_steps(job, extractor, fused, bank, pos, batch, steps, warmup)
+
+
+def bench_net(job: Job, net: LossNet, rankings: int, methods: Sequence[str], batch: int,
+              steps: int, warmup: int) -> dict:
+    device = job.device
+    extractor, channels, bank, pos = _setup(job, net, rankings)
     variants = [Variant(m, True) for m in methods]
     fused = FusedAdapter(channels, variants, range(rankings)).to(device)
     t_fused = _time_steps(job, extractor, fused, bank, pos, batch, steps, warmup)
