@@ -563,3 +563,111 @@ def test_fused_members_refuse_early_stopping(tmp_path):
                 lambda s: net.weight.sum(), TrainConfig(max_steps=1, select_metric="x",
                                                         patience=2),
                 eval_fn=lambda s: {"a/x": 0.0}, members=[m])
+
+
+# ----------------------------------------------------------------------------- step capture
+
+
+def test_step_capture_mode_follows_the_setting():
+    from workflow.training import CAPTURE_MIN_STEPS, capture_mode
+
+    def job(device, mode):
+        return Job(device=torch.device(device), precision="fp32",
+                   settings={} if mode is None else {"step_capture": mode})
+
+    assert not capture_mode(job("cpu", "auto"), 10**6)  # auto: CUDA only
+    assert capture_mode(job("cuda", "auto"), CAPTURE_MIN_STEPS)
+    assert not capture_mode(job("cuda", "auto"), CAPTURE_MIN_STEPS - 1)
+    assert capture_mode(job("cpu", "graphs"), 1)
+    assert not capture_mode(job("cuda", "off"), 10**6)
+    assert not capture_mode(job("cuda", False), 10**6)  # YAML's unquoted off
+    assert not capture_mode(job("cuda", None), 10**6)  # a job without the setting
+    with pytest.raises(ValueError, match="config key step_capture"):
+        capture_mode(job("cpu", "always"), 1)
+
+
+def _capture_trainer(workdir, capture: bool, **cfg):
+    """A small trainer (BatchNorm, dropout and data from the global RNG, Adam) whose step runs
+    through torch.compile when ``capture`` (backend ``eager`` on the CPU: dynamo traces the
+    step as it does on a GPU, and the traced pieces run as traced). No bias before the
+    BatchNorm: its gradient is zero up to rounding, which Adam would blow up to lr-sized
+    steps of noise."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Dropout(0.3), nn.Conv2d(4, 3, 3, padding=1))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    def step_fn(step: int):
+        x = torch.rand(2, 3, 8, 8)
+        return ((net(x) - x.flip(-1)) ** 2).mean(), 2
+
+    base = dict(max_steps=6, checkpoint_every=3, seed=3, log_every=3, progress=False,
+                capture_backend="eager", restore_best=False)
+    base.update(cfg)
+    job = Job(device=CPU.device, precision="fp32",
+              settings={"step_capture": "graphs" if capture else "off"})
+    return Trainer(job, workdir, {"model": net}, opt, step_fn, TrainConfig(**base)), net
+
+
+def test_captured_steps_train_as_eager_steps_and_resume_bit_exactly(tmp_path, capsys):
+    eager, eager_net = _capture_trainer(tmp_path / "eager", False)
+    eager.fit()
+    tr, net = _capture_trainer(tmp_path / "captured", True)
+    tr.fit()
+    assert "step capture on" in capsys.readouterr().err
+    # the traced optimizer step may round differently from the eager one: fp32 rounding only
+    for k, v in _weights(eager_net).items():
+        torch.testing.assert_close(_weights(net)[k], v, atol=1e-6, rtol=1e-6, msg=k)
+    # interrupted after 3 captured steps, resumed under capture: bit for bit the straight run
+    half, _ = _capture_trainer(tmp_path / "half", True, max_steps=3)
+    half.fit()
+    rest, rest_net = _capture_trainer(tmp_path / "half", True)
+    assert rest.fit().resumed_from == 3
+    assert _same(_weights(rest_net), _weights(net))
+
+
+def test_a_failed_capture_runs_the_step_eagerly_from_the_state_before_it(tmp_path, capsys,
+                                                                         monkeypatch):
+    """The compiled step fails after a part of it ran (here: a whole step, then the error):
+    the harness restores the state before it, says why, and trains on eagerly."""
+    def broken_compile(fn, **kwargs):
+        def run(step):
+            fn(step)  # the weights, the optimizer and the RNG moved...
+            raise RuntimeError("capture broke\nsecond line")  # ...then it failed
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager, eager_net = _capture_trainer(tmp_path / "eager", False)
+    eager.fit()
+    tr, net = _capture_trainer(tmp_path / "captured", True)
+    tr.fit()
+    err = capsys.readouterr().err
+    assert "step capture failed at step 0 (RuntimeError: capture broke); running eagerly" in err
+    assert _same(_weights(net), _weights(eager_net))
+
+
+@pytest.mark.gpu
+def test_a_captured_cuda_step_trains_without_falling_back(tmp_path, capsys):
+    """step_capture graphs on CUDA (torch.compile reduce-overhead, CUDA graphs): the SR
+    harness step captures without a fallback and its losses follow the eager run's."""
+    from argparse import Namespace
+
+    from workflow.archs import LossNet
+    from workflow.perf.report import run_job
+    from workflow.perf.super_resolution import build
+    from workflow.training import capture_mode
+
+    net = LossNet.parse("alexnet/2")
+    trainers = {}
+    for mode in ("off", "graphs"):
+        job = run_job(Namespace(device="cuda", threads=None), "auto")
+        job.settings = {**job.settings, "step_capture": mode}
+        tr = build(job, net, 4, 4, 64, True, False, tmp_path / mode)
+        tr.capture = capture_mode(job, 10**6)
+        losses = []
+        for step in range(6):
+            tr.train_step(step)
+            losses.append(tr.check_losses())
+        trainers[mode] = losses
+    assert "step capture failed" not in capsys.readouterr().err
+    assert trainers["graphs"] == pytest.approx(trainers["off"], rel=5e-2)

@@ -943,7 +943,8 @@ class Plan:
         rule's threads reach the command as ``--threads``)."""
         spec = STAGES[benchmark][stage]
         return {**_pick(self.config[benchmark], spec.settings),
-                "device": self.config["device"], "weights_dir": self.weights_dir()}
+                "device": self.config["device"], "weights_dir": self.weights_dir(),
+                "step_capture": self.config["step_capture"]}
 
     def config_param(self, benchmark: str, stage: str) -> Callable[[Any], str] | str:
         """A rule param: the stage's config as JSON. A function of the job's architecture

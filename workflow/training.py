@@ -94,6 +94,15 @@ Semantics
   ``channels_last`` (default: the job's, on CUDA only) converts the modules' 4-D weights;
   ``compile`` calls ``Module.compile()`` on modules and aux modules in place (state
   dict keys are unchanged, so checkpoints stay portable).
+* Step capture (config ``step_capture``, a setting of every training stage): ``graphs``
+  runs the whole step (zero_grad, the benchmark's forward and loss, backward, the optimizer
+  step) through ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs of the
+  compiled pieces instead of launching each kernel from Python. ``auto`` (default) does so on
+  CUDA for runs of at least ``CAPTURE_MIN_STEPS`` steps (a shorter run does not earn back its
+  compile time), ``off`` never. When tracing or compiling fails, the step that failed runs
+  eagerly from the state before it and every later step too; the log says why. The weights,
+  the optimizer state and the checkpoints are the same objects either way, so a run resumes
+  whichever way its steps ran.
 """
 
 from __future__ import annotations
@@ -198,6 +207,44 @@ class NonFiniteLossError(FloatingPointError):
     """A step produced a NaN or Inf loss."""
 
 
+CAPTURE_MIN_STEPS = 2000  # step_capture auto: shorter runs do not earn back the compile time
+CAPTURE_MODES = ("auto", "graphs", "off")
+
+
+def capture_mode(job: Any, steps: int) -> bool:
+    """Whether a run of ``steps`` steps captures its step (setting ``step_capture``)."""
+    raw = getattr(job, "settings", {}).get("step_capture", "off")
+    mode = "off" if raw is False else str(raw)  # YAML reads an unquoted off as false
+    if mode not in CAPTURE_MODES:
+        raise ValueError(f"step_capture {mode!r} is not one of {', '.join(CAPTURE_MODES)} "
+                         f"(config key step_capture)")
+    if mode == "auto":
+        return job.device.type == "cuda" and steps >= CAPTURE_MIN_STEPS
+    return mode == "graphs"
+
+
+def _snapshot(trainer: Trainer) -> dict[str, Any]:
+    """Copies of what a step changes: the modules' and the optimizer's state, the RNGs."""
+    import copy
+
+    return {"modules": {k: copy.deepcopy(m.state_dict()) for k, m in trainer.modules.items()},
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+            "generators": {k: g.get_state() for k, g in trainer.generators.items()}}
+
+
+def _restore(trainer: Trainer, snap: dict[str, Any]) -> None:
+    for k, m in trainer.modules.items():
+        m.load_state_dict(snap["modules"][k])
+    trainer.optimizer.load_state_dict(snap["optimizer"])
+    torch.set_rng_state(snap["rng"])
+    if snap["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(snap["cuda_rng"])
+    for k, g in trainer.generators.items():
+        g.set_state(snap["generators"][k])
+
+
 class Preempted(SystemExit):
     """Raised after the checkpoint written on SIGTERM/SIGUSR1; exits with PREEMPTED_EXIT_CODE."""
 
@@ -227,6 +274,7 @@ class TrainConfig:
     grad_clip_norm: float | None = None
     restore_best: bool = True
     progress: bool = True
+    capture_backend: str | None = None  # torch.compile backend of step capture (None: inductor)
 
     def __post_init__(self) -> None:
         if int(self.max_steps) < 0:
@@ -487,6 +535,9 @@ class Trainer:
             for m in [*self.modules.values(), *self.aux_modules.values()]:
                 m.compile()
 
+        self.capture = capture_mode(job, int(config.max_steps))
+        self._captured: Callable[[int], Any] | None = None
+        self._capture_ok = False
         self.step = 0
         self.best_metric: float | None = None
         self.best_step: int | None = None
@@ -770,6 +821,53 @@ class Trainer:
 
     def train_step(self, step: int) -> None:
         """One optimisation step (public for benchmarks that time the harness itself)."""
+        loss, n = self._captured_step(step) if self.capture else self._optimize(step)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step = step + 1
+        if self.post_step is not None:
+            with torch.no_grad():
+                self.post_step(self.step)
+        self._pending.append((step, loss.detach()))
+        self._items += float(n)
+        self._steps_window += 1
+
+    def _captured_step(self, step: int) -> tuple[Tensor, Any]:
+        """The step through ``torch.compile`` (see the module docstring); on a failure the
+        eager step from the state before it, and eager from then on."""
+        if self._captured is None:
+            kwargs = ({"backend": self.cfg.capture_backend} if self.cfg.capture_backend
+                      else {"mode": "reduce-overhead" if self.device.type == "cuda"
+                            else "default"})
+            # a later recompilation that fails (another batch shape) runs that frame eagerly
+            torch._dynamo.config.suppress_errors = True
+            self._captured = torch.compile(self._optimize, **kwargs)
+            self._say(f"step capture on ({kwargs})")
+        # the first captured step may fail part-way (after a compiled piece ran): keep the
+        # state before it, so the eager step starts from exactly that state
+        before = None if self._capture_ok else _snapshot(self)
+        try:
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration of the graphs
+            loss, n = self._captured(step)
+            # a CUDA graph's output is overwritten by its next replay: keep a copy
+            out = (loss.detach().clone(), n)
+        except Exception as e:
+            self.capture = False
+            why = str(e).splitlines()[0] if str(e) else ""
+            if before is not None:
+                _restore(self, before)
+                self._say(f"step capture failed at step {step} ({type(e).__name__}: {why}); "
+                          f"running eagerly from the state before it")
+            else:  # after good captured steps: this step may have run in part
+                self._say(f"step capture failed at step {step} ({type(e).__name__}: {why}); "
+                          f"running eagerly from here (this step ran again eagerly)")
+            return self._optimize(step)
+        self._capture_ok = True
+        return out
+
+    def _optimize(self, step: int) -> tuple[Tensor, Any]:
+        """zero_grad, the benchmark's forward and loss, backward, the optimizer step."""
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         with self.autocast():
@@ -790,15 +888,7 @@ class Trainer:
             if self.cfg.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.grad_clip_norm)
             opt.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.step = step + 1
-        if self.post_step is not None:
-            with torch.no_grad():
-                self.post_step(self.step)
-        self._pending.append((step, loss.detach()))
-        self._items += float(n)
-        self._steps_window += 1
+        return loss, n
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
