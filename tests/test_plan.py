@@ -337,12 +337,13 @@ def test_a_folded_rule_gets_the_settings_of_every_stage_it_runs():
     plan = Plan(_full())
     ae = plan.settings_param("autoencoder", "mlp", "encode").value
     assert ae == {"mlp": {"checkpoint_every": None}, "encode": {"batch_size": 1024},
-                  "device": "auto", "weights_dir": "resources/weights"}
+                  "device": "auto", "weights_dir": "resources/weights",
+                  "step_capture": "auto"}  # the mlp stage trains
     both = plan.settings_param("autoencoder", "train", "mlp").value
     assert both["train"] == {"checkpoint_every": None} and both["mlp"] == ae["mlp"]
     de = plan.settings_param("delineation", "train", "eval").value
     assert de.keys() == {"tile_size", "inference_batch", "data_on_device", "device",
-                         "weights_dir"}
+                         "weights_dir", "step_capture"}
     assert plan.settings_param("delineation", "train").value == de  # eval adds no other key
 
 

@@ -942,9 +942,11 @@ class Plan:
         """How the stage runs: device, the weights folder and its ``settings`` keys (the
         rule's threads reach the command as ``--threads``)."""
         spec = STAGES[benchmark][stage]
-        return {**_pick(self.config[benchmark], spec.settings),
-                "device": self.config["device"], "weights_dir": self.weights_dir(),
-                "step_capture": self.config["step_capture"]}
+        settings = {**_pick(self.config[benchmark], spec.settings),
+                    "device": self.config["device"], "weights_dir": self.weights_dir()}
+        if spec.torch and not spec.scores:  # a stage that trains (the harness reads it)
+            settings["step_capture"] = self.config["step_capture"]
+        return settings
 
     def config_param(self, benchmark: str, stage: str) -> Callable[[Any], str] | str:
         """A rule param: the stage's config as JSON. A function of the job's architecture
