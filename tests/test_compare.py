@@ -208,3 +208,20 @@ def test_sort_columns_split_over_threads_equals_numpy(threads, shape):
     expected = np.sort(base.numpy(), axis=-2)
     assert got.shape == t.shape
     np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_sort_of_autocast_features_is_the_sort_of_their_fp32_copy():
+    """bf16 features are sorted before widening (half the bytes): the same values, and the
+    same gradient, as sorting their fp32 copy."""
+    from workflow.compare import Variant, transform_features
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 4).to(torch.bfloat16).requires_grad_(True)
+    got = transform_features({0: x}, [Variant("sort", False)])[("sort", False)][0]
+    x32 = x.detach().float().requires_grad_(True)
+    want = torch.sort(x32.flatten(2), dim=-1).values
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    w = torch.randn_like(want)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    assert torch.equal(x.grad.float(), x32.grad.to(torch.bfloat16).float())

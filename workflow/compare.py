@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 BASE_METHODS = ("spatial", "mean", "sort")
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # autocast dtypes: sorted before widening
 METHODS = ("spatial", "mean", "sort", "spatial+mean", "spatial+sort")
 EPS = 1e-10
 
@@ -122,12 +123,18 @@ def transform_features(
     needed = sorted({(p, v.channel_norm) for v in variants for p in v.parts})
     out: dict[tuple[str, bool], dict[int, Tensor]] = {k: {} for k in needed}
     for tap in taps:
-        z = feats[tap].float()
+        raw = feats[tap]
+        z = raw.float()
         for base in BASE_METHODS:
             norms = [n for (p, n) in needed if p == base]
             if not norms:
                 continue
-            t = transform(z, base)
+            if base == "sort" and raw.dtype in HALF_DTYPES:
+                # sorting is a permutation and widening is exact and monotone: sorting the
+                # autocast dtype and then widening gives the same values at half the bytes
+                t = sort_positions(raw.flatten(2)).float()
+            else:
+                t = transform(z, base)
             for norm in norms:
                 out[(base, norm)][tap] = channel_normalize(t) if norm else t
     return out
