@@ -248,7 +248,8 @@ def test_scoring_stages_run_at_scoring_precision():
                if spec.torch and spec.scores}
     assert scoring == {("similarity", "score"), ("super_resolution", "eval"),
                        ("delineation", "eval"), ("autoencoder", "encode"),
-                       ("adaptation", "evaluate"), ("probes", "score"),
+                       ("adaptation", "evaluate"), ("adaptation", "evaluate_net"),
+                       ("probes", "score"),
                        ("calibration", "evaluate"), ("calibration", "shipped")}
     for b, stages in STAGES.items():
         for s, spec in stages.items():

@@ -169,6 +169,14 @@ STAGES: dict[str, dict[str, Stage]] = {
         "evaluate": Stage(("comparisons", "channel_norm", "normalize", "image_size",
                            "eval_datasets", "bapps", "bapps_2afc_subsets", "bapps_jnd_subsets"),
                           settings=("eval_batch_size",), scores=True),
+        # adaptation.adapt_net: one (comparison, ranking) metric's own fine-tuned backbone
+        "train_net": Stage(("seed", "normalize", "image_size", "batch_size", "epochs_constant",
+                            "epochs_decay", "lr", "betas", "dropout", "sync_weight",
+                            "adapt_net.lr"),
+                           settings=("eval_batch_size", "eval_every_epochs")),
+        "evaluate_net": Stage(("normalize", "image_size", "eval_datasets", "bapps",
+                               "bapps_2afc_subsets", "bapps_jnd_subsets"),
+                              settings=("eval_batch_size",), scores=True),
     },
     "probes": {
         "images": Stage(("images", "seed", "image_size"), lossnet=False, torch=False),
@@ -185,6 +193,14 @@ STAGES: dict[str, dict[str, Stage]] = {
         # the lpips package's lin weights (the file is the rule's input)
         "shipped": Stage(("normalize", "image_size", "bapps_2afc_subsets", "bapps_jnd_subsets"),
                          settings=("eval_batch_size",), scores=True),
+        # calibration.variants tune / scratch: the lin recipe with the backbone trained too
+        # (scratch: its config carries no weights, Plan.calibration_param)
+        "tune": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
+                       "train_subsets", "train_limit", "batch_size", "epochs_constant",
+                       "epochs_decay", "lr", "betas", "dropout", "clamp_backbone_1x1")),
+        "scratch": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
+                          "train_subsets", "train_limit", "batch_size", "epochs_constant",
+                          "epochs_decay", "lr", "betas", "dropout", "clamp_backbone_1x1")),
     },
 }
 
@@ -194,9 +210,10 @@ DAG_KEYS: dict[str, tuple[str, ...]] = {
     "super_resolution": ("lossnets", "lpips_sets", "scales", "runs", "fuse"),
     "delineation": ("lossnets", "runs"),
     "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
-    "adaptation": ("lossnets", "runs"),
+    "adaptation": ("lossnets", "runs", "adapt_net.enabled", "adapt_net.comparisons",
+                   "adapt_net.rankings"),
     "probes": ("lossnets", "pixel_baselines"),
-    "calibration": ("lossnets", "runs", "shipped_weights"),
+    "calibration": ("lossnets", "runs", "shipped_weights", "variants"),
 }
 
 # The prepared datasets each benchmark reads (adaptation's depend on its config: datasets()).
@@ -781,6 +798,49 @@ class Plan:
         return [{"arch": n.arch, "layer": n.layer, "file": f"{folder}/{LPIPS_SHIPPED[n.arch]}.pth"}
                 for n in self.lossnets("calibration")
                 if n.layer == "lpips" and n.arch in LPIPS_SHIPPED]
+
+    def adapt_net_jobs(self) -> list[dict[str, Any]]:
+        """The adapted-net jobs (config ``adaptation.adapt_net``; none unless ``enabled``):
+        :meth:`jobs` of adaptation x ``comparison`` (``adapt_net.comparisons``), ``norm``
+        (``norm`` / ``raw``: ``adaptation.channel_norm``) x ``ranking`` (the first
+        ``adapt_net.rankings``, default all)."""
+        sec = self.config["adaptation"]
+        an = sec["adapt_net"]
+        if not an["enabled"]:
+            return []
+        count = int(sec["rankings"]) if an["rankings"] is None else min(int(an["rankings"]),
+                                                                      int(sec["rankings"]))
+        return [{**j, "comparison": c, "norm": "norm" if n else "raw", "ranking": r}
+                for j in self.jobs("adaptation") for c in an["comparisons"]
+                for n in sec["channel_norm"] for r in range(count)]
+
+    def calibration_jobs(self, variants: Iterable[str] = ("tune", "scratch")
+                         ) -> list[dict[str, Any]]:
+        """The calibration jobs of the ``variants`` among ``calibration.variants`` (``lin``
+        is :meth:`jobs`): :meth:`jobs` with ``variant``."""
+        chosen = [v for v in self.config["calibration"]["variants"] if v in tuple(variants)]
+        return [{**j, "variant": v} for v in chosen for j in self.jobs("calibration")]
+
+    def calibration_param(self, stage: str | None = None) -> Callable[[Any], str]:
+        """A rule param of the tune / scratch jobs: the config of ``stage`` (default: the
+        job's ``{variant}``, the training stages); a ``scratch`` job's carries no loss-network
+        weights (it starts from a random initialisation whatever ``lossnets.weights`` says,
+        so changing them reruns nothing)."""
+        def param(wildcards: Any) -> str:
+            variant = str(wildcards.variant)
+            cfg = self.stage_config("calibration", stage or variant, _job_arch(wildcards))
+            if variant == "scratch":
+                cfg.pop("weights", None)
+                cfg.pop("weights_seed", None)
+            return as_json(cfg)
+
+        return param
+
+    def calibration_weights_param(self) -> Callable[[Any], list[str]]:
+        """A rule input function: the weights file a tune job starts from (none for
+        scratch)."""
+        return lambda w: ([] if str(w.variant) == "scratch"
+                          else self.weights_input(_job_arch(w)))
 
     def sr_groups(self) -> list[dict[str, Any]]:
         """The super-resolution training jobs: with ``super_resolution.fuse`` one per
