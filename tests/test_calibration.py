@@ -401,3 +401,48 @@ def test_scratch_starts_from_random_weights(tmp_path, cpu_job):
         backbone(job, net, "imagenet", "tune", seed=5)
     with pytest.raises(CalibrationError, match="calibration.variants"):
         backbone(cpu_job(), net, "imagenet", "fine", seed=5)
+
+
+def _job_counts(stdout: str) -> dict[str, int]:
+    """The ``Job stats`` table of a dry run: rule -> count."""
+    counts, on = {}, False
+    for line in stdout.splitlines():
+        parts = line.split()
+        if line.startswith("Job stats"):
+            on = True
+        elif on and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+        elif on and counts and not parts:
+            break
+    return counts
+
+
+@pytest.mark.slow
+def test_dry_run_has_the_new_jobs_only_when_enabled(tmp_path):
+    """``snakemake -n calibration adaptation`` on the demo config: no tune / scratch /
+    adapted-net job by default; with calibration.variants [tune, scratch] and
+    adaptation.adapt_net enabled (2 rankings), one per loss network, run and variant /
+    (comparison, ranking), and no lin job."""
+    import yaml
+    from snakemake_helpers import snakemake
+
+    def dry(extra):
+        path = tmp_path / "extra.yaml"
+        path.write_text(yaml.safe_dump(extra))
+        out = snakemake("-n", "--cores", "1", "--configfile", str(ROOT / "config" / "demo.yaml"),
+                        str(path), "--config", f"results_dir={tmp_path / 'results'}",
+                        f"resources_dir={tmp_path / 'res'}", "--", "calibration", "adaptation",
+                        timeout=600).stdout
+        return _job_counts(out)
+
+    plain = dry({})
+    assert plain["calibration_train"] == 2 and plain["adaptation_train"] == 2  # 2 LPIPS sets
+    new = ("calibration_train_backbone", "calibration_evaluate_backbone",
+           "adaptation_train_net", "adaptation_evaluate_net")
+    assert not set(new) & set(plain), plain
+    on = dry({"calibration": {"variants": ["tune", "scratch"]},
+              "adaptation": {"adapt_net": {"enabled": True, "rankings": 2}}})
+    assert on["calibration_train_backbone"] == on["calibration_evaluate_backbone"] == 2 * 2
+    # 2 loss networks x 1 run x spatial x channel norm [true] x 2 rankings
+    assert on["adaptation_train_net"] == on["adaptation_evaluate_net"] == 2 * 2
+    assert "calibration_train" not in on and on["adaptation_train"] == 2

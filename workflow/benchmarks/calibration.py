@@ -197,7 +197,7 @@ def _fit(job: Job, config: Mapping[str, Any], net: str, run: int, prepared: Mapp
 
     tc = TrainConfig(max_steps=total, checkpoint_every=per_epoch, seed=seed,
                      log_every=max(1, min(100, per_epoch)))
-    clamp_backbone = trained and bool(config.get("clamp_backbone_1x1"))
+    clamp_backbone = trained and bool(config["clamp_backbone_1x1"])
 
     def post_step(_step: int) -> None:
         adapter.clamp_()
