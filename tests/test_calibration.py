@@ -446,3 +446,49 @@ def test_dry_run_has_the_new_jobs_only_when_enabled(tmp_path):
     # 2 loss networks x 1 run x spatial x channel norm [true] x 2 rankings
     assert on["adaptation_train_net"] == on["adaptation_evaluate_net"] == 2 * 2
     assert "calibration_train" not in on and on["adaptation_train"] == 2
+
+
+def test_scratch_scores_carry_its_variant(tmp_path, prepared, demo_plan):
+    """scratch end to end (one step of alexnet/lpips): the scores say variant scratch,
+    weights_id random, and a subset's 2AFC recomputed by hand with the file's backbone and
+    weights; the file's backbone is not the starting initialisation any more."""
+    folder = prepared("bapps", **BAPPS)
+    cfg = _backbone_config(demo_plan, "scratch", "alexnet")
+    settings = {"device": "cpu", "threads": torch.get_num_threads(), "eval_batch_size": 8}
+    model = tmp_path / "scratch.pt"
+    net = LossNet("alexnet", "lpips")
+    _cmd("scratch", config=cfg, settings=settings, net=net.id, run=1, prepared=[folder],
+         workdir=tmp_path / "w", out=model)
+    evaluate = {k: v for k, v in {**demo_plan.stage_config("calibration", "evaluate", "alexnet"),
+                                  "precision": "fp32", **SMALL}.items()
+                if k in demo_plan.stage_config("calibration", "evaluate", "alexnet")
+                or k == "precision"}
+    evaluate.pop("weights", None)
+    evaluate.pop("weights_seed", None)
+    df = _cmd("evaluate", config=evaluate, settings=settings, net=net.id, run=1, model=model,
+              prepared=[folder], scores=tmp_path / "scores.parquet")
+    assert set(df["variant"]) == {"scratch"} and set(df["weights_id"]) == {"random"}
+    assert set(df["run"]) == {1}
+
+    from workflow.datasets import bapps
+    from workflow.models.backbone import TrainableBackbone
+
+    fresh = TrainableBackbone(build_extractor("alexnet", lossnets=[net], weights="random",
+                                              seed=0))
+    adapter, meta = load_adapter(model, CPU, lambda _m: {"backbone": fresh})
+    assert meta["variant"] == "scratch" and meta["steps"] == 1
+    start = build_extractor("alexnet", lossnets=[net], weights="random",
+                            seed=int(cfg["seed"]) + 1)
+    assert not torch.equal(next(fresh.parameters()), next(start.parameters()))
+    a = bapps.load(folder, "2afc", "val", "cnn")
+    imgs = [torch.from_numpy(np.array(a[k])).permute(0, 3, 1, 2).float() / 255
+            for k in ("ref", "p0", "p1")]
+    w = {t: x[0] for t, x in adapter.weights(0).items()}
+    v = Variant("spatial", True)
+    with torch.no_grad():
+        f = [fresh(i) for i in imgs]
+        d0 = compare.distances(f[1], f[0], [v], weights=w)[v]
+        d1 = compare.distances(f[2], f[0], [v], weights=w)[v]
+    want = float(agreement(d0, d1, torch.from_numpy(np.array(a["judge"]))).mean())
+    row = df[(df["split"] == "cnn") & (df["dataset"] == "bapps-2afc")]
+    assert float(row["value"].iloc[0]) == pytest.approx(want)
