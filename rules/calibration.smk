@@ -58,27 +58,49 @@ rule calibration_evaluate:
         " --scores {output:q} > {log:q} 2>&1"
 
 
-rule calibration_train_backbone:
+rule calibration_tune:
     input:
         bapps=plan.prepared("bapps"),
-        weights=plan.calibration_weights_param(),
+        weights=plan.weights_param(),
     output:
-        model=f"{CALIBRATION_DIR}/run{{run}}/{{variant}}.pt",
-    wildcard_constraints:
-        variant="tune|scratch",
+        model=f"{CALIBRATION_DIR}/run{{run}}/tune.pt",
     params:
-        config=plan.calibration_param(),
+        config=plan.config_param("calibration", "tune"),
         settings=plan.settings_param("calibration", "tune"),
-        workdir=f"{CALIBRATION_DIR}/run{{run}}/{{variant}}_train",
+        workdir=f"{CALIBRATION_DIR}/run{{run}}/tune_train",
     log:
-        f"{OUT}/logs/calibration/{{arch}}/{{layer}}/{{variant}}_run{{run}}.log",
+        f"{OUT}/logs/calibration/{{arch}}/{{layer}}/tune_run{{run}}.log",
     resources:
         gpu=plan.gpus("calibration", "tune"),
     threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow calibration {wildcards.variant} --net {wildcards.arch}/{wildcards.layer}"
+        "python -m workflow calibration tune --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --prepared {input.bapps:q} --workdir {params.workdir:q}"
+        " --out {output.model:q} > {log:q} 2>&1"
+
+
+# a random initialisation: no weights input, no weights in its config
+rule calibration_scratch:
+    input:
+        bapps=plan.prepared("bapps"),
+    output:
+        model=f"{CALIBRATION_DIR}/run{{run}}/scratch.pt",
+    params:
+        config=plan.config_param("calibration", "scratch"),
+        settings=plan.settings_param("calibration", "scratch"),
+        workdir=f"{CALIBRATION_DIR}/run{{run}}/scratch_train",
+    log:
+        f"{OUT}/logs/calibration/{{arch}}/{{layer}}/scratch_run{{run}}.log",
+    resources:
+        gpu=plan.gpus("calibration", "scratch"),
+    threads: plan.threads(2)
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow calibration scratch --net {wildcards.arch}/{wildcards.layer}"
         " --run {wildcards.run} --config {params.config:q} --settings {params.settings:q}"
         " --threads {threads} --prepared {input.bapps:q} --workdir {params.workdir:q}"
         " --out {output.model:q} > {log:q} 2>&1"
@@ -94,12 +116,12 @@ rule calibration_evaluate_backbone:
     wildcard_constraints:
         variant="tune|scratch",
     params:
-        config=plan.calibration_param("evaluate"),
-        settings=plan.settings_param("calibration", "evaluate"),
+        config=plan.config_param("calibration", "evaluate_backbone"),
+        settings=plan.settings_param("calibration", "evaluate_backbone"),
     log:
         f"{OUT}/logs/calibration/{{arch}}/{{layer}}/{{variant}}_evaluate_run{{run}}.log",
     resources:
-        gpu=plan.gpus("calibration", "evaluate"),
+        gpu=plan.gpus("calibration", "evaluate_backbone"),
     threads: plan.threads(2)
     conda:
         "../envs/workflow.yaml"

@@ -271,9 +271,7 @@ def _backbone_config(demo_plan, variant, arch, **over):
     cfg = {**demo_plan.stage_config("calibration", variant, arch), "precision": "fp32",
            "train_subsets": ["traditional"], "train_limit": 1, "batch_size": 1,
            "epochs_constant": 1, "epochs_decay": 0, "dropout": 0.0, **over}
-    if variant == "scratch":  # as Plan.calibration_param writes it
-        cfg.pop("weights", None)
-        cfg.pop("weights_seed", None)
+    assert ("weights" in cfg) == (variant != "scratch")  # scratch: none (stage_config)
     return cfg
 
 
@@ -437,12 +435,13 @@ def test_dry_run_has_the_new_jobs_only_when_enabled(tmp_path):
 
     plain = dry({})
     assert plain["calibration_train"] == 2 and plain["adaptation_train"] == 2  # 2 LPIPS sets
-    new = ("calibration_train_backbone", "calibration_evaluate_backbone",
+    new = ("calibration_tune", "calibration_scratch", "calibration_evaluate_backbone",
            "adaptation_train_net", "adaptation_evaluate_net")
     assert not set(new) & set(plain), plain
     on = dry({"calibration": {"variants": ["tune", "scratch"]},
               "adaptation": {"adapt_net": {"enabled": True, "rankings": 2}}})
-    assert on["calibration_train_backbone"] == on["calibration_evaluate_backbone"] == 2 * 2
+    assert on["calibration_tune"] == on["calibration_scratch"] == 2
+    assert on["calibration_evaluate_backbone"] == 2 * 2
     # 2 loss networks x 1 run x spatial x channel norm [true] x 2 rankings
     assert on["adaptation_train_net"] == on["adaptation_evaluate_net"] == 2 * 2
     assert "calibration_train" not in on and on["adaptation_train"] == 2
@@ -459,12 +458,10 @@ def test_scratch_scores_carry_its_variant(tmp_path, prepared, demo_plan):
     net = LossNet("alexnet", "lpips")
     _cmd("scratch", config=cfg, settings=settings, net=net.id, run=1, prepared=[folder],
          workdir=tmp_path / "w", out=model)
-    evaluate = {k: v for k, v in {**demo_plan.stage_config("calibration", "evaluate", "alexnet"),
-                                  "precision": "fp32", **SMALL}.items()
-                if k in demo_plan.stage_config("calibration", "evaluate", "alexnet")
-                or k == "precision"}
-    evaluate.pop("weights", None)
-    evaluate.pop("weights_seed", None)
+    stage = demo_plan.stage_config("calibration", "evaluate_backbone", "alexnet")
+    evaluate = {**stage, "precision": "fp32", **{k: v for k, v in SMALL.items() if k in stage}}
+    assert evaluate["weights"] == "random"  # the demo's; scratch rows say random whatever
+    evaluate["weights"] = "imagenet"  # it is (no weights file is read for scratch)
     df = _cmd("evaluate", config=evaluate, settings=settings, net=net.id, run=1, model=model,
               prepared=[folder], scores=tmp_path / "scores.parquet")
     assert set(df["variant"]) == {"scratch"} and set(df["weights_id"]) == {"random"}

@@ -250,7 +250,8 @@ def test_scoring_stages_run_at_scoring_precision():
                        ("delineation", "eval"), ("autoencoder", "encode"),
                        ("adaptation", "evaluate"), ("adaptation", "evaluate_net"),
                        ("probes", "score"),
-                       ("calibration", "evaluate"), ("calibration", "shipped")}
+                       ("calibration", "evaluate"), ("calibration", "shipped"),
+                       ("calibration", "evaluate_backbone")}
     for b, stages in STAGES.items():
         for s, spec in stages.items():
             if spec.torch:

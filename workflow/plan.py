@@ -194,13 +194,16 @@ STAGES: dict[str, dict[str, Stage]] = {
         "shipped": Stage(("normalize", "image_size", "bapps_2afc_subsets", "bapps_jnd_subsets"),
                          settings=("eval_batch_size",), scores=True),
         # calibration.variants tune / scratch: the lin recipe with the backbone trained too
-        # (scratch: its config carries no weights, Plan.calibration_param)
+        # (scratch: its config carries no weights, stage_config), scored by evaluate_backbone
         "tune": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
                        "train_subsets", "train_limit", "batch_size", "epochs_constant",
                        "epochs_decay", "lr", "betas", "dropout", "clamp_backbone_1x1")),
         "scratch": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
                           "train_subsets", "train_limit", "batch_size", "epochs_constant",
                           "epochs_decay", "lr", "betas", "dropout", "clamp_backbone_1x1")),
+        "evaluate_backbone": Stage(("comparisons", "channel_norm", "normalize", "image_size",
+                                    "bapps_2afc_subsets", "bapps_jnd_subsets"),
+                                   settings=("eval_batch_size",), scores=True),
     },
 }
 
@@ -821,27 +824,6 @@ class Plan:
         chosen = [v for v in self.config["calibration"]["variants"] if v in tuple(variants)]
         return [{**j, "variant": v} for v in chosen for j in self.jobs("calibration")]
 
-    def calibration_param(self, stage: str | None = None) -> Callable[[Any], str]:
-        """A rule param of the tune / scratch jobs: the config of ``stage`` (default: the
-        job's ``{variant}``, the training stages); a ``scratch`` job's carries no loss-network
-        weights (it starts from a random initialisation whatever ``lossnets.weights`` says,
-        so changing them reruns nothing)."""
-        def param(wildcards: Any) -> str:
-            variant = str(wildcards.variant)
-            cfg = self.stage_config("calibration", stage or variant, _job_arch(wildcards))
-            if variant == "scratch":
-                cfg.pop("weights", None)
-                cfg.pop("weights_seed", None)
-            return as_json(cfg)
-
-        return param
-
-    def calibration_weights_param(self) -> Callable[[Any], list[str]]:
-        """A rule input function: the weights file a tune job starts from (none for
-        scratch)."""
-        return lambda w: ([] if str(w.variant) == "scratch"
-                          else self.weights_input(_job_arch(w)))
-
     def sr_groups(self) -> list[dict[str, Any]]:
         """The super-resolution training jobs: with ``super_resolution.fuse`` one per
         architecture and scale, holding every layer and run of it (``members``: the
@@ -982,6 +964,10 @@ class Plan:
         if spec.lossnet and arch not in (None, PIXEL):
             cfg["weights"] = self.weights(arch)
             cfg["weights_seed"] = int(self.config["lossnets"]["seed"])
+        if (benchmark, stage) == ("calibration", "scratch"):
+            # a random initialisation whatever lossnets.weights says: they change nothing
+            cfg.pop("weights", None)
+            cfg.pop("weights_seed", None)
         if arch in CUSTOM:  # the job registers its own entry of lossnets.custom
             cfg["custom_lossnets"] = {arch: self.config["lossnets"]["custom"][arch]}
         if arch == PIXEL and benchmark in PIXEL_BENCHMARKS:

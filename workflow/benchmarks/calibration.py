@@ -234,8 +234,11 @@ def _score(job: Job, config: Mapping[str, Any], lossnet: LossNet, extractor: Fea
         v, _ = adapter.variants[row.pop("_v")], row.pop("_r")
         out.append({**row, "comparison": v.method, "channel_norm": v.channel_norm,
                     "variant": variant, "run": run})
+    provenance = job.provenance(lossnet.arch)
+    if variant == "scratch":  # its backbone never came from lossnets.weights
+        provenance["weights_id"] = "random"
     df = score_frame(out, benchmark=BENCHMARK, arch=lossnet.arch, layer=lossnet.layer,
-                     **job.provenance(lossnet.arch))
+                     **provenance)
     write_parquet(df, scores)
     mean = df[df["split"].isin(["mean", "pooled"])]
     print(mean[["comparison", "channel_norm", "dataset", "split", "value"]].to_string(index=False))
