@@ -1,6 +1,8 @@
 # Adaptation to random distortion rankings, and the flaw probes (docs/adaptation.md).
 #   rankings (once) -> triplets per dataset (once) -> fused training per (loss network, run)
 #   -> evaluation of the baseline (once per loss network) and of every run
+#   with adaptation.adapt_net.enabled: one fine-tuned copy of the loss network per
+#   (loss network, run, comparison, ranking) -> its scores (variant adapted_net)
 #   probe images (generated or hand-made) -> probe counts per loss network
 # Targets: `adaptation`, `probes`.
 
@@ -123,9 +125,75 @@ rule adaptation_evaluate:
         " --scores {output:q} > {log:q} 2>&1"
 
 
+ADAPT_NET_DIR = f"{ADAPTATION_DIR}/run{{run}}/net/{{comparison}}-{{norm}}/r{{ranking}}"
+ADAPT_NET_WILDCARDS = {"comparison": r"spatial|mean|sort|spatial\+mean|spatial\+sort",
+                       "norm": "norm|raw", "ranking": r"\d+"}
+
+
+rule adaptation_train_net:
+    input:
+        rankings=f"{OUT}/adaptation/rankings.json",
+        triplets=f"{OUT}/adaptation/triplets/svhn.npz",
+        svhn=plan.prepared("svhn"),
+        weights=plan.weights_param(),
+    output:
+        model=f"{ADAPT_NET_DIR}/adapter.pt",
+    wildcard_constraints:
+        **ADAPT_NET_WILDCARDS,
+    params:
+        config=plan.config_param("adaptation", "train_net"),
+        settings=plan.settings_param("adaptation", "train_net"),
+        workdir=f"{ADAPT_NET_DIR}/train",
+        norm=lambda w: "true" if w.norm == "norm" else "false",
+    log:
+        f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/net_run{{run}}_{{comparison}}-{{norm}}_r{{ranking}}.log",
+    resources:
+        gpu=plan.gpus("adaptation", "train_net"),
+    threads: plan.threads(2)
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow adaptation train_net --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run} --comparison {wildcards.comparison:q}"
+        " --channel-norm {params.norm} --ranking {wildcards.ranking}"
+        " --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --rankings {input.rankings:q}"
+        " --triplets {input.triplets:q} --prepared {input.svhn:q} --workdir {params.workdir:q}"
+        " --out {output.model:q} > {log:q} 2>&1"
+
+
+# the backbone comes from the model file: no weights input
+rule adaptation_evaluate_net:
+    input:
+        **ADAPTATION_EVAL,
+        model=f"{ADAPT_NET_DIR}/adapter.pt",
+    output:
+        f"{ADAPT_NET_DIR}/scores.parquet",
+    wildcard_constraints:
+        **ADAPT_NET_WILDCARDS,
+    params:
+        config=plan.config_param("adaptation", "evaluate_net"),
+        settings=plan.settings_param("adaptation", "evaluate_net"),
+    log:
+        f"{OUT}/logs/adaptation/{{arch}}/{{layer}}/net_evaluate_run{{run}}_{{comparison}}-{{norm}}_r{{ranking}}.log",
+    resources:
+        gpu=plan.gpus("adaptation", "evaluate_net"),
+    threads: plan.threads(2)
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow adaptation evaluate_net --net {wildcards.arch}/{wildcards.layer}"
+        " --run {wildcards.run}"
+        " --config {params.config:q} --settings {params.settings:q}"
+        " --threads {threads} --rankings {input.rankings:q}"
+        " --triplets {input.triplets:q} --prepared {input.prepared:q} --model {input.model:q}"
+        " --scores {output:q} > {log:q} 2>&1"
+
+
 BENCH_OUTPUTS["adaptation"] = (
     [f"{OUT}/adaptation/{n.arch}/{n.layer}/baseline.parquet" for n in plan.lossnets("adaptation")]
     + plan.targets(f"{ADAPTATION_DIR}/run{{run}}/scores.parquet", "adaptation")
+    + [f"{ADAPT_NET_DIR}/scores.parquet".format(**j) for j in plan.adapt_net_jobs()]
 )
 
 

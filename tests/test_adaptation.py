@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import torchvision.transforms.functional as TF
 from workflow import cli
 from workflow.archs import LossNet
 from workflow.benchmarks import adaptation as ada
+from workflow.compare import Variant
 from workflow.datasets import bapps, svhn
 from workflow.datasets.bank import ImageBank
 from workflow.datasets.triplets import (
@@ -284,3 +286,170 @@ def test_bad_inputs_name_the_fix(pipeline, prepared, tmp_path):
     evals["config"] = {**evals["config"], "eval_datasets": ["stl10", "svhn"]}  # fail at once
     with pytest.raises(TripletError, match="no triplet file of stl10"):
         _cmd("evaluate", **evals, scores=tmp_path / "s.parquet")
+
+
+# ----------------------------------------------------------------------------- the adapted net
+
+
+def _hand_logits(layers, d0, d1):
+    """G by plain ops: [d0, d1, d0-d1, d0/(d1+.1), d1/(d0+.1)] -> 32 -> 32 -> 1, LeakyReLU 0.2."""
+    x = torch.stack([d0, d1, d0 - d1, d0 / (d1 + 0.1), d1 / (d0 + 0.1)], dim=1)
+    for j, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if j < len(layers) - 1:
+            x = torch.where(x > 0, x, 0.2 * x)
+    return x[:, 0]
+
+
+def _bce(logits, y):
+    p = torch.sigmoid(logits)
+    return -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+
+
+@pytest.fixture(scope="module")
+def adapted_net(pipeline, demo_plan):
+    """One adapted net (spatial, channel norm, ranking 1) trained for one step (16 training
+    images, batch 16, 1 + 0 epochs, no dropout), then scored."""
+    cfg = {**demo_plan.stage_config("adaptation", "train_net", "alexnet"), "precision": "fp32",
+           "batch_size": 16, "epochs_constant": 1, "epochs_decay": 0, "dropout": 0.0}
+    root = pipeline["root"] / "net"
+    model = root / "adapter.pt"
+    meta = _cmd("train_net", config=cfg, settings=_settings(demo_plan, "train_net"), net=NET,
+                run=0, comparison="spatial", **{"channel-norm": "true"}, ranking=1,
+                rankings=pipeline["rankings"], triplets=[pipeline["trips"]["svhn"]],
+                prepared=[pipeline["data"]["svhn"]], workdir=root / "train", out=model)
+    evals = {**pipeline["evals"], "config": {
+        **demo_plan.stage_config("adaptation", "evaluate_net", "alexnet"), "precision": "fp32",
+        **{k: v for k, v in SMALL.items() if k.startswith("bapps_")}}}
+    scores = _cmd("evaluate_net", **evals, run=0, model=model, scores=root / "scores.parquet")
+    return {"cfg": cfg, "model": model, "meta": meta, "scores": scores}
+
+
+def test_adapted_net_step_by_hand(pipeline, adapted_net):
+    """The adapted net's one step against plain ops: the starting backbone (random weights,
+    lossnets.seed), the same triplets (sampler and generator of the run's seed), channel
+    weights 1, BCE(G) + sync_weight * BCE(sigmoid(d0 - d1)) while the batch 2AFC <= 0.5;
+    one Adam step: the backbone at adapt_net.lr, G at lr (first step lr * g / (|g| + eps));
+    the file's backbone and G equal it, the channel weights are still exactly 1."""
+    from workflow.datasets.bank import EpochSampler
+    from workflow.distortions import draw_pairs, sample_params
+    from workflow.lossnets import build_extractor
+    from workflow.models.adapter import FusedAdapter, tap_channels
+    from workflow.models.backbone import TrainableBackbone
+
+    cfg, meta = adapted_net["cfg"], adapted_net["meta"]
+    assert meta["steps"] == 1 and meta["variant"] == "adapted_net" and meta["ranking"] == 1
+    seed, r = int(cfg["seed"]), 1
+    files = read_triplet_files([pipeline["trips"]["svhn"]])
+    train_idx = torch.from_numpy(files["svhn"]["train_index"])
+    idx = EpochSampler(train_idx, 16, seed, torch.device("cpu"), seed_stride=ada.SEED_STRIDE)(0)
+    gen = torch.Generator().manual_seed(seed)
+    d0i, d1i = draw_pairs(16, gen, torch.device("cpu"))
+    trip = {"index": idx, "d0": d0i, "d1": d1i, "p0": sample_params(d0i, gen),
+            "p1": sample_params(d1i, gen)}
+    bank = ImageBank(svhn.load(pipeline["data"]["svhn"], "train")["images"], torch.device("cpu"))
+    ref, x0, x1 = distort_batch(bank, trip, slice(None), 64)
+    y = ranking_labels(d0i, d1i, positions(load_rankings(pipeline["rankings"])))[:, r]
+
+    net = LossNet.parse(NET)
+    ext = build_extractor("alexnet", lossnets=[net], weights="random", seed=cfg["weights_seed"])
+    start = {k: v.clone() for k, v in ext.state_dict().items()}
+    g0 = FusedAdapter(tap_channels(ext, 64, torch.device("cpu")),
+                      [Variant("spatial", True)], [r], seed=seed, dropout=0.0)
+    bparams = dict(ext.named_parameters())
+    for p in bparams.values():
+        p.requires_grad_(True)
+    layers = [(a[0].detach().clone().requires_grad_(), b[0].detach().clone().requires_grad_())
+              for a, b in zip(g0.rank_net.weights, g0.rank_net.biases, strict=True)]
+    fr, f0, f1 = ext(ref), ext(x0), ext(x1)
+
+    def dist(fx, fy):
+        total = 0
+        for t in fx:
+            a = fx[t] / (fx[t].pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            b = fy[t] / (fy[t].pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + (a - b).pow(2).mean((2, 3)).sum(1)
+        return total
+
+    d0, d1 = dist(f0, fr), dist(f1, fr)
+    acc = _hand_2afc(d0.detach(), d1.detach(), y)
+    loss = _bce(_hand_logits(layers, d0, d1), y)
+    if acc <= 0.5:
+        loss = loss + float(cfg["sync_weight"]) * _bce(d0 - d1, y)
+    names = list(bparams)
+    params = [*bparams.values(), *[x for pair in layers for x in pair]]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    lrs = [float(cfg["adapt_net"]["lr"])] * len(names) + [float(cfg["lr"])] * (len(params)
+                                                                               - len(names))
+    eps = 1e-8
+    stepped = [(x - lr * g / (g.abs() + eps)).detach() if g is not None else x.detach()
+               for x, g, lr in zip(params, grads, lrs, strict=True)]
+
+    fresh = TrainableBackbone(build_extractor("alexnet", lossnets=[net], weights="random",
+                                              seed=123), train_mode=False)
+    adapter, _ = load_adapter(adapted_net["model"], torch.device("cpu"),
+                              lambda _m: {"backbone": fresh})
+    checked = []
+    for i, n in enumerate(names):
+        have = fresh.net.state_dict()[n]
+        g = grads[i].abs()
+        # near Adam's eps, g / (|g| + eps) follows the gradient's rounding: only the bound
+        sure = (g > 1e-3 * float(g.max())) | (g == 0)
+        checked.append(sure.float().mean())
+        torch.testing.assert_close(have[sure], stepped[i][sure], rtol=1e-5, atol=1e-9)
+        assert float((have - stepped[i]).abs().max()) <= 2 * lrs[i] * (1 + 1e-4)
+        assert not torch.equal(have, start[n])
+    assert float(torch.stack(checked).mean()) > 0.8
+    got = [x for pair in zip(adapter.rank_net.weights, adapter.rank_net.biases, strict=True)
+           for x in pair]
+    for have, want in zip(got, stepped[len(names):], strict=True):
+        torch.testing.assert_close(have[0].detach(), want, rtol=1e-5, atol=1e-8)
+    assert all(torch.equal(w, torch.ones_like(w)) for w in adapter.channel_weights.values())
+
+
+def test_adapted_net_scores(pipeline, adapted_net):
+    """Rows of variant adapted_net for its one ranking, on every set the adapted runs are
+    scored on; the SVHN test 2AFC recomputed by hand with the file's backbone."""
+    from workflow.lossnets import build_extractor
+    from workflow.models.backbone import TrainableBackbone
+
+    df = adapted_net["scores"]
+    assert set(df["variant"]) == {"adapted_net"} and set(df["ranking"]) == {1}
+    assert set(df["run"]) == {0} and set(df["comparison"]) == {"spatial"}
+    assert set(zip(df["dataset"], df["split"], strict=True)) == {
+        ("svhn", "test"), ("svhn", "val"), ("stl10", "test"), ("bapps-2afc", "traditional"),
+        ("bapps-2afc", "cnn"), ("bapps-2afc", "mean"), ("bapps-jnd", "traditional"),
+        ("bapps-jnd", "cnn"), ("bapps-jnd", "pooled")}
+    fresh = TrainableBackbone(build_extractor("alexnet", lossnets=[LossNet.parse(NET)],
+                                              weights="random", seed=7), train_mode=False)
+    load_adapter(adapted_net["model"], torch.device("cpu"), lambda _m: {"backbone": fresh})
+    trip = triplet_set(read_triplet_files([pipeline["trips"]["svhn"]])["svhn"], "test")
+    bank = ImageBank(svhn.load(pipeline["data"]["svhn"], "test")["images"], torch.device("cpu"))
+    ref, x0, x1 = distort_batch(bank, trip, slice(None), 64)
+    labels = ranking_labels(trip["d0"], trip["d1"], positions(load_rankings(
+        pipeline["rankings"])))
+    want = _hand_2afc(_hand_distance(fresh, ref, x0), _hand_distance(fresh, ref, x1),
+                      labels[:, 1])
+    row = df[(df["dataset"] == "svhn") & (df["split"] == "test")]
+    assert float(row["value"].iloc[0]) == pytest.approx(want)
+    # another network's or a channel-weight file is refused, naming the rule
+    with pytest.raises(ada.AdaptationError, match="not an adapted net.*adaptation_train_net"):
+        _cmd("evaluate_net", **pipeline["evals"], run=0, model=pipeline["model"],
+             scores=pipeline["root"] / "x.parquet")
+
+
+def test_adapt_net_jobs():
+    from workflow.plan import Plan, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    assert Plan(load_config(root / "config.yaml")).adapt_net_jobs() == []
+    plan = Plan(load_config(root / "config.yaml", overrides={"adaptation": {
+        "lossnets": ["alexnet/lpips"], "runs": 2, "rankings": 3, "channel_norm": [True, False],
+        "adapt_net": {"enabled": True, "rankings": 2, "comparisons": ["spatial", "sort"]}}}))
+    jobs = plan.adapt_net_jobs()
+    assert len(jobs) == 2 * 2 * 2 * 2  # runs x comparisons x channel_norm x rankings
+    assert jobs[0] == {"arch": "alexnet", "layer": "lpips", "run": 0, "comparison": "spatial",
+                       "norm": "norm", "ranking": 0}
+    assert {j["ranking"] for j in jobs} == {0, 1} and {j["norm"] for j in jobs} == {"norm", "raw"}
+    cfg = plan.stage_config("adaptation", "train_net", "alexnet")
+    assert cfg["adapt_net"] == {"lr": 1e-4} and "comparisons" not in cfg

@@ -77,3 +77,31 @@ def test_variants_come_from_the_config_and_missing_rows_give_no_row():
     assert adaptation_statistics(df).empty  # no "adapted" rows
     t = adaptation_statistics(df, {"adaptation": {"adapted_variant": "tuned"}})
     assert set(t["dataset"]) == {"svhn", "bapps-2afc"}
+
+
+def test_adapted_net_in_the_ranking_means_only():
+    """Adapted-net rows (two runs of spatial under ranking 0, one of mean under ranking 2)
+    join the per-ranking table as the mean over the ranking's cases that have one; the
+    statistics, which are the channel-weight adaptation's, do not change."""
+    from workflow.analysis.adaptation_stats import ranking_means
+
+    base = _table()
+    common = {"benchmark": "adaptation", "dataset": "svhn", "split": "test", "arch": "alexnet",
+              "layer": "lpips", "channel_norm": True, "metric": "2afc", "n": 64,
+              "variant": "adapted_net"}
+    net = score_frame([{**common, "comparison": "spatial", "ranking": 0, "run": 0, "value": 0.9},
+                       {**common, "comparison": "spatial", "ranking": 0, "run": 1, "value": 0.8},
+                       {**common, "comparison": "mean", "ranking": 2, "run": 0, "value": 0.5}])
+    both = pd.concat([base, net], ignore_index=True)
+    pd.testing.assert_frame_equal(adaptation_statistics(both), adaptation_statistics(base))
+    m = ranking_means(both)
+    svhn = m[m["dataset"] == "svhn"].set_index("ranking")
+    assert svhn.loc[0, "adapted_net"] == pytest.approx(0.85)  # (0.9 + 0.8) / 2, one case
+    assert svhn.loc[2, "adapted_net"] == pytest.approx(0.5)
+    assert math.isnan(svhn.loc[1, "adapted_net"])
+    assert svhn["net_cases"].tolist() == [1, 0, 1]
+    # ranking 0's baseline / adapted means stay over both its cases
+    assert svhn.loc[0, "adapted"] == pytest.approx((0.71 + 0.65) / 2)
+    assert m[m["dataset"] == "bapps-2afc"]["net_cases"].eq(0).all()
+    plain = ranking_means(base)
+    assert plain["adapted_net"].isna().all() and plain["net_cases"].eq(0).all()

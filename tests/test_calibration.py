@@ -262,3 +262,230 @@ def test_plan_jobs_and_shipped(tmp_path):
     assert (train["lr"], train["betas"], train["batch_size"], train["epochs_constant"],
             train["epochs_decay"], train["dropout"]) == (1e-4, [0.5, 0.999], 50, 5, 5, 0.5)
     assert train["weights"] == "imagenet" and "eval_batch_size" not in train
+
+
+# ----------------------------------------------------------------------------- tune / scratch
+
+
+def _backbone_config(demo_plan, variant, arch, **over):
+    cfg = {**demo_plan.stage_config("calibration", variant, arch), "precision": "fp32",
+           "train_subsets": ["traditional"], "train_limit": 1, "batch_size": 1,
+           "epochs_constant": 1, "epochs_decay": 0, "dropout": 0.0, **over}
+    assert ("weights" in cfg) == (variant != "scratch")  # scratch: none (stage_config)
+    return cfg
+
+
+def _hand_spatial(fx, fy, w):
+    """sum_taps sum_c w_c mean_positions (fx/|fx| - fy/|fy|)^2, channel norm over dim 1."""
+    total = 0
+    for t, wt in w.items():
+        a = fx[t] / (torch.sqrt((fx[t] ** 2).sum(1, keepdim=True)) + 1e-10)
+        b = fy[t] / (torch.sqrt((fy[t] ** 2).sum(1, keepdim=True)) + 1e-10)
+        total = total + (((a - b) ** 2).mean((2, 3)) * wt).sum(1)
+    return total
+
+
+def test_tune_step_by_hand(tmp_path, prepared, demo_plan):
+    """One ``tune`` step through the command (squeezenet1_1: its fire modules have 1x1
+    convolutions, which the lpips trainer's clamp projects too): the loss by plain ops from
+    the starting backbone (lossnets.weights random, lossnets.seed) and the adapter's initial
+    G; one Adam step (first step: lr * g / (|g| + eps)) of the lin weights, G *and* every
+    backbone parameter; then w >= 0 and every 1x1 conv weight >= 0. The file's backbone and
+    weights equal it. ``lin`` on the same batch leaves the backbone bit-identical."""
+    arch, net = "squeezenet1_1", LossNet("squeezenet1_1", "lpips")
+    folder = prepared("bapps", **BAPPS)
+    cfg = _backbone_config(demo_plan, "tune", arch)
+    settings = {"device": "cpu", "threads": torch.get_num_threads()}
+    model = tmp_path / "tune.pt"
+    meta = cli.run("calibration", "tune", [
+        "--config", json.dumps(cfg), "--settings", json.dumps(settings), "--net", net.id,
+        "--run", "0", "--prepared", str(folder), "--workdir", str(tmp_path / "w"),
+        "--out", str(model)])
+    assert meta["steps"] == 1 and meta["variant"] == "tune"
+
+    # the same start, built independently
+    seed = int(cfg["seed"])
+    ext = build_extractor(arch, lossnets=[net], weights="random", seed=cfg["weights_seed"])
+    start = {k: v.clone() for k, v in ext.state_dict().items()}
+    adapter0 = FusedAdapter(tap_channels(ext, 64, CPU), [Variant("spatial", True)], [0],
+                            seed=seed, dropout=0.0, sync_weight=0.0)
+    images, judge = TrainSet(folder, ["traditional"], 1).batch(torch.tensor([0]), CPU, 64)
+    bparams = dict(ext.named_parameters())
+    for p in bparams.values():
+        p.requires_grad_(True)
+    w = {t: x[0].detach().clone().requires_grad_() for t, x in adapter0.weights(0).items()}
+    layers = [(a[0].detach().clone().requires_grad_(), b[0].detach().clone().requires_grad_())
+              for a, b in zip(adapter0.rank_net.weights, adapter0.rank_net.biases, strict=True)]
+    f = [ext(x) for x in images]
+    d0, d1 = _hand_spatial(f[1], f[0], w), _hand_spatial(f[2], f[0], w)
+    p = torch.sigmoid(_hand_logits(layers, d0, d1))
+    y = judge[:, 0]
+    bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    names = list(bparams)
+    params = [*bparams.values(), *w.values(), *[x for pair in layers for x in pair]]
+    grads = torch.autograd.grad(bce, params, allow_unused=True)
+    lr, eps = float(cfg["lr"]), 1e-8
+    stepped = [(x - lr * g / (g.abs() + eps)).detach() if g is not None else x.detach()
+               for x, g in zip(params, grads, strict=True)]
+    want_b = dict(zip(names, stepped[:len(names)], strict=True))
+    convs = {n for n, m in ext.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)}
+    assert convs and any(bool((want_b[f"{c}.weight"] < 0).any()) for c in convs)
+    for c in convs:
+        want_b[f"{c}.weight"] = want_b[f"{c}.weight"].clamp(min=0)
+
+    from workflow.models.backbone import TrainableBackbone
+
+    fresh = TrainableBackbone(build_extractor(arch, lossnets=[net], weights="random", seed=99))
+    adapter, meta = load_adapter(model, CPU, lambda _m: {"backbone": fresh})
+    moved, checked = 0, []
+    for i, n in enumerate(names):
+        have = fresh.net.state_dict()[n]
+        # where |g| is near Adam's eps, g / (|g| + eps) follows the gradient's rounding (one
+        # batched pass in the code, three here): there only the bound of a step holds (each
+        # moves by <= lr, and the projection to >= 0 does not widen a gap)
+        g = grads[i].abs()
+        sure = (g > 1e-3 * float(g.max())) | (g == 0)  # 0: a dead unit, no move
+        checked.append(sure.float().mean())
+        torch.testing.assert_close(have[sure], want_b[n][sure], rtol=1e-5, atol=1e-8)
+        assert float((have - want_b[n]).abs().max()) <= 2 * lr * (1 + 1e-4)
+        moved += int(not torch.equal(have, start[n]))
+    assert moved == len(names)  # every backbone parameter took a step
+    assert float(torch.stack(checked).mean()) > 0.8
+    for i, (t, x) in enumerate(adapter.weights(0).items()):
+        torch.testing.assert_close(x[0].detach(), stepped[len(names) + i].clamp(min=0),
+                                   rtol=1e-5, atol=1e-8)
+    got = [x for pair in zip(adapter.rank_net.weights, adapter.rank_net.biases, strict=True)
+           for x in pair]
+    for have, want in zip(got, stepped[len(names) + len(w):], strict=True):
+        torch.testing.assert_close(have[0].detach(), want, rtol=1e-5, atol=1e-8)
+
+    # lin: the same step through the lin code path moves no backbone bit
+    from workflow.benchmarks.calibration import backbone, calibration_step
+    from workflow.job import Job
+
+    job = Job.create(_backbone_config(demo_plan, "train", arch), settings)
+    frozen = backbone(job, net, "imagenet", "lin", seed)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    lin = FusedAdapter(tap_channels(frozen, 64, CPU), [Variant("spatial", True)], [0],
+                       seed=seed, dropout=0.0, sync_weight=0.0)
+    opt = make_optimizer(lin, 1e-4, (0.5, 0.999))
+    loss, _ = calibration_step(job, frozen, lin, images, judge, torch.Generator())
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in frozen.state_dict().items())
+    torch.testing.assert_close(loss.detach(), bce.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_scratch_starts_from_random_weights(tmp_path, cpu_job):
+    """``scratch`` builds torchvision's initialisation under the run's seed whatever the
+    weights config says (an ImageNet weights file that does not exist is never read);
+    ``tune`` starts from the configured weights."""
+    from workflow.benchmarks.calibration import backbone
+    from workflow.job import Job
+
+    net = LossNet("alexnet", "lpips")
+    job = Job.create({"precision": "fp32", "weights": "imagenet", "weights_seed": 0},
+                     {"device": "cpu", "weights_dir": str(tmp_path / "none")})
+    ext = backbone(job, net, "imagenet", "scratch", seed=5)
+    want = build_extractor("alexnet", lossnets=[net], weights="random", seed=5)
+    assert ext.training is False and all(p.requires_grad for p in ext.parameters())
+    for (k, a), b in zip(ext.net.state_dict().items(), want.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    other = backbone(job, net, "imagenet", "scratch", seed=6)
+    assert not torch.equal(next(other.parameters()), next(ext.parameters()))
+    with pytest.raises(FileNotFoundError):  # tune reads the configured weights
+        backbone(job, net, "imagenet", "tune", seed=5)
+    with pytest.raises(CalibrationError, match="calibration.variants"):
+        backbone(cpu_job(), net, "imagenet", "fine", seed=5)
+
+
+def _job_counts(stdout: str) -> dict[str, int]:
+    """The ``Job stats`` table of a dry run: rule -> count."""
+    counts, on = {}, False
+    for line in stdout.splitlines():
+        parts = line.split()
+        if line.startswith("Job stats"):
+            on = True
+        elif on and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+        elif on and counts and not parts:
+            break
+    return counts
+
+
+@pytest.mark.slow
+def test_dry_run_has_the_new_jobs_only_when_enabled(tmp_path):
+    """``snakemake -n calibration adaptation`` on the demo config: no tune / scratch /
+    adapted-net job by default; with calibration.variants [tune, scratch] and
+    adaptation.adapt_net enabled (2 rankings), one per loss network, run and variant /
+    (comparison, ranking), and no lin job."""
+    import yaml
+    from snakemake_helpers import snakemake
+
+    def dry(extra):
+        path = tmp_path / "extra.yaml"
+        path.write_text(yaml.safe_dump(extra))
+        out = snakemake("-n", "--cores", "1", "--configfile", str(ROOT / "config" / "demo.yaml"),
+                        str(path), "--config", f"results_dir={tmp_path / 'results'}",
+                        f"resources_dir={tmp_path / 'res'}", "--", "calibration", "adaptation",
+                        timeout=600).stdout
+        return _job_counts(out)
+
+    plain = dry({})
+    assert plain["calibration_train"] == 2 and plain["adaptation_train"] == 2  # 2 LPIPS sets
+    new = ("calibration_tune", "calibration_scratch", "calibration_evaluate_backbone",
+           "adaptation_train_net", "adaptation_evaluate_net")
+    assert not set(new) & set(plain), plain
+    on = dry({"calibration": {"variants": ["tune", "scratch"]},
+              "adaptation": {"adapt_net": {"enabled": True, "rankings": 2}}})
+    assert on["calibration_tune"] == on["calibration_scratch"] == 2
+    assert on["calibration_evaluate_backbone"] == 2 * 2
+    # 2 loss networks x 1 run x spatial x channel norm [true] x 2 rankings
+    assert on["adaptation_train_net"] == on["adaptation_evaluate_net"] == 2 * 2
+    assert "calibration_train" not in on and on["adaptation_train"] == 2
+
+
+def test_scratch_scores_carry_its_variant(tmp_path, prepared, demo_plan):
+    """scratch end to end (one step of alexnet/lpips): the scores say variant scratch,
+    weights_id random, and a subset's 2AFC recomputed by hand with the file's backbone and
+    weights; the file's backbone is not the starting initialisation any more."""
+    folder = prepared("bapps", **BAPPS)
+    cfg = _backbone_config(demo_plan, "scratch", "alexnet")
+    settings = {"device": "cpu", "threads": torch.get_num_threads(), "eval_batch_size": 8}
+    model = tmp_path / "scratch.pt"
+    net = LossNet("alexnet", "lpips")
+    _cmd("scratch", config=cfg, settings=settings, net=net.id, run=1, prepared=[folder],
+         workdir=tmp_path / "w", out=model)
+    stage = demo_plan.stage_config("calibration", "evaluate_backbone", "alexnet")
+    evaluate = {**stage, "precision": "fp32", **{k: v for k, v in SMALL.items() if k in stage}}
+    assert evaluate["weights"] == "random"  # the demo's; scratch rows say random whatever
+    evaluate["weights"] = "imagenet"  # it is (no weights file is read for scratch)
+    df = _cmd("evaluate", config=evaluate, settings=settings, net=net.id, run=1, model=model,
+              prepared=[folder], scores=tmp_path / "scores.parquet")
+    assert set(df["variant"]) == {"scratch"} and set(df["weights_id"]) == {"random"}
+    assert set(df["run"]) == {1}
+
+    from workflow.datasets import bapps
+    from workflow.models.backbone import TrainableBackbone
+
+    fresh = TrainableBackbone(build_extractor("alexnet", lossnets=[net], weights="random",
+                                              seed=0))
+    adapter, meta = load_adapter(model, CPU, lambda _m: {"backbone": fresh})
+    assert meta["variant"] == "scratch" and meta["steps"] == 1
+    start = build_extractor("alexnet", lossnets=[net], weights="random",
+                            seed=int(cfg["seed"]) + 1)
+    assert not torch.equal(next(fresh.parameters()), next(start.parameters()))
+    a = bapps.load(folder, "2afc", "val", "cnn")
+    imgs = [torch.from_numpy(np.array(a[k])).permute(0, 3, 1, 2).float() / 255
+            for k in ("ref", "p0", "p1")]
+    w = {t: x[0] for t, x in adapter.weights(0).items()}
+    v = Variant("spatial", True)
+    with torch.no_grad():
+        f = [fresh(i) for i in imgs]
+        d0 = compare.distances(f[1], f[0], [v], weights=w)[v]
+        d1 = compare.distances(f[2], f[0], [v], weights=w)[v]
+    want = float(agreement(d0, d1, torch.from_numpy(np.array(a["judge"]))).mean())
+    row = df[(df["split"] == "cnn") & (df["dataset"] == "bapps-2afc")]
+    assert float(row["value"].iloc[0]) == pytest.approx(want)

@@ -248,8 +248,10 @@ def test_scoring_stages_run_at_scoring_precision():
                if spec.torch and spec.scores}
     assert scoring == {("similarity", "score"), ("super_resolution", "eval"),
                        ("delineation", "eval"), ("autoencoder", "encode"),
-                       ("adaptation", "evaluate"), ("probes", "score"),
-                       ("calibration", "evaluate"), ("calibration", "shipped")}
+                       ("adaptation", "evaluate"), ("adaptation", "evaluate_net"),
+                       ("probes", "score"),
+                       ("calibration", "evaluate"), ("calibration", "shipped"),
+                       ("calibration", "evaluate_backbone")}
     for b, stages in STAGES.items():
         for s, spec in stages.items():
             if spec.torch:

@@ -169,6 +169,14 @@ STAGES: dict[str, dict[str, Stage]] = {
         "evaluate": Stage(("comparisons", "channel_norm", "normalize", "image_size",
                            "eval_datasets", "bapps", "bapps_2afc_subsets", "bapps_jnd_subsets"),
                           settings=("eval_batch_size",), scores=True),
+        # adaptation.adapt_net: one (comparison, ranking) metric's own fine-tuned backbone
+        "train_net": Stage(("seed", "normalize", "image_size", "batch_size", "epochs_constant",
+                            "epochs_decay", "lr", "betas", "dropout", "sync_weight",
+                            "adapt_net.lr"),
+                           settings=("eval_batch_size", "eval_every_epochs")),
+        "evaluate_net": Stage(("normalize", "image_size", "eval_datasets", "bapps",
+                               "bapps_2afc_subsets", "bapps_jnd_subsets"),
+                              settings=("eval_batch_size",), scores=True),
     },
     "probes": {
         "images": Stage(("images", "seed", "image_size"), lossnet=False, torch=False),
@@ -185,6 +193,17 @@ STAGES: dict[str, dict[str, Stage]] = {
         # the lpips package's lin weights (the file is the rule's input)
         "shipped": Stage(("normalize", "image_size", "bapps_2afc_subsets", "bapps_jnd_subsets"),
                          settings=("eval_batch_size",), scores=True),
+        # calibration.variants tune / scratch: the lin recipe with the backbone trained too
+        # (scratch: its config carries no weights, stage_config), scored by evaluate_backbone
+        "tune": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
+                       "train_subsets", "train_limit", "batch_size", "epochs_constant",
+                       "epochs_decay", "lr", "betas", "dropout", "clamp_backbone_1x1")),
+        "scratch": Stage(("comparisons", "channel_norm", "seed", "normalize", "image_size",
+                          "train_subsets", "train_limit", "batch_size", "epochs_constant",
+                          "epochs_decay", "lr", "betas", "dropout", "clamp_backbone_1x1")),
+        "evaluate_backbone": Stage(("comparisons", "channel_norm", "normalize", "image_size",
+                                    "bapps_2afc_subsets", "bapps_jnd_subsets"),
+                                   settings=("eval_batch_size",), scores=True),
     },
 }
 
@@ -194,9 +213,10 @@ DAG_KEYS: dict[str, tuple[str, ...]] = {
     "super_resolution": ("lossnets", "lpips_sets", "scales", "runs", "fuse"),
     "delineation": ("lossnets", "runs"),
     "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
-    "adaptation": ("lossnets", "runs"),
+    "adaptation": ("lossnets", "runs", "adapt_net.enabled", "adapt_net.comparisons",
+                   "adapt_net.rankings"),
     "probes": ("lossnets", "pixel_baselines"),
-    "calibration": ("lossnets", "runs", "shipped_weights"),
+    "calibration": ("lossnets", "runs", "shipped_weights", "variants"),
 }
 
 # The prepared datasets each benchmark reads (adaptation's depend on its config: datasets()).
@@ -782,6 +802,28 @@ class Plan:
                 for n in self.lossnets("calibration")
                 if n.layer == "lpips" and n.arch in LPIPS_SHIPPED]
 
+    def adapt_net_jobs(self) -> list[dict[str, Any]]:
+        """The adapted-net jobs (config ``adaptation.adapt_net``; none unless ``enabled``):
+        :meth:`jobs` of adaptation x ``comparison`` (``adapt_net.comparisons``), ``norm``
+        (``norm`` / ``raw``: ``adaptation.channel_norm``) x ``ranking`` (the first
+        ``adapt_net.rankings``, default all)."""
+        sec = self.config["adaptation"]
+        an = sec["adapt_net"]
+        if not an["enabled"]:
+            return []
+        count = int(sec["rankings"]) if an["rankings"] is None else min(int(an["rankings"]),
+                                                                      int(sec["rankings"]))
+        return [{**j, "comparison": c, "norm": "norm" if n else "raw", "ranking": r}
+                for j in self.jobs("adaptation") for c in an["comparisons"]
+                for n in sec["channel_norm"] for r in range(count)]
+
+    def calibration_jobs(self, variants: Iterable[str] = ("tune", "scratch")
+                         ) -> list[dict[str, Any]]:
+        """The calibration jobs of the ``variants`` among ``calibration.variants`` (``lin``
+        is :meth:`jobs`): :meth:`jobs` with ``variant``."""
+        chosen = [v for v in self.config["calibration"]["variants"] if v in tuple(variants)]
+        return [{**j, "variant": v} for v in chosen for j in self.jobs("calibration")]
+
     def sr_groups(self) -> list[dict[str, Any]]:
         """The super-resolution training jobs: with ``super_resolution.fuse`` one per
         architecture and scale, holding every layer and run of it (``members``: the
@@ -922,6 +964,10 @@ class Plan:
         if spec.lossnet and arch not in (None, PIXEL):
             cfg["weights"] = self.weights(arch)
             cfg["weights_seed"] = int(self.config["lossnets"]["seed"])
+        if (benchmark, stage) == ("calibration", "scratch"):
+            # a random initialisation whatever lossnets.weights says: they change nothing
+            cfg.pop("weights", None)
+            cfg.pop("weights_seed", None)
         if arch in CUSTOM:  # the job registers its own entry of lossnets.custom
             cfg["custom_lossnets"] = {arch: self.config["lossnets"]["custom"][arch]}
         if arch == PIXEL and benchmark in PIXEL_BENCHMARKS:

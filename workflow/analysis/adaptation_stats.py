@@ -15,6 +15,12 @@ ranking, the one baseline of the method). Per evaluation dataset and metric:
   shows), kept beside it because the two aggregations differ;
 * ``mean_change``: the mean of adapted minus baseline over the cases (the paper: BAPPS
   2AFC and JND drop by about 0.01 after adaptation).
+
+The adapted nets (variant ``adapted_net``: the loss network itself fine-tuned, the paper's
+Table 3; config ``adaptation.adapt_net``) are no part of these statistics, whose meaning
+stays the channel-weight adaptation's. They appear in :func:`ranking_means`: per ranking, the
+mean adapted-net score over the ranking's cases that have one (``adapted_net``,
+``net_cases``), beside the baseline and adapted means of all its cases.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+NET_VARIANT = "adapted_net"  # workflow.benchmarks.adaptation_net
 COLUMNS = ["dataset", "split", "metric", "cases", "improved", "rankings",
            "spearman_ranking_means", "pearson_ranking_means", "spearman_cases", "mean_change"]
 METHOD = ["arch", "layer", "comparison", "channel_norm"]
@@ -79,15 +86,38 @@ def all_cases(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
+def _net_means(scores: pd.DataFrame, key: tuple[Any, Any, Any], cases: pd.DataFrame
+               ) -> pd.DataFrame:
+    """Per ranking: the mean adapted-net score (each case's mean over runs) over the cases of
+    ``cases`` that have one, and how many (``ranking``, ``adapted_net``, ``net_cases``)."""
+    d, sp, m = key
+    rows = scores[(scores["benchmark"] == "adaptation") & (scores["variant"] == NET_VARIANT)
+                  & (scores["dataset"] == d) & (scores["split"] == sp)
+                  & (scores["metric"] == m) & scores["ranking"].notna()]
+    if rows.empty:
+        return pd.DataFrame(columns=["ranking", "adapted_net", "net_cases"])
+    net = (rows.groupby([*METHOD, "ranking"], dropna=False)["value"].mean()
+           .rename("adapted_net").reset_index()
+           .merge(cases[[*METHOD, "ranking"]], on=[*METHOD, "ranking"], how="inner"))
+    return (net.groupby("ranking")["adapted_net"].agg(["mean", "size"])
+            .rename(columns={"mean": "adapted_net", "size": "net_cases"}).reset_index())
+
+
 def ranking_means(scores: pd.DataFrame, cfg: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """One row per (dataset, split, metric, ranking): the mean baseline and adapted score over
-    the ranking's cases (the points the paper's correlations are computed over)."""
+    the ranking's cases (the points the paper's correlations are computed over), and the mean
+    adapted-net score over those of its cases that have one (``adapted_net``, NaN where none;
+    ``net_cases``)."""
     out = []
-    for (dataset, split, metric), cases in _case_groups(scores, cfg):
+    for key, cases in _case_groups(scores, cfg):
         m = cases.groupby("ranking")[["baseline", "adapted"]].mean().reset_index()
         m["cases"] = cases.groupby("ranking").size().to_numpy()
-        out.append(m.assign(dataset=dataset, split=split, metric=metric))
-    cols = ["dataset", "split", "metric", "ranking", "cases", "baseline", "adapted"]
+        m = m.merge(_net_means(scores, key, cases), on="ranking", how="left")
+        m["net_cases"] = m["net_cases"].fillna(0).astype(int)
+        m["adapted_net"] = m["adapted_net"].astype(float)
+        out.append(m.assign(dataset=key[0], split=key[1], metric=key[2]))
+    cols = ["dataset", "split", "metric", "ranking", "cases", "baseline", "adapted",
+            "adapted_net", "net_cases"]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 

@@ -1,13 +1,13 @@
 """Benchmark 5: adaptation of deep perceptual similarity to random rankings of six distortions.
 
-Protocol (Pihlgren et al. 2023; docs/adaptation.md): triplets of a source image resized to
-64x64 and two distinct distortions of it (:mod:`workflow.datasets.triplets`), labelled by
-each ranking. Every (comparison, ranking) metric of one loss network and run is adapted at
-once (:class:`workflow.models.adapter.FusedAdapter`) on one extractor pass per batch. The
-baseline (channel weights 1) and each run are scored on the fixed triplet sets (2AFC per
-ranking) and BAPPS val (``metrics.similarity.bapps_rows``), all through
-:func:`set_distances`. Commands (rules/adaptation.smk): ``python -m workflow adaptation
-rankings | triplets | train | evaluate``.
+Protocol (Pihlgren et al. 2023; docs/adaptation.md): triplets of a source image at 64x64 and
+two distinct distortions of it (:mod:`workflow.datasets.triplets`), labelled by each ranking.
+Every (comparison, ranking) metric of one loss network and run is adapted at once
+(:class:`workflow.models.adapter.FusedAdapter`) on one extractor pass per batch. The
+baseline (weights 1), each run and each adapted net (``adaptation_net.py``) are scored on
+the fixed triplet sets (2AFC per ranking) and BAPPS val through :func:`set_distances`.
+Commands (rules/adaptation.smk): ``python -m workflow adaptation rankings | triplets | train
+| evaluate | train_net | evaluate_net``.
 """
 
 from __future__ import annotations
@@ -64,10 +64,8 @@ class AdaptationError(ValueError):
 
 
 def rankings(config: Mapping[str, Any], out: Path) -> dict[str, Any]:
-    """Write ``rankings.json``: ``config["rankings"]`` orders seeded by ``ranking_seed``.
-
-    Returns: what was written (``make_rankings``).
-    """
+    """Write ``rankings.json`` (``config["rankings"]`` orders seeded by ``ranking_seed``);
+    return what was written (``make_rankings``)."""
     data = make_rankings(int(config["rankings"]), int(config["ranking_seed"]))
     write_json(data, out)
     return data
@@ -107,12 +105,12 @@ def _bank(job: Job, prepared: Mapping[str, Path], dataset: str, split: str, inde
 
 
 def feature_diffs(job: Job, extractor: FeatureExtractor, variants: Sequence[Variant],
-                  images: Sequence[Tensor]) -> list[dict]:
+                  images: Sequence[Tensor], grad: bool = False) -> list[dict]:
     """One extractor pass over the concatenated image sets; the per-channel differences of
-    set 0 against each other set (no grad), per variant (the adapter takes its
-    :func:`~workflow.models.adapter.terms`)."""
+    set 0 against each other set (with a graph only when ``grad``: a trained backbone), per
+    variant (the adapter takes its :func:`~workflow.models.adapter.terms`)."""
     n = images[0].shape[0]
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         with job.autocast():
             feats = extractor(torch.cat(list(images), 0))
         parts = [{t: f[j * n:(j + 1) * n] for t, f in feats.items()} for j in range(len(images))]
@@ -149,17 +147,16 @@ def triplet_2afc(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter | 
 def adaptation_step(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter,
                     bank: ImageBank, idx: Tensor, pos: Tensor, size: int,
                     gen: torch.Generator) -> tuple[Tensor, int]:
-    """One step's summed loss of every metric of ``adapter`` on source images ``idx``.
-
-    Fresh distortion pairs and parameters, then the dropout masks, are drawn from ``gen``;
-    ``pos`` ([R, 6], on the device) holds the adapter's rankings.
-    """
+    """One step's summed loss of every metric of ``adapter`` on source images ``idx``: fresh
+    distortion pairs and parameters, then the dropout masks, from ``gen``; ``pos`` ([R, 6], on
+    the device): the adapter's rankings."""
     n, dev = idx.shape[0], job.device
     d0, d1 = draw_pairs(n, gen, dev)
     trip = {"index": idx, "d0": d0, "d1": d1, "p0": sample_params(d0, gen),
             "p1": sample_params(d1, gen)}
-    diffs0, diffs1 = feature_diffs(job, extractor, adapter.terms,
-                                   distort_batch(bank, trip, slice(None), size))
+    diffs0, diffs1 = feature_diffs(job, extractor, adapter.terms,  # a graph: a tuned backbone
+                                   distort_batch(bank, trip, slice(None), size),
+                                   grad=any(p.requires_grad for p in extractor.parameters()))
     return adapter.batch_loss(diffs0, diffs1, ranking_labels(d0, d1, pos), gen), n
 
 
@@ -167,11 +164,8 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int, rankings: Pat
           triplets: Sequence[Path], prepared: Mapping[str, Path], workdir: Path, out: Path
           ) -> dict[str, Any]:
     """Adapt every (comparison, ranking) metric of ``net`` for run ``run`` (seed + run) on
-    SVHN train; write the adapter with :func:`workflow.training.save_model`.
-
-    Args: ``triplets``: [the SVHN triplet file]; ``prepared``: {"svhn": folder}.
-    Returns: the model file's meta.
-    """
+    SVHN train; write the adapter (:func:`workflow.training.save_model`), return its meta.
+    ``triplets``: [the SVHN triplet file]; ``prepared``: {"svhn": folder}."""
     lossnet, size = LossNet.parse(net), int(config["image_size"])
     seed = int(config["seed"]) + int(run)
     orders = load_rankings(rankings)
@@ -249,19 +243,22 @@ def bapps_scores(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter | 
 
 def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int | None, model: Path | None,
              rankings: Path, triplets: Sequence[Path], prepared: Mapping[str, Path],
-             scores: Path) -> pd.DataFrame:
-    """Score the baseline (``model`` None) or one run's adapted metrics; write ``scores``.
-
-    Args: ``triplets``: the files of ``eval_datasets`` (any order); ``prepared``: their
-    datasets (and SVHN, whose train split holds the validation triplets) and ``bapps`` when
-    ``config["bapps"]``.
-    Returns: the rows (scores schema): per dataset and split, comparison and ranking.
+             scores: Path, tuned: tuple[Any, FusedAdapter] | None = None) -> pd.DataFrame:
+    """Score the baseline (``model`` None), one run's adapted metrics, or (``tuned``: an
+    adapted net's backbone and adapter) the rankings of ``tuned[1]``, variant ``adapted_net``;
+    write ``scores``. ``triplets``: the files of ``eval_datasets`` (any order); ``prepared``:
+    their datasets (SVHN's train split holds the validation triplets) and ``bapps`` when
+    ``config["bapps"]``. Returns the rows (per dataset and split, comparison and ranking).
     """
     lossnet, size = LossNet.parse(net), int(config["image_size"])
     pos = positions(load_rankings(rankings))
-    extractor = job.extractor(lossnet, config["normalize"])
-    adapter, variants = None, all_variants(config["comparisons"], config["channel_norm"])
-    if model is not None:
+    if tuned is not None:
+        extractor, adapter = tuned
+        variants, pos = adapter.variants, pos[adapter.rankings]
+    else:
+        extractor = job.extractor(lossnet, config["normalize"])
+        adapter, variants = None, all_variants(config["comparisons"], config["channel_norm"])
+    if model is not None and tuned is None:
         adapter, _ = load_adapter(model, job.device)
         variants = adapter.variants
         if adapter.rankings != list(range(len(pos))):
@@ -291,7 +288,8 @@ def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int | None, mod
             ranking = None if row["dataset"].startswith("bapps") else r
         out.append({**row, "comparison": v.method, "channel_norm": v.channel_norm,
                     "ranking": ranking, "run": run,
-                    "variant": "baseline" if adapter is None else "adapted"})
+                    "variant": ("baseline" if adapter is None else
+                                "adapted" if tuned is None else "adapted_net")})
     df = score_frame(out, benchmark=BENCHMARK, arch=lossnet.arch, layer=lossnet.layer,
                      **job.provenance(lossnet.arch))
     write_parquet(df, scores)

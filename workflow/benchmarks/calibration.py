@@ -1,4 +1,5 @@
-"""LPIPS calibration, the "lin" variant: per-channel weights trained on BAPPS 2AFC train.
+"""LPIPS calibration: per-channel weights trained on BAPPS 2AFC train (``lin``), with the
+backbone fine-tuned too (``tune``) or trained from a random initialisation (``scratch``).
 
 Protocol (Zhang et al. 2018, section 3; docs/calibration.md): non-negative weights on the
 per-channel differences of every tap of a loss network (LPIPS's 1x1 convolutions without bias,
@@ -11,10 +12,18 @@ sync loss, so every configured comparison x channel-norm metric of one loss netw
 calibrated at once from one extractor pass per batch (a combined comparison has weights per
 term), and scoring is the adaptation's :func:`workflow.benchmarks.adaptation.bapps_scores`.
 
+``tune`` and ``scratch`` (config ``calibration.variants``) are the same code path: the loss
+network is a :class:`workflow.models.backbone.TrainableBackbone` (its parameters in the same
+Adam, its layers in train mode as in the lpips trainer, every 1x1 convolution projected to
+>= 0 after each step when ``clamp_backbone_1x1``, as the lpips trainer's ``clamp_weights``);
+``scratch`` builds it with torchvision's random initialisation seeded by the run's seed,
+whatever ``lossnets.weights`` says. The model file then holds the backbone too.
+
 ``shipped`` scores the lpips package's own lin weights
 (``weights/v0.1/<alex|vgg|squeeze>.pth``, read by
 :func:`workflow.models.adapter.load_lpips_lin`) the same way. Commands
-(rules/calibration.smk): ``python -m workflow calibration train | evaluate | shipped``.
+(rules/calibration.smk): ``python -m workflow calibration train | tune | scratch | evaluate |
+shipped``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from workflow.datasets.bank import EpochSampler
 from workflow.files import write_parquet
 from workflow.imaging import to_images
 from workflow.job import Job
-from workflow.lossnets import FeatureExtractor
+from workflow.lossnets import FeatureExtractor, build_extractor
 from workflow.models.adapter import (
     FusedAdapter,
     load_adapter,
@@ -44,10 +53,21 @@ from workflow.models.adapter import (
     make_optimizer,
     tap_channels,
 )
+from workflow.models.backbone import TrainableBackbone, clamp_1x1_, trainable_parameters
 from workflow.results import score_frame
-from workflow.training import TrainConfig, Trainer, constant_then_linear, resume_key, save_model
+from workflow.training import (
+    TrainConfig,
+    Trainer,
+    constant_then_linear,
+    make_adam,
+    resume_key,
+    save_model,
+)
 
-__all__ = ["CalibrationError", "TrainSet", "calibration_step", "evaluate", "shipped", "train"]
+__all__ = ["CalibrationError", "TrainSet", "VARIANTS", "backbone", "calibration_step",
+           "evaluate", "scratch", "shipped", "train", "tune"]
+
+VARIANTS = ("lin", "tune", "scratch")
 
 BENCHMARK = "calibration"
 SEED_STRIDE = 100_003  # the epoch permutation of run seed s, epoch e is seeded s * 100_003 + e
@@ -95,30 +115,75 @@ class TrainSet:
         return images, judge
 
 
-def calibration_step(job: Job, extractor: FeatureExtractor, adapter: FusedAdapter,
-                     images: Sequence[Tensor], judge: Tensor, gen: torch.Generator
-                     ) -> tuple[Tensor, int]:
+def calibration_step(job: Job, extractor: FeatureExtractor | TrainableBackbone,
+                     adapter: FusedAdapter, images: Sequence[Tensor], judge: Tensor,
+                     gen: torch.Generator) -> tuple[Tensor, int]:
     """One step's summed loss of every metric of ``adapter`` on a batch of (ref, p0, p1)
-    against the judge fraction ``[N, 1]`` (dropout masks from ``gen``)."""
-    diffs0, diffs1 = feature_diffs(job, extractor, adapter.terms, images)
+    against the judge fraction ``[N, 1]`` (dropout masks from ``gen``); the features carry a
+    graph when the backbone trains (``tune``, ``scratch``)."""
+    diffs0, diffs1 = feature_diffs(job, extractor, adapter.terms, images,
+                                   grad=isinstance(extractor, TrainableBackbone))
     return adapter.batch_loss(diffs0, diffs1, judge, gen), int(judge.shape[0])
+
+
+def backbone(job: Job, lossnet: LossNet, normalize: str, variant: str, seed: int
+             ) -> FeatureExtractor | TrainableBackbone:
+    """The loss network a variant starts from: ``lin`` the job's frozen extractor, ``tune``
+    the same weights trainable, ``scratch`` torchvision's initialisation under ``seed``
+    (``lossnets.weights`` is not read: no weights file is needed)."""
+    if variant not in VARIANTS:
+        raise CalibrationError(f"unknown calibration variant {variant!r} (config key "
+                               f"calibration.variants: {', '.join(VARIANTS)})")
+    if variant == "lin":
+        return job.extractor(lossnet, normalize)
+    if variant == "tune":
+        return TrainableBackbone(job.extractor(lossnet, normalize), train_mode=True)
+    ext = build_extractor(lossnet.arch, lossnets=[lossnet], weights="random",
+                          weights_dir=job.weights_dir, normalize=normalize, seed=seed)
+    ext = ext.to(job.device)
+    if job.channels_last:
+        ext = ext.to(memory_format=torch.channels_last)
+    return TrainableBackbone(ext, train_mode=True)
 
 
 def train(job: Job, config: Mapping[str, Any], net: str, run: int, prepared: Mapping[str, Path],
           workdir: Path, out: Path) -> dict[str, Any]:
     """Calibrate every comparison x channel-norm metric of ``net`` for run ``run`` (seed +
-    run) on BAPPS 2AFC train; write the model with :func:`workflow.training.save_model`.
+    run) on BAPPS 2AFC train (``lin``: the backbone frozen); write the model with
+    :func:`workflow.training.save_model`.
 
     Returns: the model file's meta.
     """
+    return _fit(job, config, net, run, prepared, workdir, out, "lin")
+
+
+def tune(job: Job, config: Mapping[str, Any], net: str, run: int, prepared: Mapping[str, Path],
+         workdir: Path, out: Path) -> dict[str, Any]:
+    """:func:`train` with the backbone's parameters trained too (LPIPS ``tune``)."""
+    return _fit(job, config, net, run, prepared, workdir, out, "tune")
+
+
+def scratch(job: Job, config: Mapping[str, Any], net: str, run: int,
+            prepared: Mapping[str, Path], workdir: Path, out: Path) -> dict[str, Any]:
+    """:func:`train` from a randomly initialised backbone, trained too (LPIPS ``scratch``)."""
+    return _fit(job, config, net, run, prepared, workdir, out, "scratch")
+
+
+def _fit(job: Job, config: Mapping[str, Any], net: str, run: int, prepared: Mapping[str, Path],
+         workdir: Path, out: Path, variant: str) -> dict[str, Any]:
     lossnet, size = LossNet.parse(net), int(config["image_size"])
     seed = int(config["seed"]) + int(run)
     data = TrainSet(prepared["bapps"], config["train_subsets"], config["train_limit"])
     variants = all_variants(config["comparisons"], config["channel_norm"])
-    extractor = job.extractor(lossnet, config["normalize"])
+    extractor = backbone(job, lossnet, config["normalize"], variant, seed)
+    trained = isinstance(extractor, TrainableBackbone)
     adapter = FusedAdapter(tap_channels(extractor, size, job.device), variants, [0], seed=seed,
                            dropout=float(config["dropout"]), sync_weight=0.0).to(job.device)
-    opt = make_optimizer(adapter, config["lr"], config["betas"])
+    if trained:  # one Adam over the lin weights, G and the backbone (the lpips trainer's)
+        opt = make_adam([*adapter.parameters(), *trainable_parameters(extractor)],
+                        config["lr"], job.device, config["betas"])
+    else:
+        opt = make_optimizer(adapter, config["lr"], config["betas"])
     sampler = EpochSampler(len(data), int(config["batch_size"]), seed, seed_stride=SEED_STRIDE)
     per_epoch = sampler.steps_per_epoch
     constant = per_epoch * int(config["epochs_constant"])
@@ -132,18 +197,31 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int, prepared: Map
 
     tc = TrainConfig(max_steps=total, checkpoint_every=per_epoch, seed=seed,
                      log_every=max(1, min(100, per_epoch)))
-    trainer = Trainer(job, workdir, {"adapter": adapter}, opt, step_fn, tc, sched,
-                      post_step=lambda _s: adapter.clamp_(), aux_modules={"lossnet": extractor},
+    clamp_backbone = trained and bool(config["clamp_backbone_1x1"])
+
+    def post_step(_step: int) -> None:
+        adapter.clamp_()
+        if clamp_backbone:
+            clamp_1x1_(extractor)
+
+    modules = {"adapter": adapter, **({"backbone": extractor} if trained else {})}
+    identity = {"net": net, "run": int(run), **({"variant": variant} if trained else {})}
+    trainer = Trainer(job, workdir, modules, opt, step_fn, tc, sched, post_step=post_step,
+                      aux_modules={} if trained else {"lossnet": extractor},
                       generators={"dropout": gen},
                       key=resume_key(job, {"prepared_bapps": prepared["bapps"]},
-                                     arch=lossnet.arch, net=net, run=int(run)),
-                      description=f"calibration {lossnet.id} run {run}")
+                                     arch=lossnet.arch, **identity),
+                      description=f"calibration {variant} {lossnet.id} run {run}")
     result = trainer.fit()
     meta = {**adapter.describe(), "net": lossnet.id, "run": int(run), "seed": seed,
-            "steps": result.steps, "triplets": len(data), "wall_time_s": result.wall_time_s,
-            "precision": job.precision, "device": str(job.device)}
-    save_model(out, {"adapter": adapter}, meta)
-    print(f"{out}: {len(variants)} comparisons, {len(data)} triplets, {result.steps} steps")
+            "variant": variant, "steps": result.steps, "triplets": len(data),
+            "wall_time_s": result.wall_time_s, "precision": job.precision,
+            "device": str(job.device)}
+    if trained:
+        meta["backbone_parameters"] = sum(p.numel() for p in trainable_parameters(extractor))
+    save_model(out, modules, meta)
+    print(f"{out}: {variant}, {len(variants)} comparisons, {len(data)} triplets, "
+          f"{result.steps} steps")
     return meta
 
 
@@ -156,8 +234,11 @@ def _score(job: Job, config: Mapping[str, Any], lossnet: LossNet, extractor: Fea
         v, _ = adapter.variants[row.pop("_v")], row.pop("_r")
         out.append({**row, "comparison": v.method, "channel_norm": v.channel_norm,
                     "variant": variant, "run": run})
+    provenance = job.provenance(lossnet.arch)
+    if variant == "scratch":  # its backbone never came from lossnets.weights
+        provenance["weights_id"] = "random"
     df = score_frame(out, benchmark=BENCHMARK, arch=lossnet.arch, layer=lossnet.layer,
-                     **job.provenance(lossnet.arch))
+                     **provenance)
     write_parquet(df, scores)
     mean = df[df["split"].isin(["mean", "pooled"])]
     print(mean[["comparison", "channel_norm", "dataset", "split", "value"]].to_string(index=False))
@@ -167,14 +248,27 @@ def _score(job: Job, config: Mapping[str, Any], lossnet: LossNet, extractor: Fea
 def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int, model: Path,
              prepared: Mapping[str, Path], scores: Path) -> pd.DataFrame:
     """Score a calibrated model on BAPPS val (2AFC per subset + mean, JND per subset +
-    pooled); rows of variant ``lin``."""
+    pooled); rows of the model's variant (``lin``, ``tune``, ``scratch``: its meta). A
+    ``tune`` / ``scratch`` file holds its backbone, loaded into a freshly built one (no
+    weights file is read)."""
     lossnet = LossNet.parse(net)
-    adapter, meta = load_adapter(model, job.device)
-    if meta.get("net") != lossnet.id:
-        raise CalibrationError(f"{model} was trained for {meta.get('net')}, not {lossnet.id}: "
-                               f"rerun calibration_train")
-    extractor = job.extractor(lossnet, config["normalize"])
-    return _score(job, config, lossnet, extractor, adapter, prepared["bapps"], "lin", run,
+    built: dict[str, TrainableBackbone] = {}
+
+    def extra(meta: dict[str, Any]) -> dict[str, TrainableBackbone]:
+        if meta.get("net") != lossnet.id:
+            raise CalibrationError(f"{model} was trained for {meta.get('net')}, not "
+                                   f"{lossnet.id}: rerun calibration_train")
+        if meta.get("variant", "lin") == "lin":
+            return {}
+        ext = build_extractor(lossnet.arch, lossnets=[lossnet], weights="random",
+                              weights_dir=job.weights_dir, normalize=config["normalize"])
+        built["backbone"] = TrainableBackbone(ext)
+        return dict(built)
+
+    adapter, meta = load_adapter(model, job.device, extra)
+    variant = str(meta.get("variant", "lin"))
+    extractor = built.get("backbone") or job.extractor(lossnet, config["normalize"])
+    return _score(job, config, lossnet, extractor, adapter, prepared["bapps"], variant, run,
                   scores)
 
 

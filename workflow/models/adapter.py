@@ -24,7 +24,7 @@ shared by the metrics of a batch.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +214,17 @@ def make_optimizer(adapter: FusedAdapter, lr: float, betas: Sequence[float]
     return make_adam(adapter.parameters(), lr, next(adapter.parameters()).device, betas)
 
 
-def load_adapter(path: str | Path, device: torch.device) -> tuple[FusedAdapter, dict[str, Any]]:
+def load_adapter(path: str | Path, device: torch.device,
+                 extra: Callable[[dict[str, Any]], Mapping[str, nn.Module]] | None = None
+                 ) -> tuple[FusedAdapter, dict[str, Any]]:
     """The adapter of a model file written by the ``train`` command, on ``device``, in eval
-    mode, and the file's meta."""
+    mode, and the file's meta; ``extra(meta)``: further modules the file holds (a trained
+    ``backbone``: :mod:`workflow.models.backbone`), loaded in place, then moved to
+    ``device`` and put in eval mode."""
     from workflow.training import load_model
 
     made: dict[str, FusedAdapter] = {}
+    others: dict[str, nn.Module] = {}
 
     def build(meta: dict[str, Any]) -> dict[str, FusedAdapter]:
         missing = [k for k in ("taps", "variants", "rankings", "dropout", "sync_weight")
@@ -232,9 +237,12 @@ def load_adapter(path: str | Path, device: torch.device) -> tuple[FusedAdapter, 
                              f"per channel across their terms; rerun the rule that wrote it "
                              f"(adaptation_train or calibration_train)")
         made["adapter"] = FusedAdapter.from_meta(meta)
-        return made
+        others.update(extra(meta) if extra is not None else {})
+        return {**made, **others}
 
     meta = load_model(path, build)
+    for m in others.values():
+        m.to(device).eval()
     return made["adapter"].to(device).eval(), meta
 
 
