@@ -369,3 +369,13 @@ def test_bapps_scoring_with_a_tiny_random_timm_entry(prepared, demo_plan, tmp_pa
                   & (samples.item == 1) & (samples.comparison == "mean")
                   & ~samples.channel_norm].d0.item()
     assert got == pytest.approx(expected, rel=1e-4)
+
+    # a wrong timm name or node name fails naming the valid ones near it
+    archs.register_custom({"bad": {**tiny, "builder": "vit_tiny_patch16_22"}})
+    with pytest.raises(archs.UnknownLossNetError, match="lossnets.custom.bad.builder: timm .*"
+                                                        "near it: vit_tiny_patch16_224"):
+        lossnets.load_backbone("bad", "random")
+    archs.register_custom({"bad": {**tiny, "taps": ["blocks.0", "blocks.1", "blocks.2",
+                                                    "block.3"]}})
+    with pytest.raises(archs.UnknownLossNetError, match="no module 'block.3'.*blocks.3"):
+        lossnets.build_extractor("bad", weights="random")

@@ -111,12 +111,15 @@ def _build_timm(spec: NodeSpec) -> nn.Module:
     kwargs: dict = {"pretrained": False, "num_classes": 0}
     if spec.input_size:
         kwargs["img_size"] = spec.input_size
+    name = spec.weights or spec.builder
     try:
-        return timm.create_model(spec.weights or spec.builder, **kwargs)
+        return timm.create_model(name, **kwargs)
     except RuntimeError as e:  # timm's "Unknown model"
-        near = difflib.get_close_matches(spec.builder, timm.list_models(), n=5)
+        near = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
+        key = (f"config key lossnets.custom.{spec.name}.{'weights' if spec.weights else 'builder'}"
+               if spec.custom else f"the preset {spec.name}")
         raise UnknownLossNetError(
-            f"{spec.name}: timm {timm.__version__} cannot build {spec.builder!r} ({e}); near "
+            f"{key}: timm {timm.__version__} cannot build {name!r} ({e}); timm models near "
             f"it: {', '.join(near) or 'none'}") from None
 
 
