@@ -1,7 +1,10 @@
 # Data: raw trees (downloaded or synthesized) -> prepared arrays; the ImageNet weights.
 # Outputs other rules depend on: {RES}/raw/{dataset}/READY, {RES}/prepared/{dataset}/manifest.json
 # and {RES}/weights/<torchvision file> (plan.weights_input; with lossnets.weights_dir, the
-# user's file and its verification record {RES}/weights/verified/<file>.json).
+# user's file and its verification record {RES}/weights/verified/<file>.json). The
+# self-supervised presets' files (timm's Hugging Face model.safetensors) are fetched by the
+# same rule as {RES}/weights/<repo>.safetensors, their sha256 recorded in checksums.json
+# there (verified against archs.SSL_PRESETS' weights_sha256 where one is set).
 #   snakemake --cores 1 download     # everything the configured benchmarks need (login node)
 # Config data.source picks which rule makes READY: download_dataset (a localrule, the real
 # files) or synthesize_dataset (small fakes in the same layout); a dataset in data.paths gets
@@ -154,7 +157,8 @@ if plan.own_weights_dir():
 else:
 
     rule download_weights:
-        # the configured imagenet archs; all 14 when none is (`snakemake download_weights`)
+        # the configured imagenet archs; all 14 when none is (`snakemake download_weights`);
+        # the self-supervised presets' Hugging Face files among them
         output:
             plan.weight_files(),
         params:
@@ -163,7 +167,7 @@ else:
             mirror=plan.mirror_param("weights"),
             folder=lambda w, output: os.path.dirname(output[0]),
         message:
-            f"download ImageNet weights: {' '.join(plan.weight_urls())}"
+            f"download pretrained weights: {' '.join(plan.weight_urls())}"
         log:
             f"{RES}/logs/download_weights.log",
         conda:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Tests that must not be skipped in CI: a skip with one of these markers in its reason fails
 # the run when CI is set (the live-SLURM test skips only where SLURM cannot be installed).
-MUST_RUN_IN_CI = ("SLURM-UNAVAILABLE",)
+MUST_RUN_IN_CI = ("SLURM-UNAVAILABLE", "SSL-EXTRA-MISSING")
 
 
 # The files that take longest (end-to-end Snakemake runs) go first, so that under pytest-xdist

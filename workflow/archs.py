@@ -22,14 +22,22 @@ taps named by module path (``features.3``, ``layer2``, ``encoder.layers.encoder_
 read by forward hooks; transformer taps are folded into ``(N, C, H, W)`` grids
 (docs/lossnets.md). It has layers ``"1".."4"`` and no LPIPS set.
 
-Weights: ``"imagenet"`` (torchvision's IMAGENET1K_V1 file, fetched by the ``download_weights``
-rule into a local folder), ``"random"`` (torchvision's initialisation, seeded), or a path to
-a state_dict file.
+The self-supervised presets (:data:`SSL_PRESETS`: DINO ViT-B/16, DINOv2 ViT-S/14, CLIP
+ViT-B/32) are node-name loss networks built by timm, the optional extra ``ssl``
+(``uv sync --extra ssl``): ``NodeSpec.library == "timm"``, the builder a timm architecture,
+the weights timm's pretrained tag and the file timm's Hugging Face ``model.safetensors``.
+:func:`missing_extra` tells (torch-free, nothing imported) whether the extra is installed.
+
+Weights: ``"imagenet"`` (torchvision's IMAGENET1K_V1 file, or a self-supervised preset's
+published file, fetched by the ``download_weights`` rule into a local folder), ``"random"``
+(the library's initialisation, seeded), or a path to a state_dict file.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -37,12 +45,21 @@ from pathlib import Path
 
 __all__ = [
     "ARCHS", "CUSTOM", "LAYERS", "LPIPS_ARCHS", "PIXEL", "PIXEL_METRICS", "PIXEL_MIN_SIDE",
-    "PRESETS", "WEIGHTS_HOST", "ArchSpec", "LossNet", "NodeSpec", "UnknownLossNetError",
-    "all_lossnets", "arch_spec", "is_node_arch", "known_archs", "pixel_lossnets", "register_custom",
-    "weights_filename", "weights_id", "weights_url",
+    "PRESETS", "SSL_PRESETS", "WEIGHTS_HOST", "ArchSpec", "LossNet", "MissingExtraError",
+    "NodeSpec", "UnknownLossNetError", "all_lossnets", "arch_spec", "hub_cache_file",
+    "is_node_arch", "known_archs", "missing_extra", "pixel_lossnets", "register_custom",
+    "weights_file_in", "weights_filename", "weights_id", "weights_url",
 ]
 
 WEIGHTS_HOST = "https://download.pytorch.org/models/"
+HF_HOST = "https://huggingface.co/"  # the self-supervised presets' files (timm's hub repos)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's input normalisation (timm's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD; tested)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the optional extra of each library that is not a core dependency: library -> (module, extra)
+EXTRAS = {"timm": ("timm", "ssl")}
 LAYERS = ("1", "2", "3", "4")
 PIXEL = "pixel"  # the "architecture" of the pixel baselines
 # metric -> definition (docs/similarity.md); distances: higher = less similar
@@ -145,6 +162,11 @@ class NodeSpec:
     self_supervised: bool = False
     weights_url: str = ""  # where the file is fetched from, when not WEIGHTS_HOST
     custom: bool = False  # from config lossnets.custom
+    library: str = "torchvision"  # who builds it: torchvision, or timm (the extra "ssl")
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # the input normalisation it was
+    std: tuple[float, float, float] = IMAGENET_STD  # trained with (normalize: imagenet)
+    weights_sha256: str = ""  # the published file's sha256 where known ("": recorded only)
+    hf_repo: str = ""  # timm: the Hugging Face repo of the file (timm's pretrained_cfg)
 
     @property
     def weights_enum(self) -> str:
@@ -198,19 +220,70 @@ PRESETS: dict[str, NodeSpec] = {
                  input_size=224),
     ]
 }
+
+
+def _timm_vit(name: str, model: str, tag: str, hf_repo: str, mean=IMAGENET_MEAN,
+              std=IMAGENET_STD) -> NodeSpec:
+    """A self-supervised ViT of timm: blocks 2, 5, 8, 11 of 12 (the taps of vit_b_16), one
+    class token, no registers, images resized to 224 px."""
+    return NodeSpec(name, model, f"{model}.{tag}", tuple(f"blocks.{i}" for i in (2, 5, 8, 11)),
+                    f"{hf_repo.rsplit('/', 1)[-1]}.safetensors", layout="tokens",
+                    prefix_tokens=1, input_size=224, self_supervised=True,
+                    weights_url=f"{HF_HOST}{hf_repo}/resolve/main/model.safetensors",
+                    library="timm", mean=mean, std=std, hf_repo=hf_repo)
+
+
+# The self-supervised presets (the extra "ssl": timm). Model names and tags are timm's
+# pretrained names; hf_repo is the pretrained_cfg's hf_hub_id (tests/test_ssl_lossnets.py
+# checks both against timm). weights_sha256 is empty: the published digests could not be
+# read where this table was written; download_weights records the digest of what it fetched
+# (checksums.json next to the file) and later runs verify against that (docs/lossnets.md).
+SSL_PRESETS: dict[str, NodeSpec] = {
+    s.name: s
+    for s in [
+        _timm_vit("dino_vitb16", "vit_base_patch16_224", "dino",
+                  "timm/vit_base_patch16_224.dino"),
+        _timm_vit("dinov2_vits14", "vit_small_patch14_dinov2", "lvd142m",
+                  "timm/vit_small_patch14_dinov2.lvd142m"),
+        # QuickGELU: OpenAI's CLIP activation (timm's note on vit_base_patch32_clip_224.openai:
+        # "natively QuickGELU, use quickgelu model variant"); the file is the same repo's
+        _timm_vit("clip_vitb32", "vit_base_patch32_clip_quickgelu_224", "openai",
+                  "timm/vit_base_patch32_clip_224.openai", CLIP_MEAN, CLIP_STD),
+    ]
+}
 # config lossnets.custom, registered by the plan (and by each job from its config)
 CUSTOM: dict[str, NodeSpec] = {}
 _NAME = re.compile(r"[a-z0-9_]+")
 
 
 def known_archs() -> list[str]:
-    """Every architecture name: the study's 14, the presets and the registered custom ones."""
-    return [*ARCHS, *PRESETS, *CUSTOM]
+    """Every architecture name: the study's 14, the presets (torchvision's, then the
+    self-supervised ones) and the registered custom ones."""
+    return [*ARCHS, *PRESETS, *SSL_PRESETS, *CUSTOM]
 
 
 def is_node_arch(arch: str) -> bool:
     """A loss network of the node-name kind (a preset or a custom entry)?"""
-    return arch in PRESETS or arch in CUSTOM
+    return arch in PRESETS or arch in SSL_PRESETS or arch in CUSTOM
+
+
+def missing_extra(arch: str) -> str | None:
+    """Why ``arch`` cannot be built here: the message naming the optional extra whose library
+    is not installed, or None. Torch-free and import-free (``importlib.util.find_spec``), so
+    the plan calls it at DAG build."""
+    spec = arch_spec(arch)
+    module, extra = EXTRAS.get(getattr(spec, "library", "torchvision"), (None, None))
+    if module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return (f"the loss network {arch} is built by {module}, which is not installed: it comes "
+            f"with the optional extra '{extra}'; install it with `uv sync --extra {extra}` (or "
+            f"`pip install 'lossnet-bench[{extra}]'`), or remove {arch} from the config")
 
 
 def register_custom(custom: Mapping[str, Mapping] | None, key: str = "lossnets.custom"
@@ -222,7 +295,7 @@ def register_custom(custom: Mapping[str, Mapping] | None, key: str = "lossnets.c
         where = f"config key {key}.{name}"
         if not _NAME.fullmatch(str(name)):
             raise UnknownLossNetError(f"{where}: a name of lower-case letters, digits and _ only")
-        if name in ARCHS or name in PRESETS or name == PIXEL:
+        if name in ARCHS or name in PRESETS or name in SSL_PRESETS or name == PIXEL:
             raise UnknownLossNetError(f"{where}: {name!r} is already a loss network of the "
                                       f"table; pick another name")
         taps = list(entry.get("taps") or ())
@@ -235,12 +308,30 @@ def register_custom(custom: Mapping[str, Mapping] | None, key: str = "lossnets.c
         size = entry.get("input_size")
         weights = str(entry.get("weights", ""))
         url = str(entry.get("weights_url", ""))
+        library = str(entry.get("library", "torchvision"))
+        if library not in ("torchvision", *EXTRAS):
+            raise UnknownLossNetError(f"{where}.library: {library!r}; use torchvision or "
+                                      f"{', '.join(EXTRAS)}")
+        stats = {}
+        for k in ("mean", "std"):
+            v = entry.get(k)
+            if v is not None:
+                if len(v) != 3 or not all(isinstance(c, int | float) for c in v) or (
+                        k == "std" and min(v) <= 0):
+                    raise UnknownLossNetError(f"{where}.{k}: three numbers (R, G, B"
+                                              f"{', each > 0' if k == 'std' else ''})")
+                stats[k] = tuple(float(c) for c in v)
+        file = url.rsplit("/", 1)[-1] if url else ""
+        hf = re.match(re.escape(HF_HOST) + r"([^/]+/[^/]+)/resolve/", url)
+        if library != "torchvision" and file:
+            file = f"{name}.{file}"  # hub files share names (model.safetensors)
         specs[name] = NodeSpec(
-            str(name), str(entry["builder"]), weights, tuple(taps),
-            url.rsplit("/", 1)[-1] if url else "", layout,
+            str(name), str(entry["builder"]), weights, tuple(taps), file, layout,
             int(entry.get("prefix_tokens", 1 if layout == "tokens" else 0)),
             int(size) if size else None, bool(entry.get("self_supervised", False)),
-            url, custom=True)
+            url, custom=True, library=library, **stats,
+            weights_sha256=str(entry.get("weights_sha256", "")).lower(),
+            hf_repo=hf.group(1) if hf and library != "torchvision" else "")
     CUSTOM.clear()
     CUSTOM.update(specs)
     return specs
@@ -250,8 +341,13 @@ class UnknownLossNetError(ValueError):
     """A loss network, architecture or layer that is not in the table; the message lists them."""
 
 
+class MissingExtraError(UnknownLossNetError, ImportError):
+    """A loss network whose library (an optional extra) is not installed; the message names
+    the extra to install (:func:`missing_extra`)."""
+
+
 def arch_spec(arch: str) -> ArchSpec | NodeSpec:
-    spec = ARCHS.get(arch) or PRESETS.get(arch) or CUSTOM.get(arch)
+    spec = ARCHS.get(arch) or PRESETS.get(arch) or SSL_PRESETS.get(arch) or CUSTOM.get(arch)
     if spec is None:
         near = difflib.get_close_matches(str(arch), known_archs(), n=3, cutoff=0.6)
         raise UnknownLossNetError(
@@ -342,6 +438,36 @@ def pixel_lossnets(metrics: Iterable[str]) -> list[LossNet]:
 def weights_filename(arch: str) -> str:
     """File name of the IMAGENET1K_V1 weights, e.g. ``alexnet-owt-7be5be79.pth``."""
     return arch_spec(arch).weights_file
+
+
+def hub_cache_file(arch: str, cache: str | os.PathLike) -> Path | None:
+    """A self-supervised preset's file in a Hugging Face hub cache folder (the layout
+    ``huggingface_hub`` writes, e.g. under ``~/.cache/huggingface/hub``):
+    ``models--<org>--<repo>/snapshots/<revision>/model.safetensors``, the revision that
+    ``refs/main`` names (else the only snapshot holding the file); None where it is not."""
+    spec = arch_spec(arch)
+    repo = getattr(spec, "hf_repo", "")
+    if not repo:
+        return None
+    root = Path(os.path.expanduser(str(cache))) / f"models--{repo.replace('/', '--')}"
+    name = spec.weights_url.rsplit("/", 1)[-1] if spec.weights_url else "model.safetensors"
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        path = root / "snapshots" / ref.read_text().strip() / name
+        return path if path.is_file() else None
+    found = sorted((root / "snapshots").glob(f"*/{name}")) if root.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+def weights_file_in(arch: str, folder: str | os.PathLike) -> Path:
+    """Where ``arch``'s published weights file is in ``folder``: under its own name
+    (:func:`weights_filename`; what ``download_weights`` writes), else, for a
+    self-supervised preset, in the Hugging Face hub cache layout (:func:`hub_cache_file`);
+    the first path when neither exists (for the message that it is missing)."""
+    flat = Path(os.path.expanduser(str(folder))) / weights_filename(arch)
+    if flat.is_file():
+        return flat
+    return hub_cache_file(arch, folder) or flat
 
 
 def weights_url(arch: str) -> str:

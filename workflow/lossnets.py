@@ -8,7 +8,9 @@ Names, taps and weight files: :mod:`workflow.archs` (re-exported here).
 The node-name kind (:class:`workflow.archs.NodeSpec`: the presets and config
 ``lossnets.custom``) is built by the same functions and read by :class:`NodeExtractor`:
 forward hooks on the named modules, one pass that stops after the last tap, transformer
-taps folded into ``(N, C, H, W)`` (:func:`fold_tap`).
+taps folded into ``(N, C, H, W)`` (:func:`fold_tap`). The self-supervised presets
+(``archs.SSL_PRESETS``: DINO, DINOv2, CLIP) are built by timm, the optional extra ``ssl``
+(:func:`timm_module`; without it they fail naming the extra), and read the same way.
 """
 
 from __future__ import annotations
@@ -24,17 +26,23 @@ from torch import Tensor, nn
 # torchvision is imported lazily: importing it pulls in torch._dynamo (seconds of CPU).
 from workflow.archs import (  # noqa: F401  (re-exported: the registry belongs with the builders)
     ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     LAYERS,
     LPIPS_ARCHS,
     PRESETS,
+    SSL_PRESETS,
     WEIGHTS_HOST,
     ArchSpec,
     LossNet,
+    MissingExtraError,
     NodeSpec,
     UnknownLossNetError,
     all_lossnets,
     arch_spec,
     is_node_arch,
+    missing_extra,
+    weights_file_in,
     weights_filename,
     weights_id,
     weights_url,
@@ -46,11 +54,24 @@ from workflow.datasets.weights import (
     torchvision_keys,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 # ----------------------------------------------------------------------------- weights
+
+
+def _is_timm(spec: ArchSpec | NodeSpec) -> bool:
+    return getattr(spec, "library", "torchvision") == "timm"
+
+
+def timm_module(arch: str):
+    """The ``timm`` package, or a :class:`MissingExtraError` naming the extra to install."""
+    why = missing_extra(arch)
+    if why is None:
+        try:
+            import timm
+        except ImportError as e:  # installed but broken
+            why = f"the loss network {arch} needs timm, which fails to import ({e})"
+        else:
+            return timm
+    raise MissingExtraError(why)
 
 
 def weights_enum(arch: str):
@@ -58,6 +79,10 @@ def weights_enum(arch: str):
     import torchvision
 
     spec = arch_spec(arch)
+    if _is_timm(spec):
+        raise UnknownLossNetError(
+            f"{arch} is a self-supervised timm model ({spec.weights}), not a torchvision "
+            f"classifier: it has no torchvision weights enum and no ImageNet accuracy")
     if isinstance(spec, NodeSpec):
         try:
             return getattr(getattr(torchvision.models, spec.weights_enum), spec.weights_variant)
@@ -70,13 +95,40 @@ def weights_enum(arch: str):
 
 
 def imagenet_acc1(arch: str) -> float:
+    """Top-1 of the weights' metadata; NaN for the self-supervised presets (not classifiers:
+    DINO and DINOv2 have no head, CLIP's is a text-embedding projection)."""
+    if _is_timm(arch_spec(arch)):
+        return math.nan
     return float(weights_enum(arch).meta["_metrics"]["ImageNet-1K"]["acc@1"])
+
+
+def _build_timm(spec: NodeSpec) -> nn.Module:
+    """A timm model of the spec's pretrained name (``spec.weights``, e.g.
+    ``vit_base_patch16_224.dino``: the architecture with that tag's pretrained_cfg, nothing
+    downloaded), built for its ``input_size`` (the position embeddings of that grid; a
+    file's are resampled to it when loaded), without a head (``num_classes=0``)."""
+    timm = timm_module(spec.name)
+    kwargs: dict = {"pretrained": False, "num_classes": 0}
+    if spec.input_size:
+        kwargs["img_size"] = spec.input_size
+    name = spec.weights or spec.builder
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as e:  # timm's "Unknown model"
+        near = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
+        key = (f"config key lossnets.custom.{spec.name}.{'weights' if spec.weights else 'builder'}"
+               if spec.custom else f"the preset {spec.name}")
+        raise UnknownLossNetError(
+            f"{key}: timm {timm.__version__} cannot build {name!r} ({e}); timm models near "
+            f"it: {', '.join(near) or 'none'}") from None
 
 
 def _build_model(arch: str, pretrained_layout: bool) -> nn.Module:
     import torchvision
 
     spec = arch_spec(arch)
+    if _is_timm(spec):
+        return _build_timm(spec)  # type: ignore[arg-type]
     builder = getattr(torchvision.models, spec.builder, None)
     if builder is None or not callable(builder):
         near = difflib.get_close_matches(spec.builder, torchvision.models.list_models(), n=5)
@@ -97,7 +149,7 @@ def _build_model(arch: str, pretrained_layout: bool) -> nn.Module:
 def _where(arch: str, weights: str, weights_dir: str | Path) -> tuple[Path, str]:
     """The file ``weights`` names for ``arch`` and the config key that named it."""
     if weights == "imagenet":
-        return Path(weights_dir) / weights_filename(arch), "lossnets.weights"
+        return weights_file_in(arch, weights_dir), "lossnets.weights"
     return Path(weights), f"lossnets.weights_paths.{arch}"
 
 
@@ -125,7 +177,10 @@ def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
     entries are kept where name and shape fit, ignored otherwise.
     """
     spec = arch_spec(arch)
-    state = torchvision_keys(spec.builder, state)
+    if _is_timm(spec):
+        state = _timm_keys(model, state)
+    else:
+        state = torchvision_keys(spec.builder, state)
     if isinstance(spec, NodeSpec):
         return _fit_node_state_dict(model, spec, state, taps, where, fix)
     taps = sorted(set(taps)) if taps else sorted({*spec.layers, *(spec.lpips or ())})
@@ -163,6 +218,22 @@ def fit_state_dict(model: nn.Module, arch: str, state: dict[str, Tensor],
             f"have; {needs}; {fix}")
     return {k: v for k, v in state.items() if k in own
             and (k.startswith(tapped) or tuple(v.shape) == tuple(own[k].shape))}
+
+
+def _timm_keys(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` as timm's own loader gives it to ``model``: the model module's
+    ``checkpoint_filter_fn`` (timm's ViTs: position embeddings resampled to the model's grid,
+    bicubic with antialias, e.g. DINOv2's 37 x 37 to 16 x 16 at 224 px; the original DINOv2 /
+    OpenAI CLIP layouts converted), where the module has one."""
+    import sys
+
+    filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filt is None:
+        return dict(state)
+    try:
+        return dict(filt(dict(state), model))
+    except Exception:  # not a layout the filter knows: the key check below names the problem
+        return dict(state)
 
 
 def _fit_node_state_dict(model: nn.Module, spec: NodeSpec, state: dict[str, Tensor],
@@ -234,6 +305,8 @@ def load_backbone(
     Inception-v3's auxiliary heads) or as a fine-tune saved it; only the layers up to the
     deepest of ``taps`` must match (:func:`fit_state_dict`).
     """
+    if _is_timm(arch_spec(arch)):
+        timm_module(arch)  # the extra, named before anything else is looked at
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -243,7 +316,8 @@ def load_backbone(
     if not path.exists():
         if weights == "imagenet":
             raise FileNotFoundError(
-                f"ImageNet weights for {arch} are missing: {path}. Fetch them on a machine "
+                f"{'Published' if _is_timm(arch_spec(arch)) else 'ImageNet'} weights for "
+                f"{arch} are missing: {path}. Fetch them on a machine "
                 f"with internet access with `snakemake --cores 1 download_weights` "
                 f"(they come from {weights_url(arch)}), or set weights: random."
             )
@@ -259,12 +333,14 @@ def load_backbone(
 
 
 class ImageNetNormalize(nn.Module):
-    """``(x - mean) / std`` as one fused multiply-add, ``x * (1 / std) - mean / std``."""
+    """``(x - mean) / std`` as one fused multiply-add, ``x * (1 / std) - mean / std``; the
+    ImageNet statistics unless others are given (OpenAI CLIP's, for clip_vitb32)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+        mean = torch.tensor(tuple(mean), dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(tuple(std), dtype=torch.float64).view(1, 3, 1, 1)
         self.register_buffer("scale", (1 / std).float(), persistent=False)
         self.register_buffer("shift", (-mean / std).float(), persistent=False)
 
@@ -407,7 +483,8 @@ class NodeExtractor(nn.Module):
     Forward hooks on the named modules record their outputs (folded by :func:`fold_tap`);
     the hook of the last one to run stops the pass, so nothing after it is computed.
     Images in [0, 1] are resized to the spec's ``input_size`` first where it has one
-    (bilinear, differentiable), then ImageNet-normalised (``normalize="imagenet"``). The
+    (bilinear, differentiable), then normalised with the statistics the network was trained
+    with (``normalize="imagenet"``: ImageNet's, OpenAI CLIP's for clip_vitb32). The
     output is ``{module path: (N, C, H, W)}``; gradients flow, parameters are frozen,
     eval mode always. Every in-place op of the backbone is switched off: a hook's output
     is then never overwritten, whatever module a user names.
@@ -432,7 +509,8 @@ class NodeExtractor(nn.Module):
         modules = dict(backbone.named_modules())
         for t in self.taps:
             modules[t].register_forward_hook(self._hook(t))
-        self.norm = ImageNetNormalize() if normalize == "imagenet" else nn.Identity()
+        self.norm = (ImageNetNormalize(spec.mean, spec.std) if normalize == "imagenet"
+                     else nn.Identity())
         self._out: dict[str, Tensor] | None = None
         for p in self.parameters():
             p.requires_grad_(False)

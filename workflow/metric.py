@@ -41,7 +41,15 @@ import torch
 from torch import Tensor, nn
 
 from workflow import compare
-from workflow.archs import CUSTOM, LossNet, UnknownLossNetError, register_custom, weights_filename
+from workflow.archs import (
+    CUSTOM,
+    SSL_PRESETS,
+    LossNet,
+    UnknownLossNetError,
+    register_custom,
+    weights_file_in,
+    weights_filename,
+)
 from workflow.lossnets import build_extractor, feature_loss
 
 __all__ = ["IMAGE_SUFFIXES", "PerceptualLoss", "PerceptualMetric", "find_weights_dir",
@@ -54,19 +62,32 @@ class MetricError(ValueError):
     """Bad input to the metric or its command line; the message names what and the fix."""
 
 
+def _hf_hub_cache() -> Path:
+    """Hugging Face's hub cache folder (``HF_HUB_CACHE``, ``HF_HOME/hub`` or
+    ``~/.cache/huggingface/hub``), where timm's downloads of the self-supervised presets are."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
+                                             "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
 def find_weights_dir(arch: str, weights_dir: str | os.PathLike | None = None) -> Path:
-    """The folder holding ``arch``'s ImageNet weights file (see the module docstring)."""
+    """The folder holding ``arch``'s ImageNet weights file (see the module docstring; the
+    self-supervised presets' files are also looked for in the Hugging Face hub cache)."""
     if weights_dir is not None:
         folder = Path(weights_dir).expanduser()
-        if not (folder / weights_filename(arch)).is_file():
+        if not weights_file_in(arch, folder).is_file():
             raise MetricError(f"weights_dir {folder} has no {weights_filename(arch)} (the "
                               f"ImageNet file of {arch}, torchvision's name); fetch it with "
                               f"`snakemake --cores 1 download_weights`, or use weights='random'")
         return folder
     name = weights_filename(arch)
     candidates = [Path("resources/weights"), Path(torch.hub.get_dir()) / "checkpoints"]
+    if arch in SSL_PRESETS:
+        candidates.append(_hf_hub_cache())
     for d in candidates:
-        if (d / name).is_file():
+        if weights_file_in(arch, d).is_file():
             return d
     raise MetricError(f"ImageNet weights {name} for {arch} are in none of "
                       f"{', '.join(map(str, candidates))}: fetch them with `snakemake --cores 1 "

@@ -45,12 +45,15 @@ from workflow.archs import (
     PIXEL,
     PIXEL_METRICS,
     PIXEL_MIN_SIDE,
+    SSL_PRESETS,
     LossNet,
     UnknownLossNetError,
     all_lossnets,
     known_archs,
+    missing_extra,
     pixel_lossnets,
     register_custom,
+    weights_file_in,
     weights_filename,
     weights_url,
 )
@@ -605,6 +608,7 @@ class Plan:
 
         for b in self.enabled():
             self.lossnets(b)  # an unknown loss network id is named with its config key
+        self._check_extras()
         for a in self.imagenet_archs():
             if a in CUSTOM and not CUSTOM[a].weights_file:
                 raise ConfigError(
@@ -642,6 +646,16 @@ class Plan:
                         f"config key super_resolution.crop_size ({size}) gives {size // scale}px "
                         f"inputs at x{scale} (super_resolution.scales); use a crop of at least "
                         f"{5 * int(scale)} or drop that scale")
+
+    def _check_extras(self) -> None:
+        """A loss network whose library is an optional extra that is not installed (the
+        self-supervised presets: timm, extra ``ssl``) stops the DAG build, naming the extra."""
+        where = {a: f"{b}.lossnets" for b in reversed(self.enabled()) for a in self.archs(b)}
+        where.update({a: "lossnets.archs" for a in self.config["lossnets"]["archs"]})
+        for arch, key in where.items():
+            why = None if arch == PIXEL else missing_extra(arch)
+            if why:
+                raise ConfigError(f"config key {key}: {why}")
 
     # ------------------------------------------------------------------ loss networks
 
@@ -722,7 +736,11 @@ class Plan:
         return os.path.expanduser(str(d)).rstrip("/") or "/" if d else None
 
     def weight_file(self, arch: str) -> str:
-        """The ImageNet file of ``arch`` that jobs read."""
+        """The ImageNet file of ``arch`` that jobs read (in a ``lossnets.weights_dir``, a
+        self-supervised preset's file may be in the Hugging Face hub cache layout)."""
+        own = self.own_weights_dir()
+        if own and arch in SSL_PRESETS:
+            return str(weights_file_in(arch, own))
         return f"{self.weights_dir()}/{weights_filename(arch)}"
 
     def weight_marker(self, arch: str) -> str:

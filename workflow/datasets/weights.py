@@ -5,6 +5,14 @@ placement), then checked the way torchvision checks it: the file's sha256 must s
 hash in its name. A file that fails is deleted. Benchmark jobs read the folder and never
 download.
 
+The self-supervised presets' files (timm's Hugging Face ``model.safetensors``, named
+``<repo>.safetensors`` here) carry no hash in their names: a digest pinned in the table
+(``NodeSpec.weights_sha256``) is verified when set; either way the sha256 of what was
+downloaded is recorded in ``checksums.json`` next to the file, and later runs verify the
+file against that record (the shared client's rule for files without a published checksum).
+In a user's folder (``lossnets.weights_dir``) such a file may also be in the Hugging Face hub
+cache layout (``archs.weights_file_in``).
+
 :func:`read_state_dict` reads a weights file as torchvision publishes it (or as a user saved
 one): the zip serialisation of PyTorch >= 1.6 and the legacy (pickle) serialisation of the
 older files, with ``torch.load(weights_only=True)``, so no code in the file runs. What is not
@@ -20,7 +28,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from workflow.archs import register_custom, weights_filename, weights_url
+from workflow.archs import (
+    arch_spec,
+    register_custom,
+    weights_file_in,
+    weights_filename,
+    weights_url,
+)
 from workflow.datasets.fetch import ChecksumBook, DownloadError, fetch, mirror_url
 from workflow.files import sha256_file
 
@@ -71,18 +85,34 @@ def fetch_weights(archs: Iterable[str], out: str | Path, mirror: str | None = No
     try:
         for arch in archs:
             url = mirror_url(weights_url(arch), mirror)
-            dest = fetch(url, out / weights_filename(arch), book=book, progress=progress,
-                         retries=retries)
+            pin = _pinned(arch)
+            dest = fetch(url, out / weights_filename(arch), sha256=pin, book=book,
+                         progress=progress, retries=retries)
             try:
                 verify_weights_file(dest)
             except RuntimeError as e:
                 dest.unlink(missing_ok=True)
                 book.entries.pop(book.key(dest), None)
                 raise DownloadError(f"{url}: {e} (deleted)") from None
+            if _is_published_unnamed(arch):
+                how = ("verified against the table's pin" if pin else
+                       f"recorded in {book.path} (the table pins no digest)")
+                print(f"{dest}: sha256 {(book.get(dest) or {}).get('sha256', '?')} {how}")
             paths.append(dest)
     finally:
         book.save()
     return paths
+
+
+def _pinned(arch: str) -> str | None:
+    """The sha256 the table pins for ``arch``'s file (the self-supervised presets' field
+    ``weights_sha256``; empty: none is known), or None."""
+    return getattr(arch_spec(arch), "weights_sha256", "") or None
+
+
+def _is_published_unnamed(arch: str) -> bool:
+    """A file whose name carries no hash (the self-supervised presets' safetensors)."""
+    return getattr(arch_spec(arch), "library", "torchvision") != "torchvision"
 
 
 def verify_folder(archs: Iterable[str], folder: str | Path, out: str | Path) -> list[Path]:
@@ -99,20 +129,26 @@ def verify_folder(archs: Iterable[str], folder: str | Path, out: str | Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for arch in archs:
-        src = folder / weights_filename(arch)
+        src = weights_file_in(arch, folder)
         where = f"config key lossnets.weights_dir ({folder})"
         if not src.is_file():
             raise WeightsFileError(f"{where}: {src.name} is missing ({arch}); put "
                                    f"torchvision's file there or unset the key")
         st = src.stat()
         digest = sha256_file(src)
+        pin = _pinned(arch)
+        if pin and digest != pin:
+            raise WeightsFileError(
+                f"{where}: {src} has sha256 {digest[:16]}..., not the {pin[:16]}... the table "
+                f"pins for {arch}: the file is damaged or another one. Replace it; this "
+                f"workflow never writes there")
         prefix = _hash_prefix(src.name)
         if prefix and not digest.startswith(prefix):
             raise WeightsFileError(
                 f"{where}: {src} has sha256 {digest[:16]}..., which does not start with "
                 f"{prefix} as its name says: the file is damaged. Replace it (torchvision "
                 f"downloads it again once it is deleted); this workflow never writes there")
-        rec = out / f"{src.name}.json"
+        rec = out / f"{weights_filename(arch)}.json"
         write_json({"arch": arch, "source": str(src.resolve()), "sha256": digest,
                     "size": st.st_size, "mtime_ns": st.st_mtime_ns}, rec)
         records.append(rec)
@@ -125,13 +161,18 @@ def verify_folder(archs: Iterable[str], folder: str | Path, out: str | Path) -> 
 
 def _sniff(path: Path) -> str:
     """The file's serialisation from its first bytes: zip (torch >= 1.6, TorchScript),
-    pickle (torch.save's legacy format), tar (PyTorch's format before 2017), empty, other."""
+    pickle (torch.save's legacy format), tar (PyTorch's format before 2017), safetensors
+    (an 8-byte little-endian header length, then the JSON header: the Hugging Face files of
+    the self-supervised presets), empty, other."""
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
         return "empty"
     if head[:4] == b"PK\x03\x04":
         return "zip"
+    if len(head) > 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") \
+            <= path.stat().st_size - 8:
+        return "safetensors"
     if head[257:262] == b"ustar":
         return "tar"
     return "pickle" if head[:1] == b"\x80" else "other"
@@ -174,6 +215,8 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, Any]:
         raise WeightsFileError(
             f"{where} is not a PyTorch file: it starts with {_start(path)} (a Git LFS pointer "
             f"or an error page saved in its place?); {fix}")
+    if kind == "safetensors":
+        return _read_safetensors(path, where, fix)
     if kind == "tar":
         raise WeightsFileError(
             f"{where} is in PyTorch's tar serialisation (before 2017), which "
@@ -212,6 +255,24 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, Any]:
             raise WeightsFileError(
                 f"{where} is not a state_dict: its entry {name!r} is a {type(value).__name__}, "
                 f"not a tensor{hint}; {fix}")
+    return dict(obj)
+
+
+def _read_safetensors(path: Path, where: str, fix: str) -> dict[str, Any]:
+    """A safetensors file's tensors (no code can be in one), with the same refusals."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsFileError(
+            f"{where} is a safetensors file, and the safetensors package is not installed: it "
+            f"comes with the optional extra 'ssl' (`uv sync --extra ssl`)") from None
+    try:
+        obj = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise WeightsFileError(f"{where} cannot be read as safetensors ({e}): a truncated "
+                               f"download? {fix}") from None
+    if not obj:
+        raise WeightsFileError(f"{where} holds no tensors; {fix}")
     return dict(obj)
 
 
