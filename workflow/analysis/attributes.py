@@ -48,9 +48,10 @@ How each attribute is computed (``docs/analysis.md`` says the same for readers):
   All four come from inspecting the traced graph and modules; no flag is declared.
 - ``imagenet_acc1``: top-1 accuracy of the IMAGENET1K_V1 weights from torchvision's
   weights metadata (``workflow.lossnets.imagenet_acc1``); for the node-name kind, of the
-  weights enum member its row names (NaN where a custom entry names none).
+  weights enum member its row names (NaN where a custom entry names none, and for the
+  self-supervised presets, which are not classifiers).
 - ``self_supervised``: the loss network was pretrained without labels (the table's flag;
-  False for every torchvision classifier).
+  False for every torchvision classifier, True for the timm presets of ``SSL_PRESETS``).
 
 The node-name kind (presets, ``lossnets.custom``; :func:`node_attributes`): ``child_index``
 is <NA>, ``taps`` the module path, ``container`` ``nodes``. "Up to the tap" means the
