@@ -41,9 +41,18 @@ from workflow.lossnets import feature_loss
 from workflow.metrics.delineation import COUNT_KEYS, match_counts, scores_from_counts
 from workflow.models.unet import RefinementUNet, predict_tiled
 from workflow.results import score_frame
-from workflow.training import TrainConfig, Trainer, load_model, make_adam, resume_key, save_model
+from workflow.training import (
+    TrainConfig,
+    Trainer,
+    key_fingerprint,
+    load_model,
+    make_adam,
+    resume_key,
+    save_model,
+)
 
-__all__ = ["evaluate", "make_trainer", "score_tiles", "summarize", "train"]
+__all__ = ["evaluate", "make_trainer", "score_tiles", "summarize", "train", "train_banks",
+           "train_config", "train_crops", "train_key", "valid_scores"]
 
 BENCHMARK, DATASET = "delineation", "roads"
 # What evaluation needs from the model file's meta (the eval stage builds no loss network).
@@ -75,6 +84,34 @@ def _check_crop_fits(extractor, net: LossNet, crop: int, device: torch.device) -
         if feats[t].numel() == 0:
             raise ValueError(f"{net.arch} tap {t} has no features at {crop}x{crop}; raise "
                              f"config key delineation.crop_size")
+
+
+def train_banks(job: Job, config: Mapping[str, Any], train_tiles: Mapping[str, np.ndarray]
+                ) -> tuple[ImageBank, ImageBank]:
+    """The training images and maps as two banks cut by one crop grid (image and map of a
+    crop come from the same place), placed by the ``data_on_device`` setting."""
+    policy = job.setting("data_on_device")
+    sat = ImageBank(train_tiles["sat"], job.device, policy)
+    maps = ImageBank(train_tiles["map"], job.device, policy)
+    crop, (_, h, w) = int(config["crop_size"]), maps.shape
+    if crop > min(h, w):
+        raise ValueError(f"config key delineation.crop_size {crop} exceeds the {h}x{w} road "
+                         f"tiles; lower it")
+    return sat, maps
+
+
+def train_crops(sat: ImageBank, maps: ImageBank, idx: Tensor, crop: int, device: torch.device,
+                channels_last: bool, generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """One training batch: a random ``crop`` crop of each tile ``idx`` (flipped with
+    probability 1/2), offsets and flips from ``generator`` or the device's global RNG;
+    returns the images [B, 3, c, c] and the maps [B, 1, c, c] as floats."""
+    _, h, w = maps.shape
+    top, left, flips = random_crops(len(idx), h, w, crop, flip=True, device=device,
+                                    generator=generator)
+    rows, cols = crop_grid(top, left, crop, flips)
+    img = sat.images(idx, rows, cols, channels_last=channels_last)
+    return img, masks_to_float(maps.gather(idx, rows, cols))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -154,14 +191,8 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
     seed = int(config["seed"]) + run
     seed_everything(seed)  # the U-Net's initialisation
     model = RefinementUNet()
-    crop, policy = int(config["crop_size"]), job.setting("data_on_device")
-    # two banks, one crop grid: image and map of a crop come from the same place
-    sat = ImageBank(train_tiles["sat"], job.device, policy)
-    maps = ImageBank(train_tiles["map"], job.device, policy)
-    _, h, w = maps.shape
-    if crop > min(h, w):
-        raise ValueError(f"config key delineation.crop_size {crop} exceeds the {h}x{w} road "
-                         f"tiles; lower it")
+    crop = int(config["crop_size"])
+    sat, maps = train_banks(job, config, train_tiles)
     sampler = EpochSampler(len(sat), int(config["batch_size"]), seed, job.device)
     # built after the U-Net: random loss-network weights come from their own seed (fork_rng)
     extractor = job.extractor(net, config["normalize"])
@@ -172,10 +203,7 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
 
     def step_fn(step: int) -> tuple[Tensor, int]:
         idx = sampler(step)
-        top, left, flips = random_crops(len(idx), h, w, crop, flip=True, device=job.device)
-        rows, cols = crop_grid(top, left, crop, flips)
-        img = sat.images(idx, rows, cols, channels_last=trainer.channels_last)
-        gt = masks_to_float(maps.gather(idx, rows, cols))
+        img, gt = train_crops(sat, maps, idx, crop, job.device, trainer.channels_last)
         x = torch.cat([img, torch.zeros_like(img[:, :1])], 1)  # K = 1: an empty previous map
         logits = model.logits(x)
         bce = F.binary_cross_entropy_with_logits(logits.float(), gt)
@@ -186,17 +214,11 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
     eval_fn = None
     if valid_tiles is not None:
         def eval_fn(step: int) -> dict[str, float]:
-            df = score_tiles(job, model, valid_tiles, config, [int(config["select_passes"])], [0])
-            return scores_from_counts({k: int(df[k].sum()) for k in COUNT_KEYS})
+            return valid_scores(job, model, valid_tiles, config)
 
-    tc = TrainConfig(
-        max_steps=int(config["epochs"]) * spe if max_steps is None else max_steps,
-        eval_every=int(config["eval_every_epochs"]) * spe, checkpoint_every=spe, seed=seed,
-        select_metric="quality" if eval_fn else None, select_mode="max",
-        log_every=log_every or max(1, min(100, spe)), progress=progress)
-    # raising epochs extends a finished run, so it is no part of the resume key
-    key = resume_key(job, inputs, continues=("epochs",), arch=net.arch, net=net.id, run=run,
-                     n_train=len(sat))
+    tc = train_config(config, spe, seed, selecting=eval_fn is not None, max_steps=max_steps,
+                      log_every=log_every, progress=progress)
+    key = train_key(job, inputs, net, run, len(sat))
     trainer = Trainer(job, workdir, {"model": model}, optimizer, step_fn, tc, eval_fn=eval_fn,
                       aux_modules={"lossnet": extractor}, key=key,
                       description=f"delineation {net.id} run{run}")
@@ -205,6 +227,36 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
             "channels_last": trainer.channels_last, "train_tiles": len(sat),
             "weights_id": weights_id(net.arch, job.weights)}
     return trainer, model, info
+
+
+def valid_scores(job: Job, model: RefinementUNet, valid_tiles: Mapping[str, np.ndarray],
+                 config: Mapping[str, Any]) -> dict[str, float]:
+    """Model selection's numbers: pixel-exact scores on the validation tiles at full
+    resolution after ``select_passes`` passes (pooled counts)."""
+    df = score_tiles(job, model, valid_tiles, config, [int(config["select_passes"])], [0])
+    return scores_from_counts({k: int(df[k].sum()) for k in COUNT_KEYS})
+
+
+def train_config(config: Mapping[str, Any], steps_per_epoch: int, seed: int, selecting: bool,
+                 max_steps: int | None = None, log_every: int | None = None,
+                 progress: bool = True) -> TrainConfig:
+    """The harness's settings: ``epochs`` epochs, a checkpoint every epoch, validation (and
+    selection by quality) every ``eval_every_epochs``."""
+    spe = steps_per_epoch
+    return TrainConfig(
+        max_steps=int(config["epochs"]) * spe if max_steps is None else max_steps,
+        eval_every=int(config["eval_every_epochs"]) * spe, checkpoint_every=spe, seed=seed,
+        select_metric="quality" if selecting else None, select_mode="max",
+        log_every=log_every or max(1, min(100, spe)), progress=progress)
+
+
+def train_key(job: Job, inputs: Mapping[str, Path] | None, net: LossNet, run: int,
+              n_train: int, exact: bool = False) -> dict[str, Any]:
+    """What a U-Net's checkpoints belong to (:func:`resume_key`). Raising ``epochs`` extends
+    a finished run, so it is no part of the resume key; ``exact`` keeps it (what a finished
+    model was trained with: its meta's ``key`` fingerprint)."""
+    return resume_key(job, inputs, continues=() if exact else ("epochs",), arch=net.arch,
+                      net=net.id, run=run, n_train=n_train)
 
 
 def train(job: Job, config: Mapping[str, Any], net: str, run: int | None,
@@ -228,7 +280,9 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int | None,
     result = trainer.fit()  # leaves the best weights in the model
     info |= {"steps": result.steps, "best_step": result.best_step,
              "best_valid_quality": result.best_metric, "stop_reason": result.stop_reason,
-             "valid_tiles": len(valid["sat"]), "train_wall_s": job.elapsed()}
+             "valid_tiles": len(valid["sat"]), "train_wall_s": job.elapsed(),
+             "key": key_fingerprint(train_key(job, {"roads": prepared["roads"]}, lossnet, run,
+                                              info["train_tiles"], exact=True))}
     save_model(out, {"model": model}, info)
     print(info, flush=True)
     if eval_config is not None:
