@@ -14,14 +14,13 @@ import torch
 import yaml
 from torch.nn import functional as F
 
+from tests.snakemake_helpers import demo_args, snakemake
 from workflow import cli
 from workflow.archs import LossNet
 from workflow.benchmarks import delineation as bench
 from workflow.benchmarks import delineation_fused as dlf
 from workflow.models.unet import FusedUNet, RefinementUNet
 from workflow.training import Trainer, load_model
-
-from tests.snakemake_helpers import ROOT, demo_args, snakemake
 
 SIZES = {"train": 6, "valid": 2, "test": 3, "size": 48}  # synthetic roads, 48 px tiles
 TINY = {"epochs": 2, "batch_size": 4, "crop_size": 32, "tile_margin": 48, "reference_size": 32,
@@ -97,9 +96,10 @@ def _steps(dtype: torch.dtype, weight: float):
     maps = (torch.rand(2, 2, 1, 32, 32, generator=gen) < 0.2).to(dtype)
     models = _members((0, 0, 1), dtype)
     fused = FusedUNet.from_members(models)
+    # one loss network for all (eval mode: a tap's features do not depend on deeper layers)
+    ext = build_extractor(ARCH, lossnets=nets, weights="random").to(dtype)
     alone = {"loss": [], "grad": [], "weights": []}
     for m, net, t in zip(models, nets, target_of, strict=True):
-        ext = build_extractor(ARCH, lossnets=[net], weights="random").to(dtype)
         opt = make_adam(m.parameters(), 1e-3, CPU)
         x = torch.cat([images[t], torch.zeros_like(images[t][:, :1])], 1)
         logits = m.logits(x)
@@ -111,7 +111,6 @@ def _steps(dtype: torch.dtype, weight: float):
         alone["loss"].append(loss.detach())
         alone["grad"].append({k: p.grad.clone() for k, p in m.named_parameters()})
         alone["weights"].append({k: v.clone() for k, v in m.state_dict().items()})
-    ext = build_extractor(ARCH, lossnets=nets, weights="random").to(dtype)
     opt = make_adam(fused.parameters(), 1e-3, CPU)
     losses = dlf.member_losses(fused, ext, [n.taps for n in nets], images, maps, target_of,
                                weight)
@@ -157,3 +156,305 @@ def test_a_fused_step_of_three_unets_is_three_separate_steps(weight):
             if k not in CANCELLED:
                 torch.testing.assert_close(together["weights"][i][k], v, atol=1e-5, rtol=0,
                                            msg=f"fp32 member {i} weights {k}")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _configs(demo_plan, eval_over=None, **over):
+    train = {**demo_plan.stage_config("delineation", "train", ARCH), "precision": "fp32",
+             **{k: v for k, v in TINY.items() if k in ("epochs", "batch_size", "crop_size",
+                                                       "tile_margin")}, **over}
+    evaluate = {**demo_plan.stage_config("delineation", "eval", ARCH), "precision": "fp32",
+                **{k: v for k, v in TINY.items() if k in ("tile_margin", "reference_size",
+                                                          "tolerance", "passes")},
+                **(eval_over or {})}
+    settings = {**demo_plan.settings_param("delineation", "train", "eval").value,
+                "threads": torch.get_num_threads(), **TINY_SETTINGS, "device": "cpu"}
+    return train, evaluate, settings
+
+
+def _fused(demo_plan, data, members, workdir, eval_over=None, **over):
+    """The train_fused command (the rule's one process: train, then score each member)."""
+    train, evaluate, settings = _configs(demo_plan, eval_over, **over)
+    argv = ["--members", json.dumps(members), "--config", json.dumps(train),
+            "--eval-config", json.dumps(evaluate), "--settings", json.dumps(settings),
+            "--prepared", str(data), "--workdir", str(workdir),
+            "--out", str(workdir.parent / "models.json"),
+            "--scores", str(workdir.parent / "scores.parquet")]
+    return cli.run("delineation", "train_fused", argv)
+
+
+class _Record:
+    """Wraps the benchmark's crops and losses: each training step's batches, the fused
+    members' losses and each step's total loss."""
+
+    def __init__(self, mp) -> None:
+        self.batches, self.losses, self.totals = [], [], []
+        real_crops, real_losses, real_step = bench.train_crops, dlf.member_losses, \
+            Trainer.train_step
+
+        def crops_(*a, **k):
+            img, gt = real_crops(*a, **k)
+            self.batches.append(img.clone())
+            return img, gt
+
+        def losses_(*a, **k):
+            out = real_losses(*a, **k)
+            self.losses.append(out.detach())
+            return out
+
+        def step_(trainer, step):
+            real_step(trainer, step)
+            self.totals.append(trainer._pending[-1][1])
+
+        mp.setattr(bench, "train_crops", crops_)
+        mp.setattr(dlf, "train_crops", crops_)
+        mp.setattr(dlf, "member_losses", losses_)
+        mp.setattr(Trainer, "train_step", step_)
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    net = RefinementUNet()
+    meta = load_model(path, {"model": net})
+    return {**net.state_dict(), "_meta": meta}
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory, prepared, demo_plan):
+    """squeezenet1_1/1 run0 and squeezenet1_1/2 run1 trained fused (2 epochs of 2 steps) and
+    scored; and each trained alone (`delineation train`, scored too); with the batches each
+    saw."""
+    root = tmp_path_factory.mktemp("dl_fused")
+    data = prepared("roads", **SIZES)
+    members = [{"net": f"{ARCH}/1", "run": 0, "dir": str(root / "a")},
+               {"net": f"{ARCH}/2", "run": 1, "dir": str(root / "b")}]
+    with pytest.MonkeyPatch.context() as mp:
+        rec = _Record(mp)
+        listing = _fused(demo_plan, data, members, root / "group" / "train")
+    train, evaluate, settings = _configs(demo_plan)
+    alone = []
+    for m in members:
+        folder = root / f"alone{m['run']}"
+        with pytest.MonkeyPatch.context() as mp:
+            one = _Record(mp)
+            argv = ["--net", m["net"], "--run", str(m["run"]), "--config", json.dumps(train),
+                    "--eval-config", json.dumps(evaluate), "--settings", json.dumps(settings),
+                    "--prepared", str(data), "--workdir", str(folder / "train"),
+                    "--out", str(folder / "model.pt"), "--samples", str(folder / "tiles.parquet"),
+                    "--scores", str(folder / "scores.parquet")]
+            cli.run("delineation", "train", argv)
+        alone.append((folder, one))
+    return root, data, members, listing, rec, alone
+
+
+def test_fused_training_is_training_each_unet_alone(fused_run):
+    """Each member sees the batches (tile order, crops, flips) it sees alone, bit for bit,
+    starts from the same weights (the same first loss within 1e-5), follows the same
+    trajectory, and keeps its own selection, meta and files."""
+    root, data, members, listing, rec, alone = fused_run
+    assert [m["trained_now"] for m in listing["members"]] == [True, True]
+    assert len(rec.losses) == 4 and len(rec.batches) == 4 * 2  # 2 steps x 2 epochs x 2 runs
+    for i, (folder, one) in enumerate(alone):
+        assert len(one.batches) == 4
+        for step in range(4):
+            assert torch.equal(rec.batches[2 * step + i], one.batches[step]), (i, step)
+        fused_losses = torch.stack([v[i] for v in rec.losses])
+        alone_losses = torch.stack(one.totals)
+        torch.testing.assert_close(fused_losses[0], alone_losses[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused_losses, alone_losses, atol=1e-4, rtol=0)
+        fm = _weights(root / "ab"[i] / "train" / "final.pt")
+        am = _weights(folder / "model.pt")
+        f_meta, a_meta = fm.pop("_meta"), am.pop("_meta")
+        for k in ("net", "run", "steps", "best_step", "steps_per_epoch", "train_tiles",
+                  "valid_tiles", "weights_id", "key"):
+            assert f_meta[k] == a_meta[k], k
+        assert f_meta["best_valid_quality"] == pytest.approx(a_meta["best_valid_quality"],
+                                                             abs=1e-3)
+        assert f_meta["fused_with"] == 2 and f_meta["steps"] == 4
+        # the same trajectory, up to fp32 rounding: every weight within 2e-5 but the
+        # CANCELLED biases (noise-driven Adam steps, < 4 lr) and the running means of the
+        # BatchNorms after them (which average those biases in at momentum 0.1)
+        for k, v in am.items():
+            tol = (None if k in CANCELLED else 1e-3 if k.endswith("running_mean") else 2e-5)
+            if tol is not None:
+                torch.testing.assert_close(fm[k], v, atol=tol, rtol=0, msg=k)
+        # its own selection in its own folder, and its own files
+        assert load_model(root / "ab"[i] / "train" / "best.pt", {"model": RefinementUNet()}
+                          )["member"] == dlf.member_name(members[i]["net"], members[i]["run"])
+        for name in ("model.pt", "tiles.parquet", "scores.parquet"):
+            assert (root / "ab"[i] / name).is_file(), name
+    assert not torch.equal(rec.batches[0], rec.batches[1])  # two data streams
+    hist = pd.read_csv(root / "group" / "train" / "metrics.csv")
+    assert {f"eval_{ARCH}/1 run0/quality", f"eval_{ARCH}/2 run1/quality"} <= set(hist.columns)
+
+
+def test_the_fused_job_scores_each_member_as_a_separate_eval_would(tmp_path, fused_run,
+                                                                   demo_plan):
+    """Each member's tiles.parquet and scores.parquet equal the separate eval command's on
+    its model, and the group's scores.parquet holds exactly the members' rows."""
+    root, data, members, *_ = fused_run
+    _, evaluate, settings = _configs(demo_plan)
+    keep = ["split", "variant", "metric", "value", "n", "arch", "layer", "run", "weights_id",
+            "precision", "config_hash"]
+    parts = []
+    for i, m in enumerate(members):
+        folder = root / "ab"[i]
+        argv = ["--net", m["net"], "--run", str(m["run"]), "--config", json.dumps(evaluate),
+                "--settings", json.dumps(settings), "--model", str(folder / "train" / "final.pt"),
+                "--prepared", str(data), "--samples", str(tmp_path / "tiles.parquet"),
+                "--scores", str(tmp_path / "scores.parquet")]
+        separate = cli.run("delineation", "eval", argv)
+        folded = pd.read_parquet(folder / "scores.parquet")
+        pd.testing.assert_frame_equal(folded[keep], separate[keep])
+        pd.testing.assert_frame_equal(pd.read_parquet(folder / "tiles.parquet"),
+                                      pd.read_parquet(tmp_path / "tiles.parquet"))
+        parts.append(folded)
+    group = pd.read_parquet(root / "group" / "scores.parquet")
+    assert set(zip(group["layer"], group["run"], strict=True)) == {("1", 0), ("2", 1)}
+    pd.testing.assert_frame_equal(group[keep], pd.concat(parts, ignore_index=True)[keep])
+
+
+def _train_only(demo_plan, data, members, workdir, **over):
+    """train_fused without the scoring (what the resume tests need)."""
+    from workflow.job import Job
+
+    train, _, settings = _configs(demo_plan, **over)
+    return dlf.train_fused(Job.create(train, settings), train, members, {"roads": data},
+                           workdir, workdir.parent / "models.json")
+
+
+def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, demo_plan, fused_run,
+                                                         monkeypatch):
+    root, data, members, *_ = fused_run
+    mine = [{**m, "dir": str(tmp_path / f"m{i}")} for i, m in enumerate(members)]
+    workdir = tmp_path / "group" / "train"
+    real = Trainer.train_step
+
+    def killed_at_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train_only(demo_plan, data, mine, workdir)  # a checkpoint every epoch (2 steps)
+    assert torch.load(workdir / "last.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", real)
+    _train_only(demo_plan, data, mine, workdir)
+    for i in range(2):
+        resumed = _weights(tmp_path / f"m{i}" / "train" / "final.pt")
+        straight = _weights(root / "ab"[i] / "train" / "final.pt")
+        assert resumed.pop("_meta")["resumed_from"] == 2
+        straight.pop("_meta")
+        for k in straight:
+            assert torch.equal(resumed[k], straight[k]), k
+        assert (load_model(tmp_path / f"m{i}" / "train" / "best.pt", {})["step"]
+                == load_model(root / "ab"[i] / "train" / "best.pt", {})["step"])
+    ckpt = torch.load(workdir / "last.pt", weights_only=True)
+    assert set(ckpt["key"]["members"]) == {f"{ARCH}/1 run0", f"{ARCH}/2 run1"}
+    assert ckpt["key"]["members"][f"{ARCH}/2 run1"]["job"] == {
+        "net": f"{ARCH}/2", "run": 1, "n_train": SIZES["train"]}
+
+
+def test_trained_members_are_not_trained_again(tmp_path, demo_plan, fused_run, capsys):
+    """Member a has its fused train/final.pt, member b only the model.pt of `fuse: false`
+    (`delineation train`), both under their exact keys; a third joins: only it trains, and
+    the group's checkpoint is its alone. A member whose key changed (epochs) trains again."""
+    root, data, members, _, _, alone = fused_run
+    (tmp_path / "m0" / "train").mkdir(parents=True)
+    shutil.copy(root / "a" / "train" / "final.pt", tmp_path / "m0" / "train")
+    (tmp_path / "m1").mkdir()
+    shutil.copy(alone[1][0] / "model.pt", tmp_path / "m1")
+    third = {"net": f"{ARCH}/3", "run": 0, "dir": str(tmp_path / "m2")}
+    mine = [{**members[0], "dir": str(tmp_path / "m0")},
+            {**members[1], "dir": str(tmp_path / "m1")}, third]
+    listing = _train_only(demo_plan, data, mine, tmp_path / "group" / "train")
+    assert [m["trained_now"] for m in listing["members"]] == [False, False, True]
+    assert capsys.readouterr().out.count("not training it again") == 2
+    ckpt = torch.load(tmp_path / "group" / "train" / "last.pt", weights_only=True)
+    assert set(ckpt["key"]["members"]) == {f"{ARCH}/3 run0"}
+    # b's model.pt became its final.pt, unchanged
+    b = _weights(tmp_path / "m1" / "train" / "final.pt")
+    want = _weights(alone[1][0] / "model.pt")
+    assert b.pop("_meta")["key"] == want.pop("_meta")["key"]
+    assert all(torch.equal(b[k], want[k]) for k in want)
+    listing = _train_only(demo_plan, data, mine[:1], tmp_path / "g2" / "train", epochs=1)
+    assert [m["trained_now"] for m in listing["members"]] == [True]
+
+
+def test_a_fused_job_of_two_architectures_is_refused(tmp_path, demo_plan, prepared):
+    members = [{"net": f"{ARCH}/1", "run": 0, "dir": str(tmp_path / "a")},
+               {"net": "alexnet/2", "run": 0, "dir": str(tmp_path / "b")}]
+    with pytest.raises(ValueError, match="one loss-network architecture"):
+        _train_only(demo_plan, prepared("roads", **SIZES), members, tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------- plan and DAG
+
+
+def test_the_plan_makes_one_training_job_per_architecture(demo_plan):
+    """fuse (default): one job per architecture holding its layers and runs, and the gather
+    reads the groups' files; fuse false: one per U-Net, the gather reads each U-Net's."""
+    import copy
+
+    from workflow.plan import DAG_KEYS, Plan
+
+    assert "fuse" in DAG_KEYS["delineation"] and demo_plan.config["delineation"]["fuse"]
+    config = copy.deepcopy(demo_plan.config)
+    config["delineation"].update(lossnets=["alexnet/1", "alexnet/2", "resnet18/2"], runs=2)
+    fused = Plan(config)
+    assert [(g["arch"], len(g["members"])) for g in fused.delineation_groups()] == [
+        ("alexnet", 4), ("resnet18", 2)]
+    assert fused.delineation_members("alexnet", "R/{layer}/run{run}") == [
+        {"net": "alexnet/1", "run": 0, "dir": "R/1/run0"},
+        {"net": "alexnet/1", "run": 1, "dir": "R/1/run1"},
+        {"net": "alexnet/2", "run": 0, "dir": "R/2/run0"},
+        {"net": "alexnet/2", "run": 1, "dir": "R/2/run1"}]
+    member, group = "R/{arch}/{layer}/run{run}/s", "R/{arch}/fused/s"
+    assert fused.delineation_targets(member, group) == ["R/alexnet/fused/s", "R/resnet18/fused/s"]
+    with pytest.raises(ValueError, match="no delineation job trains vgg16"):
+        fused.delineation_members("vgg16", "")
+    config["delineation"]["fuse"] = False
+    alone = Plan(config)
+    assert [len(g["members"]) for g in alone.delineation_groups()] == [1] * 6
+    assert alone.jobs("delineation") == fused.jobs("delineation")
+    assert alone.delineation_targets(member, group) == alone.targets(member, "delineation")
+
+
+def _dry_run(tmp_path, fuse: bool) -> str:
+    extra = tmp_path / f"fuse{fuse}.yaml"
+    extra.write_text(yaml.safe_dump({"benchmarks": ["delineation"], "delineation": {
+        "lossnets": ["alexnet/2", "alexnet/3", "resnet18/2"], "runs": 2, "fuse": fuse}}))
+    args = demo_args(tmp_path)
+    args.insert(2, str(extra))  # after config/demo.yaml: it wins
+    proc = snakemake("delineation", "-n", "-p", "--cores", "1", *args, timeout=300)
+    return proc.stdout + proc.stderr
+
+
+def test_the_dag_with_fuse_on_and_off(tmp_path):
+    """`snakemake -n`: with fuse one train_delineation per architecture, its members (layers
+    x runs, each with its own folder) in the command; without, one per U-Net and run."""
+    import re
+
+    on = _dry_run(tmp_path, True)
+    assert re.search(r"^train_delineation\s+2$", on, re.M), on[-2000:]
+    res = tmp_path / "results" / "delineation"
+    for arch in ("alexnet", "resnet18"):
+        assert f"{res}/{arch}/fused/scores.parquet" in on
+    cmds = [c for c in on.splitlines() if "delineation train_fused" in c]
+    assert len(cmds) == 2 and not any("delineation train --net" in c for c in on.splitlines())
+    members = {}
+    for c in cmds:
+        arg = re.search(r"--members '(\[.*?\])'", c).group(1)
+        ms = json.loads(arg)
+        members[ms[0]["net"].split("/")[0]] = [(m["net"], m["run"], m["dir"]) for m in ms]
+    assert members["alexnet"] == [
+        (f"alexnet/{layer}", run, f"{res}/alexnet/{layer}/run{run}")
+        for layer in (2, 3) for run in (0, 1)]
+    assert [m[:2] for m in members["resnet18"]] == [("resnet18/2", 0), ("resnet18/2", 1)]
+    off = _dry_run(tmp_path, False)
+    assert re.search(r"^train_delineation\s+6$", off, re.M), off[-2000:]
+    assert "train_fused" not in off
+    for arch, layer, run in [("alexnet", 2, 0), ("alexnet", 3, 1), ("resnet18", 2, 1)]:
+        assert f"{res}/{arch}/{layer}/run{run}/scores.parquet" in off
