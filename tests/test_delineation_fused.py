@@ -458,3 +458,40 @@ def test_the_dag_with_fuse_on_and_off(tmp_path):
     assert "train_fused" not in off
     for arch, layer, run in [("alexnet", 2, 0), ("alexnet", 3, 1), ("resnet18", 2, 1)]:
         assert f"{res}/{arch}/{layer}/run{run}/scores.parquet" in off
+
+
+# ----------------------------------------------------------------------------- perf counts
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_perf_flop_count_of_a_grouped_convolution_by_hand(transposed):
+    """Forward + backward of a grouped (transposed) 4x4 convolution, stride 2, 2 groups of
+    4 -> 2 channels: the forward's multiplies, and each gradient as many again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workflow.perf.delineation import conv_backward_flop
+
+    conv = (torch.nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1, groups=2) if transposed
+            else torch.nn.Conv2d(8, 4, 4, stride=2, padding=1, groups=2))
+    x = torch.rand(1, 8, 6, 6, requires_grad=True)
+    # per input position (transposed: it scatters) or output position (it gathers): 16 taps
+    # x the 16 connected channel pairs (2 groups x 4 x 2, half of the dense 8 x 4); 2 FLOPs
+    # a multiply-add
+    positions = 6 * 6 if transposed else 3 * 3
+    forward = 2 * positions * 16 * (2 * 4 * 2)
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        conv(x).sum().backward()
+    assert fc.get_total_flops() == 3 * forward
+
+
+def test_the_perf_fused_count_runs_and_fusion_saves_ops():
+    from workflow.perf import delineation as perf
+
+    tiles = perf.random_tiles(2, 64)
+    r = perf.fused_counts(ARCH, 2, tiles, crop=32, batch=2, steps=1, threads=1)
+    assert r["k"] == 2 and r["fused_ops"] < r["alone_ops"]
+    # one loss-network pass on the shared maps instead of two: fewer FLOPs per model-step
+    assert 0 < r["fused_flops"] < r["alone_flops"]
+    md = perf.fused_markdown([r], 32, 2, 1)
+    assert f"| {ARCH} | 2 |" in md and md.count("\n") == 4

@@ -40,7 +40,7 @@ from workflow.lossnets import fused_feature_loss
 from workflow.models.unet import FusedUNet, RefinementUNet
 from workflow.training import Member, Trainer, key_fingerprint, load_model, make_adam, save_model
 
-__all__ = ["member_losses", "member_name", "train_fused"]
+__all__ = ["make_fused_trainer", "member_losses", "member_name", "train_fused"]
 
 
 def member_name(net: str, run: int) -> str:
@@ -160,9 +160,16 @@ def _finished(folder: Path, exact: str) -> Path | None:
     return None
 
 
-def _fit_fused(job: Job, config: Mapping[str, Any], nets: list[LossNet], runs: list[int],
-               train: Mapping[str, Any], valid: Mapping[str, Any], workdir: Path,
-               dirs: list[Path], keys: list[dict[str, Any]], exact: list[str]) -> None:
+def make_fused_trainer(job: Job, config: Mapping[str, Any], nets: list[LossNet],
+                       runs: list[int], train: Mapping[str, Any],
+                       valid: Mapping[str, Any] | None, workdir: Path,
+                       dirs: list[Path] | None = None, keys: list[dict[str, Any]] | None = None,
+                       max_steps: int | None = None, log_every: int | None = None,
+                       progress: bool = True) -> tuple[Trainer, FusedUNet, dict[str, Any]]:
+    """The fused U-Nets, their losses and data wired into the harness (``valid`` None: no
+    validation and no members, as the speed script trains). Returns ``(trainer, fused,
+    info)``."""
+    _check(config, job)
     device, crop, k = job.device, int(config["crop_size"]), len(nets)
     sat, maps = train_banks(job, config, train)
     streams = list(dict.fromkeys(runs))  # one data stream (sampler, crops) per run
@@ -210,14 +217,28 @@ def _fit_fused(job: Job, config: Mapping[str, Any], nets: list[LossNet], runs: l
                       state=lambda: {"model": fused.member_state_dict(i)},
                       load=lambda mods: fused.load_member(i, mods["model"]), key=keys[i])
 
-    group_key = {"members": {member_name(n.id, r): kk for n, r, kk in
-                             zip(nets, runs, keys, strict=True)}}
+    group_key = None if keys is None else {"members": {
+        member_name(n.id, r): kk for n, r, kk in zip(nets, runs, keys, strict=True)}}
     spe = samplers[0].steps_per_epoch
-    trainer = Trainer(job, workdir, {"fused": fused}, opt, step_fn,
-                      train_config(config, spe, seeds[0], selecting=True), eval_fn=eval_fn,
+    tc = train_config(config, spe, seeds[0], selecting=valid is not None, max_steps=max_steps,
+                      log_every=log_every, progress=progress)
+    trainer = Trainer(job, workdir, {"fused": fused}, opt, step_fn, tc,
+                      eval_fn=eval_fn if valid is not None else None,
                       aux_modules={"lossnet": extractor, "eval_unet": one}, generators=gens,
-                      key=group_key, members=[member(i) for i in range(k)],
+                      key=group_key,
+                      members=[member(i) for i in range(k)] if valid is not None else None,
                       description=f"delineation {nets[0].arch} fused {k}")
+    return trainer, fused, {"steps_per_epoch": spe, "data_on_device": sat.where,
+                            "train_tiles": len(sat)}
+
+
+def _fit_fused(job: Job, config: Mapping[str, Any], nets: list[LossNet], runs: list[int],
+               train: Mapping[str, Any], valid: Mapping[str, Any], workdir: Path,
+               dirs: list[Path], keys: list[dict[str, Any]], exact: list[str]) -> None:
+    k, device = len(nets), job.device
+    trainer, fused, info = make_fused_trainer(job, config, nets, runs, train, valid, workdir,
+                                              dirs, keys)
+    spe = info["steps_per_epoch"]
     result = trainer.fit()
     wall = job.elapsed()
     for i, (n, r) in enumerate(zip(nets, runs, strict=True)):
@@ -227,8 +248,9 @@ def _fit_fused(job: Job, config: Mapping[str, Any], nets: list[LossNet], runs: l
                                f"{result.steps} steps; see {trainer.metrics_path}")
         meta = {"net": n.id, "run": r, "epochs": int(config["epochs"]), "steps_per_epoch": spe,
                 "device": str(device), "precision": job.precision,
-                "data_on_device": sat.where, "channels_last": trainer.channels_last,
-                "train_tiles": len(sat), "weights_id": weights_id(n.arch, job.weights),
+                "data_on_device": info["data_on_device"],
+                "channels_last": trainer.channels_last, "train_tiles": info["train_tiles"],
+                "weights_id": weights_id(n.arch, job.weights),
                 "steps": result.steps, "best_step": best["best_step"],
                 "best_valid_quality": best["best_metric"], "stop_reason": result.stop_reason,
                 "valid_tiles": len(valid["sat"]),
