@@ -65,6 +65,12 @@ def test_the_fused_unet_is_its_members_side_by_side():
     # a training-mode forward updated each member's running statistics from its own batch
     assert not torch.equal(fused.member_state_dict(0)["up_norm.0.running_mean"],
                            fused.member_state_dict(1)["up_norm.0.running_mean"])
+    # channels_last (the CUDA default): the per-member skip concatenation keeps its values
+    fused.eval()
+    cl = FusedUNet.from_members(members).eval().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(cl(x[0].contiguous(memory_format=torch.channels_last)),
+                                   fused(x[0]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="3 members got 2"):
         fused.logits(x[:2])
     with pytest.raises(ValueError, match="12, H, W"):
@@ -158,6 +164,25 @@ def test_a_fused_step_of_three_unets_is_three_separate_steps(weight):
                                            msg=f"fp32 member {i} weights {k}")
 
 
+def test_member_losses_under_bf16_autocast_are_fp32_and_close():
+    """The CUDA default (bf16 autocast), run on the CPU: the losses come out fp32, finite and
+    within bf16 rounding of the fp32 ones."""
+    from workflow.lossnets import build_extractor
+
+    nets = [LossNet.parse(f"{ARCH}/{layer}") for layer in (1, 2)]
+    gen = torch.Generator().manual_seed(4)
+    images = torch.rand(1, 2, 3, 32, 32, generator=gen)
+    maps = (torch.rand(1, 2, 1, 32, 32, generator=gen) < 0.2).float()
+    fused = FusedUNet.from_members(_members((0, 1)))
+    ext = build_extractor(ARCH, lossnets=nets, weights="random")
+    args = (fused, ext, [n.taps for n in nets], images, maps, [0, 0], 1.0)
+    want = dlf.member_losses(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dlf.member_losses(*args)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, atol=0, rtol=3e-2)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -223,8 +248,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fused_run(tmp_path_factory, prepared, demo_plan):
     """squeezenet1_1/1 run0 and squeezenet1_1/2 run1 trained fused (2 epochs of 2 steps) and
-    scored; and each trained alone (`delineation train`, scored too); with the batches each
-    saw."""
+    scored; and each trained alone; with the batches and losses each saw."""
     root = tmp_path_factory.mktemp("dl_fused")
     data = prepared("roads", **SIZES)
     members = [{"net": f"{ARCH}/1", "run": 0, "dir": str(root / "a")},
@@ -232,18 +256,16 @@ def fused_run(tmp_path_factory, prepared, demo_plan):
     with pytest.MonkeyPatch.context() as mp:
         rec = _Record(mp)
         listing = _fused(demo_plan, data, members, root / "group" / "train")
-    train, evaluate, settings = _configs(demo_plan)
+    from workflow.job import Job
+
+    train, _, settings = _configs(demo_plan)
     alone = []
-    for m in members:
+    for m in members:  # `delineation train` (fuse: false), not scored: the test below scores
         folder = root / f"alone{m['run']}"
         with pytest.MonkeyPatch.context() as mp:
             one = _Record(mp)
-            argv = ["--net", m["net"], "--run", str(m["run"]), "--config", json.dumps(train),
-                    "--eval-config", json.dumps(evaluate), "--settings", json.dumps(settings),
-                    "--prepared", str(data), "--workdir", str(folder / "train"),
-                    "--out", str(folder / "model.pt"), "--samples", str(folder / "tiles.parquet"),
-                    "--scores", str(folder / "scores.parquet")]
-            cli.run("delineation", "train", argv)
+            bench.train(Job.create(train, settings), train, m["net"], m["run"], {"roads": data},
+                        folder / "train", folder / "model.pt")
         alone.append((folder, one))
     return root, data, members, listing, rec, alone
 
