@@ -20,7 +20,7 @@ BENCHMARKS.md.
 (``torch.utils.flop_counter``) and kernel ops (aten ops dispatched) per model-step and the
 step time of the K layers of the loss network's architecture trained as one job
 (``delineation.fuse``: :func:`workflow.benchmarks.delineation_fused.make_fused_trainer`) vs
-one U-Net per job, fp32.
+one U-Net per job, fp32, on the ``--device``.
 """
 
 from __future__ import annotations
@@ -112,11 +112,11 @@ def _counts(trainer, steps: int) -> dict[str, float]:
 
 
 def fused_counts(arch: str, k: int, tiles: Mapping[str, np.ndarray], crop: int, batch: int,
-                 steps: int, threads: int | None) -> dict:
+                 steps: int, threads: int | None, device: str = "cpu") -> dict:
     """Per model-step FLOPs, ops and seconds: layers 1..k of ``arch`` (run 0) as one fused
-    job vs one U-Net per job, fp32 on the CPU."""
+    job vs one U-Net per job, fp32 on ``device``."""
     nets = [LossNet(arch, str(layer)) for layer in range(1, k + 1)]
-    job, config = make_job(nets[0], "fp32", "cpu", crop, batch, threads)
+    job, config = make_job(nets[0], "fp32", device, crop, batch, threads)
     with tempfile.TemporaryDirectory(prefix="perf-delineation-fused-") as tmp:
         alone = [_counts(make_trainer(job, config, n, 0, tiles, None, Path(tmp) / n.layer,
                                       max_steps=1 + steps, progress=False)[0], steps)
@@ -125,14 +125,14 @@ def fused_counts(arch: str, k: int, tiles: Mapping[str, np.ndarray], crop: int, 
                                            Path(tmp) / "fused", max_steps=1 + steps,
                                            progress=False)[0], steps)
     per = {f"alone_{q}": sum(a[q] for a in alone) / k for q in ("flops", "ops", "s")}
-    return {"arch": arch, "k": k, **per, **{f"fused_{q}": fused[q] / k
+    return {"arch": arch, "k": k, "device": str(job.device), **per, **{f"fused_{q}": fused[q] / k
                                             for q in ("flops", "ops", "s")}}
 
 
 def fused_markdown(rows: list[dict], crop: int, batch: int, steps: int) -> str:
     lines = [f"Fused training (`delineation.fuse`, the default): the {rows[0]['k']} layers of "
              f"an architecture trained as one job vs one U-Net per job, {crop}px crops, batch "
-             f"{batch} per U-Net, fp32 on the CPU, counted in this run (FLOPs: "
+             f"{batch} per U-Net, fp32 on {rows[0]['device']}, counted in this run (FLOPs: "
              f"`torch.utils.flop_counter`, convolution backward counted as two forward-sized "
              f"products; ops: aten ops dispatched, about one kernel launch each on a GPU; time: "
              f"mean of {steps} steps), per model-step (`python -m workflow perf delineation "
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="U-Nets per fused job in the FLOP/op count (layers 1..K; 0: skip)")
     ap.add_argument("--fused-archs", nargs="+", default=None,
                     help="architectures of the fused count (default: --lossnet's)")
-    ap.add_argument("--fused-steps", type=int, default=2, help="timed steps of the fused count")
+    ap.add_argument("--fused-steps", type=int, default=3, help="timed steps of the fused count")
     ap.add_argument("--fused-only", action="store_true",
                     help="only the fused count (no throughput table)")
     args = ap.parse_args(argv)
@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for arch in args.fused_archs or [LossNet.parse(args.lossnet).arch]:
             rows.append(fused_counts(arch, args.fused_k, tiles, args.crop, args.batch,
-                                     args.fused_steps, args.threads))
+                                     args.fused_steps, args.threads,
+                                     str(pick_device(args.device))))
             r = rows[-1]
             print(f"{arch} fused K={r['k']}: {r['fused_flops'] / 1e9:.2f} GFLOP, "
                   f"{r['fused_ops']:.0f} ops, {1e3 * r['fused_s']:.0f} ms per model-step; one "
