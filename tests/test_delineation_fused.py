@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from tests.snakemake_helpers import demo_args, snakemake
+from tests.snakemake_helpers import ROOT, demo_args, snakemake
 from workflow import cli
 from workflow.archs import LossNet
 from workflow.benchmarks import delineation as bench
@@ -420,7 +420,7 @@ def test_the_plan_makes_one_training_job_per_architecture(demo_plan):
     reads the groups' files; fuse false: one per U-Net, the gather reads each U-Net's."""
     import copy
 
-    from workflow.plan import DAG_KEYS, Plan
+    from workflow.plan import DAG_KEYS, Plan, load_config
 
     assert "fuse" in DAG_KEYS["delineation"] and demo_plan.config["delineation"]["fuse"]
     config = copy.deepcopy(demo_plan.config)
@@ -442,6 +442,8 @@ def test_the_plan_makes_one_training_job_per_architecture(demo_plan):
     assert [len(g["members"]) for g in alone.delineation_groups()] == [1] * 6
     assert alone.jobs("delineation") == fused.jobs("delineation")
     assert alone.delineation_targets(member, group) == alone.targets(member, "delineation")
+    study = Plan(load_config(ROOT / "config.yaml"))  # 14 jobs train the study's 56 U-Nets
+    assert [len(g["members"]) for g in study.delineation_groups()] == [4] * 14
 
 
 def _dry_run(tmp_path, fuse: bool) -> str:
