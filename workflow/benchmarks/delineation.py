@@ -16,12 +16,14 @@ scores schema (``variant`` = ``K2/relaxed``, ``K1/exact``, ``reference/K3``).
 Wiring only: the tiles come from :func:`workflow.datasets.roads.load`, live in two
 :class:`~workflow.datasets.bank.ImageBank` s (satellite image and map, cut by one crop grid),
 batches from :class:`~workflow.datasets.bank.EpochSampler`, the loop is
-:class:`~workflow.training.Trainer`, the metrics :mod:`workflow.metrics.delineation`.
+:class:`~workflow.training.Trainer`, the metrics :mod:`workflow.metrics.delineation`, the
+scoring :mod:`workflow.benchmarks.delineation_scoring`; ``fuse``:
+:mod:`workflow.benchmarks.delineation_fused`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +34,15 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from workflow.archs import LossNet, weights_id
+from workflow.benchmarks.delineation_scoring import match_name, score_tiles, summarize
 from workflow.datasets import roads
 from workflow.datasets.bank import EpochSampler, ImageBank, crop_grid, random_crops
 from workflow.files import write_parquet
-from workflow.imaging import masks_to_float, resize, to_images
+from workflow.imaging import masks_to_float
 from workflow.job import Job, seed_everything
 from workflow.lossnets import feature_loss
-from workflow.metrics.delineation import COUNT_KEYS, match_counts, scores_from_counts
-from workflow.models.unet import RefinementUNet, predict_tiled
+from workflow.metrics.delineation import COUNT_KEYS, scores_from_counts
+from workflow.models.unet import RefinementUNet
 from workflow.results import score_frame
 from workflow.training import (
     TrainConfig,
@@ -112,63 +115,6 @@ def train_crops(sat: ImageBank, maps: ImageBank, idx: Tensor, crop: int, device:
     rows, cols = crop_grid(top, left, crop, flips)
     img = sat.images(idx, rows, cols, channels_last=channels_last)
     return img, masks_to_float(maps.gather(idx, rows, cols))
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def score_tiles(job: Job, model: RefinementUNet, tiles: Mapping[str, np.ndarray],
-                config: Mapping[str, Any], passes: Sequence[int], tolerances: Sequence[int],
-                reference: bool = False, chunk: int = 4) -> pd.DataFrame:
-    """Per-tile counts and scores for every pass in ``passes`` and every tolerance.
-
-    ``reference``: the reference protocol (tiles resized to ``reference_size``, one forward
-    over the whole resized tile); otherwise full resolution with tiled inference. Tiles are
-    read from the memory map ``chunk`` at a time, so the test set never has to fit.
-    """
-    sat, maps = tiles["sat"], tiles["map"]
-    k_max = max(passes)
-    rows = []
-    for start in range(0, len(sat), chunk):
-        img = to_images(sat[start:start + chunk], job.device)
-        ref = masks_to_float(torch.from_numpy(np.array(maps[start:start + chunk])).to(job.device))
-        if reference:
-            # maps are resampled like the images, then road where >= 0.5 (stays binary)
-            size = int(config["reference_size"])
-            img, ref = resize(img, size), (resize(ref, size) >= 0.5).float()
-            model.eval()
-            with torch.no_grad(), job.autocast():
-                preds = [p.float() for p in model.refine(img, k_max)]
-        else:
-            preds = predict_tiled(model, img, k_max, tile=int(job.setting("tile_size")),
-                                  margin=int(config["tile_margin"]),
-                                  batch=int(job.setting("inference_batch")),
-                                  autocast=job.autocast)
-        for k in passes:
-            for tol in tolerances:
-                counts = match_counts(preds[k - 1], ref, config["threshold"], tol)
-                for j in range(len(img)):
-                    c = {key: int(counts[key][j]) for key in COUNT_KEYS}
-                    rows.append({"tile": start + j, "passes": k, "tolerance": tol, **c,
-                                 **scores_from_counts(c)})
-    return pd.DataFrame(rows)
-
-
-def _match(tolerance: int) -> str:
-    return "exact" if tolerance == 0 else "relaxed"
-
-
-def summarize(tiles: pd.DataFrame) -> list[dict[str, Any]]:
-    """Pooled counts (every pixel weighs alike) per protocol, pass and tolerance -> score rows."""
-    rows = []
-    for (protocol, split, k, tol), g in tiles.groupby(["protocol", "split", "passes",
-                                                       "tolerance"], sort=True):
-        pooled = {key: int(g[key].sum()) for key in COUNT_KEYS}
-        variant = f"reference/K{k}" if protocol == "reference" else f"K{k}/{_match(int(tol))}"
-        for metric, value in scores_from_counts(pooled).items():
-            rows.append({"split": split, "variant": variant, "metric": metric, "value": value,
-                         "n": len(g)})
-    return rows
 
 
 # ----------------------------------------------------------------------------- commands
@@ -315,7 +261,7 @@ def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int | None, mod
     tiles = pd.concat([test.assign(protocol="full", split="test"),
                        ref.assign(protocol="reference", split="valid")], ignore_index=True)
     tiles = tiles.assign(benchmark=BENCHMARK, dataset=DATASET, arch=lossnet.arch,
-                         layer=lossnet.layer, run=run, match=tiles["tolerance"].map(_match))
+                         layer=lossnet.layer, run=run, match=tiles["tolerance"].map(match_name))
     # the loss network's weights are the training's (the eval stage builds none)
     provenance = {**job.provenance(lossnet.arch, job.elapsed() + float(meta["train_wall_s"])),
                   "weights_id": meta["weights_id"]}
