@@ -177,6 +177,10 @@ COMMANDS: dict[tuple[str, str], Command] = {
                                       "train one road-delineation U-Net (resumes), then score it",
                                       ("job", "config", "eval_config", "net", "run", "prepared",
                                        "workdir", "out", "samples", "scores")),
+    ("delineation", "train_fused"): Command(
+        _B + "delineation_fused:train_fused",
+        "train the U-Nets of one architecture as one (resumes from --workdir), then score each",
+        ("job", "config", "eval_config", "members", "prepared", "workdir", "out", "scores")),
     ("delineation", "eval"): Command(_B + "delineation:evaluate",
                                      "score a trained U-Net (test tiles + reference protocol)",
                                      ("job", "config", "net", "run", "model", "prepared",

@@ -214,7 +214,7 @@ STAGES: dict[str, dict[str, Stage]] = {
 DAG_KEYS: dict[str, tuple[str, ...]] = {
     "similarity": ("lossnets", "lpips_sets", "pixel_baselines", "datasets"),
     "super_resolution": ("lossnets", "lpips_sets", "scales", "runs", "fuse"),
-    "delineation": ("lossnets", "runs"),
+    "delineation": ("lossnets", "runs", "fuse"),
     "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
     "adaptation": ("lossnets", "runs", "adapt_net.enabled", "adapt_net.comparisons",
                    "adapt_net.rankings"),
@@ -884,6 +884,46 @@ class Plan:
         if self.config["super_resolution"]["fuse"]:
             return [group.format(**g) for g in self.sr_groups()]
         return self.targets(member, "super_resolution")
+
+    def delineation_groups(self) -> list[dict[str, Any]]:
+        """The delineation training jobs: with ``delineation.fuse`` one per architecture,
+        holding every layer and run of it (``members``: the :meth:`jobs` it trains); without,
+        one per U-Net."""
+        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        fuse = bool(self.config["delineation"]["fuse"])
+        for j in self.jobs("delineation"):
+            key = (j["arch"],) if fuse else (j["arch"], j["layer"], j["run"])
+            groups.setdefault(key, []).append(j)
+        return [{"arch": m[0]["arch"], "members": m} for m in groups.values()]
+
+    def delineation_members(self, arch: str, folder: str) -> list[dict[str, Any]]:
+        """The fused delineation job of ``arch``: ``[{"net", "run", "dir"}]``, ``dir`` being
+        ``folder`` (a pattern with ``{layer}`` and ``{run}``) for each member."""
+        for g in self.delineation_groups():
+            if g["arch"] == arch:
+                return [{"net": f"{m['arch']}/{m['layer']}", "run": m["run"],
+                         "dir": folder.format(**m)} for m in g["members"]]
+        raise ValueError(f"no delineation job trains {arch}")
+
+    def delineation_members_param(self, folder: str) -> Callable[[Any], Setting]:
+        """A fused delineation rule's param: the job's members with their folders
+        (``folder``: a pattern with ``{arch}``, ``{{layer}}``, ``{{run}}``), as a Setting
+        (paths are no rerun trigger)."""
+        return lambda wc: Setting(self.delineation_members(wc.arch,
+                                                           folder.format(arch=wc.arch)))
+
+    def delineation_nets_param(self) -> Callable[[Any], str]:
+        """A fused delineation rule's param: which U-Nets the job trains (a rerun trigger: a
+        new member joins the job)."""
+        return lambda wc: " ".join(f"{m['net']}:{m['run']}"
+                                   for m in self.delineation_members(wc.arch, ""))
+
+    def delineation_targets(self, member: str, group: str) -> list[str]:
+        """The delineation files the gather reads: with ``delineation.fuse`` the fused jobs'
+        ``group`` pattern (``{arch}``: every member's rows), else each U-Net's ``member``."""
+        if self.config["delineation"]["fuse"]:
+            return [group.format(**g) for g in self.delineation_groups()]
+        return self.targets(member, "delineation")
 
     def enabled(self) -> list[str]:
         return [b for b in BENCHMARKS if b in self.config["benchmarks"]]

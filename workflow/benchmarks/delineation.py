@@ -16,12 +16,14 @@ scores schema (``variant`` = ``K2/relaxed``, ``K1/exact``, ``reference/K3``).
 Wiring only: the tiles come from :func:`workflow.datasets.roads.load`, live in two
 :class:`~workflow.datasets.bank.ImageBank` s (satellite image and map, cut by one crop grid),
 batches from :class:`~workflow.datasets.bank.EpochSampler`, the loop is
-:class:`~workflow.training.Trainer`, the metrics :mod:`workflow.metrics.delineation`.
+:class:`~workflow.training.Trainer`, the metrics :mod:`workflow.metrics.delineation`, the
+scoring :mod:`workflow.benchmarks.delineation_scoring`; ``fuse``:
+:mod:`workflow.benchmarks.delineation_fused`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +34,28 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from workflow.archs import LossNet, weights_id
+from workflow.benchmarks.delineation_scoring import match_name, score_tiles, summarize
 from workflow.datasets import roads
 from workflow.datasets.bank import EpochSampler, ImageBank, crop_grid, random_crops
 from workflow.files import write_parquet
-from workflow.imaging import masks_to_float, resize, to_images
+from workflow.imaging import masks_to_float
 from workflow.job import Job, seed_everything
 from workflow.lossnets import feature_loss
-from workflow.metrics.delineation import COUNT_KEYS, match_counts, scores_from_counts
-from workflow.models.unet import RefinementUNet, predict_tiled
+from workflow.metrics.delineation import COUNT_KEYS, scores_from_counts
+from workflow.models.unet import RefinementUNet
 from workflow.results import score_frame
-from workflow.training import TrainConfig, Trainer, load_model, make_adam, resume_key, save_model
+from workflow.training import (
+    TrainConfig,
+    Trainer,
+    key_fingerprint,
+    load_model,
+    make_adam,
+    resume_key,
+    save_model,
+)
 
-__all__ = ["evaluate", "make_trainer", "score_tiles", "summarize", "train"]
+__all__ = ["evaluate", "make_trainer", "score_tiles", "summarize", "train", "train_banks",
+           "train_config", "train_crops", "train_key", "valid_scores"]
 
 BENCHMARK, DATASET = "delineation", "roads"
 # What evaluation needs from the model file's meta (the eval stage builds no loss network).
@@ -77,61 +89,32 @@ def _check_crop_fits(extractor, net: LossNet, crop: int, device: torch.device) -
                              f"config key delineation.crop_size")
 
 
-# ----------------------------------------------------------------------------- scoring
+def train_banks(job: Job, config: Mapping[str, Any], train_tiles: Mapping[str, np.ndarray]
+                ) -> tuple[ImageBank, ImageBank]:
+    """The training images and maps as two banks cut by one crop grid (image and map of a
+    crop come from the same place), placed by the ``data_on_device`` setting."""
+    policy = job.setting("data_on_device")
+    sat = ImageBank(train_tiles["sat"], job.device, policy)
+    maps = ImageBank(train_tiles["map"], job.device, policy)
+    crop, (_, h, w) = int(config["crop_size"]), maps.shape
+    if crop > min(h, w):
+        raise ValueError(f"config key delineation.crop_size {crop} exceeds the {h}x{w} road "
+                         f"tiles; lower it")
+    return sat, maps
 
 
-def score_tiles(job: Job, model: RefinementUNet, tiles: Mapping[str, np.ndarray],
-                config: Mapping[str, Any], passes: Sequence[int], tolerances: Sequence[int],
-                reference: bool = False, chunk: int = 4) -> pd.DataFrame:
-    """Per-tile counts and scores for every pass in ``passes`` and every tolerance.
-
-    ``reference``: the reference protocol (tiles resized to ``reference_size``, one forward
-    over the whole resized tile); otherwise full resolution with tiled inference. Tiles are
-    read from the memory map ``chunk`` at a time, so the test set never has to fit.
-    """
-    sat, maps = tiles["sat"], tiles["map"]
-    k_max = max(passes)
-    rows = []
-    for start in range(0, len(sat), chunk):
-        img = to_images(sat[start:start + chunk], job.device)
-        ref = masks_to_float(torch.from_numpy(np.array(maps[start:start + chunk])).to(job.device))
-        if reference:
-            # maps are resampled like the images, then road where >= 0.5 (stays binary)
-            size = int(config["reference_size"])
-            img, ref = resize(img, size), (resize(ref, size) >= 0.5).float()
-            model.eval()
-            with torch.no_grad(), job.autocast():
-                preds = [p.float() for p in model.refine(img, k_max)]
-        else:
-            preds = predict_tiled(model, img, k_max, tile=int(job.setting("tile_size")),
-                                  margin=int(config["tile_margin"]),
-                                  batch=int(job.setting("inference_batch")),
-                                  autocast=job.autocast)
-        for k in passes:
-            for tol in tolerances:
-                counts = match_counts(preds[k - 1], ref, config["threshold"], tol)
-                for j in range(len(img)):
-                    c = {key: int(counts[key][j]) for key in COUNT_KEYS}
-                    rows.append({"tile": start + j, "passes": k, "tolerance": tol, **c,
-                                 **scores_from_counts(c)})
-    return pd.DataFrame(rows)
-
-
-def _match(tolerance: int) -> str:
-    return "exact" if tolerance == 0 else "relaxed"
-
-
-def summarize(tiles: pd.DataFrame) -> list[dict[str, Any]]:
-    """Pooled counts (every pixel weighs alike) per protocol, pass and tolerance -> score rows."""
-    rows = []
-    for (protocol, split, k, tol), g in tiles.groupby(["protocol", "split", "passes",
-                                                       "tolerance"], sort=True):
-        pooled = {key: int(g[key].sum()) for key in COUNT_KEYS}
-        variant = f"reference/K{k}" if protocol == "reference" else f"K{k}/{_match(int(tol))}"
-        for metric, value in scores_from_counts(pooled).items():
-            rows.append({"split": split, "variant": variant, "metric": metric, "value": value,
-                         "n": len(g)})
-    return rows
+def train_crops(sat: ImageBank, maps: ImageBank, idx: Tensor, crop: int, device: torch.device,
+                channels_last: bool, generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """One training batch: a random ``crop`` crop of each tile ``idx`` (flipped with
+    probability 1/2), offsets and flips from ``generator`` or the device's global RNG;
+    returns the images [B, 3, c, c] and the maps [B, 1, c, c] as floats."""
+    _, h, w = maps.shape
+    top, left, flips = random_crops(len(idx), h, w, crop, flip=True, device=device,
+                                    generator=generator)
+    rows, cols = crop_grid(top, left, crop, flips)
+    img = sat.images(idx, rows, cols, channels_last=channels_last)
+    return img, masks_to_float(maps.gather(idx, rows, cols))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -154,14 +137,8 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
     seed = int(config["seed"]) + run
     seed_everything(seed)  # the U-Net's initialisation
     model = RefinementUNet()
-    crop, policy = int(config["crop_size"]), job.setting("data_on_device")
-    # two banks, one crop grid: image and map of a crop come from the same place
-    sat = ImageBank(train_tiles["sat"], job.device, policy)
-    maps = ImageBank(train_tiles["map"], job.device, policy)
-    _, h, w = maps.shape
-    if crop > min(h, w):
-        raise ValueError(f"config key delineation.crop_size {crop} exceeds the {h}x{w} road "
-                         f"tiles; lower it")
+    crop = int(config["crop_size"])
+    sat, maps = train_banks(job, config, train_tiles)
     sampler = EpochSampler(len(sat), int(config["batch_size"]), seed, job.device)
     # built after the U-Net: random loss-network weights come from their own seed (fork_rng)
     extractor = job.extractor(net, config["normalize"])
@@ -172,10 +149,7 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
 
     def step_fn(step: int) -> tuple[Tensor, int]:
         idx = sampler(step)
-        top, left, flips = random_crops(len(idx), h, w, crop, flip=True, device=job.device)
-        rows, cols = crop_grid(top, left, crop, flips)
-        img = sat.images(idx, rows, cols, channels_last=trainer.channels_last)
-        gt = masks_to_float(maps.gather(idx, rows, cols))
+        img, gt = train_crops(sat, maps, idx, crop, job.device, trainer.channels_last)
         x = torch.cat([img, torch.zeros_like(img[:, :1])], 1)  # K = 1: an empty previous map
         logits = model.logits(x)
         bce = F.binary_cross_entropy_with_logits(logits.float(), gt)
@@ -186,17 +160,11 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
     eval_fn = None
     if valid_tiles is not None:
         def eval_fn(step: int) -> dict[str, float]:
-            df = score_tiles(job, model, valid_tiles, config, [int(config["select_passes"])], [0])
-            return scores_from_counts({k: int(df[k].sum()) for k in COUNT_KEYS})
+            return valid_scores(job, model, valid_tiles, config)
 
-    tc = TrainConfig(
-        max_steps=int(config["epochs"]) * spe if max_steps is None else max_steps,
-        eval_every=int(config["eval_every_epochs"]) * spe, checkpoint_every=spe, seed=seed,
-        select_metric="quality" if eval_fn else None, select_mode="max",
-        log_every=log_every or max(1, min(100, spe)), progress=progress)
-    # raising epochs extends a finished run, so it is no part of the resume key
-    key = resume_key(job, inputs, continues=("epochs",), arch=net.arch, net=net.id, run=run,
-                     n_train=len(sat))
+    tc = train_config(config, spe, seed, selecting=eval_fn is not None, max_steps=max_steps,
+                      log_every=log_every, progress=progress)
+    key = train_key(job, inputs, net, run, len(sat))
     trainer = Trainer(job, workdir, {"model": model}, optimizer, step_fn, tc, eval_fn=eval_fn,
                       aux_modules={"lossnet": extractor}, key=key,
                       description=f"delineation {net.id} run{run}")
@@ -205,6 +173,36 @@ def make_trainer(job: Job, config: Mapping[str, Any], net: LossNet, run: int,
             "channels_last": trainer.channels_last, "train_tiles": len(sat),
             "weights_id": weights_id(net.arch, job.weights)}
     return trainer, model, info
+
+
+def valid_scores(job: Job, model: RefinementUNet, valid_tiles: Mapping[str, np.ndarray],
+                 config: Mapping[str, Any]) -> dict[str, float]:
+    """Model selection's numbers: pixel-exact scores on the validation tiles at full
+    resolution after ``select_passes`` passes (pooled counts)."""
+    df = score_tiles(job, model, valid_tiles, config, [int(config["select_passes"])], [0])
+    return scores_from_counts({k: int(df[k].sum()) for k in COUNT_KEYS})
+
+
+def train_config(config: Mapping[str, Any], steps_per_epoch: int, seed: int, selecting: bool,
+                 max_steps: int | None = None, log_every: int | None = None,
+                 progress: bool = True) -> TrainConfig:
+    """The harness's settings: ``epochs`` epochs, a checkpoint every epoch, validation (and
+    selection by quality) every ``eval_every_epochs``."""
+    spe = steps_per_epoch
+    return TrainConfig(
+        max_steps=int(config["epochs"]) * spe if max_steps is None else max_steps,
+        eval_every=int(config["eval_every_epochs"]) * spe, checkpoint_every=spe, seed=seed,
+        select_metric="quality" if selecting else None, select_mode="max",
+        log_every=log_every or max(1, min(100, spe)), progress=progress)
+
+
+def train_key(job: Job, inputs: Mapping[str, Path] | None, net: LossNet, run: int,
+              n_train: int, exact: bool = False) -> dict[str, Any]:
+    """What a U-Net's checkpoints belong to (:func:`resume_key`). Raising ``epochs`` extends
+    a finished run, so it is no part of the resume key; ``exact`` keeps it (what a finished
+    model was trained with: its meta's ``key`` fingerprint)."""
+    return resume_key(job, inputs, continues=() if exact else ("epochs",), arch=net.arch,
+                      net=net.id, run=run, n_train=n_train)
 
 
 def train(job: Job, config: Mapping[str, Any], net: str, run: int | None,
@@ -228,7 +226,9 @@ def train(job: Job, config: Mapping[str, Any], net: str, run: int | None,
     result = trainer.fit()  # leaves the best weights in the model
     info |= {"steps": result.steps, "best_step": result.best_step,
              "best_valid_quality": result.best_metric, "stop_reason": result.stop_reason,
-             "valid_tiles": len(valid["sat"]), "train_wall_s": job.elapsed()}
+             "valid_tiles": len(valid["sat"]), "train_wall_s": job.elapsed(),
+             "key": key_fingerprint(train_key(job, {"roads": prepared["roads"]}, lossnet, run,
+                                              info["train_tiles"], exact=True))}
     save_model(out, {"model": model}, info)
     print(info, flush=True)
     if eval_config is not None:
@@ -261,7 +261,7 @@ def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int | None, mod
     tiles = pd.concat([test.assign(protocol="full", split="test"),
                        ref.assign(protocol="reference", split="valid")], ignore_index=True)
     tiles = tiles.assign(benchmark=BENCHMARK, dataset=DATASET, arch=lossnet.arch,
-                         layer=lossnet.layer, run=run, match=tiles["tolerance"].map(_match))
+                         layer=lossnet.layer, run=run, match=tiles["tolerance"].map(match_name))
     # the loss network's weights are the training's (the eval stage builds none)
     provenance = {**job.provenance(lossnet.arch, job.elapsed() + float(meta["train_wall_s"])),
                   "weights_id": meta["weights_id"]}

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["RECEPTIVE_RADIUS", "SIDE_MULTIPLE", "RefinementUNet", "kept_span", "pad_to_multiple",
-           "padded_side", "predict_tiled", "tile_starts"]
+__all__ = ["RECEPTIVE_RADIUS", "SIDE_MULTIPLE", "FusedUNet", "RefinementUNet", "kept_span",
+           "pad_to_multiple", "padded_side", "predict_tiled", "tile_starts"]
 
 ENCODER_CHANNELS = (4, 8, 16, 32, 32)
 SIDE_MULTIPLE = 16  # four stride-2 stages
@@ -52,9 +52,9 @@ SIDE_MULTIPLE = 16  # four stride-2 stages
 RECEPTIVE_RADIUS = 45
 
 
-def _down(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.BatchNorm2d(cout),
-                         nn.ReLU())
+def _down(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1, groups=groups),
+                         nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class RefinementUNet(nn.Module):
@@ -62,24 +62,41 @@ class RefinementUNet(nn.Module):
 
     ``logits(x)`` is the same before the sigmoid (train with BCE-with-logits: it is the same
     loss, numerically stable, and safe under bf16 autocast where plain BCE is refused).
+
+    ``members`` > 1 is :class:`FusedUNet`'s layout: that many U-Nets side by side, every
+    (transposed) convolution grouped (``groups=members``), 4 * members input channels and
+    ``members`` output channels; a skip concatenation keeps each member's channels together
+    (member ``i``: its upsampled channels, then its encoder channels).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, members: int = 1) -> None:
         super().__init__()
-        c = ENCODER_CHANNELS
-        self.down = nn.ModuleList(_down(c[i], c[i + 1]) for i in range(4))
+        g = self.members = int(members)
+        if g < 1:
+            raise ValueError(f"a U-Net has at least one member, got members={members}")
+        c = [ch * g for ch in ENCODER_CHANNELS]
+        self.down = nn.ModuleList(_down(c[i], c[i + 1], g) for i in range(4))
         # transposed convolution of the block, then BatchNorm + ReLU of the concatenation
         self.up = nn.ModuleList([
-            nn.ConvTranspose2d(c[4], c[3], 4, stride=2, padding=1),       # 32 -> 32, ++ d3
-            nn.ConvTranspose2d(2 * c[3], c[2], 4, stride=2, padding=1),   # 64 -> 16, ++ d2
-            nn.ConvTranspose2d(2 * c[2], c[1], 4, stride=2, padding=1),   # 32 -> 8,  ++ d1
-            nn.ConvTranspose2d(2 * c[1], 1, 4, stride=2, padding=1),      # 16 -> 1
+            nn.ConvTranspose2d(c[4], c[3], 4, stride=2, padding=1, groups=g),      # 32 -> 32
+            nn.ConvTranspose2d(2 * c[3], c[2], 4, stride=2, padding=1, groups=g),  # 64 -> 16
+            nn.ConvTranspose2d(2 * c[2], c[1], 4, stride=2, padding=1, groups=g),  # 32 -> 8
+            nn.ConvTranspose2d(2 * c[1], g, 4, stride=2, padding=1, groups=g),     # 16 -> 1
         ])
         self.up_norm = nn.ModuleList(nn.BatchNorm2d(2 * c[i]) for i in (3, 2, 1))
 
+    def _skip(self, up: Tensor, skip: Tensor) -> Tensor:
+        """``up ++ skip`` along channels, per member: [up_0, skip_0, up_1, skip_1, ...]."""
+        if self.members == 1:
+            return torch.cat([up, skip], 1)
+        g = self.members
+        return torch.cat([up.unflatten(1, (g, -1)), skip.unflatten(1, (g, -1))], 2).flatten(1, 2)
+
     def logits(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != ENCODER_CHANNELS[0]:
-            raise ValueError(f"RefinementUNet expects [N, 4, H, W] (RGB + prediction), got "
+        cin = ENCODER_CHANNELS[0] * self.members
+        if x.ndim != 4 or x.shape[1] != cin:
+            raise ValueError(f"RefinementUNet expects [N, {cin}, H, W] (RGB + prediction"
+                             f"{' per member' if self.members > 1 else ''}), got "
                              f"{tuple(x.shape)}")
         if x.shape[-2] % SIDE_MULTIPLE or x.shape[-1] % SIDE_MULTIPLE:
             raise ValueError(
@@ -93,7 +110,7 @@ class RefinementUNet(nn.Module):
             skips.append(h)
         h = skips.pop()  # the bottleneck d4 has no skip partner
         for up, norm in zip(self.up[:3], self.up_norm, strict=True):
-            h = F.relu(norm(torch.cat([up(h), skips.pop()], 1)))
+            h = F.relu(norm(self._skip(up(h), skips.pop())))
         return self.up[3](h)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -114,6 +131,68 @@ class RefinementUNet(nn.Module):
             pred = self(torch.cat([image, pred.to(image.dtype)], 1))
             outputs.append(pred)
         return outputs
+
+
+class FusedUNet(nn.Module):
+    """``k`` :class:`RefinementUNet` as ONE network: grouped (transposed) convolutions.
+
+    Every layer of the U-Net is per channel except the convolutions and the skip
+    concatenations, so ``k`` U-Nets side by side are one U-Net of ``k`` times the channels
+    whose convolutions are grouped (``groups=k``: each sees only its member's channels) and
+    whose concatenations interleave per member; BatchNorm's batch statistics are per channel,
+    over the member's own batch. Member ``i`` holds the ``i``-th ``1/k`` of every parameter
+    and buffer along its first dimension (a grouped transposed convolution's weight is
+    ``[in, out / k, 4, 4]``: its input channels). Input ``[N, 4, S, S]`` (one batch, given to
+    every member) or ``[k, N, 4, S, S]`` (a batch per member); output ``[k, N, 1, S, S]``.
+    """
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"a fused U-Net needs at least one member, got k={k}")
+        self.k = int(k)
+        self.net = RefinementUNet(members=self.k)
+
+    @classmethod
+    def from_members(cls, members: list[RefinementUNet]) -> FusedUNet:
+        if not members:
+            raise ValueError("FusedUNet.from_members needs at least one RefinementUNet")
+        fused = cls(len(members))
+        fused.to(next(members[0].parameters()))  # the members' dtype and device
+        for i, m in enumerate(members):
+            fused.load_member(i, m.state_dict())
+        return fused
+
+    def _slices(self, i: int):
+        """(name, member's part) of every parameter and buffer of member ``i``."""
+        for name, t in [*self.net.named_parameters(), *self.net.named_buffers()]:
+            if t.dim() == 0:  # num_batches_tracked: all members step together
+                yield name, t
+            else:
+                n = t.shape[0] // self.k
+                yield name, t[i * n:(i + 1) * n]
+
+    def member_state_dict(self, i: int) -> dict[str, Tensor]:
+        """Member ``i``'s weights as a :class:`RefinementUNet` state dict (copies)."""
+        return {name: part.detach().clone() for name, part in self._slices(i)}
+
+    def load_member(self, i: int, state: dict[str, Tensor]) -> None:
+        """Set member ``i`` from a :class:`RefinementUNet` state dict."""
+        with torch.no_grad():
+            for name, part in self._slices(i):
+                part.copy_(state[name])
+
+    def logits(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            x = x.repeat(1, self.k, 1, 1)
+        else:  # [k, N, 4, S, S] -> [N, k*4, S, S]
+            if x.shape[0] != self.k:
+                raise ValueError(f"FusedUNet of {self.k} members got {x.shape[0]} batches")
+            x = x.transpose(0, 1).flatten(1, 2)
+        return self.net.logits(x).transpose(0, 1).unsqueeze(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits(x))
 
 
 def padded_side(side: int, multiple: int = SIDE_MULTIPLE) -> int:

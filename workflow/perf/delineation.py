@@ -15,6 +15,12 @@ The first ``warmup`` steps (cudnn autotuning, allocator) are not timed: the figu
 over the harness's logged wall time between the end of the warm-up and the last step (no
 evaluation or checkpoint falls inside it). Writes the ``delineation`` section of
 BENCHMARKS.md.
+
+``--fused-k K`` (default 4; 0 skips it) adds, in the same run, FLOPs
+(``torch.utils.flop_counter``) and kernel ops (aten ops dispatched) per model-step and the
+step time of the K layers of the loss network's architecture trained as one job
+(``delineation.fuse``: :func:`workflow.benchmarks.delineation_fused.make_fused_trainer`) vs
+one U-Net per job, fp32, on the ``--device``.
 """
 
 from __future__ import annotations
@@ -23,14 +29,20 @@ import argparse
 import os
 import statistics
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from workflow.archs import LossNet
 from workflow.benchmarks.delineation import make_trainer
+from workflow.benchmarks.delineation_fused import make_fused_trainer
 from workflow.job import Job, pick_device, resolve_precision
 from workflow.perf.report import machine_description, update_section
+from workflow.perf.super_resolution import OpCounter
 from workflow.plan import Plan, load_config
 
 
@@ -72,6 +84,68 @@ def measure(net: LossNet, precision: str, device: str, tiles: Mapping[str, np.nd
     crops_per_s = steps * batch / (wall[warmup + steps] - wall[warmup])
     return {"crops_per_s": float(crops_per_s), "precision": info["precision"],
             "channels_last": info["channels_last"], "data_on_device": info["data_on_device"]}
+
+
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                       transposed, _output_padding, groups, output_mask, out_shape,
+                       **kwargs) -> int:
+    """Convolution backward FLOPs, grouped and transposed convolutions counted right: the
+    input gradient and the weight gradient each do the forward's multiplications exactly
+    (torch's formula counts a grouped convolution's weight gradient ``groups`` times too
+    high, which would bill the fused U-Net for FLOPs it does not do)."""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _counts(trainer, steps: int) -> dict[str, float]:
+    """FLOPs and aten ops of the first harness step, and seconds per step of ``steps`` more."""
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, OpCounter() as oc:
+        trainer.train_step(0)
+    trainer.check_losses()
+    t = time.perf_counter()
+    for s in range(1, 1 + steps):
+        trainer.train_step(s)
+    trainer.check_losses()
+    return {"flops": float(fc.get_total_flops()), "ops": float(oc.ops),
+            "s": (time.perf_counter() - t) / max(steps, 1)}
+
+
+def fused_counts(arch: str, k: int, tiles: Mapping[str, np.ndarray], crop: int, batch: int,
+                 steps: int, threads: int | None, device: str = "cpu") -> dict:
+    """Per model-step FLOPs, ops and seconds: layers 1..k of ``arch`` (run 0) as one fused
+    job vs one U-Net per job, fp32 on ``device``."""
+    nets = [LossNet(arch, str(layer)) for layer in range(1, k + 1)]
+    job, config = make_job(nets[0], "fp32", device, crop, batch, threads)
+    with tempfile.TemporaryDirectory(prefix="perf-delineation-fused-") as tmp:
+        alone = [_counts(make_trainer(job, config, n, 0, tiles, None, Path(tmp) / n.layer,
+                                      max_steps=1 + steps, progress=False)[0], steps)
+                 for n in nets]
+        fused = _counts(make_fused_trainer(job, config, nets, [0] * k, tiles, None,
+                                           Path(tmp) / "fused", max_steps=1 + steps,
+                                           progress=False)[0], steps)
+    per = {f"alone_{q}": sum(a[q] for a in alone) / k for q in ("flops", "ops", "s")}
+    return {"arch": arch, "k": k, "device": str(job.device), **per, **{f"fused_{q}": fused[q] / k
+                                            for q in ("flops", "ops", "s")}}
+
+
+def fused_markdown(rows: list[dict], crop: int, batch: int, steps: int) -> str:
+    lines = [f"Fused training (`delineation.fuse`, the default): the {rows[0]['k']} layers of "
+             f"an architecture trained as one job vs one U-Net per job, {crop}px crops, batch "
+             f"{batch} per U-Net, fp32 on {rows[0]['device']}, counted in this run (FLOPs: "
+             f"`torch.utils.flop_counter`, convolution backward counted as two forward-sized "
+             f"products; ops: aten ops dispatched, about one kernel launch each on a GPU; time: "
+             f"mean of {steps} steps), per model-step (`python -m workflow perf delineation "
+             f"--fused-k {rows[0]['k']}`):", "",
+             "| architecture | K | GFLOP one per job | GFLOP fused | ops one per job | "
+             "ops fused | ops ratio | ms one per job | ms fused |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['k']} | {r['alone_flops'] / 1e9:.2f} | "
+                     f"{r['fused_flops'] / 1e9:.2f} | {r['alone_ops']:.0f} | "
+                     f"{r['fused_ops']:.0f} | {r['alone_ops'] / max(r['fused_ops'], 1e-9):.2f}x"
+                     f" | {1e3 * r['alone_s']:.0f} | {1e3 * r['fused_s']:.0f} |")
+    return "\n".join(lines)
 
 
 def run(lossnet: str = "alexnet/2", steps: int = 20, warmup: int = 3, repeats: int = 2,
@@ -129,9 +203,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--fused-k", type=int, default=4,
+                    help="U-Nets per fused job in the FLOP/op count (layers 1..K; 0: skip)")
+    ap.add_argument("--fused-archs", nargs="+", default=None,
+                    help="architectures of the fused count (default: --lossnet's)")
+    ap.add_argument("--fused-steps", type=int, default=3, help="timed steps of the fused count")
+    ap.add_argument("--fused-only", action="store_true",
+                    help="only the fused count (no throughput table)")
     args = ap.parse_args(argv)
-    md = run(args.lossnet, args.steps, args.warmup, args.repeats, args.crop, args.batch,
-             args.tiles, args.device, args.threads)
+    parts = []
+    if not args.fused_only:
+        parts.append(run(args.lossnet, args.steps, args.warmup, args.repeats, args.crop,
+                         args.batch, args.tiles, args.device, args.threads))
+    if args.fused_k:
+        tiles = random_tiles(-(-args.tiles // args.batch) * args.batch, max(256, args.crop))
+        rows = []
+        for arch in args.fused_archs or [LossNet.parse(args.lossnet).arch]:
+            rows.append(fused_counts(arch, args.fused_k, tiles, args.crop, args.batch,
+                                     args.fused_steps, args.threads,
+                                     str(pick_device(args.device))))
+            r = rows[-1]
+            print(f"{arch} fused K={r['k']}: {r['fused_flops'] / 1e9:.2f} GFLOP, "
+                  f"{r['fused_ops']:.0f} ops, {1e3 * r['fused_s']:.0f} ms per model-step; one "
+                  f"per job: {r['alone_flops'] / 1e9:.2f} GFLOP, {r['alone_ops']:.0f} ops, "
+                  f"{1e3 * r['alone_s']:.0f} ms", flush=True)
+        parts.append(fused_markdown(rows, args.crop, args.batch, args.fused_steps))
+    md = "\n\n".join(parts)
     print(md)
     update_section("delineation", md, args.out)
     return 0
