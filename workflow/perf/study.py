@@ -14,7 +14,8 @@ plus a cheap one), and multiplies the mean seconds per step by the steps the con
 * autoencoder: a step at the dataset's input size and ``train.batch_size``, times
   ``train.epochs`` (the upper bound: early stopping ends most runs sooner) times the steps of
   an epoch over the training share (``1 - val_fraction``) of SVHN ``extra`` (531,131) or STL-10
-  ``unlabeled`` (100,000), per (loss network, dataset, run);
+  ``unlabeled`` (100,000), per (loss network, dataset, run) (the pixel baseline, which runs no
+  loss network, is not counted);
 * delineation: a step of ``batch_size`` crops of ``crop_size``, times ``epochs`` x the steps of
   an epoch over the 1,108 training tiles (one crop per tile), per (loss network, run);
 * adaptation: the fused step of every ranking x comparison (batch ``batch_size``), times
@@ -191,7 +192,9 @@ def projection(plan: Plan, job: Job, archs: Sequence[str], steps: int, warmup: i
             if sec["train"].get("max_images"):
                 n = min(n, int(sec["train"]["max_images"]))
             per_epoch = math.ceil((1 - float(sec["val_fraction"])) * n / batch)
-            models = sum(1 for j in plan.jobs("autoencoder") if j["dataset"] == d)
+            # the pixel baseline runs no loss network: not counted (a fraction of one model)
+            models = sum(1 for j in plan.jobs("autoencoder")
+                         if j["dataset"] == d and j["net"] != "pixel")
             measured = {f"{a}/4": ae_step_s(job, f"{a}/4", d, batch, steps, warmup)
                         for a in archs}
             row(f"autoencoder ({d})", models, epochs * per_epoch, measured,
