@@ -463,3 +463,39 @@ def test_the_dag_with_fuse_on_and_off(tmp_path):
     jobs, out = _dry_run(tmp_path, False)
     assert jobs["train_autoencoder"] == 6 and jobs["fit_mlps"] == 6
     assert "train_fused" not in out and out.count("autoencoder train --net") == 6
+
+
+# ----------------------------------------------------------------------------- perf counts
+
+
+def _train_flops(model, x, mapping=None) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=mapping or {}) as fc:
+        model(x).float().pow(2).mean().backward()
+    return int(fc.get_total_flops())
+
+
+def test_the_perf_flop_count_counts_grouped_convolutions_right():
+    """perf autoencoder --fused-k: its convolution-backward formula is torch's for ungrouped
+    (transposed) convolutions, and counts a FusedAutoencoder of 2 as exactly 2 autoencoders
+    (torch's own formula counts the grouped backward's weight gradients 2 times too high)."""
+    from workflow.perf.autoencoder import conv_backward_flop
+
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
+    one, x = ConvAutoencoder(64), torch.rand(1, 3, 64, 64)
+    alone = _train_flops(one, x)
+    assert _train_flops(one, x, mapping) == alone
+    fused = FusedAutoencoder.from_members([ConvAutoencoder(64) for _ in range(2)])
+    assert _train_flops(fused, x, mapping) == 2 * alone
+    assert _train_flops(fused, x) > 2 * alone  # what the fix is for
+
+
+def test_the_perf_fused_count_runs_the_benchmarks_steps():
+    """perf autoencoder's count, 2 layers of squeezenet1_1 at batch 2: the fused job's step
+    dispatches fewer ops per model than one model per job, and no more FLOPs (the shared
+    input's loss-network pass runs once instead of twice)."""
+    from workflow.perf.autoencoder import fused_counts
+
+    r = fused_counts(ARCH, 2, "svhn", 2, "cpu")
+    assert r["fused_ops"] < r["alone_ops"] and 0 < r["fused_gflop"] <= r["alone_gflop"]
