@@ -49,9 +49,9 @@ def test_fused_autoencoder_is_the_members_side_by_side(size):
         torch.manual_seed(seed)
         models.append(ConvAutoencoder(size, 16).double())
     fused = FusedAutoencoder.from_members(models)
-    x = torch.rand(2, 3, 3, size, size, dtype=torch.float64)
+    x = torch.rand(2, 2, 3, size, size, dtype=torch.float64)
     z, y, shared = fused.encode(x), fused(x), fused(x[0])
-    assert z.shape == (2, 3, 16) and y.shape == (2, 3, 3, size, size)
+    assert z.shape == (2, 2, 16) and y.shape == (2, 2, 3, size, size)
     for i, m in enumerate(models):
         torch.testing.assert_close(z[i], m.encode(x[i]), atol=1e-12, rtol=0)
         torch.testing.assert_close(y[i], m(x[i]), atol=1e-12, rtol=0)
