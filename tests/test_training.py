@@ -553,16 +553,76 @@ def test_fused_members_keep_their_own_selection_and_resume_bit_exactly(tmp_path)
     assert (tmp_path / "run" / "b" / "best.pt").exists()
 
 
-def test_fused_members_refuse_early_stopping(tmp_path):
+def test_fused_members_stop_early_each_on_its_own_and_resume(tmp_path):
+    """patience 2: member a (best at step 4) stops at step 12, member b (improving) trains to
+    step 20; a's metrics are no longer read once it stopped, active_members() drops it, its
+    best.pt stays its step-4 weights, and a run killed after a stopped trains on from there."""
     from workflow.training import Member
 
-    net = nn.Linear(1, 1)
-    m = Member("a", tmp_path, lambda: {}, lambda mods: None)
-    with pytest.raises(ValueError, match="no patience"):
-        Trainer(CPU, tmp_path, {"m": net}, torch.optim.Adam(net.parameters()),
-                lambda s: net.weight.sum(), TrainConfig(max_steps=1, select_metric="x",
-                                                        patience=2),
-                eval_fn=lambda s: {"a/x": 0.0}, members=[m])
+    script = {"a": [3.0, 2.0, 1.0, 9.0, 9.0], "b": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    seen, active = [], []
+
+    def trainer(workdir, hook=None):
+        torch.manual_seed(0)
+        fused = nn.Linear(3, 2)
+        opt = torch.optim.Adam(fused.parameters(), lr=1e-2)
+
+        def step_fn(step: int):
+            if hook is not None:
+                hook(step)
+            active.append(tuple(tr.active_members()))
+            x = torch.rand(4, 3)
+            return ((fused(x) - x.sum(1, keepdim=True)) ** 2).mean(0).sum(), 4
+
+        def eval_fn(step: int):
+            seen.append(step)
+            return {f"{m}/score": script[m][step // 4 - 1] for m in tr.active_members()}
+
+        def member(i: int, name: str) -> Member:
+            def load(mods):
+                with torch.no_grad():
+                    fused.weight[i:i + 1] = mods["model"]["weight"]
+
+            return Member(name, workdir / name,
+                          lambda: {"model": {"weight": fused.weight[i:i + 1]}}, load)
+
+        tr = Trainer(CPU, workdir / "group", {"fused": fused}, opt, step_fn,
+                     TrainConfig(max_steps=20, eval_every=4, checkpoint_every=4, seed=1,
+                                 select_metric="score", patience=2, progress=False),
+                     eval_fn=eval_fn, members=[member(0, "a"), member(1, "b")])
+        return tr, fused
+
+    tr, fused = trainer(tmp_path / "ref")
+    res = tr.fit()
+    got = res.extra["members"]
+    assert (got["a"]["best_step"], got["a"]["stopped_step"]) == (4, 12)
+    assert (got["b"]["best_step"], got["b"]["stopped_step"]) == (20, None)
+    assert res.stop_reason == "max_steps" and res.steps == 20
+    assert active[:12] == [("a", "b")] * 12 and active[12:] == [("b",)] * 8
+    saved = torch.load(tmp_path / "ref" / "a" / "best.pt", weights_only=True)
+    assert saved["meta"]["step"] == 4
+    ref_weight = fused.weight.detach().clone()
+
+    def crash_at_14(step):
+        if step == 14:
+            raise RuntimeError("node died")
+
+    tr2, _ = trainer(tmp_path / "run", hook=crash_at_14)
+    with pytest.raises(RuntimeError, match="node died"):
+        tr2.fit()
+    active.clear()
+    tr3, fused3 = trainer(tmp_path / "run")
+    res3 = tr3.fit()
+    assert res3.resumed_from == 12 and active == [("b",)] * 8
+    assert res3.extra["members"]["a"]["stopped_step"] == 12
+    assert torch.equal(fused3.weight, ref_weight)
+    # every member stopped: the run stops
+    script["a"] = script["b"] = [5.0, 4.0, 3.0, 2.0, 1.0]
+    active.clear()
+    tr4, _ = trainer(tmp_path / "both")
+    res4 = tr4.fit()
+    assert res4.stop_reason == "early_stop" and res4.steps == 12
+    assert {m["stopped_step"] for m in res4.extra["members"].values()} == {12}
 
 
 # ----------------------------------------------------------------------------- step capture

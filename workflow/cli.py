@@ -189,6 +189,11 @@ COMMANDS: dict[tuple[str, str], Command] = {
                                       "train one autoencoder (net 'pixel': the baseline)",
                                       ("job", "config", "net", "dataset", "run", "prepared",
                                        "workdir", "out")),
+    ("autoencoder", "train_fused"): Command(
+        _B + "autoencoder_fused:train_fused",
+        "train the autoencoders of one architecture (or the pixel runs) and dataset as one "
+        "(resumes from --workdir)",
+        ("job", "config", "members", "dataset", "prepared", "workdir", "out")),
     ("autoencoder", "encode"): Command(_B + "autoencoder:encode",
                                        "the codes of the labelled splits",
                                        ("job", "config", "dataset", "model", "prepared", "out")),

@@ -215,7 +215,7 @@ DAG_KEYS: dict[str, tuple[str, ...]] = {
     "similarity": ("lossnets", "lpips_sets", "pixel_baselines", "datasets"),
     "super_resolution": ("lossnets", "lpips_sets", "scales", "runs", "fuse"),
     "delineation": ("lossnets", "runs", "fuse"),
-    "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs"),
+    "autoencoder": ("lossnets", "lpips_sets", "pixel_baseline", "datasets", "runs", "fuse"),
     "adaptation": ("lossnets", "runs", "adapt_net.enabled", "adapt_net.comparisons",
                    "adapt_net.rankings"),
     "probes": ("lossnets", "pixel_baselines"),
@@ -924,6 +924,48 @@ class Plan:
         if self.config["delineation"]["fuse"]:
             return [group.format(**g) for g in self.delineation_groups()]
         return self.targets(member, "delineation")
+
+    def ae_groups(self) -> list[dict[str, Any]]:
+        """The autoencoder training jobs: with ``autoencoder.fuse`` one per architecture (or
+        the pixel baseline, ``arch`` ``pixel``) and dataset, holding every layer and run of
+        it (``members``: the :meth:`jobs` it trains); without, one per model."""
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        fuse = bool(self.config["autoencoder"]["fuse"])
+        for j in self.jobs("autoencoder"):
+            arch = j["net"].split("/")[0]
+            key = (arch, j["dataset"]) if fuse else (j["net"], j["dataset"], str(j["run"]))
+            groups.setdefault(key, []).append({**j, "arch": arch})
+        return [{"arch": m[0]["arch"], "dataset": m[0]["dataset"], "members": m}
+                for m in groups.values()]
+
+    def ae_members(self, arch: str, dataset: str, folder: str) -> list[dict[str, Any]]:
+        """The fused autoencoder job of ``arch`` (or ``pixel``) on ``dataset``:
+        ``[{"net", "run", "dir"}]``, ``dir`` being ``folder`` (a pattern with ``{net}``,
+        ``{dataset}`` and ``{run}``) for each member."""
+        for g in self.ae_groups():
+            if g["arch"] == arch and g["dataset"] == dataset:
+                return [{"net": m["net"], "run": m["run"], "dir": folder.format(**m)}
+                        for m in g["members"]]
+        raise ValueError(f"no autoencoder job trains {arch} on {dataset}")
+
+    def ae_members_param(self, folder: str) -> Callable[[Any], Setting]:
+        """A fused autoencoder rule's param: the job's members with their folders, as a
+        Setting (paths are no rerun trigger)."""
+        return lambda wc: Setting(self.ae_members(wc.arch, wc.dataset, folder))
+
+    def ae_nets_param(self) -> Callable[[Any], str]:
+        """A fused autoencoder rule's param: which models the job trains (a rerun trigger: a
+        new member joins the job)."""
+        return lambda wc: " ".join(f"{m['net']}:{m['run']}"
+                                   for m in self.ae_members(wc.arch, wc.dataset, ""))
+
+    def ae_model_input(self, model: str, group: str) -> Callable[[Any], str]:
+        """The fit_mlps rule's input of its autoencoder: the model file (``model``, a pattern
+        of ``{net}``, ``{dataset}``, ``{run}``) without ``autoencoder.fuse``; with it, the
+        listing the model's fused job writes last (``group``: ``{arch}``, ``{dataset}``)."""
+        if not self.config["autoencoder"]["fuse"]:
+            return lambda wc: model.format(net=wc.net, dataset=wc.dataset, run=wc.run)
+        return lambda wc: group.format(arch=wc.net.split("/")[0], dataset=wc.dataset)
 
     def enabled(self) -> list[str]:
         return [b for b in BENCHMARKS if b in self.config["benchmarks"]]

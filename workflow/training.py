@@ -72,7 +72,10 @@ Semantics
   modules (e.g. ``FusedSRNet``), each with its own model selection: ``eval_fn`` returns
   ``"<member>/<metric>"`` keys, each member's best goes to its own ``best.pt`` (with its own
   key's fingerprint), ``restore_best`` restores each, ``result.extra["members"]`` reports
-  them; the checkpoint carries every member's best. No ``patience`` with members.
+  them; the checkpoint carries every member's best. With ``patience`` each member stops on
+  its own (:meth:`Trainer.active_members`: the ones still training, for ``step_fn`` to leave
+  the stopped ones out of the loss); the run stops when every member has stopped, and
+  ``result.extra["members"][name]["stopped_step"]`` says when each did.
 * One writer: ``fit`` holds an exclusive lock on ``workdir/.trainer.lock``; a second
   trainer on the same folder (a rerun while an orphaned one still runs) stops at once,
   naming the pid that holds it. A trainer started by Snakemake (``LOSSNET_OWNER_PID`` in
@@ -455,6 +458,11 @@ def make_adam(params: Any, lr: float, device: torch.device | str,
     return torch.optim.Adam(params, lr=float(lr), betas=(b1, b2), **fused)
 
 
+def _member_start() -> dict[str, Any]:
+    """A fused member's selection state before its first evaluation."""
+    return {"metric": None, "step": None, "modules": None, "bad_evals": 0, "stopped": None}
+
+
 def _is_better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if not math.isfinite(value):
         return False
@@ -512,14 +520,15 @@ class Trainer:
         if config.patience is not None and config.select_metric is None:
             raise ValueError("patience (early stopping) needs a select_metric")
         self.members = list(members or [])
-        if self.members and (config.select_metric is None or config.patience is not None):
-            raise ValueError("fused members need a select_metric and no patience (a member "
-                             "cannot stop early while the others train on)")
+        if self.members and config.select_metric is None:
+            raise ValueError("fused members need a select_metric (each member's own model "
+                             "selection)")
         if len({m.name for m in self.members}) != len(self.members):
             raise ValueError(f"member names repeat: {[m.name for m in self.members]}")
-        # per member: {"metric", "step", "modules"} of its best evaluation so far
+        # per member: {"metric", "step", "modules"} of its best evaluation so far, and its
+        # early stopping: evaluations without improvement, the step it stopped at (or None)
         self.member_best: dict[str, dict[str, Any]] = {
-            m.name: {"metric": None, "step": None, "modules": None} for m in self.members}
+            m.name: _member_start() for m in self.members}
 
         self.job = job
         self.device = job.device
@@ -620,7 +629,7 @@ class Trainer:
         self.bad_evals = int(ckpt["early_stopping"]["bad_evals"])
         for m in self.members:
             best = ckpt["members"][m.name]
-            self.member_best[m.name] = dict(best)
+            self.member_best[m.name] = {**_member_start(), **best}
             if best["modules"] is not None and not m.best_path.exists():
                 self._write_member_best(m)
         self.finished = ckpt["finished"]
@@ -653,10 +662,17 @@ class Trainer:
                     "step": best["step"], "metric": best["metric"],
                     "select_metric": self.cfg.select_metric, "member": m.name})
 
-    def _evaluate_members(self, metrics: Mapping[str, float]) -> None:
-        """Each member's own model selection (fused training: no early stopping)."""
-        sel = self.cfg.select_metric
+    def active_members(self) -> list[str]:
+        """The names of the members still training (all of them without ``patience``)."""
+        return [m.name for m in self.members if self.member_best[m.name]["stopped"] is None]
+
+    def _evaluate_members(self, metrics: Mapping[str, float]) -> bool:
+        """Each member's own model selection and early stopping (a stopped member's metrics
+        are ignored); True when every member has stopped."""
+        sel, patience = self.cfg.select_metric, self.cfg.patience
         for m in self.members:
+            if self.member_best[m.name]["stopped"] is not None:
+                continue
             name = f"{m.name}/{sel}"
             if name not in metrics:
                 raise KeyError(f"eval_fn returned {sorted(metrics)}, which lacks {name!r} "
@@ -665,13 +681,20 @@ class Trainer:
             if _is_better(value, best["metric"], self.cfg.select_mode, self.cfg.min_delta):
                 state = {k: {n: t.detach().to("cpu", copy=True) for n, t in sd.items()}
                          for k, sd in m.state().items()}
-                self.member_best[m.name] = {"metric": value, "step": self.step,
-                                            "modules": state}
+                self.member_best[m.name] = {**best, "metric": value, "step": self.step,
+                                            "modules": state, "bad_evals": 0}
                 self._write_member_best(m)
                 verdict = "new best"
             else:
-                verdict = f"best {best['metric']:.5g} at step {best['step']}"
+                best["bad_evals"] = int(best.get("bad_evals", 0)) + 1
+                verdict = (f"best {best['metric']:.5g} at step {best['step']}"
+                           + (f", {best['bad_evals']}/{patience} without improvement"
+                              if patience is not None else ""))
+                if patience is not None and best["bad_evals"] >= patience:
+                    best["stopped"] = self.step
+                    verdict += "; it stops here, the others train on"
             self._say(f"step {self.step}: {m.name} validation {sel} {value:.5g} ({verdict})")
+        return bool(self.members) and not self.active_members()
 
     def _try_resume(self) -> int | None:
         if not self.last_path.exists():
@@ -905,8 +928,7 @@ class Trainer:
         self._log_row(**{f"eval_{k}": v for k, v in metrics.items()})
         sel = self.cfg.select_metric
         if self.members:
-            self._evaluate_members(metrics)
-            return False
+            return self._evaluate_members(metrics)
         if sel is None:
             self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.5g}"
                                                         for k, v in metrics.items()))
@@ -993,6 +1015,9 @@ class Trainer:
                                f"job is retried and resumes")
                         self._say(msg)  # SystemExit with an int code prints nothing itself
                         raise Preempted(f"{self.description}: {msg}")
+                    if stop and self.members:
+                        self._say(f"early stop at step {s}: every member has stopped")
+                        break
                     if stop:
                         self._say(f"early stop at step {s}: {cfg.select_metric} did not "
                                   f"improve in {cfg.patience} evaluations (best "
@@ -1025,14 +1050,17 @@ class Trainer:
 
     def _finish_members(self, reason: str, resumed: int | None) -> TrainResult:
         """A fused run's result: ``extra["members"][name]`` = ``{"best_checkpoint",
-        "best_metric", "best_step"}``; with ``restore_best`` each member holds its best."""
+        "best_metric", "best_step", "stopped_step"}`` (``stopped_step``: where its early
+        stopping stopped it, None when it trained to the end); with ``restore_best`` each
+        member holds its best."""
         out = {}
         for m in self.members:
             best = self.member_best[m.name]
             if self.cfg.restore_best and best["modules"] is not None:
                 m.load(best["modules"])
             out[m.name] = {"best_checkpoint": m.best_path if m.best_path.exists() else None,
-                           "best_metric": best["metric"], "best_step": best["step"]}
+                           "best_metric": best["metric"], "best_step": best["step"],
+                           "stopped_step": best.get("stopped")}
         if not self.metrics_path.exists():
             self.write_metrics()
         return TrainResult(

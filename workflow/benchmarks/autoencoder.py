@@ -123,9 +123,8 @@ def reconstruction_loss(job: Job, net: LossNet | None, normalize: str
 
 def train(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: int | None,
           prepared: Mapping[str, Path], workdir: Path, out: Path) -> dict[str, Any]:
-    """Train one autoencoder (resuming from ``workdir``) and save its best epoch to ``out``:
-    ``config`` the ``train`` stage's, ``net`` ``arch/layer`` or ``pixel``, ``prepared``
-    ``{dataset: folder}``. Returns the model file's meta (sizes, net, the training summary)."""
+    """Train one autoencoder (resuming from ``workdir``), save its best epoch to ``out`` and
+    return its meta; ``net``: ``arch/layer`` or ``pixel``, ``prepared``: ``{dataset: dir}``."""
     spec, lossnet, run = _spec(dataset), parse_net(net), int(run or 0)
     tcfg, seed = config["train"], int(config["seed"])
     images, _ = load_split(prepared, dataset, spec.ae_split, tcfg["max_images"], seed)
@@ -167,6 +166,7 @@ def train(job: Job, config: Mapping[str, Any], net: str, dataset: str, run: int 
             "run": run, "n_train": len(tr), "n_val": len(va), "steps_per_epoch": spe,
             "steps": result.steps, "stop_reason": result.stop_reason, "best_epoch": best,
             "best_val_loss": result.best_metric, "epochs_run": -(-result.steps // spe),
+            "key": trainer.fingerprint,  # the fused job's test of a finished model
             **job.provenance(lossnet and lossnet.arch, result.wall_time_s)}
     save_model(out, {"autoencoder": model}, meta)
     print(f"{out}: best epoch {best}, val loss {result.best_metric} ({result.stop_reason}, "

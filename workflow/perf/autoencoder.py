@@ -11,6 +11,14 @@ run on the same device:
 On a CPU the default resolves to fp32 as well (bf16 autocast is slower there), so the two
 rows measure the same configuration and their ratio shows the run-to-run noise.
 Loss-network weights are random: speed does not depend on them, and nothing is downloaded.
+
+Fused training (``autoencoder.fuse``, ``--fused-k K``, default 4; 0 skips): for each
+architecture of ``--nets``, one harness step of its first K layers trained as ONE job
+(:class:`~workflow.models.autoencoder.FusedAutoencoder`, one loss-network pass over the K
+outputs, one no-grad pass over the shared input) against the K models trained one per job,
+in the same run, fp32: FLOPs (``torch.utils.flop_counter``, grouped convolutions counted
+right) and kernel ops (aten ops dispatched) per model-step. ``--fused-only`` prints those
+counts alone and writes nothing.
 """
 
 from __future__ import annotations
@@ -20,14 +28,17 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from workflow.archs import LossNet
 from workflow.benchmarks.autoencoder import DATASETS, parse_net, reconstruction_loss
+from workflow.benchmarks.autoencoder_fused import member_losses
 from workflow.datasets.bank import ImageBank
 from workflow.job import Job, pick_device
-from workflow.models.autoencoder import ConvAutoencoder
+from workflow.models.autoencoder import ConvAutoencoder, FusedAutoencoder
 from workflow.perf.report import machine_description, update_section
 from workflow.training import TrainConfig, Trainer, make_adam
 
@@ -81,8 +92,107 @@ def images_per_second(net: str, dataset: str, device: str, precision: str,
     return rate, job.precision + (", channels_last" if cl else "")
 
 
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                       transposed, _output_padding, groups, output_mask, out_shape,
+                       **kwargs) -> int:
+    """Convolution backward FLOPs that count a grouped (transposed) convolution right:
+    grad_input and grad_weight each do the forward's multiplications exactly. torch's formula
+    (2.x) counts grad_weight as dense over all input channels, ``groups`` times too many."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape),
+                              transposed=bool(transposed))
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def step_counts(trainer: Trainer, step: int = 0) -> tuple[int, int]:
+    """(FLOPs, aten ops) of one harness step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workflow.perf.super_resolution import OpCounter
+
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, OpCounter() as oc:
+        trainer.train_step(step)
+    trainer.check_losses()
+    return int(fc.get_total_flops()), oc.ops
+
+
+def _count_trainer(job: Job, nets: list[LossNet], dataset: str, batch: int, workdir: Path,
+                   fused: bool) -> Trainer:
+    """The benchmark's step for ``nets`` (one model, or all of them fused: train /
+    train_fused), on random images, one data stream."""
+    spec = DATASETS[dataset]
+    side = spec.size - 2 * spec.pad
+    images = np.random.default_rng(0).integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
+    bank, idx = ImageBank(images, job.device), torch.arange(batch, device=job.device)
+    models = [ConvAutoencoder(spec.size) for _ in nets]
+    if fused:
+        model = FusedAutoencoder.from_members(models)
+        extractor = job.extractor(nets, "none")
+
+        def step_fn(step: int):
+            x = bank.images(idx, pad=spec.pad)
+            return member_losses(extractor, nets, model(x), x[None], [0] * len(nets)).sum()
+    else:
+        model = models[0]
+        loss_fn, extractor = reconstruction_loss(job, nets[0], "none")
+
+        def step_fn(step: int):
+            x = bank.images(idx, pad=spec.pad)
+            return loss_fn(model(x), x)
+
+    return Trainer(job, workdir, {"model": model}, make_adam(model.parameters(), 1e-3,
+                                                                job.device), step_fn,
+                   TrainConfig(max_steps=1, eval_every=None, checkpoint_every=None,
+                               progress=False), aux_modules={"lossnet": extractor})
+
+
+def fused_counts(arch: str, k: int, dataset: str, batch: int, device: str) -> dict[str, Any]:
+    """FLOPs and aten ops per model-step: the first ``k`` layers of ``arch`` trained as one
+    job vs one model per job (fp32, the step after a first untimed one)."""
+    job = Job.create({"precision": "fp32", "weights": "random"}, {"device": device})
+    nets = [LossNet(arch, str(layer)) for layer in range(1, k + 1)]
+    with tempfile.TemporaryDirectory(prefix="perf-ae-fused-") as tmp:
+        alone = []
+        for n in nets:
+            tr = _count_trainer(job, [n], dataset, batch, Path(tmp) / n.layer, False)
+            tr.train_step(0)  # lazy initialisations out of the count
+            alone.append(step_counts(tr, 1))
+        tr = _count_trainer(job, nets, dataset, batch, Path(tmp) / "fused", True)
+        tr.train_step(0)
+        fused = step_counts(tr, 1)
+    return {"arch": arch, "k": k, "dataset": dataset, "batch": batch,
+            "alone_gflop": sum(f for f, _ in alone) / k / 1e9,
+            "alone_ops": sum(o for _, o in alone) / k,
+            "fused_gflop": fused[0] / k / 1e9, "fused_ops": fused[1] / k}
+
+
+def fused_markdown(rows: list[dict[str, Any]], device: torch.device) -> str:
+    r0 = rows[0]
+    lines = [f"Fused training (`autoencoder.fuse`, the default): one step of the first "
+             f"{r0['k']} layers of an architecture trained as one job vs one model per job, "
+             f"{r0['dataset']}, batch {r0['batch']} per model, fp32, on "
+             f"{machine_description(device)}, counted in this run (FLOPs: "
+             f"`torch.utils.flop_counter`, grouped convolutions' backward counted as the two "
+             f"forward-sized products it is; ops: aten ops dispatched, about one kernel launch "
+             f"each on a GPU), per model-step:", "",
+             "| architecture | K | GFLOP one per job | GFLOP fused | ops one per job | "
+             "ops fused | ops ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['k']} | {r['alone_gflop']:.2f} | "
+                     f"{r['fused_gflop']:.2f} | {r['alone_ops']:.0f} | {r['fused_ops']:.0f} | "
+                     f"{r['alone_ops'] / max(r['fused_ops'], 1e-9):.2f}x |")
+    return "\n".join(lines)
+
+
+def _archs(nets: Sequence[str]) -> list[str]:
+    """The architectures of the loss networks among ``nets`` (pixel has none), in order."""
+    return list(dict.fromkeys(n.arch for n in map(parse_net, nets) if n is not None))
+
+
 def run(nets: Sequence[str], datasets: Sequence[str], device: str, batch_size: int, steps: int,
-        warmup: int, out: str | Path, repeats: int = 2) -> str:
+        warmup: int, out: str | Path, repeats: int = 2, fused_k: int = 0) -> str:
     dev = pick_device(device)
     lines = [
         "## autoencoder",
@@ -114,6 +224,10 @@ def run(nets: Sequence[str], datasets: Sequence[str], device: str, batch_size: i
             ratio = rates["default"] / rates["fp32 reference"]
             lines.append(f"| {net} | {dataset} | {rates['default']:.1f} ({labels['default']}) | "
                          f"{rates['fp32 reference']:.1f} | {ratio:.2f}x |")
+    if fused_k:
+        rows = [fused_counts(a, fused_k, datasets[0], batch_size, device)
+                for a in _archs(nets)]
+        lines += ["", fused_markdown(rows, dev)]
     lines += ["", "Rerun: `python -m workflow perf autoencoder` (options: `--help`)."]
     md = "\n".join(lines)
     update_section("autoencoder", md, out)
@@ -134,13 +248,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="untimed steps (default 10 CUDA, 2 CPU)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats; the best counts")
     ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--fused-k", type=int, default=4,
+                    help="models per fused job in the FLOP/op count (its first K layers; 0: skip)")
+    ap.add_argument("--fused-only", action="store_true",
+                    help="only the fused FLOP/op count: print it, write nothing")
     args = ap.parse_args(argv)
     cuda = pick_device(args.device).type == "cuda"
     datasets = (args.datasets or ("svhn,stl10" if cuda else "svhn")).split(",")
     nets = (args.nets.split(",") if cuda or args.nets != ap.get_default("nets")
             else ["pixel", "alexnet/2"])
-    md = run(nets, datasets, args.device, args.batch_size or (256 if cuda else 16),
-             args.steps or (30 if cuda else 3), args.warmup or (10 if cuda else 2), args.out,
-             args.repeats)
+    batch = args.batch_size or (256 if cuda else 16)
+    if args.fused_only:
+        rows = []
+        for arch in _archs(nets):
+            rows.append(fused_counts(arch, args.fused_k or 4, datasets[0], batch, args.device))
+            print(f"{arch} K={rows[-1]['k']}: {rows[-1]}", flush=True)
+        print(fused_markdown(rows, pick_device(args.device)))
+        return 0
+    md = run(nets, datasets, args.device, batch, args.steps or (30 if cuda else 3),
+             args.warmup or (10 if cuda else 2), args.out, args.repeats, args.fused_k)
     print(md)
     return 0
