@@ -34,8 +34,8 @@ if plan.config["autoencoder"]["fuse"]:
         params:
             config=plan.config_param("autoencoder", "train"),
             settings=plan.settings_param("autoencoder", "train"),
-            nets=plan.ae_nets_param(),
-            members=plan.ae_members_param(AE_DIR),
+            nets=plan.fused_nets_param("autoencoder"),
+            members=plan.fused_members_param("autoencoder", AE_DIR),
             workdir=f"{AE_FUSED}/train",
         log:
             f"{OUT}/logs/autoencoder/{{arch}}/{{dataset}}_train_fused.log",

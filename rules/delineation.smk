@@ -22,7 +22,6 @@ DELINEATION_DIR = f"{OUT}/delineation/{{arch}}/{{layer}}/run{{run}}"
 # DELINEATION_FUSED/train. A change of an eval-only key reruns the job, whose members find
 # their train/final.pt complete (exact key) and train no step: they are only scored again.
 DELINEATION_FUSED = f"{OUT}/delineation/{{arch}}/fused"
-DELINEATION_MEMBER = f"{OUT}/delineation/{{arch}}/{{{{layer}}}}/run{{{{run}}}}"
 
 
 if plan.config["delineation"]["fuse"]:
@@ -38,8 +37,8 @@ if plan.config["delineation"]["fuse"]:
             config=plan.config_param("delineation", "train"),
             eval=plan.config_param("delineation", "eval"),
             settings=plan.settings_param("delineation", "train", "eval"),
-            nets=plan.delineation_nets_param(),
-            members=plan.delineation_members_param(DELINEATION_MEMBER),
+            nets=plan.fused_nets_param("delineation"),
+            members=plan.fused_members_param("delineation", DELINEATION_DIR),
             workdir=f"{DELINEATION_FUSED}/train",
         log:
             f"{OUT}/logs/delineation/{{arch}}/train_fused.log",
@@ -89,8 +88,8 @@ else:
             " --scores {output.scores:q} > {log:q} 2>&1"
 
 
-BENCH_OUTPUTS["delineation"] = plan.delineation_targets(f"{DELINEATION_DIR}/scores.parquet",
-                                                        f"{DELINEATION_FUSED}/scores.parquet")
+BENCH_OUTPUTS["delineation"] = plan.fused_targets(
+    "delineation", f"{DELINEATION_DIR}/scores.parquet", f"{DELINEATION_FUSED}/scores.parquet")
 
 
 localrules:

@@ -17,7 +17,6 @@ SR_DIR = f"{OUT}/super_resolution/{{arch}}/{{layer}}/x{{scale}}/run{{run}}"
 # their train/final.pt complete (the resume key holds only the train stage's config) and
 # train no step. Its checkpoints live in SR_FUSED's folder/train.
 SR_FUSED = f"{OUT}/super_resolution/{{arch}}/fused/x{{scale}}"
-SR_MEMBER = f"{OUT}/super_resolution/{{arch}}/{{{{layer}}}}/x{{scale}}/run{{{{run}}}}"
 
 
 if plan.config["super_resolution"]["fuse"]:
@@ -34,8 +33,8 @@ if plan.config["super_resolution"]["fuse"]:
             config=plan.config_param("super_resolution", "train"),
             eval=plan.config_param("super_resolution", "eval"),
             settings=plan.settings_param("super_resolution", "train", "eval"),
-            nets=plan.sr_nets_param(),
-            members=plan.sr_members_param(SR_MEMBER),
+            nets=plan.fused_nets_param("super_resolution"),
+            members=plan.fused_members_param("super_resolution", SR_DIR),
             workdir=f"{SR_FUSED}/train",
         log:
             f"{OUT}/logs/super_resolution/{{arch}}/train_x{{scale}}_fused.log",
@@ -106,8 +105,8 @@ rule eval_sr:
         " --samples {output.samples:q} --scores {output.scores:q} > {log:q} 2>&1"
 
 
-BENCH_OUTPUTS["super_resolution"] = plan.sr_targets(f"{SR_DIR}/scores.parquet",
-                                                    f"{SR_FUSED}/scores.parquet")
+BENCH_OUTPUTS["super_resolution"] = plan.fused_targets(
+    "super_resolution", f"{SR_DIR}/scores.parquet", f"{SR_FUSED}/scores.parquet")
 
 
 rule super_resolution:

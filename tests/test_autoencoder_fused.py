@@ -410,16 +410,18 @@ def test_the_plan_makes_one_training_job_per_architecture_and_dataset(demo_plan)
     config["autoencoder"].update(lossnets=["alexnet/1", "alexnet/2", f"{ARCH}/2"], runs=2,
                                  datasets=["svhn", "stl10"], pixel_baseline=True)
     fused = Plan(config)
-    assert [(g["arch"], g["dataset"], len(g["members"])) for g in fused.ae_groups()] == [
+    groups = fused.fused_groups("autoencoder")
+    assert [(g["arch"], g["dataset"], len(g["members"])) for g in groups] == [
         ("alexnet", "svhn", 4), ("alexnet", "stl10", 4), (ARCH, "svhn", 2), (ARCH, "stl10", 2),
         ("pixel", "svhn", 2), ("pixel", "stl10", 2)]
-    assert fused.ae_members("alexnet", "stl10", "R/{net}/{dataset}/run{run}") == [
+    folder = "R/{net}/{dataset}/run{run}"
+    assert fused.fused_members("autoencoder", folder, arch="alexnet", dataset="stl10") == [
         {"net": "alexnet/1", "run": 0, "dir": "R/alexnet/1/stl10/run0"},
         {"net": "alexnet/1", "run": 1, "dir": "R/alexnet/1/stl10/run1"},
         {"net": "alexnet/2", "run": 0, "dir": "R/alexnet/2/stl10/run0"},
         {"net": "alexnet/2", "run": 1, "dir": "R/alexnet/2/stl10/run1"}]
-    with pytest.raises(ValueError, match="no autoencoder job trains vgg16 on svhn"):
-        fused.ae_members("vgg16", "svhn", "")
+    with pytest.raises(ValueError, match="no autoencoder job trains arch vgg16, dataset svhn"):
+        fused.fused_members("autoencoder", "", arch="vgg16", dataset="svhn")
 
     class WC:
         net, dataset, run = "alexnet/2", "svhn", 1
@@ -428,7 +430,7 @@ def test_the_plan_makes_one_training_job_per_architecture_and_dataset(demo_plan)
     assert fused.ae_model_input(model, group)(WC) == "R/alexnet/fused/svhn/models.json"
     config["autoencoder"]["fuse"] = False
     alone = Plan(config)
-    assert [len(g["members"]) for g in alone.ae_groups()] == [1] * 16
+    assert [len(g["members"]) for g in alone.fused_groups("autoencoder")] == [1] * 16
     assert alone.ae_model_input(model, group)(WC) == "R/alexnet/2/svhn/run1/ae.pt"
 
 

@@ -426,24 +426,25 @@ def test_the_plan_makes_one_training_job_per_architecture(demo_plan):
     config = copy.deepcopy(demo_plan.config)
     config["delineation"].update(lossnets=["alexnet/1", "alexnet/2", "resnet18/2"], runs=2)
     fused = Plan(config)
-    assert [(g["arch"], len(g["members"])) for g in fused.delineation_groups()] == [
+    assert [(g["arch"], len(g["members"])) for g in fused.fused_groups("delineation")] == [
         ("alexnet", 4), ("resnet18", 2)]
-    assert fused.delineation_members("alexnet", "R/{layer}/run{run}") == [
+    assert fused.fused_members("delineation", "R/{layer}/run{run}", arch="alexnet") == [
         {"net": "alexnet/1", "run": 0, "dir": "R/1/run0"},
         {"net": "alexnet/1", "run": 1, "dir": "R/1/run1"},
         {"net": "alexnet/2", "run": 0, "dir": "R/2/run0"},
         {"net": "alexnet/2", "run": 1, "dir": "R/2/run1"}]
     member, group = "R/{arch}/{layer}/run{run}/s", "R/{arch}/fused/s"
-    assert fused.delineation_targets(member, group) == ["R/alexnet/fused/s", "R/resnet18/fused/s"]
-    with pytest.raises(ValueError, match="no delineation job trains vgg16"):
-        fused.delineation_members("vgg16", "")
+    assert fused.fused_targets("delineation", member, group) == [
+        "R/alexnet/fused/s", "R/resnet18/fused/s"]
+    with pytest.raises(ValueError, match="no delineation job trains arch vgg16"):
+        fused.fused_members("delineation", "", arch="vgg16")
     config["delineation"]["fuse"] = False
     alone = Plan(config)
-    assert [len(g["members"]) for g in alone.delineation_groups()] == [1] * 6
+    assert [len(g["members"]) for g in alone.fused_groups("delineation")] == [1] * 6
     assert alone.jobs("delineation") == fused.jobs("delineation")
-    assert alone.delineation_targets(member, group) == alone.targets(member, "delineation")
+    assert alone.fused_targets("delineation", member, group) == alone.targets(member, "delineation")
     study = Plan(load_config(ROOT / "config.yaml"))  # 14 jobs train the study's 56 U-Nets
-    assert [len(g["members"]) for g in study.delineation_groups()] == [4] * 14
+    assert [len(g["members"]) for g in study.fused_groups("delineation")] == [4] * 14
 
 
 def _dry_run(tmp_path, fuse: bool) -> str:

@@ -116,9 +116,10 @@ def test_the_documented_what_is_left_command_lists_the_jobs_with_device_mps(tmp_
     assert table["score_similarity"] == len(plan.jobs("similarity"))
     # super_resolution.fuse (the demo's): one train_sr job per architecture and scale scores
     # its models too
-    assert table["train_sr"] == len(plan.sr_groups()) and "eval_sr" not in table
+    assert table["train_sr"] == len(plan.fused_groups("super_resolution"))
+    assert "eval_sr" not in table
     # autoencoder.fuse (the demo's): one train_autoencoder job per architecture and dataset
-    assert table["train_autoencoder"] == len(plan.ae_groups())
+    assert table["train_autoencoder"] == len(plan.fused_groups("autoencoder"))
     assert table["probes_score"] == len(plan.jobs("probes"))
     assert table["prepare_dataset"] == len({d for b in plan.enabled() for d in plan.datasets(b)})
 

@@ -213,9 +213,11 @@ def test_full_config_selects_the_study_grid():
     # 56 networks x 2 scales; 57 autoencoders (56 + pixel) x 2 datasets
     assert len(plan.jobs("super_resolution")) == 112
     # super_resolution.fuse: 28 jobs (14 architectures x 2 scales) train and score the 112
-    groups = plan.sr_groups()
+    groups = plan.fused_groups("super_resolution")
     assert len(groups) == 28 and sum(len(g["members"]) for g in groups) == 112
-    assert len(plan.sr_targets("{arch}/{layer}/{scale}/{run}", "{arch}/{scale}")) == 28
+    targets = plan.fused_targets("super_resolution", "{arch}/{layer}/{scale}/{run}",
+                                 "{arch}/{scale}")
+    assert len(targets) == 28
     assert len(plan.jobs("autoencoder")) == 114
 
 

@@ -650,27 +650,29 @@ def test_the_plan_makes_one_training_job_per_architecture_and_scale(demo_plan):
     config["super_resolution"].update(lossnets=["alexnet/1", "alexnet/2", "squeezenet1_1/2"],
                                       scales=[4, 8], runs=2)
     fused = Plan(config)
-    groups = fused.sr_groups()
+    groups = fused.fused_groups("super_resolution")
     assert [(g["arch"], g["scale"], len(g["members"])) for g in groups] == [
         ("alexnet", 4, 4), ("alexnet", 8, 4), ("squeezenet1_1", 4, 2), ("squeezenet1_1", 8, 2)]
     assert len(fused.jobs("super_resolution")) == 12
-    assert fused.sr_members("alexnet", "8", "R/{layer}/run{run}") == [
+    folder = "R/{layer}/run{run}"
+    assert fused.fused_members("super_resolution", folder, arch="alexnet", scale="8") == [
         {"net": "alexnet/1", "run": 0, "dir": "R/1/run0"},
         {"net": "alexnet/1", "run": 1, "dir": "R/1/run1"},
         {"net": "alexnet/2", "run": 0, "dir": "R/2/run0"},
         {"net": "alexnet/2", "run": 1, "dir": "R/2/run1"}]
     member, group = "R/{arch}/{layer}/x{scale}/run{run}/s", "R/{arch}/fused/x{scale}/s"
-    assert fused.sr_targets(member, group) == [
+    assert fused.fused_targets("super_resolution", member, group) == [
         "R/alexnet/fused/x4/s", "R/alexnet/fused/x8/s", "R/squeezenet1_1/fused/x4/s",
         "R/squeezenet1_1/fused/x8/s"]
     config["super_resolution"]["fuse"] = False
     alone = Plan(config)
-    assert [len(g["members"]) for g in alone.sr_groups()] == [1] * 12
+    assert [len(g["members"]) for g in alone.fused_groups("super_resolution")] == [1] * 12
     assert alone.jobs("super_resolution") == fused.jobs("super_resolution")
-    with pytest.raises(ValueError, match="no super-resolution job trains vgg16 at x4"):
-        fused.sr_members("vgg16", 4, "")
-    assert alone.sr_targets(member, group) == alone.targets(member, "super_resolution")
-    assert len(alone.sr_targets(member, group)) == 12
+    with pytest.raises(ValueError, match="no super_resolution job trains arch vgg16, scale 4"):
+        fused.fused_members("super_resolution", "", arch="vgg16", scale=4)
+    assert (alone.fused_targets("super_resolution", member, group)
+            == alone.targets(member, "super_resolution"))
+    assert len(alone.fused_targets("super_resolution", member, group)) == 12
 
 
 # ----------------------------------------------------------------------------- target cache

@@ -211,6 +211,12 @@ STAGES: dict[str, dict[str, Stage]] = {
 }
 
 # Keys that choose which jobs exist (the DAG), not what a job computes.
+# Benchmarks that train models fused per group (config <benchmark>.fuse): the key fields of
+# one fused job (Plan.fused_groups)
+FUSED_BY: dict[str, tuple[str, ...]] = {"super_resolution": ("arch", "scale"),
+                                        "delineation": ("arch",),
+                                        "autoencoder": ("arch", "dataset")}
+
 DAG_KEYS: dict[str, tuple[str, ...]] = {
     "similarity": ("lossnets", "lpips_sets", "pixel_baselines", "datasets"),
     "super_resolution": ("lossnets", "lpips_sets", "scales", "runs", "fuse"),
@@ -842,122 +848,54 @@ class Plan:
         chosen = [v for v in self.config["calibration"]["variants"] if v in tuple(variants)]
         return [{**j, "variant": v} for v in chosen for j in self.jobs("calibration")]
 
-    def sr_groups(self) -> list[dict[str, Any]]:
-        """The super-resolution training jobs: with ``super_resolution.fuse`` one per
-        architecture and scale, holding every layer and run of it (``members``: the
-        :meth:`jobs` it trains); without, one per model."""
-        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        fuse = bool(self.config["super_resolution"]["fuse"])
-        for j in self.jobs("super_resolution"):
-            key = (j["arch"], j["scale"]) if fuse else (j["arch"], j["scale"], j["layer"],
-                                                       j["run"])
-            groups.setdefault(key, []).append(j)
-        return [{"arch": m[0]["arch"], "scale": m[0]["scale"], "members": m}
-                for m in groups.values()]
-
-    def sr_members_param(self, folder: str) -> Callable[[Any], Setting]:
-        """A fused SR rule's param: the job's members with their folders (``folder``: a
-        pattern with ``{arch}``, ``{scale}``, ``{{layer}}``, ``{{run}}``), as a Setting (paths
-        are no rerun trigger)."""
-        return lambda wc: Setting(self.sr_members(
-            wc.arch, wc.scale, folder.format(arch=wc.arch, scale=wc.scale)))
-
-    def sr_nets_param(self) -> Callable[[Any], str]:
-        """A fused SR rule's param: which models the job trains (a rerun trigger: a new member
-        joins the job)."""
-        return lambda wc: " ".join(f"{m['net']}:{m['run']}"
-                                   for m in self.sr_members(wc.arch, wc.scale, ""))
-
-    def sr_members(self, arch: str, scale: int | str, folder: str) -> list[dict[str, Any]]:
-        """The fused SR job of ``arch`` at ``scale``: ``[{"net", "run", "dir"}]``, ``dir``
-        being ``folder`` (a pattern with ``{layer}`` and ``{run}``) for each member."""
-        for g in self.sr_groups():
-            if g["arch"] == arch and int(g["scale"]) == int(scale):
-                return [{"net": f"{m['arch']}/{m['layer']}", "run": m["run"],
-                         "dir": folder.format(**m)} for m in g["members"]]
-        raise ValueError(f"no super-resolution job trains {arch} at x{scale}")
-
-    def sr_targets(self, member: str, group: str) -> list[str]:
-        """The super-resolution files the gather reads: with ``super_resolution.fuse`` the
-        fused jobs' ``group`` pattern (``{arch}``, ``{scale}``: every member's rows), else
-        each model's ``member`` pattern."""
-        if self.config["super_resolution"]["fuse"]:
-            return [group.format(**g) for g in self.sr_groups()]
-        return self.targets(member, "super_resolution")
-
-    def delineation_groups(self) -> list[dict[str, Any]]:
-        """The delineation training jobs: with ``delineation.fuse`` one per architecture,
-        holding every layer and run of it (``members``: the :meth:`jobs` it trains); without,
-        one per U-Net."""
-        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-        fuse = bool(self.config["delineation"]["fuse"])
-        for j in self.jobs("delineation"):
-            key = (j["arch"],) if fuse else (j["arch"], j["layer"], j["run"])
-            groups.setdefault(key, []).append(j)
-        return [{"arch": m[0]["arch"], "members": m} for m in groups.values()]
-
-    def delineation_members(self, arch: str, folder: str) -> list[dict[str, Any]]:
-        """The fused delineation job of ``arch``: ``[{"net", "run", "dir"}]``, ``dir`` being
-        ``folder`` (a pattern with ``{layer}`` and ``{run}``) for each member."""
-        for g in self.delineation_groups():
-            if g["arch"] == arch:
-                return [{"net": f"{m['arch']}/{m['layer']}", "run": m["run"],
-                         "dir": folder.format(**m)} for m in g["members"]]
-        raise ValueError(f"no delineation job trains {arch}")
-
-    def delineation_members_param(self, folder: str) -> Callable[[Any], Setting]:
-        """A fused delineation rule's param: the job's members with their folders
-        (``folder``: a pattern with ``{arch}``, ``{{layer}}``, ``{{run}}``), as a Setting
-        (paths are no rerun trigger)."""
-        return lambda wc: Setting(self.delineation_members(wc.arch,
-                                                           folder.format(arch=wc.arch)))
-
-    def delineation_nets_param(self) -> Callable[[Any], str]:
-        """A fused delineation rule's param: which U-Nets the job trains (a rerun trigger: a
-        new member joins the job)."""
-        return lambda wc: " ".join(f"{m['net']}:{m['run']}"
-                                   for m in self.delineation_members(wc.arch, ""))
-
-    def delineation_targets(self, member: str, group: str) -> list[str]:
-        """The delineation files the gather reads: with ``delineation.fuse`` the fused jobs'
-        ``group`` pattern (``{arch}``: every member's rows), else each U-Net's ``member``."""
-        if self.config["delineation"]["fuse"]:
-            return [group.format(**g) for g in self.delineation_groups()]
-        return self.targets(member, "delineation")
-
-    def ae_groups(self) -> list[dict[str, Any]]:
-        """The autoencoder training jobs: with ``autoencoder.fuse`` one per architecture (or
-        the pixel baseline, ``arch`` ``pixel``) and dataset, holding every layer and run of
-        it (``members``: the :meth:`jobs` it trains); without, one per model."""
+    def fused_groups(self, benchmark: str) -> list[dict[str, Any]]:
+        """The training jobs of a benchmark with fused training (``FUSED_BY``): with
+        ``<benchmark>.fuse`` one per value of its key fields (SR: architecture and scale;
+        delineation: architecture; autoencoder: architecture, or ``pixel``, and dataset),
+        holding every layer and run of it (``members``: the :meth:`jobs` it trains, each with
+        its ``arch``); without, one per model."""
+        by = FUSED_BY[benchmark]
+        fuse = bool(self.config[benchmark]["fuse"])
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        fuse = bool(self.config["autoencoder"]["fuse"])
-        for j in self.jobs("autoencoder"):
-            arch = j["net"].split("/")[0]
-            key = (arch, j["dataset"]) if fuse else (j["net"], j["dataset"], str(j["run"]))
-            groups.setdefault(key, []).append({**j, "arch": arch})
-        return [{"arch": m[0]["arch"], "dataset": m[0]["dataset"], "members": m}
-                for m in groups.values()]
+        for j in self.jobs(benchmark):
+            j = {**j, "arch": j.get("arch") or j["net"].split("/")[0]}  # AE jobs name a net
+            key = tuple(str(j[k]) for k in (by if fuse else j))
+            groups.setdefault(key, []).append(j)
+        return [{**{k: m[0][k] for k in by}, "members": m} for m in groups.values()]
 
-    def ae_members(self, arch: str, dataset: str, folder: str) -> list[dict[str, Any]]:
-        """The fused autoencoder job of ``arch`` (or ``pixel``) on ``dataset``:
-        ``[{"net", "run", "dir"}]``, ``dir`` being ``folder`` (a pattern with ``{net}``,
-        ``{dataset}`` and ``{run}``) for each member."""
-        for g in self.ae_groups():
-            if g["arch"] == arch and g["dataset"] == dataset:
-                return [{"net": m["net"], "run": m["run"], "dir": folder.format(**m)}
-                        for m in g["members"]]
-        raise ValueError(f"no autoencoder job trains {arch} on {dataset}")
+    def fused_members(self, benchmark: str, folder: str, **key: Any) -> list[dict[str, Any]]:
+        """The fused job of ``benchmark`` with key fields ``key`` (e.g. ``arch="alexnet",
+        scale=4``): ``[{"net", "run", "dir"}]``, ``dir`` being ``folder`` (the model's own
+        folder pattern, e.g. ``.../{arch}/{layer}/x{scale}/run{run}``) for each member."""
+        for g in self.fused_groups(benchmark):
+            if all(str(g[k]) == str(v) for k, v in key.items()):
+                return [{"net": m.get("net") or f"{m['arch']}/{m['layer']}", "run": m["run"],
+                         "dir": folder.format(**m)} for m in g["members"]]
+        raise ValueError(f"no {benchmark} job trains "
+                         + ", ".join(f"{k} {v}" for k, v in key.items()))
 
-    def ae_members_param(self, folder: str) -> Callable[[Any], Setting]:
-        """A fused autoencoder rule's param: the job's members with their folders, as a
-        Setting (paths are no rerun trigger)."""
-        return lambda wc: Setting(self.ae_members(wc.arch, wc.dataset, folder))
+    def fused_members_param(self, benchmark: str, folder: str) -> Callable[[Any], Setting]:
+        """A fused rule's param: the job's members with their folders (``folder``: the
+        model's folder pattern), as a Setting (paths are no rerun trigger)."""
+        by = FUSED_BY[benchmark]
+        return lambda wc: Setting(self.fused_members(benchmark, folder,
+                                                     **{k: getattr(wc, k) for k in by}))
 
-    def ae_nets_param(self) -> Callable[[Any], str]:
-        """A fused autoencoder rule's param: which models the job trains (a rerun trigger: a
-        new member joins the job)."""
-        return lambda wc: " ".join(f"{m['net']}:{m['run']}"
-                                   for m in self.ae_members(wc.arch, wc.dataset, ""))
+    def fused_nets_param(self, benchmark: str) -> Callable[[Any], str]:
+        """A fused rule's param: which models the job trains (a rerun trigger: a new member
+        joins the job)."""
+        by = FUSED_BY[benchmark]
+        return lambda wc: " ".join(
+            f"{m['net']}:{m['run']}"
+            for m in self.fused_members(benchmark, "", **{k: getattr(wc, k) for k in by}))
+
+    def fused_targets(self, benchmark: str, member: str, group: str) -> list[str]:
+        """The files of ``benchmark`` the gather reads: with ``<benchmark>.fuse`` the fused
+        jobs' ``group`` pattern (of the key fields: every member's rows), else each model's
+        ``member`` pattern."""
+        if self.config[benchmark]["fuse"]:
+            return [group.format(**g) for g in self.fused_groups(benchmark)]
+        return self.targets(member, benchmark)
 
     def ae_model_input(self, model: str, group: str) -> Callable[[Any], str]:
         """The fit_mlps rule's input of its autoencoder: the model file (``model``, a pattern
