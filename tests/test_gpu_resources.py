@@ -176,3 +176,22 @@ def test_two_gpu_jobs_on_one_gpu_never_overlap(tmp_path):
     for arch in ("alexnet", "squeezenet1_1"):
         assert (results / "probes" / arch / "1" / "scores.parquet").exists()
     assert Path(results / "logs" / "probes" / "alexnet" / "1.log").exists()
+
+
+def test_the_demo_dag_with_every_fusion_off_trains_one_model_per_job(tmp_path):
+    """super_resolution / delineation / autoencoder .fuse false on the demo: the DAG resolves
+    with one training job per model (and SR's eval_sr per model), the fused jobs gone."""
+    overlay = tmp_path / "no-fusion.yaml"
+    overlay.write_text("super_resolution: {fuse: false}\ndelineation: {fuse: false}\n"
+                       "autoencoder: {fuse: false}\n")
+    proc = snakemake("-n", "--quiet", "rules", "--cores", "1", "--configfile",
+                     str(ROOT / "config" / "demo.yaml"), str(overlay), "--config",
+                     f"results_dir={tmp_path / 'results'}",
+                     f"resources_dir={tmp_path / 'resources'}", timeout=300)
+    table = _job_table(proc.stdout + proc.stderr)
+    plan = Plan(load_config(ROOT / "config.yaml", ROOT / "config" / "demo.yaml", overlay))
+    for rule, benchmark in (("train_sr", "super_resolution"), ("eval_sr", "super_resolution"),
+                            ("train_delineation", "delineation"),
+                            ("train_autoencoder", "autoencoder")):
+        assert table[rule] == len(plan.jobs(benchmark)), rule
+        assert len(plan.fused_groups(benchmark)) == len(plan.jobs(benchmark))
