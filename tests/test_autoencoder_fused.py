@@ -482,7 +482,7 @@ def test_the_perf_flop_count_counts_grouped_convolutions_right():
     """perf autoencoder --fused-k: its convolution-backward formula is torch's for ungrouped
     (transposed) convolutions, and counts a FusedAutoencoder of 2 as exactly 2 autoencoders
     (torch's own formula counts the grouped backward's weight gradients 2 times too high)."""
-    from workflow.perf.autoencoder import conv_backward_flop
+    from workflow.perf.counts import conv_backward_flop
 
     mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
     one, x = ConvAutoencoder(64), torch.rand(1, 3, 64, 64)

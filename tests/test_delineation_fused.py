@@ -494,7 +494,7 @@ def test_the_perf_flop_count_of_a_grouped_convolution_by_hand(transposed):
     4 -> 2 channels: the forward's multiplies, and each gradient as many again."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from workflow.perf.delineation import conv_backward_flop
+    from workflow.perf.counts import conv_backward_flop
 
     conv = (torch.nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1, groups=2) if transposed
             else torch.nn.Conv2d(8, 4, 4, stride=2, padding=1, groups=2))

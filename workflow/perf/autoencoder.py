@@ -39,6 +39,7 @@ from workflow.benchmarks.autoencoder_fused import member_losses
 from workflow.datasets.bank import ImageBank
 from workflow.job import Job, pick_device
 from workflow.models.autoencoder import ConvAutoencoder, FusedAutoencoder
+from workflow.perf.counts import step_counts
 from workflow.perf.report import machine_description, update_section
 from workflow.training import TrainConfig, Trainer, make_adam
 
@@ -90,32 +91,6 @@ def images_per_second(net: str, dataset: str, device: str, precision: str,
     seconds = float((n_steps[timed] / h.loc[timed, "steps_per_s"]).sum())
     rate = batch_size * float(n_steps[timed].sum()) / seconds
     return rate, job.precision + (", channels_last" if cl else "")
-
-
-def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
-                       transposed, _output_padding, groups, output_mask, out_shape,
-                       **kwargs) -> int:
-    """Convolution backward FLOPs that count a grouped (transposed) convolution right:
-    grad_input and grad_weight each do the forward's multiplications exactly. torch's formula
-    (2.x) counts grad_weight as dense over all input channels, ``groups`` times too many."""
-    from torch.utils.flop_counter import conv_flop_count
-
-    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape),
-                              transposed=bool(transposed))
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def step_counts(trainer: Trainer, step: int = 0) -> tuple[int, int]:
-    """(FLOPs, aten ops) of one harness step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from workflow.perf.super_resolution import OpCounter
-
-    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, OpCounter() as oc:
-        trainer.train_step(step)
-    trainer.check_losses()
-    return int(fc.get_total_flops()), oc.ops
 
 
 def _count_trainer(job: Job, nets: list[LossNet], dataset: str, batch: int, workdir: Path,

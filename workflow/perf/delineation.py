@@ -34,15 +34,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from workflow.archs import LossNet
 from workflow.benchmarks.delineation import make_trainer
 from workflow.benchmarks.delineation_fused import make_fused_trainer
 from workflow.job import Job, pick_device, resolve_precision
+from workflow.perf.counts import step_counts
 from workflow.perf.report import machine_description, update_section
-from workflow.perf.super_resolution import OpCounter
 from workflow.plan import Plan, load_config
 
 
@@ -86,28 +84,14 @@ def measure(net: LossNet, precision: str, device: str, tiles: Mapping[str, np.nd
             "channels_last": info["channels_last"], "data_on_device": info["data_on_device"]}
 
 
-def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
-                       transposed, _output_padding, groups, output_mask, out_shape,
-                       **kwargs) -> int:
-    """Convolution backward FLOPs, grouped and transposed convolutions counted right: the
-    input gradient and the weight gradient each do the forward's multiplications exactly
-    (torch's formula counts a grouped convolution's weight gradient ``groups`` times too
-    high, which would bill the fused U-Net for FLOPs it does not do)."""
-    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
 def _counts(trainer, steps: int) -> dict[str, float]:
     """FLOPs and aten ops of the first harness step, and seconds per step of ``steps`` more."""
-    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, OpCounter() as oc:
-        trainer.train_step(0)
-    trainer.check_losses()
+    flops, ops = step_counts(trainer, 0)
     t = time.perf_counter()
     for s in range(1, 1 + steps):
         trainer.train_step(s)
     trainer.check_losses()
-    return {"flops": float(fc.get_total_flops()), "ops": float(oc.ops),
+    return {"flops": float(flops), "ops": float(ops),
             "s": (time.perf_counter() - t) / max(steps, 1)}
 
 

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from workflow.archs import LossNet
@@ -47,6 +46,7 @@ from workflow.imaging import degrade
 from workflow.job import Job
 from workflow.lossnets import feature_loss, fused_feature_loss
 from workflow.models.srnet import FusedSRNet, SRNet
+from workflow.perf.counts import step_counts
 from workflow.perf.report import add_run_options, machine_description, run_job, update_section
 from workflow.training import TrainConfig, Trainer, make_adam
 
@@ -123,49 +123,6 @@ def build_fused(job: Job, nets: list[LossNet], scale: int, batch: int, size: int
                       progress=False)
     return Trainer(job, workdir, {"fused": fused}, opt, step_fn, cfg,
                    aux_modules={"lossnet": extractor})
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched (each one kernel launch on a GPU, roughly)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
-def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
-                       transposed, _output_padding, groups, output_mask, out_shape,
-                       **kwargs) -> int:
-    """Convolution backward FLOPs that count a grouped convolution right.
-
-    torch's formula (2.x) counts grad_weight as a dense convolution over all input channels,
-    ``groups`` times too many for a grouped one (a FusedSRNet of 4 models: 53 instead of 21
-    GFLOP of backward in a 16 px test). grad_weight and grad_input each do the forward's
-    multiplications exactly, so each is counted as the forward (non-transposed convs only).
-    """
-    from torch.utils.flop_counter import conv_flop_count
-
-    if transposed:
-        from torch.utils.flop_counter import conv_backward_flop as torch_formula
-
-        return torch_formula(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding,
-                             _dilation, transposed, _output_padding, groups, output_mask,
-                             out_shape, **kwargs)
-    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape))
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def step_counts(trainer: Trainer, step: int = 0) -> tuple[int, int]:
-    """(FLOPs, aten ops) of one harness step (grouped convolutions counted right)."""
-    mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, OpCounter() as oc:
-        trainer.train_step(step)
-    trainer.check_losses()
-    return int(fc.get_total_flops()), oc.ops
 
 
 def fused_counts(arch: str, k: int, scale: int, size: int, job: Job) -> dict[str, Any]:
