@@ -20,6 +20,7 @@ from workflow import cli
 from workflow.archs import LossNet
 from workflow.benchmarks import autoencoder as bench
 from workflow.benchmarks import autoencoder_fused as aef
+from workflow.benchmarks.fused import member_name
 from workflow.lossnets import build_extractor, feature_loss
 from workflow.models.autoencoder import ConvAutoencoder, FusedAutoencoder
 from workflow.plan import Plan, as_json
@@ -282,10 +283,10 @@ def test_fused_training_is_training_each_model_alone(fused_run):
         torch.testing.assert_close(recon[0], recon[1], atol=2e-3, rtol=0)
         assert set(fw) == set(aw)
         best = load_model(root / f"m{i}" / "train" / "best.pt", {})
-        assert best["member"] == aef.member_name(*MEMBERS[i])
+        assert best["member"] == member_name(*MEMBERS[i])
     assert not torch.equal(rec.batches[0], rec.batches[1])  # two data streams
     hist = (root / "group" / "train" / "metrics.csv").read_text().splitlines()[0]
-    assert all(f"eval_{aef.member_name(n, r)}/val_loss" in hist for n, r in MEMBERS)
+    assert all(f"eval_{member_name(n, r)}/val_loss" in hist for n, r in MEMBERS)
 
 
 def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, demo_plan, prepared,
@@ -314,7 +315,7 @@ def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, demo_plan, pr
         for k in straight:
             assert torch.equal(resumed[k], straight[k]), k
     ckpt = torch.load(workdir / "last.pt", weights_only=True)
-    assert set(ckpt["key"]["members"]) == {aef.member_name(n, r) for n, r in MEMBERS}
+    assert set(ckpt["key"]["members"]) == {member_name(n, r) for n, r in MEMBERS}
     assert ckpt["key"]["members"][f"{ARCH}/2 run1"]["job"] == {
         "net": f"{ARCH}/2", "dataset": "svhn", "run": 1}
 

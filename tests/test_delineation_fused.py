@@ -19,6 +19,7 @@ from workflow import cli
 from workflow.archs import LossNet
 from workflow.benchmarks import delineation as bench
 from workflow.benchmarks import delineation_fused as dlf
+from workflow.benchmarks.fused import member_name
 from workflow.models.unet import FusedUNet, RefinementUNet
 from workflow.training import Trainer, load_model
 
@@ -303,7 +304,7 @@ def test_fused_training_is_training_each_unet_alone(fused_run):
                 torch.testing.assert_close(fm[k], v, atol=tol, rtol=0, msg=k)
         # its own selection in its own folder, and its own files
         assert load_model(root / "ab"[i] / "train" / "best.pt", {"model": RefinementUNet()}
-                          )["member"] == dlf.member_name(members[i]["net"], members[i]["run"])
+                          )["member"] == member_name(members[i]["net"], members[i]["run"])
         for name in ("model.pt", "tiles.parquet", "scores.parquet"):
             assert (root / "ab"[i] / name).is_file(), name
     assert not torch.equal(rec.batches[0], rec.batches[1])  # two data streams

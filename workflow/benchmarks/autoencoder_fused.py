@@ -31,7 +31,7 @@ from workflow.benchmarks.autoencoder import (
     parse_net,
     seeded_split,
 )
-from workflow.benchmarks.super_resolution_fused import _finished
+from workflow.benchmarks.fused import check_group, finished_model, member_name
 from workflow.datasets.bank import EpochSampler
 from workflow.files import write_json
 from workflow.job import Job, seed_everything
@@ -39,12 +39,7 @@ from workflow.lossnets import fused_feature_loss
 from workflow.models.autoencoder import ConvAutoencoder, FusedAutoencoder
 from workflow.training import Member, TrainConfig, Trainer, key_fingerprint, make_adam, save_model
 
-__all__ = ["member_name", "train_fused"]
-
-
-def member_name(net: str, run: int) -> str:
-    """A fused member's name: its metric is ``eval_<name>/val_loss`` in metrics.csv."""
-    return f"{net} run{int(run)}"
+__all__ = ["train_fused"]
 
 
 def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[str, Any]],
@@ -67,20 +62,15 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
     _spec(dataset)
     nets = [parse_net(str(m["net"])) for m in members]
     runs = [int(m.get("run") or 0) for m in members]
-    groups = sorted({PIXEL if n is None else n.arch for n in nets})
-    if len(groups) != 1:
-        raise ValueError(f"a fused autoencoder job trains one loss-network architecture (or "
-                         f"the pixel baseline), got {groups}; the plan groups members by arch "
-                         f"and dataset (autoencoder.fuse)")
     ids = [PIXEL if n is None else n.id for n in nets]
-    names = [member_name(i, r) for i, r in zip(ids, runs, strict=True)]
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"fused members must be distinct and at least one: {names}")
+    group = [PIXEL if n is None else n.arch for n in nets]
+    names = check_group(ids, runs, group, "autoencoder",
+                "autoencoder.fuse: arch (or the pixel baseline) and dataset")
     ins = {dataset: prepared[dataset]}
     keys = [_key(job, i, dataset, r, ins) for i, r in zip(ids, runs, strict=True)]
     exact = [key_fingerprint(k) for k in keys]
     files = [Path(m["dir"]) / "autoencoder.pt" for m in members]
-    done = [_finished(f, e) for f, e in zip(files, exact, strict=True)]
+    done = [finished_model([f], e) is not None for f, e in zip(files, exact, strict=True)]
     for name, f, d in zip(names, files, done, strict=True):
         if d:
             print(f"{name} {dataset}: {f} is this config's finished model; not training it "
@@ -91,7 +81,7 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
                    [runs[i] for i in todo], prepared, Path(workdir),
                    [Path(members[i]["dir"]) for i in todo], [keys[i] for i in todo],
                    [exact[i] for i in todo])
-    listing = {"dataset": dataset, "arch": groups[0], "members": [
+    listing = {"dataset": dataset, "arch": group[0], "members": [
         {"net": i, "run": r, "model": str(f), "trained_now": not d}
         for i, r, f, d in zip(ids, runs, files, done, strict=True)]}
     write_json(listing, out)

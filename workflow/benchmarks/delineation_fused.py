@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -33,19 +32,15 @@ from workflow.benchmarks.delineation import (
     train_key,
     valid_scores,
 )
+from workflow.benchmarks.fused import check_group, finished_model, member_name, score_members
 from workflow.datasets.bank import EpochSampler
-from workflow.files import atomic_path, write_json, write_parquet
+from workflow.files import atomic_path, write_json
 from workflow.job import Job, seed_everything
 from workflow.lossnets import fused_feature_loss
 from workflow.models.unet import FusedUNet, RefinementUNet
-from workflow.training import Member, Trainer, key_fingerprint, load_model, make_adam, save_model
+from workflow.training import Member, Trainer, key_fingerprint, make_adam, save_model
 
-__all__ = ["make_fused_trainer", "member_losses", "member_name", "train_fused"]
-
-
-def member_name(net: str, run: int) -> str:
-    """A fused member's name: its metrics are ``eval_<name>/quality`` in metrics.csv."""
-    return f"{net} run{int(run)}"
+__all__ = ["make_fused_trainer", "member_losses", "train_fused"]
 
 
 def member_losses(fused: FusedUNet, extractor: torch.nn.Module, taps: Sequence[Sequence[Any]],
@@ -97,13 +92,8 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
     """
     nets = [LossNet.parse(str(m["net"])) for m in members]
     runs = [int(m.get("run") or 0) for m in members]
-    archs = sorted({n.arch for n in nets})
-    if len(archs) != 1:
-        raise ValueError(f"a fused delineation job trains one loss-network architecture, got "
-                         f"{archs}; the plan groups members by arch (delineation.fuse)")
-    names = [member_name(n.id, r) for n, r in zip(nets, runs, strict=True)]
-    if len(set(names)) != len(names):
-        raise ValueError(f"fused members repeat: {names}")
+    names = check_group([n.id for n in nets], runs, [n.arch for n in nets], "delineation",
+                        "delineation.fuse: arch")
     _check(config, job)
     train = _load(prepared, config, "train")
     ins = {"roads": prepared["roads"]}
@@ -113,7 +103,8 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
              for n, r in zip(nets, runs, strict=True)]
     dirs = [Path(m["dir"]) for m in members]
     finals = [d / "train" / "final.pt" for d in dirs]
-    done = [_finished(d, e) for d, e in zip(dirs, exact, strict=True)]
+    done = [finished_model([d / "train" / "final.pt", d / "model.pt"], e)
+            for d, e in zip(dirs, exact, strict=True)]
     for i, d in enumerate(done):
         if d is not None:
             print(f"{names[i]}: {d} is this config's trained model; not training it again",
@@ -127,37 +118,19 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
                    _load(prepared, config, "valid"), Path(workdir), [dirs[i] for i in todo],
                    [keys[i] for i in todo], [exact[i] for i in todo])
     if eval_config is not None:
-        if scores is None:
-            raise ValueError("train_fused with an eval config needs --scores (the group's "
-                             "summary file)")
-        frames = []
-        for n, r, folder, final in zip(nets, runs, dirs, finals, strict=True):
+        for folder, final in zip(dirs, finals, strict=True):
             with atomic_path(folder / "model.pt") as tmp:
                 shutil.copyfile(final, tmp)
-            # a job of the eval stage's own config (precision, provenance, its own clock)
-            frames.append(evaluate(Job.create(eval_config, job.settings), eval_config, n.id, r,
-                                   folder / "model.pt", prepared, folder / "tiles.parquet",
-                                   folder / "scores.parquet"))
-        write_parquet(pd.concat(frames, ignore_index=True), scores)
-    listing = {"arch": archs[0], "members": [
+        score_members(job, eval_config, scores, [
+            lambda ej, n=n, r=r, d=d: evaluate(ej, eval_config, n.id, r, d / "model.pt",
+                                               prepared, d / "tiles.parquet",
+                                               d / "scores.parquet")
+            for n, r, d in zip(nets, runs, dirs, strict=True)])
+    listing = {"arch": nets[0].arch, "members": [
         {"net": n.id, "run": r, "final": str(f), "trained_now": d is None}
         for n, r, f, d in zip(nets, runs, finals, done, strict=True)]}
     write_json(listing, out)
     return listing
-
-
-def _finished(folder: Path, exact: str) -> Path | None:
-    """The member's trained model file under its exact key, if there is one."""
-    for path in (folder / "train" / "final.pt", folder / "model.pt"):
-        if not path.exists():
-            continue
-        try:
-            meta = load_model(path, {}, map_location="cpu")
-        except Exception:  # unreadable: train it again (atomic writes make this rare)
-            continue
-        if meta.get("key") == exact:
-            return path
-    return None
 
 
 def make_fused_trainer(job: Job, config: Mapping[str, Any], nets: list[LossNet],

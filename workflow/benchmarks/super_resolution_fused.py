@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from workflow.archs import LossNet, weights_id
+from workflow.benchmarks.fused import check_group, finished_model, member_name, score_members
 from workflow.benchmarks.super_resolution import (
     _CONTINUES,
     _train_data,
@@ -27,7 +27,7 @@ from workflow.benchmarks.super_resolution import (
     train_batches,
 )
 from workflow.datasets.bank import EpochSampler
-from workflow.files import atomic_path, write_json, write_parquet
+from workflow.files import atomic_path, write_json
 from workflow.imaging import center_crop, degrade, quantize
 from workflow.job import Job, seed_everything
 from workflow.lossnets import fused_feature_loss
@@ -38,18 +38,12 @@ from workflow.training import (
     TrainConfig,
     Trainer,
     key_fingerprint,
-    load_model,
     make_adam,
     resume_key,
     save_model,
 )
 
-__all__ = ["member_name", "train_fused"]
-
-
-def member_name(net: str, run: int) -> str:
-    """A fused member's name: its metrics are ``eval_<name>/psnr`` in metrics.csv."""
-    return f"{net} run{int(run)}"
+__all__ = ["train_fused"]
 
 
 def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[str, Any]],
@@ -78,21 +72,16 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
     """
     nets = [LossNet.parse(str(m["net"])) for m in members]
     runs = [int(m.get("run") or 0) for m in members]
-    archs = sorted({n.arch for n in nets})
-    if len(archs) != 1:
-        raise ValueError(f"a fused SR job trains one loss-network architecture, got {archs}; "
-                         f"the plan groups members by arch and scale (super_resolution.fuse)")
-    names = [member_name(n.id, r) for n, r in zip(nets, runs, strict=True)]
-    if len(set(names)) != len(names):
-        raise ValueError(f"fused members repeat: {names}")
-    arch = archs[0]
+    names = check_group([n.id for n in nets], runs, [n.arch for n in nets], "SR",
+                        "super_resolution.fuse: arch and scale")
+    arch = nets[0].arch
     ins = {"coco": prepared["coco"]}
     keys = [resume_key(job, ins, continues=_CONTINUES, arch=arch, net=n.id, scale=scale, run=r)
             for n, r in zip(nets, runs, strict=True)]
     exact = [key_fingerprint(resume_key(job, ins, arch=arch, net=n.id, scale=scale, run=r))
              for n, r in zip(nets, runs, strict=True)]
     finals = [Path(m["dir"]) / "train" / "final.pt" for m in members]
-    done = [_finished(f, e) for f, e in zip(finals, exact, strict=True)]
+    done = [finished_model([f], e) is not None for f, e in zip(finals, exact, strict=True)]
     todo = [i for i, d in enumerate(done) if not d]
     for i in range(len(members)):
         if done[i]:
@@ -103,34 +92,19 @@ def train_fused(job: Job, config: Mapping[str, Any], members: Sequence[Mapping[s
                    prepared, Path(workdir), [Path(members[i]["dir"]) for i in todo],
                    [keys[i] for i in todo], [exact[i] for i in todo])
     if eval_config is not None:
-        if scores is None:
-            raise ValueError("train_fused with an eval config needs --scores (the group's "
-                             "summary file)")
-        frames = []
-        for m, n, r, final in zip(members, nets, runs, finals, strict=True):
-            folder = Path(m["dir"])
-            with atomic_path(folder / "model.pt") as tmp:
-                shutil.copyfile(final, tmp)
-            # a job of the eval stage's own config (precision, provenance, its own clock)
-            frames.append(evaluate(Job.create(eval_config, job.settings), eval_config, n.id,
-                                   scale, r, folder / "model.pt", prepared,
-                                   folder / "images.parquet", folder / "scores.parquet"))
-        write_parquet(pd.concat(frames, ignore_index=True), scores)
+        for m in members:
+            with atomic_path(Path(m["dir"]) / "model.pt") as tmp:
+                shutil.copyfile(Path(m["dir"]) / "train" / "final.pt", tmp)
+        score_members(job, eval_config, scores, [
+            lambda ej, n=n, r=r, d=Path(m["dir"]): evaluate(
+                ej, eval_config, n.id, scale, r, d / "model.pt", prepared, d / "images.parquet",
+                d / "scores.parquet")
+            for m, n, r in zip(members, nets, runs, strict=True)])
     listing = {"scale": scale, "arch": arch, "members": [
         {"net": n.id, "run": r, "final": str(f), "trained_now": not d}
         for n, r, f, d in zip(nets, runs, finals, done, strict=True)]}
     write_json(listing, out)
     return listing
-
-
-def _finished(final: Path, exact: str) -> bool:
-    if not final.exists():
-        return False
-    try:
-        meta = load_model(final, {}, map_location="cpu")
-    except Exception:  # unreadable: train it again (atomic writes make this rare)
-        return False
-    return meta.get("key") == exact
 
 
 def _fit_fused(job: Job, config: Mapping[str, Any], nets: list[LossNet], runs: list[int],
