@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from workflow.models.fused import FusedMembers
+
 CODE_SIZE = 64
 ENCODER_CHANNELS = (3, 32, 64, 128, 256)
 
@@ -128,7 +130,7 @@ class _MemberUnflatten(nn.Module):
         return x.transpose(0, 1).reshape(x.shape[1], self.k * self.channels, self.g, self.g)
 
 
-class FusedAutoencoder(nn.Module):
+class FusedAutoencoder(FusedMembers, nn.Module):
     """``k`` :class:`ConvAutoencoder` of one size and code size as ONE network.
 
     Every convolution and transposed convolution is grouped (``groups=k``: member ``i`` sees
@@ -179,27 +181,6 @@ class FusedAutoencoder(nn.Module):
         for i, m in enumerate(members):
             fused.load_member(i, m.state_dict())
         return fused
-
-    def _slices(self, i: int):
-        """(name, member i's part) of every parameter and buffer."""
-        for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            if t.dim() == 0:  # num_batches_tracked: every member steps together
-                yield name, t
-            else:
-                n = t.shape[0] // self.k
-                yield name, t[i * n:(i + 1) * n]
-
-    def member_state_dict(self, i: int) -> dict[str, Tensor]:
-        """Member ``i``'s weights as a :class:`ConvAutoencoder` state dict (copies)."""
-        if not 0 <= i < self.k:
-            raise IndexError(f"member {i} of a fused autoencoder of {self.k}")
-        return {name: part.detach().clone() for name, part in self._slices(i)}
-
-    def load_member(self, i: int, state: dict[str, Tensor]) -> None:
-        """Set member ``i`` from a :class:`ConvAutoencoder` state dict."""
-        with torch.no_grad():
-            for name, part in self._slices(i):
-                part.copy_(state[name])
 
     def _stacked(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != (self.size, self.size):

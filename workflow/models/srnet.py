@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
+
+from workflow.models.fused import FusedMembers
 
 
 class ConvBN(nn.Sequential):
@@ -67,7 +68,7 @@ class SRNet(nn.Module):
         return (y.tanh() + 1) / 2
 
 
-class FusedSRNet(nn.Module):
+class FusedSRNet(FusedMembers, nn.Module):
     """``k`` :class:`SRNet` of one scale as ONE network: grouped convolutions (``groups=k``).
 
     Every layer of SRNet is per-channel except the convolutions, so ``k`` networks side by
@@ -97,24 +98,8 @@ class FusedSRNet(nn.Module):
             fused.load_member(i, m.state_dict())
         return fused
 
-    def _slices(self, i: int):
-        """(name, fused tensor, member's rows) of every parameter and buffer of member i."""
-        for name, t in [*self.net.named_parameters(), *self.net.named_buffers()]:
-            if t.dim() == 0:  # num_batches_tracked: all members step together
-                yield name, t, t
-            else:
-                n = t.shape[0] // self.k
-                yield name, t, t[i * n:(i + 1) * n]
-
-    def member_state_dict(self, i: int) -> dict[str, Tensor]:
-        """Member ``i``'s weights as an :class:`SRNet` state dict (copies)."""
-        return {name: part.detach().clone() for name, _, part in self._slices(i)}
-
-    def load_member(self, i: int, state: dict[str, Tensor]) -> None:
-        """Set member ``i`` from an :class:`SRNet` state dict."""
-        with torch.no_grad():
-            for name, _, part in self._slices(i):
-                part.copy_(state[name])
+    def member_root(self) -> nn.Module:
+        return self.net  # names below it are the single model's
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4:

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from workflow.models.fused import FusedMembers
+
 __all__ = ["RECEPTIVE_RADIUS", "SIDE_MULTIPLE", "FusedUNet", "RefinementUNet", "kept_span",
            "pad_to_multiple", "padded_side", "predict_tiled", "tile_starts"]
 
@@ -133,7 +135,7 @@ class RefinementUNet(nn.Module):
         return outputs
 
 
-class FusedUNet(nn.Module):
+class FusedUNet(FusedMembers, nn.Module):
     """``k`` :class:`RefinementUNet` as ONE network: grouped (transposed) convolutions.
 
     Every layer of the U-Net is per channel except the convolutions and the skip
@@ -163,24 +165,8 @@ class FusedUNet(nn.Module):
             fused.load_member(i, m.state_dict())
         return fused
 
-    def _slices(self, i: int):
-        """(name, member's part) of every parameter and buffer of member ``i``."""
-        for name, t in [*self.net.named_parameters(), *self.net.named_buffers()]:
-            if t.dim() == 0:  # num_batches_tracked: all members step together
-                yield name, t
-            else:
-                n = t.shape[0] // self.k
-                yield name, t[i * n:(i + 1) * n]
-
-    def member_state_dict(self, i: int) -> dict[str, Tensor]:
-        """Member ``i``'s weights as a :class:`RefinementUNet` state dict (copies)."""
-        return {name: part.detach().clone() for name, part in self._slices(i)}
-
-    def load_member(self, i: int, state: dict[str, Tensor]) -> None:
-        """Set member ``i`` from a :class:`RefinementUNet` state dict."""
-        with torch.no_grad():
-            for name, part in self._slices(i):
-                part.copy_(state[name])
+    def member_root(self) -> nn.Module:
+        return self.net  # names below it are the single model's
 
     def logits(self, x: Tensor) -> Tensor:
         if x.dim() == 4:
