@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from workflow import cli, compare
 from workflow.archs import LossNet
-from workflow.benchmarks.calibration import CalibrationError, TrainSet
+from workflow.benchmarks.calibration_data import CalibrationError, TrainSet
 from workflow.compare import Variant
 from workflow.lossnets import build_extractor, load_backbone
 from workflow.metrics.similarity import agreement

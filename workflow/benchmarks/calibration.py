@@ -19,11 +19,10 @@ Adam, its layers in train mode as in the lpips trainer, every 1x1 convolution pr
 ``scratch`` builds it with torchvision's random initialisation seeded by the run's seed,
 whatever ``lossnets.weights`` says. The model file then holds the backbone too.
 
-``shipped`` scores the lpips package's own lin weights
-(``weights/v0.1/<alex|vgg|squeeze>.pth``, read by
-:func:`workflow.models.adapter.load_lpips_lin`) the same way. Commands
-(rules/calibration.smk): ``python -m workflow calibration train | tune | scratch | evaluate |
-shipped``.
+Scoring (``evaluate``, and ``shipped`` for the lpips package's own lin weights) is in
+:mod:`workflow.benchmarks.calibration_scoring`, the triplets in
+:mod:`workflow.benchmarks.calibration_data`. Commands (rules/calibration.smk):
+``python -m workflow calibration train | tune | scratch | evaluate | shipped``.
 """
 
 from __future__ import annotations
@@ -32,29 +31,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
 from workflow.archs import LossNet
-from workflow.benchmarks.adaptation import bapps_scores, feature_diffs
+from workflow.benchmarks.adaptation import feature_diffs
+from workflow.benchmarks.calibration_data import CalibrationError, TrainSet
 from workflow.compare import all_variants
-from workflow.datasets import bapps
 from workflow.datasets.bank import EpochSampler
-from workflow.files import write_parquet
-from workflow.imaging import to_images
 from workflow.job import Job
 from workflow.lossnets import FeatureExtractor, build_extractor
 from workflow.models.adapter import (
     FusedAdapter,
-    load_adapter,
-    load_lpips_lin,
     make_optimizer,
     tap_channels,
 )
 from workflow.models.backbone import TrainableBackbone, clamp_1x1_, trainable_parameters
-from workflow.results import score_frame
 from workflow.training import (
     TrainConfig,
     Trainer,
@@ -64,55 +56,12 @@ from workflow.training import (
     save_model,
 )
 
-__all__ = ["CalibrationError", "TrainSet", "VARIANTS", "backbone", "calibration_step",
-           "evaluate", "scratch", "shipped", "train", "tune"]
+__all__ = ["VARIANTS", "backbone", "calibration_step", "scratch", "train", "tune"]
 
 VARIANTS = ("lin", "tune", "scratch")
 
 BENCHMARK = "calibration"
 SEED_STRIDE = 100_003  # the epoch permutation of run seed s, epoch e is seeded s * 100_003 + e
-
-
-class CalibrationError(ValueError):
-    """Inputs that do not fit together; the message names them and the fix."""
-
-
-class TrainSet:
-    """The BAPPS 2AFC train triplets of ``subsets`` (at most ``limit`` of each), memory-mapped;
-    ``batch(idx)`` gathers items by their position in the concatenation."""
-
-    def __init__(self, folder: Path, subsets: Sequence[str], limit: int | None) -> None:
-        self.parts = []
-        for s in subsets:
-            a = bapps.load(folder, "2afc", "train", s)
-            n = len(a["judge"]) if limit is None else min(int(limit), len(a["judge"]))
-            if n == 0:
-                raise CalibrationError(f"{folder}: BAPPS 2afc/train/{s} has no triplets "
-                                       f"(config key calibration.train_subsets)")
-            self.parts.append({k: a[k] for k in ("ref", "p0", "p1", "judge")} | {"n": n})
-        self.offsets = np.cumsum([0] + [p["n"] for p in self.parts])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def batch(self, idx: Tensor, device: torch.device, size: int
-              ) -> tuple[list[Tensor], Tensor]:
-        """``[ref, p0, p1]`` images (float, on ``device``) and the judge fractions ``[N, 1]``."""
-        idx = idx.cpu().numpy()
-        which = np.searchsorted(self.offsets, idx, side="right") - 1
-        arrays: dict[str, np.ndarray] = {}
-        for j in np.unique(which):
-            at = np.flatnonzero(which == j)
-            local = idx[at] - self.offsets[j]
-            order = np.argsort(local)  # read each memmap in file order
-            for k in ("ref", "p0", "p1", "judge"):
-                part = self.parts[j][k]
-                if k not in arrays:
-                    arrays[k] = np.empty((len(idx), *part.shape[1:]), part.dtype)
-                arrays[k][at[order]] = part[local[order]]
-        images = [to_images(arrays[k], device, size) for k in ("ref", "p0", "p1")]
-        judge = torch.from_numpy(arrays["judge"].astype(np.float32)).to(device).unsqueeze(1)
-        return images, judge
 
 
 def calibration_step(job: Job, extractor: FeatureExtractor | TrainableBackbone,
@@ -223,62 +172,3 @@ def _fit(job: Job, config: Mapping[str, Any], net: str, run: int, prepared: Mapp
     print(f"{out}: {variant}, {len(variants)} comparisons, {len(data)} triplets, "
           f"{result.steps} steps")
     return meta
-
-
-def _score(job: Job, config: Mapping[str, Any], lossnet: LossNet, extractor: FeatureExtractor,
-           adapter: FusedAdapter, folder: Path, variant: str, run: int | None, scores: Path
-           ) -> pd.DataFrame:
-    rows = bapps_scores(job, extractor, adapter, adapter.variants, config, folder)
-    out = []
-    for row in rows:
-        v, _ = adapter.variants[row.pop("_v")], row.pop("_r")
-        out.append({**row, "comparison": v.method, "channel_norm": v.channel_norm,
-                    "variant": variant, "run": run})
-    provenance = job.provenance(lossnet.arch)
-    if variant == "scratch":  # its backbone never came from lossnets.weights
-        provenance["weights_id"] = "random"
-    df = score_frame(out, benchmark=BENCHMARK, arch=lossnet.arch, layer=lossnet.layer,
-                     **provenance)
-    write_parquet(df, scores)
-    mean = df[df["split"].isin(["mean", "pooled"])]
-    print(mean[["comparison", "channel_norm", "dataset", "split", "value"]].to_string(index=False))
-    return df
-
-
-def evaluate(job: Job, config: Mapping[str, Any], net: str, run: int, model: Path,
-             prepared: Mapping[str, Path], scores: Path) -> pd.DataFrame:
-    """Score a calibrated model on BAPPS val (2AFC per subset + mean, JND per subset +
-    pooled); rows of the model's variant (``lin``, ``tune``, ``scratch``: its meta). A
-    ``tune`` / ``scratch`` file holds its backbone, loaded into a freshly built one (no
-    weights file is read)."""
-    lossnet = LossNet.parse(net)
-    built: dict[str, TrainableBackbone] = {}
-
-    def extra(meta: dict[str, Any]) -> dict[str, TrainableBackbone]:
-        if meta.get("net") != lossnet.id:
-            raise CalibrationError(f"{model} was trained for {meta.get('net')}, not "
-                                   f"{lossnet.id}: rerun calibration_train")
-        if meta.get("variant", "lin") == "lin":
-            return {}
-        ext = build_extractor(lossnet.arch, lossnets=[lossnet], weights="random",
-                              weights_dir=job.weights_dir, normalize=config["normalize"])
-        built["backbone"] = TrainableBackbone(ext)
-        return dict(built)
-
-    adapter, meta = load_adapter(model, job.device, extra)
-    variant = str(meta.get("variant", "lin"))
-    extractor = built.get("backbone") or job.extractor(lossnet, config["normalize"])
-    return _score(job, config, lossnet, extractor, adapter, prepared["bapps"], variant, run,
-                  scores)
-
-
-def shipped(job: Job, config: Mapping[str, Any], net: str, model: Path,
-            prepared: Mapping[str, Path], scores: Path) -> pd.DataFrame:
-    """Score the lpips package's lin weights (``model``: its ``.pth`` file or folder) on BAPPS
-    val; rows of variant ``lin-shipped``."""
-    lossnet = LossNet.parse(net)
-    extractor = job.extractor(lossnet, config["normalize"])
-    channels = tap_channels(extractor, int(config["image_size"]), job.device)
-    adapter = load_lpips_lin(model, lossnet, channels).to(job.device)
-    return _score(job, config, lossnet, extractor, adapter, prepared["bapps"], "lin-shipped",
-                  None, scores)
