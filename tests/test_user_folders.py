@@ -299,7 +299,13 @@ def test_verify_folder_checks_the_name_hash_and_never_writes(tmp_path, monkeypat
     good, bad = b"alexnet weights", b"vgg16 weights"
     names = {"alexnet": f"alexnet-{hashlib.sha256(good).hexdigest()[:8]}.pth",
              "vgg16": "vgg16-397923af.pth"}
-    monkeypatch.setattr(weights, "weights_filename", names.__getitem__)
+    from workflow import archs
+
+    def rename(name):  # both readers of the file name: the fetch and archs.weights_file_in
+        monkeypatch.setattr(weights, "weights_filename", name)
+        monkeypatch.setattr(archs, "weights_filename", name)
+
+    rename(names.__getitem__)
     (hub / names["alexnet"]).write_bytes(good)
     (hub / names["vgg16"]).write_bytes(bad)
     os.utime(hub / names["alexnet"], ns=(10**18, 10**18))
@@ -313,7 +319,7 @@ def test_verify_folder_checks_the_name_hash_and_never_writes(tmp_path, monkeypat
                                                        r"with 397923af"):
         weights.verify_folder(["vgg16"], hub, tmp_path / "R/verified")
     with pytest.raises(weights.WeightsFileError, match=r"resnet18 is missing|missing \(resnet18"):
-        monkeypatch.setattr(weights, "weights_filename", lambda a: f"{a}-00000000.pth")
+        rename(lambda a: f"{a}-00000000.pth")
         weights.verify_folder(["resnet18"], hub, tmp_path / "R/verified")
     assert snapshot(hub) == before
 
