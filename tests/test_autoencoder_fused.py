@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from tests.snakemake_helpers import ROOT, snakemake
+from tests.training_helpers import kill_at
 from workflow import cli
 from workflow.archs import LossNet
 from workflow.benchmarks import autoencoder as bench
@@ -24,7 +25,7 @@ from workflow.benchmarks.fused import member_name
 from workflow.lossnets import build_extractor, feature_loss
 from workflow.models.autoencoder import ConvAutoencoder, FusedAutoencoder
 from workflow.plan import Plan, as_json
-from workflow.training import Trainer, load_model, make_adam
+from workflow.training import load_model, make_adam
 
 CPU = torch.device("cpu")
 ARCH = "squeezenet1_1"
@@ -294,18 +295,11 @@ def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, demo_plan, pr
     root, members, *_ = fused_run
     mine = [{**m, "dir": str(tmp_path / f"m{i}")} for i, m in enumerate(members)]
     workdir = tmp_path / "group" / "train"
-    real = Trainer.train_step
-
-    def killed_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return real(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_at_3)
+    restore = kill_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         _fused(demo_plan, prepared, mine, workdir, **SMALL)  # a checkpoint an epoch
     assert torch.load(workdir / "last.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(Trainer, "train_step", real)
+    restore()
     _fused(demo_plan, prepared, mine, workdir, **SMALL)
     for i in range(3):
         resumed, rm = _state(tmp_path / f"m{i}" / "autoencoder.pt")

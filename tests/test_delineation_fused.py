@@ -15,6 +15,7 @@ import yaml
 from torch.nn import functional as F
 
 from tests.snakemake_helpers import ROOT, demo_args, snakemake
+from tests.training_helpers import kill_at
 from workflow import cli
 from workflow.archs import LossNet
 from workflow.benchmarks import delineation as bench
@@ -352,18 +353,11 @@ def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, demo_plan, fu
     root, data, members, *_ = fused_run
     mine = [{**m, "dir": str(tmp_path / f"m{i}")} for i, m in enumerate(members)]
     workdir = tmp_path / "group" / "train"
-    real = Trainer.train_step
-
-    def killed_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return real(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_at_3)
+    restore = kill_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         _train_only(demo_plan, data, mine, workdir)  # a checkpoint every epoch (2 steps)
     assert torch.load(workdir / "last.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(Trainer, "train_step", real)
+    restore()
     _train_only(demo_plan, data, mine, workdir)
     for i in range(2):
         resumed = _weights(tmp_path / f"m{i}" / "train" / "final.pt")

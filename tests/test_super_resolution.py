@@ -14,6 +14,7 @@ import torch
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from tests.training_helpers import kill_at
 from workflow import cli
 from workflow.benchmarks import super_resolution as sr
 from workflow.benchmarks import super_resolution_fused as srf
@@ -503,20 +504,11 @@ def test_fused_training_resumes_bit_exactly_after_a_kill(tmp_path, prepared, sta
     root, members, *_ = fused_run
     mine = [{**m, "dir": str(tmp_path / f"m{i}")} for i, m in enumerate(members)]
     workdir = tmp_path / "group" / "train"
-    from workflow.training import Trainer
-
-    real = Trainer.train_step
-
-    def killed_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return real(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_at_3)
+    restore = kill_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         _fused(tmp_path, prepared, stage, mine, workdir)  # the demo checkpoints every 2
     assert torch.load(workdir / "last.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(Trainer, "train_step", real)
+    restore()
     _fused(tmp_path, prepared, stage, mine, workdir)
     for i in range(2):
         resumed = _state(tmp_path / f"m{i}" / "train" / "final.pt")
