@@ -177,10 +177,7 @@ class FusedAutoencoder(FusedMembers, nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"fused autoencoders share one input and code size, got {sizes}")
         fused = cls(members[0].size, members[0].code_size, len(members))
-        fused.to(next(members[0].parameters()))  # the members' dtype and device
-        for i, m in enumerate(members):
-            fused.load_member(i, m.state_dict())
-        return fused
+        return fused.fill(members)
 
     def _stacked(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != (self.size, self.size):

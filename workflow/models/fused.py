@@ -40,6 +40,14 @@ class FusedMembers:
                 n = t.shape[0] // self.k
                 yield name, t[i * n:(i + 1) * n]
 
+    def fill(self, members: list[nn.Module]):
+        """Take the members' dtype and device and load each one's weights: the end of every
+        ``from_members``. Returns ``self``."""
+        self.to(next(members[0].parameters()))  # type: ignore[attr-defined]
+        for i, m in enumerate(members):
+            self.load_member(i, m.state_dict())
+        return self
+
     def member_state_dict(self, i: int) -> dict[str, Tensor]:
         """Member ``i``'s weights as the single model's state dict (copies)."""
         return {name: part.detach().clone() for name, part in self.member_slices(i)}

@@ -93,10 +93,7 @@ class FusedSRNet(FusedMembers, nn.Module):
             raise ValueError("FusedSRNet.from_members needs at least one SRNet")
         ch = members[0].head[1].out_channels
         fused = cls(members[0].scale, len(members), ch, len(members[0].residual))
-        fused.to(next(members[0].parameters()))  # the members' dtype and device
-        for i, m in enumerate(members):
-            fused.load_member(i, m.state_dict())
-        return fused
+        return fused.fill(members)
 
     def member_root(self) -> nn.Module:
         return self.net  # names below it are the single model's

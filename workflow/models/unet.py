@@ -160,10 +160,7 @@ class FusedUNet(FusedMembers, nn.Module):
         if not members:
             raise ValueError("FusedUNet.from_members needs at least one RefinementUNet")
         fused = cls(len(members))
-        fused.to(next(members[0].parameters()))  # the members' dtype and device
-        for i, m in enumerate(members):
-            fused.load_member(i, m.state_dict())
-        return fused
+        return fused.fill(members)
 
     def member_root(self) -> nn.Module:
         return self.net  # names below it are the single model's
