@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,26 @@ def _small_tree(raw: Path, dst: Path) -> Path:
     sub = Path("dataset") / "2afc" / "val" / "deblur"
     shutil.copytree(raw / sub, dst / sub)
     return dst
+
+
+def test_judgements_are_parsed_on_one_thread(raw, tmp_path, monkeypatch):
+    """np.load parses .npy headers with ast, which CPython 3.11.7 cannot do on two threads
+    at once (gh-106905: "AST constructor recursion depth mismatch"); the pool only reads."""
+    tree = _small_tree(raw, tmp_path / "raw")
+    threads, real = set(), bapps._read_label
+
+    def spy(*a, **k):
+        threads.add(threading.get_ident())
+        return real(*a, **k)
+
+    monkeypatch.setattr(bapps, "_read_label", spy)
+    out = tmp_path / "out"
+    bapps.prepare(tree, out, workers=4)
+    assert threads == {threading.get_ident()}
+    want = [float(np.load(f)[0]) for f in
+            sorted((tree / "dataset" / "2afc" / "val" / "deblur" / "judge").glob("*.npy"))]
+    np.testing.assert_array_equal(bapps.load(out, "2afc", "val", "deblur")["judge"],
+                                  np.array(want, np.float32))
 
 
 def test_missing_partner_names_the_file(raw, tmp_path):

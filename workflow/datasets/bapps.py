@@ -20,6 +20,7 @@ before the first one is written.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
@@ -201,10 +202,17 @@ def _read_image(path: Path, size: int) -> np.ndarray:
                          f"damaged: fetch or synthesize the dataset again") from None
 
 
-def _read_label(path: Path) -> float:
-    """The one judgement of a ``.npy`` file, checked: finite and in [0, 1]."""
+def _read_label(path: Path, data: bytes | None = None) -> float:
+    """The one judgement of a ``.npy`` file (or of its bytes, ``data``), checked: finite
+    and in [0, 1].
+
+    Call it from one thread only: ``np.load`` parses the header with ``ast``, and
+    CPython 3.11.7's AST converter keeps its recursion depth in global state, so two
+    threads parsing at once can fail with "AST constructor recursion depth mismatch"
+    (CPython gh-106905). ``prepare`` reads the bytes on its pool and parses them here.
+    """
     try:
-        a = np.load(path)
+        a = np.load(io.BytesIO(data) if data is not None else path)
         if a.size != 1:
             raise ValueError(f"expected one value, got shape {a.shape}")
         value = float(a.reshape(-1)[0])
@@ -217,6 +225,14 @@ def _read_label(path: Path) -> float:
             f"); the raw file is damaged or not from BAPPS: fetch or synthesize the dataset "
             f"again")
     return value
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """The file's bytes, or None when it cannot be read (``_read_label`` then names why)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _subsets(roots: dict[str, Path]) -> list[tuple[str, str, str, Path]]:
@@ -266,7 +282,10 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
                 for part, suffix in PARTS[kind].items():
                     paths = [sdir / part / f"{s}{suffix}" for s in stems]
                     if suffix == ".npy":
-                        labels = np.array(list(pool.map(_read_label, paths)), dtype=np.float32)
+                        # the reads on the pool, the parsing here (see _read_label)
+                        labels = np.array([_read_label(p, b) for p, b in
+                                           zip(paths, pool.map(_read_bytes, paths))],
+                                          dtype=np.float32)
                         np.save(stage / f"{prefix}_{part}.npy", labels)
                         continue
                     arr = np.lib.format.open_memmap(
