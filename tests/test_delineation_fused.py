@@ -272,11 +272,12 @@ def fused_run(tmp_path_factory, prepared, demo_plan):
     return root, data, members, listing, rec, alone
 
 
-def test_fused_training_is_training_each_unet_alone(fused_run):
+def test_fused_training_is_training_each_unet_alone(fused_run, demo_plan):
     """Each member sees the batches (tile order, crops, flips) it sees alone, bit for bit,
     starts from the same weights (the same first loss within 1e-5), follows the same
     trajectory, and keeps its own selection, meta and files."""
     root, data, members, listing, rec, alone = fused_run
+    lr = _configs(demo_plan)[0]["lr"]
     assert [m["trained_now"] for m in listing["members"]] == [True, True]
     assert len(rec.losses) == 4 and len(rec.batches) == 4 * 2  # 2 steps x 2 epochs x 2 runs
     for i, (folder, one) in enumerate(alone):
@@ -296,13 +297,23 @@ def test_fused_training_is_training_each_unet_alone(fused_run):
         assert f_meta["best_valid_quality"] == pytest.approx(a_meta["best_valid_quality"],
                                                              abs=1e-3)
         assert f_meta["fused_with"] == 2 and f_meta["steps"] == 4
-        # the same trajectory, up to fp32 rounding: every weight within 2e-5 but the
-        # CANCELLED biases (noise-driven Adam steps, < 4 lr) and the running means of the
-        # BatchNorms after them (which average those biases in at momentum 0.1)
+        # the same trajectory, up to fp32 rounding: all but the CANCELLED biases (noise-driven
+        # Adam steps) and the running means of the BatchNorms after them (which average those
+        # biases in at momentum 0.1). Adam moves an element whose gradient is about 0 by up to
+        # lr a step whichever way fp32 rounding points it (summation order differs between a
+        # grouped and a plain convolution, and with the thread count), so a few elements of a
+        # weight may stray; a different trajectory would move most of them by ~lr.
         for k, v in am.items():
-            tol = (None if k in CANCELLED else 1e-3 if k.endswith("running_mean") else 2e-5)
-            if tol is not None:
-                torch.testing.assert_close(fm[k], v, atol=tol, rtol=0, msg=k)
+            if k in CANCELLED:
+                continue
+            if k.endswith("running_mean"):
+                torch.testing.assert_close(fm[k], v, atol=1e-3, rtol=0,
+                                           msg=lambda m, k=k: f"{k}: {m}")
+                continue
+            diff = (fm[k].double() - v.double()).abs()
+            astray = int((diff > 2e-5).sum())
+            assert astray <= max(1, diff.numel() // 1000), (k, astray, diff.numel())
+            assert float(diff.max()) <= 2 * f_meta["steps"] * lr, (k, float(diff.max()))
         # its own selection in its own folder, and its own files
         assert load_model(root / "ab"[i] / "train" / "best.pt", {"model": RefinementUNet()}
                           )["member"] == member_name(members[i]["net"], members[i]["run"])

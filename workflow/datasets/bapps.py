@@ -284,7 +284,7 @@ def prepare(raw_dir: Path, out_dir: Path, workers: int | None = None,
                     if suffix == ".npy":
                         # the reads on the pool, the parsing here (see _read_label)
                         labels = np.array([_read_label(p, b) for p, b in
-                                           zip(paths, pool.map(_read_bytes, paths))],
+                                           zip(paths, pool.map(_read_bytes, paths), strict=True)],
                                           dtype=np.float32)
                         np.save(stage / f"{prefix}_{part}.npy", labels)
                         continue
