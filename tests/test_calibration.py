@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.training_helpers import assert_first_adam_step
 from workflow import cli, compare
 from workflow.archs import LossNet
 from workflow.benchmarks.calibration_data import CalibrationError, TrainSet
@@ -285,22 +286,6 @@ def _hand_spatial(fx, fy, w):
     return total
 
 
-def _assert_first_adam_step(have, want, grad, lr, eps, name):
-    """Adam's first step moves x by lr * g / (|g| + eps). Where |g| is well above eps (1e3x)
-    and not negligible in its tensor (1e-3 of the largest), that ratio does not depend on
-    the gradient's last bits, so the result must match to fp32 rounding; where g == 0 (a dead
-    unit) nothing moves. Elsewhere g / (|g| + eps) follows the gradient's rounding (one batched
-    pass in the code, three here; thread count and load change the reduction order), and only
-    the bound of a step holds: each moves by <= lr, and the projection to >= 0 does not widen
-    a gap. Returns the fraction checked exactly."""
-    g = grad.abs() if grad is not None else torch.zeros_like(want)
-    sure = (g > max(1e-3 * float(g.max()), 1e3 * eps)) | (g == 0)
-    torch.testing.assert_close(have[sure], want[sure], rtol=1e-5, atol=1e-8,
-                               msg=lambda m: f"{name}: {m}")
-    assert float((have - want).abs().max()) <= 2 * lr * (1 + 1e-4), name
-    return sure.float().mean()
-
-
 def test_tune_step_by_hand(tmp_path, prepared, demo_plan):
     """One ``tune`` step through the command (squeezenet1_1: its fire modules have 1x1
     convolutions, which the lpips trainer's clamp projects too): the loss by plain ops from
@@ -357,19 +342,19 @@ def test_tune_step_by_hand(tmp_path, prepared, demo_plan):
     moved, checked = 0, []
     for i, n in enumerate(names):
         have = fresh.net.state_dict()[n]
-        checked.append(_assert_first_adam_step(have, want_b[n], grads[i], lr, eps, n))
+        checked.append(assert_first_adam_step(have, want_b[n], grads[i], lr, eps, n))
         moved += int(not torch.equal(have, start[n]))
     assert moved == len(names)  # every backbone parameter took a step
     assert float(torch.stack(checked).mean()) > 0.8
     for i, (t, x) in enumerate(adapter.weights(0).items()):
         j = len(names) + i
-        _assert_first_adam_step(x[0].detach(), stepped[j].clamp(min=0), grads[j], lr, eps,
+        assert_first_adam_step(x[0].detach(), stepped[j].clamp(min=0), grads[j], lr, eps,
                                 f"lin weight {t}")
     got = [x for pair in zip(adapter.rank_net.weights, adapter.rank_net.biases, strict=True)
            for x in pair]
     for k, (have, want) in enumerate(zip(got, stepped[len(names) + len(w):], strict=True)):
         j = len(names) + len(w) + k
-        _assert_first_adam_step(have[0].detach(), want, grads[j], lr, eps, f"rank net {k}")
+        assert_first_adam_step(have[0].detach(), want, grads[j], lr, eps, f"rank net {k}")
 
     # lin: the same step through the lin code path moves no backbone bit
     from workflow.benchmarks.calibration import backbone, calibration_step
