@@ -79,6 +79,40 @@ def test_similarity_rows_for_every_lossnet_and_variant(demo_run):
     assert {"l2", "ssim"} <= set(pixel["layer"]) and set(pixel["weights_id"]) == {"none"}
 
 
+# the demo's presets beside the study's networks (docs/lossnets.md): a CNN and a transformer
+PRESETS_IN_DEMO = {"convnext_tiny", "swin_t"}
+
+
+@pytest.mark.parametrize("benchmark", ["similarity", "super_resolution", "delineation",
+                                       "autoencoder", "probes"])
+def test_presets_reach_scores_attributes_and_figures(demo_run, benchmark):
+    """Each of these benchmarks runs the demo's CNN and transformer presets besides the
+    study's networks, and their rows reach scores.parquet, the attribute table
+    (lossnets.parquet), the analysis table of scores per loss network and the figures (the
+    SVGs name every plotted architecture)."""
+    from workflow.archs import PRESETS
+
+    results = demo_run / "results"
+    nets = [n for n in Plan(_demo_config()).lossnets(benchmark) if n.arch in PRESETS]
+    assert {n.arch for n in nets} == PRESETS_IN_DEMO, benchmark
+    assert any(n.arch not in PRESETS and not n.is_pixel
+               for n in Plan(_demo_config()).lossnets(benchmark))  # beside the study's
+    scores = pd.read_parquet(results / "scores.parquet")
+    attrs = pd.read_parquet(results / "lossnets.parquet").set_index("lossnet")
+    table = pd.read_parquet(results / "analysis" / "scores_by_lossnet.parquet")
+    layer_svg = (results / "figures" / "scores_by_layer.svg").read_text()
+    for net in nets:
+        rows = scores[(scores["benchmark"] == benchmark) & (scores["arch"] == net.arch)
+                      & (scores["layer"] == net.layer)]
+        assert len(rows), (benchmark, net.id)
+        assert rows["value"].astype(float).map(math.isfinite).all(), (benchmark, net.id)
+        assert net.id in attrs.index and attrs.loc[net.id, "params_to_tap"] > 0, net.id
+        assert attrs.loc[net.id, "macs_64"] > 0 and attrs.loc[net.id, "channels"] > 0, net.id
+        mine = table[table["lossnet"] == net.id]
+        assert len(mine) == 1, net.id
+        assert f"<!-- {net.arch} -->" in layer_svg, net.arch
+
+
 def test_rerun_has_nothing_to_do(demo_run):
     proc = snakemake("-n", "--cores", "2", *demo_args(demo_run), timeout=600)
     out = proc.stdout + proc.stderr

@@ -421,7 +421,7 @@ def _family(**similarity) -> Plan:
 
 def test_similarity_jobs_per_architecture_and_dataset():
     plan = _family(datasets=["bapps", "tid2013", "kadid10k", "nights"])
-    archs = ["alexnet", "squeezenet1_1", "resnet18", "convnext_tiny", "pixel"]
+    archs = ["alexnet", "squeezenet1_1", "resnet18", "convnext_tiny", "swin_t", "pixel"]
     assert plan.jobs("similarity") == [{"arch": a, "dataset": d} for a in archs
                                        for d in ("bapps", "tid2013", "kadid10k", "nights")]
     assert plan.datasets("similarity") == ["bapps", "tid2013", "kadid10k", "nights"]

@@ -326,8 +326,14 @@ def test_verify_folder_checks_the_name_hash_and_never_writes(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
-    hub = _hub(tmp_path, archs=("alexnet", "squeezenet1_1", "resnet18", "convnext_tiny",
-                                "vit_b_16"))  # the demo's architectures and presets
+    from workflow.plan import Plan, load_config
+
+    demo = load_config(ROOT / "config.yaml", ROOT / "config" / "demo.yaml")
+    plan = Plan(demo)
+    arch_names = [a for a in plan.archs("similarity") if a != "pixel"]
+    # the demo's architectures and presets: every enabled benchmark's (the weights it verifies)
+    hub = _hub(tmp_path, archs=tuple(dict.fromkeys(
+        a for b in plan.enabled() for a in plan.archs(b) if a != "pixel")))
     proc = snakemake("-n", "-p", "similarity", "--configfile",
                      str(ROOT / "config" / "demo.yaml"), "--config",
                      f"resources_dir={tmp_path / 'res'}", f"results_dir={tmp_path / 'out'}",
@@ -337,12 +343,8 @@ def test_dry_run_with_weights_dir_verifies_instead_of_downloading(tmp_path):
     assert "download.pytorch.org" not in text
     # the similarity jobs wait for the verification and read the files where they are
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", proc.stdout, re.M)}
-    # one job per architecture (4) and one for the pixel baselines, per dataset
-    from workflow.plan import load_config
-
-    datasets = load_config(ROOT / "config.yaml", ROOT / "config" / "demo.yaml")[
-        "similarity"]["datasets"]
-    expected = 5 * len(datasets)
+    # one job per architecture and one for the pixel baselines, per dataset
+    expected = (len(arch_names) + 1) * len(demo["similarity"]["datasets"])
     assert jobs["download_weights"] == 1 and jobs["score_similarity"] == expected, proc.stdout
     assert (text.count(f'"weights_dir": "{hub}"') + text.count(f'"weights_dir":"{hub}"')
             == expected)
